@@ -1,0 +1,411 @@
+"""Catalog facade: model and GPU data files loaded once, queried by pure functions.
+
+Models resolve three ways (``resolve_model``): a catalog name / Hugging Face id / alias
+(case-insensitive), a local ``config.json`` (the file or a directory holding it), or a bare size
+such as ``13B`` (a Llama-shaped architecture of that size, flagged ``assumed``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from advisor.errors import ClosedModelError, InvalidInputError, UnknownGpuError, UnknownModelError
+from advisor.specs import GpuSpec, ModelSpec
+
+DATA_DIR = Path(__file__).parent / "data"
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([bBmM])\s*$")
+
+
+def _norm_model_key(name: str) -> str:
+    key = name.strip().lower()
+    for prefix in ("https://huggingface.co/", "hf.co/", "hf://"):
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key.rstrip("/")
+
+
+def _norm_gpu_key(name: str) -> str:
+    key = name.strip().lower()
+    for word in ("nvidia", "geforce", "tesla", "amd", "instinct"):
+        key = key.replace(word, "")
+    return re.sub(r"[^a-z0-9]", "", key)
+
+
+def _model_from_row(row: dict[str, Any]) -> ModelSpec:
+    row = dict(row)
+    row["aliases"] = tuple(row.get("aliases", ()))
+    return ModelSpec(**row)
+
+
+def _gpu_from_row(row: dict[str, Any]) -> GpuSpec:
+    row = dict(row)
+    row["aliases"] = tuple(row.get("aliases", ()))
+    return GpuSpec(**row)
+
+
+@dataclass(frozen=True, eq=False)
+class Catalog:
+    models: tuple[ModelSpec, ...]
+    gpus: tuple[GpuSpec, ...]
+    closed_models: dict[str, str]
+
+    # ---- indexes ---------------------------------------------------------------------------
+    @property
+    def _model_index(self) -> dict[str, ModelSpec]:
+        return _model_index(self)
+
+    @property
+    def _gpu_index(self) -> dict[str, GpuSpec]:
+        return _gpu_index(self)
+
+    # ---- queries -----------------------------------------------------------------------------
+    def model(self, name: str) -> ModelSpec:
+        """A catalog model by name, Hugging Face id or alias; raises with close matches."""
+        key = _norm_model_key(name)
+        spec = self._model_index.get(key)
+        if spec is not None:
+            return spec
+        closed = self._closed_reason(key)
+        if closed:
+            raise ClosedModelError(f"{name!r} cannot be fine-tuned locally: {closed}", field="model")
+        raise UnknownModelError(
+            f"unknown model {name!r}: not in the catalog, not a config.json path, not a size like '13B'.",
+            field="model",
+            suggestions=_close(key, self._model_index, lambda s: s.name),
+        )
+
+    def gpu(self, name: str) -> GpuSpec:
+        key = _norm_gpu_key(name)
+        spec = self._gpu_index.get(key)
+        if spec is not None:
+            return spec
+        raise UnknownGpuError(
+            f"unknown GPU {name!r}.", field="gpu", suggestions=_close(key, self._gpu_index, lambda s: s.id)
+        )
+
+    def _closed_reason(self, key: str) -> str | None:
+        for prefix, reason in self.closed_models.items():
+            tail = key.split("/")[-1]
+            if tail == prefix or tail.startswith(prefix + "-") or key == prefix:
+                return reason
+        return None
+
+    def with_gpus(self, extra: Iterable[GpuSpec]) -> Catalog:
+        """A catalog where `extra` GPUs replace same-id entries and new ids are appended."""
+        by_id = {g.id: g for g in self.gpus}
+        for g in extra:
+            by_id[g.id] = g
+        return replace(self, gpus=tuple(by_id.values()))
+
+    def with_prices(self, prices: dict[str, dict[str, Any]]) -> Catalog:
+        """Override $/h per GPU id: {"a100-80gb": {"price_usd_per_hour": 1.5, "price_date": ..., "price_source": ...}}."""
+        gpus = []
+        known = {g.id for g in self.gpus}
+        for gid in prices:
+            if gid not in known:
+                raise UnknownGpuError(
+                    f"price override for unknown GPU {gid!r}.",
+                    field="prices",
+                    suggestions=difflib.get_close_matches(gid, sorted(known), n=3),
+                )
+        for g in self.gpus:
+            p = prices.get(g.id)
+            if p is None:
+                gpus.append(g)
+                continue
+            price = p.get("price_usd_per_hour")
+            if not isinstance(price, (int, float)) or price < 0:
+                raise InvalidInputError(f"price_usd_per_hour for {g.id} must be a non-negative number", field="prices")
+            gpus.append(
+                replace(
+                    g,
+                    price_usd_per_hour=float(price),
+                    price_date=str(p.get("price_date", "")),
+                    price_source=str(p.get("price_source", "user override")),
+                )
+            )
+        return replace(self, gpus=tuple(gpus))
+
+
+@cache
+def _model_index(cat: Catalog) -> dict[str, ModelSpec]:
+    index: dict[str, ModelSpec] = {}
+    for m in cat.models:
+        for key in (m.name, m.hf_id or "", *m.aliases):
+            if key:
+                index.setdefault(_norm_model_key(key), m)
+                index.setdefault(_norm_model_key(key.split("/")[-1]), m)
+    return index
+
+
+@cache
+def _gpu_index(cat: Catalog) -> dict[str, GpuSpec]:
+    index: dict[str, GpuSpec] = {}
+    for g in cat.gpus:
+        for key in (g.id, g.name, *g.aliases):
+            index.setdefault(_norm_gpu_key(key), g)
+    return index
+
+
+def _close(key: str, index: dict, label) -> list[str]:
+    matches = difflib.get_close_matches(key, list(index), n=8, cutoff=0.5)
+    out: list[str] = []
+    for m in matches:
+        lab = label(index[m])
+        if lab not in out:
+            out.append(lab)
+    return out[:3]
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def load_gpu_file(path: str | Path) -> list[GpuSpec]:
+    """User GPU file: {"gpus": [ {id, name, memory_gib, ...} ]} (same fields as the built-in file)."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        return [_gpu_from_row(r) for r in doc["gpus"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"cannot read GPU file {str(p)!r}: {exc}", field="gpu_file") from exc
+
+
+def load_price_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+        prices = doc["prices"]
+        if not isinstance(prices, dict):
+            raise TypeError("'prices' must be an object keyed by GPU id")
+        return prices
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInputError(f"cannot read price file {str(p)!r}: {exc}", field="price_file") from exc
+
+
+@cache
+def default_catalog() -> Catalog:
+    models_doc = json.loads((DATA_DIR / "models.json").read_text())
+    gpus_doc = json.loads((DATA_DIR / "gpus.json").read_text())
+    return Catalog(
+        models=tuple(_model_from_row(r) for r in models_doc["models"]),
+        gpus=tuple(_gpu_from_row(r) for r in gpus_doc["gpus"]),
+        closed_models=dict(models_doc.get("closed_models", {})),
+    )
+
+
+def build_catalog(gpu_files: Iterable[str | Path] = (), price_file: str | Path | None = None) -> Catalog:
+    cat = default_catalog()
+    extra: list[GpuSpec] = []
+    for f in gpu_files:
+        extra.extend(load_gpu_file(f))
+    if extra:
+        cat = cat.with_gpus(extra)
+    if price_file:
+        cat = cat.with_prices(load_price_file(price_file))
+    return cat
+
+
+# ---- models from config.json or size -----------------------------------------------------------
+_FAMILY_BY_TYPE = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",
+    "gemma2": "llama",
+    "olmo": "llama",
+    "olmo2": "llama",
+    "yi": "llama",
+    "internlm2": "llama",
+    "granite": "llama",
+    "cohere": "llama",
+    "phi3": "phi3",
+    "phi": "phi",
+    "gpt2": "gpt2",
+    "gpt_neox": "gpt_neox",
+    "t5": "t5",
+    "mt5": "t5",
+    "umt5": "t5",
+}
+_UNSUPPORTED_TYPES = {
+    "mixtral": "mixture-of-experts models are not modelled yet",
+    "qwen2_moe": "mixture-of-experts models are not modelled yet",
+    "deepseek_v2": "mixture-of-experts models are not modelled yet",
+    "deepseek_v3": "mixture-of-experts models are not modelled yet",
+}
+
+
+def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json dict (any Llama-format config, GPT-2, NeoX, Phi, T5)."""
+    mtype = str(cfg.get("model_type", "llama")).lower()
+    if mtype in _UNSUPPORTED_TYPES:
+        raise InvalidInputError(f"model_type {mtype!r}: {_UNSUPPORTED_TYPES[mtype]}", field="model")
+    family = _FAMILY_BY_TYPE.get(mtype, "llama")
+    note = "" if mtype in _FAMILY_BY_TYPE else f"model_type {mtype!r} read as a Llama-format config"
+    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
+    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
+    vocab = _first(cfg, "vocab_size")
+    missing = [
+        k
+        for k, v in (
+            ("hidden_size", hidden),
+            ("num_hidden_layers", layers),
+            ("num_attention_heads", heads),
+            ("vocab_size", vocab),
+        )
+        if v is None
+    ]
+    if missing:
+        raise InvalidInputError(f"config.json lacks {', '.join(missing)}", field="model")
+    inter = _first(cfg, "intermediate_size", "n_inner", "d_ff", default=None) or 4 * int(hidden)
+    kw: dict[str, Any] = dict(
+        name=name,
+        family=family,
+        num_layers=int(layers),
+        hidden_size=int(hidden),
+        intermediate_size=int(inter),
+        num_attention_heads=int(heads),
+        vocab_size=int(vocab),
+        num_key_value_heads=_first(cfg, "num_key_value_heads"),
+        head_dim=_first(cfg, "head_dim", "d_kv"),
+        max_position_embeddings=int(_first(cfg, "max_position_embeddings", "n_positions", "n_ctx", default=2048)),
+        source="config.json",
+        note=note,
+    )
+    if family == "llama":
+        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", mtype in ("gemma", "gemma2")))
+        kw["attention_bias"] = bool(cfg.get("attention_bias", mtype == "qwen2"))
+        kw["mlp_bias"] = bool(cfg.get("mlp_bias", False))
+        kw["norms_per_layer"] = 4 if mtype == "gemma2" else 2
+        if kw["head_dim"] is None and int(hidden) % int(heads):
+            raise InvalidInputError(
+                "hidden_size is not a multiple of num_attention_heads and no head_dim given", field="model"
+            )
+    elif family == "phi3":
+        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
+    elif family == "gpt2":
+        kw.update(
+            tie_word_embeddings=True,
+            gated_mlp=False,
+            attention_bias=True,
+            mlp_bias=True,
+            norm="layernorm",
+            learned_positions=True,
+        )
+    elif family == "phi":
+        kw.update(
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            gated_mlp=False,
+            attention_bias=True,
+            mlp_bias=True,
+            norm="layernorm",
+            norms_per_layer=1,
+            lm_head_bias=True,
+        )
+    elif family == "gpt_neox":
+        kw.update(
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            gated_mlp=False,
+            attention_bias=bool(cfg.get("attention_bias", True)),
+            mlp_bias=True,
+            norm="layernorm",
+        )
+    elif family == "t5":
+        ff = str(cfg.get("feed_forward_proj", "relu"))
+        kw.update(
+            gated_mlp=ff.startswith("gated"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+            num_decoder_layers=int(cfg.get("num_decoder_layers") or layers),
+            relative_attention_num_buckets=int(cfg.get("relative_attention_num_buckets", 32)),
+            head_dim=int(cfg.get("d_kv", int(hidden) // int(heads))),
+        )
+    if kw["num_key_value_heads"] is not None:
+        kw["num_key_value_heads"] = int(kw["num_key_value_heads"])
+    if kw["head_dim"] is not None:
+        kw["head_dim"] = int(kw["head_dim"])
+    return ModelSpec(**kw)
+
+
+def model_from_config_path(path: str | Path) -> ModelSpec:
+    p = Path(path).expanduser()
+    cfg_path = p / "config.json" if p.is_dir() else p
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read config {str(cfg_path)!r}: {exc}", field="model") from exc
+    if not isinstance(cfg, dict):
+        raise InvalidInputError(f"{str(cfg_path)!r} is not a JSON object", field="model")
+    name = p.name if p.is_dir() else (p.parent.name or p.stem)
+    spec = model_from_config(cfg, name=name)
+    return replace(spec, source=str(cfg_path))
+
+
+def model_from_size(size: str) -> ModelSpec:
+    """A Llama-shaped architecture of roughly `size` parameters ("13B", "350M"); flagged as assumed.
+
+    Shape rule (LLaMA-1/2 proportions): head size 128, layers ~ hidden/128, SwiGLU width
+    ceil(8h/3 to 256), vocab 32000, untied head; layers then adjusted to hit the size.
+    """
+    m = _SIZE_RE.match(size)
+    if not m:
+        raise InvalidInputError(f"size {size!r} must look like '7B' or '350M'", field="model")
+    n = float(m.group(1)) * (1e9 if m.group(2).lower() == "b" else 1e6)
+    if not 1e7 <= n <= 2e12:
+        raise InvalidInputError(f"size {size!r} out of range (10M to 2000B)", field="model")
+    vocab = 32000
+    # solve 12 h^3 / 128 + 2 V h = n for h, round to a multiple of 128
+    lo, hi = 64.0, 65536.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if 12 * mid**3 / 128 + 2 * vocab * mid < n:
+            lo = mid
+        else:
+            hi = mid
+    hidden = max(128, round(lo / 128) * 128)
+    inter = int(math.ceil(8 * hidden / 3 / 256) * 256)
+    per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
+    layers = max(1, round((n - 2 * vocab * hidden) / per_layer))
+    label = m.group(1) + m.group(2).upper()
+    return ModelSpec(
+        name=f"llama-shaped-{label}",
+        family="llama",
+        num_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=hidden // 128,
+        vocab_size=vocab,
+        source="derived from size",
+        assumed=True,
+        note=f"architecture assumed: a Llama-shaped model of about {label} parameters "
+        f"(hidden {hidden}, {layers} layers, SwiGLU {inter}, vocab {vocab}); give a config.json for exact numbers",
+    )
+
+
+def resolve_model(name: str, catalog: Catalog | None = None) -> ModelSpec:
+    """Catalog name/alias/HF id, path to a config.json (or its folder), or a size like '13B'."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInputError("model must be a non-empty string", field="model")
+    cat = catalog or default_catalog()
+    if _SIZE_RE.match(name):
+        return model_from_size(name)
+    try:
+        return cat.model(name)
+    except UnknownModelError:
+        p = Path(name).expanduser()
+        if p.exists():
+            return model_from_config_path(p)
+        raise

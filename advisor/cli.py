@@ -1,0 +1,349 @@
+"""advisor: models | gpus | estimate | recommend (and the edges added by later issues).
+
+Readable tables by default, JSON with --json. Bad input: one line naming the flag, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from advisor.catalog import build_catalog
+from advisor.errors import AdvisorError
+from advisor.plans import ALL_LINEAR, ATTENTIONS, METHODS, OPTIMIZERS, TrainingPlan
+from advisor.recommend import OBJECTIVES, Constraints
+from advisor.service import AdvisorService, RecommendRequest
+from advisor.specs import Workload
+from advisor.units import DTYPES
+
+#: error field -> the flag that sets it
+FLAGS = {
+    "model": "--model",
+    "gpu": "--gpu",
+    "method": "--method",
+    "seq_len": "--seq-len",
+    "micro_batch": "--micro-batch",
+    "lora_r": "--lora-r",
+    "lora_targets": "--lora-targets",
+    "optimizer": "--optimizer",
+    "num_gpus": "--num-gpus",
+    "sharding": "--sharding",
+    "dtype": "--dtype",
+    "dataset_tokens": "--dataset-tokens",
+    "epochs": "--epochs",
+    "objective": "--objective",
+    "max_budget_usd": "--max-budget-usd",
+    "deadline_hours": "--deadline-hours",
+    "max_gpus": "--max-gpus",
+    "methods": "--methods",
+    "gpu_file": "--gpu-file",
+    "price_file": "--price-file",
+    "attention": "--attention",
+    "lora_dropout": "--lora-dropout",
+    "grad_accum": "--grad-accum",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def _tokens(text: str) -> int:
+    """Accepts 5000000, 5e6, 5M, 2B."""
+    t = text.strip().lower().replace("_", "")
+    mult = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(t[-1:], 1)
+    try:
+        v = float(t[:-1] if mult != 1 else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 5000000, 5M, 2B)") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return int(v)
+
+
+def _catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gpu-file", action="append", default=[], help="extra/overriding GPUs (JSON, same fields as the catalog)"
+    )
+    p.add_argument("--price-file", help='price overrides: {"prices": {"a100-80gb": {"price_usd_per_hour": 1.5}}}')
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="advisor", description="Hardware-aware fine-tuning advisor: will it fit, which method, how long, how much."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", help="list catalog models")
+    _catalog_args(p)
+    p = sub.add_parser("gpus", help="list catalog GPUs with prices")
+    _catalog_args(p)
+
+    p = sub.add_parser("estimate", help="memory breakdown and speed of one plan")
+    p.add_argument("--model", required=True, help="catalog name, HF id, path to config.json, or a size like 13B")
+    p.add_argument("--gpu", required=True)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--seq-len", type=_positive_int, default=2048)
+    p.add_argument("--micro-batch", type=_positive_int, default=1)
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--lora-r", type=_positive_int, default=16)
+    p.add_argument("--lora-alpha", type=_positive_int, default=None)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument(
+        "--lora-targets", default=ALL_LINEAR, help="all-linear, roles (q,k,v,o,gate,up,down) or module names"
+    )
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    p.add_argument("--num-gpus", type=_positive_int, default=1)
+    p.add_argument("--sharding", choices=("none", "ddp", "fsdp"), default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 where the GPU has it, else fp16")
+    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
+    p.add_argument("--no-master-weights", action="store_true", help="full: pure half precision (no fp32 master copy)")
+    p.add_argument("--no-double-quant", action="store_true")
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--claim-gib", type=_positive_float, default=None, help="check a published peak-memory claim")
+    _catalog_args(p)
+
+    p = sub.add_parser("recommend", help="ranked plans for a model, GPU and workload")
+    p.add_argument("--model", required=True)
+    p.add_argument(
+        "--gpu", action="append", default=None, help="GPU id or alias (repeat for several); default: every catalog GPU"
+    )
+    p.add_argument("--dataset-tokens", type=_tokens, default=None, help="default 10M")
+    p.add_argument("--seq-len", type=_positive_int, default=None, help="default 2048")
+    p.add_argument("--epochs", type=_positive_float, default=None, help="default 1")
+    p.add_argument("--objective", choices=OBJECTIVES, default="cost")
+    p.add_argument("--max-budget-usd", type=_positive_float, default=None)
+    p.add_argument("--deadline-hours", type=_positive_float, default=None)
+    p.add_argument("--max-gpus", type=_positive_int, default=8)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
+    p.add_argument("--limit", type=_positive_int, default=10)
+    _catalog_args(p)
+    return parser
+
+
+# ---- commands ----------------------------------------------------------------------------------
+def _service(args: argparse.Namespace) -> AdvisorService:
+    return AdvisorService(build_catalog(args.gpu_file, args.price_file))
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    models = svc.catalog.models
+    if args.json:
+        print(json.dumps([{**m.to_dict(), "params": m.param_count} for m in models], indent=1))
+        return 0
+    rows = [
+        [m.name, m.hf_id, m.family, f"{m.param_count / 1e9:.2f}B", m.num_layers, m.hidden_size, m.vocab_size]
+        for m in models
+    ]
+    print(_table(rows, ["name", "hf_id", "family", "params", "layers", "hidden", "vocab"]))
+    return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    gpus = svc.catalog.gpus
+    if args.json:
+        print(json.dumps([g.to_dict() for g in gpus], indent=1))
+        return 0
+    rows = [
+        [
+            g.id,
+            g.name,
+            f"{g.memory_gib:.1f}",
+            g.bf16_tflops or "-",
+            g.fp16_tflops,
+            g.memory_bandwidth_gbps,
+            "yes" if g.bf16_supported else "no",
+            g.price_usd_per_hour,
+            g.price_date,
+        ]
+        for g in gpus
+    ]
+    print(_table(rows, ["id", "name", "GiB", "bf16 TF", "fp16 TF", "GB/s", "bf16", "$/h", "price date"]))
+    return 0
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    model = svc.model(args.model)
+    gpu = svc.gpu(args.gpu)
+    sharding = args.sharding or ("none" if args.num_gpus == 1 else "fsdp")
+    plan = TrainingPlan(
+        method=args.method,
+        gpu_id=gpu.id,
+        dtype=args.dtype or gpu.default_dtype(),
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        grad_checkpointing=args.grad_checkpointing,
+        optimizer=args.optimizer,
+        num_gpus=args.num_gpus,
+        sharding=sharding,
+        attention=args.attention,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha or 2 * args.lora_r,
+        lora_dropout=args.lora_dropout,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",")),
+        master_weights=not args.no_master_weights,
+        double_quant=not args.no_double_quant,
+        grad_accum=args.grad_accum,
+    )
+    out = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"{model.name} ({model.param_count / 1e9:.2f}B params) · {plan.method} on {plan.num_gpus}x {gpu.name} · "
+        f"{plan.dtype} · micro-batch {plan.micro_batch} x {plan.seq_len} tokens · "
+        f"checkpointing {'on' if plan.grad_checkpointing else 'off'} · {plan.optimizer}"
+    )
+    rows = [[k, f"{v:.2f}"] for k, v in out["breakdown_gib"].items()]
+    rows.append(["= peak (device total)", f"{out['peak_memory_gib']:.2f}"])
+    print(_table(rows, ["memory per GPU", "GiB"]))
+    verdict = "FITS" if out["fits"] else "DOES NOT FIT"
+    print(
+        f"{verdict}: {out['peak_memory_gib']:.2f} of {out['device_memory_gib']:.2f} GiB "
+        f"(headroom {out['headroom_gib']:.2f} GiB; allocated peak {out['allocated_peak_gib']:.2f}, "
+        f"reserved {out['reserved_peak_gib']:.2f}; peak during {out['peak_phase']})"
+    )
+    if out["paged_optimizer_gib"]:
+        print(f"paged optimiser states: {out['paged_optimizer_gib']:.2f} GiB in unified memory (not counted above)")
+    print(
+        f"step time {out['step_time_s']:.3f} s · {out['tokens_per_s']:.0f} tokens/s · MFU {out['mfu']:.2f} · source {out['source']}"
+    )
+    if "claim_check" in out:
+        c = out["claim_check"]
+        print(f"claim {c['claimed_gib']} GiB: {'possible' if c['possible'] else 'IMPOSSIBLE'}: {c['reason']}")
+    for n in out["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    svc = _service(args)
+    stated = []
+    if args.dataset_tokens is None:
+        stated.append("dataset_tokens not given: assumed 10,000,000 tokens")
+    if args.seq_len is None:
+        stated.append("seq_len not given: assumed 2048")
+    if args.epochs is None:
+        stated.append("epochs not given: assumed 1")
+    workload = Workload(
+        dataset_tokens=args.dataset_tokens or 10_000_000,
+        seq_len=args.seq_len or 2048,
+        epochs=args.epochs or 1.0,
+        stated_defaults=tuple(stated),
+    )
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    req = RecommendRequest(
+        model=args.model,
+        gpus=tuple(args.gpu) if args.gpu else None,
+        workload=workload,
+        objective=args.objective,
+        constraints=Constraints(args.max_budget_usd, args.deadline_hours, args.max_gpus, methods),
+        dtype=args.dtype,
+        limit=args.limit,
+    )
+    res = svc.recommend(req).to_dict()
+    if args.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    m = res["model"]
+    print(
+        f"{m['name']} ({m['params_b']}B params) · objective {res['objective']} · "
+        f"{res['workload']['total_tokens']:,.0f} tokens at seq {res['workload']['seq_len']} · "
+        f"{res['candidates_evaluated']} plans evaluated, {res['candidates_feasible']} fit"
+    )
+    for a in res["assumptions"]:
+        print(f"assumed: {a}")
+    if res["plans"]:
+        rows = [
+            [
+                p["rank"],
+                p["plan"]["method"],
+                f"{p['plan']['num_gpus']}x {p['gpu']['id']}",
+                ""
+                if p["plan"]["method"] == "full"
+                else f"r{p['plan']['lora_r']} {','.join(p['plan']['lora_targets'])}",
+                p["plan"]["micro_batch"],
+                "on" if p["plan"]["grad_checkpointing"] else "off",
+                p["plan"]["optimizer"],
+                f"{p['peak_memory_gib']:.1f}",
+                f"{p['step_time_s']:.2f}",
+                f"{p['tokens_per_s']:.0f}",
+                f"{p['hours']:.2f}",
+                "-" if p["cost_usd"] is None else f"{p['cost_usd']:.2f}",
+            ]
+            for p in res["plans"]
+        ]
+        print(
+            _table(
+                rows,
+                ["#", "method", "gpus", "lora", "mb", "ckpt", "optimizer", "peak GiB", "step s", "tok/s", "hours", "$"],
+            )
+        )
+        print(f"why #1: {res['plans'][0]['why']}")
+    else:
+        print("no plan fits.")
+    for r in res["rejected"][:6]:
+        print(f"rejected {r['group']}: {r['reason']}. {r['to_fix']}")
+    for n in res["notes"]:
+        print(f"note: {n}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "models": cmd_models,
+    "gpus": cmd_gpus,
+    "estimate": cmd_estimate,
+    "recommend": cmd_recommend,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AdvisorError as exc:
+        flag = FLAGS.get(exc.field or "", exc.field or "input")
+        print(f"advisor {args.command}: error: {flag}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Closed-form memory and speed model of one training step in the transformers + peft + bitsandbytes stack.
+
+Memory is counted the way the CUDA caching allocator is asked for it:
+
+* weights in their real storage (half, fp32, or NF4 packed + absmax [+ double-quant constants]);
+* adapters (fp32: peft upcasts adapter weights), their gradients and optimiser states;
+* full fine-tuning: gradients, AdamW states (fp32 / 8-bit / paged), fp32 master weights under AMP
+  plus the half copies autocast keeps for backward;
+* activations autograd saves, per token per block, from a structural count that reproduces what
+  ``calibration/activation_probe.py`` measures in the real transformers code (see
+  ``bench/results/activation_probe.json``): frozen base + extras of full fine-tuning + extras per
+  LoRA-targeted module, and the s^2 term only for eager attention;
+* logits and loss (the fp32 upcast, log-softmax and its gradient): the peak for big vocabularies;
+* QLoRA dequantisation temporaries; caching-allocator slack and the CUDA context as named constants
+  (``Coefficients``) that calibration replaces with fitted values.
+
+The peak is the larger of two phases: the start of backward (all activations and logits alive) and
+the optimiser step (all gradients alive, activations freed).
+
+Speed: FLOPs per token per method (full ~6N, LoRA ~4N + adapters, +2N recompute under
+checkpointing, attention growing with sequence length) over the GPU's dense TFLOP/s times an
+efficiency prior per GPU class; memory-bound work (NF4 dequantisation, element-wise ops, the
+optimiser step) as bytes over bandwidth; multi-GPU communication over the peer link.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate
+from advisor.plans import TrainingPlan, resolve_targets
+from advisor.specs import Block, GpuSpec, ModelSpec
+from advisor.units import DTYPE_BYTES, MIB
+
+NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (values per absmax)
+DQ_BLOCK = 256  # double quantisation: absmax values per second-level fp32 constant
+BNB8_BLOCK = 2048  # 8-bit optimiser blocksize
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """The constants of the model. Defaults are documented priors; calibration fits them per device."""
+
+    activation_scale: float = 1.0  # multiplies the structural activation count
+    logits_scale: float = 1.0
+    allocator_fragmentation: float = 0.06  # reserved = allocated x (1 + this)
+    cuda_context_bytes: int = 512 * MIB  # CUDA context + cuBLAS/cuDNN handles, outside the allocator
+    fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers
+    # speed
+    mfu: float | None = None  # None -> the prior of the GPU class below
+    tokens_half_efficiency: float = 256.0  # tokens per micro-step at which matmul efficiency is halved
+    bandwidth_efficiency: float = 0.7
+    elementwise_passes: float = 3.0  # saved-activation bytes moved this many times by unfused ops
+    layer_overhead_s: float = 0.0004  # launch/Python overhead per block per pass
+    comm_overlap: float = 0.7
+    multi_gpu_efficiency: float = 0.92  # extra loss per doubling of GPUs beyond communication
+
+
+#: Fraction of dense peak the matmuls of an HF training step reach with enough tokens per step.
+#: Priors from public HF/peft training throughputs (A100: ~40-50% MFU; consumer Ada/Ampere cards
+#: reach more of their lower bf16 peak). Calibration replaces them.
+MFU_PRIOR = {"datacenter": 0.45, "consumer": 0.55, "cpu": 0.5}
+
+DEFAULT_COEFFICIENTS = Coefficients()
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """The GPU-independent part of an estimate: bytes, FLOPs and traffic of one plan."""
+
+    components: dict[str, int]  # without runtime_overhead (slack + context depend on the device)
+    allocated: float
+    paged: float
+    peak_phase: str
+    flops_per_token: float
+    memory_traffic_bytes: float  # per micro-step, per GPU
+    comm_bytes: float  # per micro-step, per GPU
+    passes: int
+    notes: tuple[str, ...]
+
+
+class AnalyticalEstimator:
+    name = "analytical"
+
+    def __init__(self, coefficients: Coefficients = DEFAULT_COEFFICIENTS, source: str = "analytical"):
+        self.k = coefficients
+        self.source = source
+        self._cache: dict[tuple, tuple[ModelSpec, _Counts]] = {}
+
+    # ---- public ---------------------------------------------------------------------------
+    def estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
+        notes: list[str] = []
+        mem = self.memory(model, gpu, plan, notes)
+        speed = self.speed(model, gpu, plan, notes)
+        if model.assumed:
+            notes.append(model.note)
+        return Estimate(plan=plan, memory=mem, speed=speed, source=self.source, notes=tuple(notes))
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def adapters(self, model: ModelSpec, plan: TrainingPlan) -> tuple[int, list[tuple[Block, list]]]:
+        """LoRA parameter count and, per block group, the targeted linears."""
+        if plan.method == "full":
+            return 0, []
+        names = resolve_targets(model, plan.lora_targets)
+        total = 0
+        groups = []
+        for b in model.blocks:
+            lins = [lin for lin in b.linears if lin.name in names]
+            total += b.count * sum(plan.lora_r * (lin.in_features + lin.out_features) for lin in lins)
+            groups.append((b, lins))
+        return total, groups
+
+    # ---- memory -----------------------------------------------------------------------------
+    def memory(
+        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
+    ) -> MemoryEstimate:
+        c = self._counts(model, plan)
+        if notes is not None:
+            notes.extend(c.notes)
+        k = self.k
+        allocated = c.allocated
+        reserved = allocated * (1 + k.allocator_fragmentation)
+        context = k.cuda_context_bytes if gpu.gpu_class != "cpu" else 0
+        total = reserved + context
+        components = dict(c.components)
+        components["runtime_overhead"] = int(total - sum(components.values()))
+        return MemoryEstimate(
+            components=components,
+            allocated_peak_bytes=int(allocated),
+            reserved_peak_bytes=int(reserved),
+            device_total_bytes=int(total),
+            paged_bytes=int(c.paged),
+            peak_phase=c.peak_phase,
+            device_bytes=gpu.memory_bytes,
+        )
+
+    def _counts(self, model: ModelSpec, plan: TrainingPlan) -> _Counts:
+        """Everything about a plan that does not depend on which GPU runs it (cached)."""
+        key = (id(model), plan.shape_key)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        counts = self._compute_counts(model, plan)
+        if len(self._cache) > 50_000:
+            self._cache.clear()
+        self._cache[key] = (model, counts)
+        return counts
+
+    def _compute_counts(self, model: ModelSpec, plan: TrainingPlan) -> _Counts:
+        notes: list[str] = []
+        k = self.k
+        e = DTYPE_BYTES[plan.dtype]
+        n = plan.num_gpus
+        shard = n if plan.sharding == "fsdp" else 1
+        N = model.param_count
+        n_lin = model.linear_weight_params
+        n_other = N - n_lin
+        adapter_params, groups = self.adapters(model, plan)
+        tokens = plan.micro_batch * plan.seq_len
+
+        # weights ------------------------------------------------------------------------------
+        autocast_copies = 0
+        if plan.method == "qlora":
+            absmax = n_lin / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if plan.double_quant else n_lin / NF4_BLOCK * 4
+            other_bytes = 4 if plan.kbit_upcast else e
+            weights = n_lin * 0.5 + absmax + n_other * other_bytes
+        elif plan.method == "full" and plan.master_weights and e < 4:
+            weights = 4 * N
+            autocast_copies = e * n_lin  # half copies autocast makes and backward keeps
+        else:
+            weights = e * N
+        weights = weights / shard
+        if plan.sharding == "fsdp":
+            # FSDP gathers one block's (and prefetches the next block's) full weights
+            per_block = max((sum(lin.params for lin in b.linears) for b in model.blocks), default=0)
+            gathered_bytes = 0.5 if plan.method == "qlora" else e
+            weights += 2 * per_block * gathered_bytes
+        weights += autocast_copies
+
+        # trainable state --------------------------------------------------------------------------
+        paged = 0.0
+        if plan.method == "full":
+            trainable = N
+            param_bytes = 4 if (plan.master_weights or e == 4) else e
+            grad_bytes = param_bytes
+        else:
+            trainable = adapter_params
+            param_bytes = 4
+            grad_bytes = 4
+        if plan.optimizer in ("adamw", "paged-adamw-32bit"):
+            opt_per_param = 2 * param_bytes
+        else:  # 8-bit: two uint8 states + fp32 absmax per 2048-block for each
+            opt_per_param = 2 + 2 * 4 / BNB8_BLOCK
+        opt_bytes = trainable * opt_per_param / shard
+        if plan.optimizer.startswith("paged"):
+            paged, opt_bytes = opt_bytes, 0.0
+            notes.append("paged optimiser states live in CUDA unified memory and can spill to host RAM under pressure")
+        grads = trainable * grad_bytes / shard
+        adapters = adapter_params * 4 / shard if plan.method != "full" else 0
+        if plan.sharding == "ddp" and plan.method == "full":
+            grads *= 2  # DDP's reducer keeps flat bucket copies of the gradients
+
+        # activations ------------------------------------------------------------------------------
+        act = self.activation_bytes(model, plan, groups) * k.activation_scale
+        logits = self.logits_bytes(model, plan) * k.logits_scale
+        quant_tmp = 0
+        if plan.method == "qlora":
+            largest = max(lin.weight_params for b in model.blocks for lin in b.linears)
+            quant_tmp = largest * e  # one dequantised weight at a time (forward or backward)
+        backward_transient = tokens * e * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
+
+        static = weights + adapters + opt_bytes + k.fixed_allocated_bytes
+        # gradient accumulation keeps the previous micro-steps' gradients alive through backward
+        accumulated = grads if plan.grad_accum > 1 else 0
+        phase_a = static + accumulated + act + logits + quant_tmp + backward_transient
+        phase_b = static + grads
+        allocated = max(phase_a, phase_b)
+        peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
+        in_fb = peak_phase == "forward/backward"
+        components = {
+            "weights": int(weights),
+            "adapters": int(adapters),
+            "gradients": int(grads if (not in_fb or plan.grad_accum > 1) else 0),
+            "optimizer_states": int(opt_bytes),
+            "activations": int(act + backward_transient if in_fb else 0),
+            "logits": int(logits if in_fb else 0),
+            "quant_temporaries": int(quant_tmp if in_fb else 0),
+        }
+        if autocast_copies:
+            notes.append(
+                "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
+            )
+        if plan.method == "qlora" and plan.kbit_upcast:
+            notes.append("QLoRA: embeddings, lm_head and norms are fp32 after prepare_model_for_kbit_training")
+
+        # speed counts (GPU-independent) -----------------------------------------------------------
+        fpt = self.flops_per_token(model, plan, adapter_params)
+        passes = 3 if plan.grad_checkpointing else 2
+        mem_bytes = 0.0
+        if plan.method == "qlora":
+            mem_bytes += passes * n_lin * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
+        full_act = (
+            act
+            if not plan.grad_checkpointing
+            else self.activation_bytes(model, replace(plan, grad_checkpointing=False), groups) * k.activation_scale
+        )
+        mem_bytes += full_act * k.elementwise_passes
+        opt_traffic = 28 if plan.optimizer in ("adamw", "paged-adamw-32bit") else 16
+        mem_bytes += trainable * opt_traffic / shard / plan.grad_accum
+        comm_bytes = 0.0
+        if n > 1:
+            frac = (n - 1) / n
+            grad_b = trainable * grad_bytes / plan.grad_accum
+            if plan.sharding == "ddp":
+                comm_bytes = 2 * frac * grad_b
+            else:
+                wbytes = n_lin * 0.5 if plan.method == "qlora" else N * e
+                comm_bytes = passes * frac * wbytes + frac * grad_b
+        if plan.optimizer.startswith("paged") and plan.method == "full":
+            notes.append("full fine-tuning with paged states pages them over PCIe when memory is short: slower")
+        return _Counts(
+            components=components,
+            allocated=allocated,
+            paged=paged,
+            peak_phase=peak_phase,
+            flops_per_token=fpt,
+            memory_traffic_bytes=mem_bytes,
+            comm_bytes=comm_bytes,
+            passes=passes,
+            notes=tuple(notes),
+        )
+
+    def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None) -> float:
+        """Bytes autograd keeps between forward and backward, for one GPU's micro-batch."""
+        if groups is None:
+            _, groups = self.adapters(model, plan)
+        e = DTYPE_BYTES[plan.dtype]
+        b, s = plan.micro_batch, plan.seq_len
+        tokens = b * s
+        targeted = {b_.kind: lins for b_, lins in groups}
+        # the residual stream is fp32 under QLoRA's kbit upcast (fp32 embeddings promote it)
+        residual = 4 if (plan.method == "qlora" and plan.kbit_upcast) else e
+        total = 0.0
+        largest_block = 0.0
+        for blk in model.blocks:
+            per_tok = self._block_bytes_per_token(model, blk, plan, targeted.get(blk.kind, []), e, s)
+            largest_block = max(largest_block, per_tok * tokens)
+            if plan.grad_checkpointing:
+                total += blk.count * residual * model.hidden_size * tokens
+            else:
+                total += blk.count * per_tok * tokens
+        if plan.grad_checkpointing:
+            total += largest_block  # one block recomputed during backward
+        # final norm (fp32 upcast + output) and the embedding output when it requires grad
+        total += tokens * model.hidden_size * (4 + e)
+        return total
+
+    def _block_bytes_per_token(
+        self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int
+    ) -> float:
+        h, i = model.hidden_size, model.intermediate_size
+        q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
+        n_attn = 2 if blk.kind == "cross_decoder" else 1
+        n_norms = {"encoder": 2, "cross_decoder": 3}.get(blk.kind, model.norms_per_layer)
+        eager = plan.attention == "eager" or model.family == "t5"  # HF T5 has no SDPA path (position bias)
+        # frozen base: norms, attention tensors for backward, MLP activation inputs
+        if model.norm == "rmsnorm":
+            norm_bytes = 4 * h  # fp32 upcast of the input is saved
+        else:
+            norm_bytes = e * h + 8  # input + fp32 mean/rstd
+        kv_saved = q if (eager and kv < q) else kv  # eager repeats k/v to all heads
+        attn = 2 * e * q + 2 * e * kv_saved
+        if eager:
+            attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
+        mlp_saved = 3 if model.gated_mlp else 1
+        per_tok = n_norms * norm_bytes + n_attn * attn + mlp_saved * e * i
+        if plan.method == "full":
+            # inputs of every linear are saved for the weight gradients (+ normalised outputs)
+            per_tok += e * (n_attn * (h + q) + h + i + h)
+        else:
+            seen_inputs: set[tuple[str, int]] = set()
+            for lin in lora_lins:
+                per_tok += 4 * plan.lora_r  # lora_A output (fp32)
+                if plan.lora_dropout > 0:
+                    per_tok += 5 * lin.in_features  # dropout mask (1 B) + dropout output cast to fp32 (4 B)
+                elif e < 4:
+                    per_tok += 4 * lin.in_features  # each module casts its input to the fp32 adapter dtype
+                else:
+                    key = _input_group(lin.name, lin.roles)
+                    if key not in seen_inputs and "o" not in lin.roles:
+                        seen_inputs.add(key)
+                        per_tok += 4 * lin.in_features
+        return per_tok
+
+    def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
+        """Logits in the compute dtype, the fp32 upcast for the loss, log-softmax and its gradients."""
+        e = DTYPE_BYTES[plan.dtype]
+        tokens = plan.micro_batch * plan.seq_len
+        if e < 4:
+            return tokens * model.vocab_size * (e + 12)
+        return tokens * model.vocab_size * 12
+
+    # ---- speed ------------------------------------------------------------------------------------
+    def flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapter_params: int | None = None) -> float:
+        if adapter_params is None:
+            adapter_params, _ = self.adapters(model, plan)
+        lin = 2 * (model.linear_weight_params + model.vocab_size * model.hidden_size)
+        s = plan.seq_len
+        attn = 0.0
+        for blk in model.blocks:
+            causal = 0.5 if (blk.kind == "decoder" and plan.attention != "eager") else 1.0
+            per_layer = 4 * s * model.q_dim * causal
+            if blk.kind == "cross_decoder":
+                per_layer += 4 * s * model.q_dim
+            attn += blk.count * per_layer
+        if plan.method == "full":
+            f = 3 * lin + 3 * attn
+        else:
+            f = 2 * lin + 3 * attn + 6 * adapter_params
+        if plan.grad_checkpointing:
+            f += lin + attn + 2 * adapter_params
+        return f
+
+    def speed(
+        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
+    ) -> SpeedEstimate:
+        k = self.k
+        c = self._counts(model, plan)
+        tokens = plan.micro_batch * plan.seq_len
+        peak = gpu.tflops(plan.dtype) * 1e12
+        if peak <= 0:
+            peak = gpu.fp16_tflops * 1e12
+            if notes is not None:
+                notes.append(f"{gpu.name} has no {plan.dtype} tensor cores; speed uses its fp16 rate")
+        mfu_max = k.mfu if k.mfu is not None else MFU_PRIOR.get(gpu.gpu_class, 0.45)
+        eff = mfu_max * tokens / (tokens + k.tokens_half_efficiency)
+        compute = tokens * c.flops_per_token / (peak * eff)
+        memory_bound = c.memory_traffic_bytes / (gpu.memory_bandwidth_gbps * 1e9 * k.bandwidth_efficiency)
+        n = plan.num_gpus
+        comm = c.comm_bytes / (gpu.interconnect_gbps * 1e9) if n > 1 else 0.0
+        busy = compute + memory_bound
+        # communication overlaps with compute except for a (1 - overlap) share of the shorter of the two
+        exposed = max(busy, comm) - busy + (1 - k.comm_overlap) * min(busy, comm) if n > 1 else 0.0
+        step = busy + exposed + k.layer_overhead_s * model.total_layers * c.passes
+        tokens_per_s = n * tokens / step * k.multi_gpu_efficiency ** _log2(n)
+        return SpeedEstimate(
+            step_time_s=step,
+            tokens_per_s=tokens_per_s,
+            flops_per_token=c.flops_per_token,
+            compute_s=compute,
+            memory_bound_s=memory_bound,
+            communication_s=comm,
+            mfu=tokens * c.flops_per_token / step / peak,
+        )
+
+
+def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:
+    """Modules that read the same tensor (q/k/v read the attention input; gate/up the MLP input)."""
+    prefix = name.rsplit(".", 1)[0] if "." in name else ""
+    if set(roles) & {"q", "k", "v"}:
+        return (prefix + "attn_in", 0)
+    if set(roles) & {"gate", "up"}:
+        return (prefix + "mlp_in", 0)
+    return (prefix + name, 1)
+
+
+def _log2(n: int) -> float:
+    import math
+
+    return math.log2(n) if n > 1 else 0.0

@@ -1,0 +1,106 @@
+"""What every estimator returns: a named memory breakdown in bytes, a step time, and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from advisor.plans import TrainingPlan
+from advisor.specs import GpuSpec, ModelSpec
+from advisor.units import GIB
+
+#: Breakdown components, in the order they are shown.
+COMPONENTS = (
+    "weights",
+    "adapters",
+    "gradients",
+    "optimizer_states",
+    "activations",
+    "logits",
+    "quant_temporaries",
+    "runtime_overhead",
+)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Per-GPU memory. `components` sum to the device total; `allocated_peak_bytes` is what
+    torch.cuda.max_memory_allocated would report, `reserved_peak_bytes` adds the caching allocator's
+    slack, `device_total_bytes` adds the CUDA context (what nvidia-smi shows) and decides the fit."""
+
+    components: dict[str, int]
+    allocated_peak_bytes: int
+    reserved_peak_bytes: int
+    device_total_bytes: int
+    paged_bytes: int  # paged optimiser states: unified memory, may spill to host RAM, not in the totals
+    peak_phase: str  # "forward/backward" or "optimizer step"
+    device_bytes: int
+
+    @property
+    def fits(self) -> bool:
+        return self.device_total_bytes <= self.device_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.device_bytes - self.device_total_bytes
+
+    def to_dict(self) -> dict:
+        return {
+            "peak_memory_gib": round(self.device_total_bytes / GIB, 3),
+            "allocated_peak_gib": round(self.allocated_peak_bytes / GIB, 3),
+            "reserved_peak_gib": round(self.reserved_peak_bytes / GIB, 3),
+            "device_memory_gib": round(self.device_bytes / GIB, 3),
+            "headroom_gib": round(self.headroom_bytes / GIB, 3),
+            "fits": self.fits,
+            "peak_phase": self.peak_phase,
+            "paged_optimizer_gib": round(self.paged_bytes / GIB, 3),
+            "breakdown_gib": {k: round(v / GIB, 3) for k, v in self.components.items()},
+        }
+
+
+@dataclass(frozen=True)
+class SpeedEstimate:
+    step_time_s: float  # one optimiser micro-step (forward + backward of micro_batch x seq_len per GPU)
+    tokens_per_s: float  # across all GPUs
+    flops_per_token: float
+    compute_s: float
+    memory_bound_s: float
+    communication_s: float
+    mfu: float
+
+    def to_dict(self) -> dict:
+        return {
+            "step_time_s": round(self.step_time_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "flops_per_token": self.flops_per_token,
+            "time_split_s": {
+                "compute": round(self.compute_s, 4),
+                "memory_bound": round(self.memory_bound_s, 4),
+                "communication": round(self.communication_s, 4),
+            },
+            "mfu": round(self.mfu, 3),
+        }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: TrainingPlan
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+    source: str  # "analytical" | "calibrated:<profile id>" | "simulated"
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        return {
+            "plan": self.plan.to_dict(),
+            "source": self.source,
+            **self.memory.to_dict(),
+            **self.speed.to_dict(),
+            "notes": list(self.notes),
+        }
+
+
+class Estimator(Protocol):
+    name: str
+
+    def estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate: ...

@@ -1,0 +1,158 @@
+"""The one place that wires specs -> plans -> estimates -> ranking -> response.
+
+Both the CLI and the HTTP API call this; neither computes anything itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from advisor.catalog import Catalog, default_catalog, model_from_config, resolve_model
+from advisor.errors import InvalidInputError
+from advisor.estimators.analytical import AnalyticalEstimator
+from advisor.estimators.base import Estimate
+from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
+from advisor.recommend import Constraints, Recommendation, make_candidate, rank, study_notes
+from advisor.specs import GpuSpec, ModelSpec, Workload
+from advisor.study import check_memory_claim
+from advisor.units import DTYPE_BYTES, GIB
+
+
+@dataclass(frozen=True)
+class RecommendRequest:
+    model: str | dict[str, Any]  # name / HF id / path / size, or an inline config.json dict
+    gpus: tuple[str, ...] | None = None  # None: every catalog GPU
+    workload: Workload = field(default_factory=Workload)
+    objective: str = "cost"
+    constraints: Constraints = field(default_factory=Constraints)
+    dtype: str | None = None  # None: bf16 where the GPU has it, else fp16
+    convergence: dict[str, float] | None = None
+    limit: int = 10
+
+
+@dataclass
+class RecommendResult:
+    model: ModelSpec
+    gpus: list[GpuSpec]
+    workload: Workload
+    recommendation: Recommendation
+    assumptions: list[str]
+
+    def to_dict(self) -> dict:
+        rec = self.recommendation
+        return {
+            "model": _model_summary(self.model),
+            "gpus": [g.id for g in self.gpus],
+            "objective": rec.objective,
+            "workload": {
+                "dataset_tokens": self.workload.dataset_tokens,
+                "seq_len": self.workload.seq_len,
+                "epochs": self.workload.epochs,
+                "total_tokens": self.workload.total_tokens,
+            },
+            "plans": [r.to_dict() for r in rec.plans],
+            "rejected": [r.to_dict() for r in rec.rejected],
+            "candidates_evaluated": rec.n_candidates,
+            "candidates_feasible": rec.n_feasible,
+            "assumptions": self.assumptions,
+            "notes": rec.notes,
+        }
+
+
+def _model_summary(m: ModelSpec) -> dict:
+    return {
+        "name": m.name,
+        "hf_id": m.hf_id,
+        "family": m.family,
+        "params": m.param_count,
+        "params_b": round(m.param_count / 1e9, 3),
+        "assumed": m.assumed,
+        "source": m.source,
+        "note": m.note,
+    }
+
+
+class AdvisorService:
+    def __init__(self, catalog: Catalog | None = None):
+        self.catalog = catalog or default_catalog()
+        self.analytical = AnalyticalEstimator()
+
+    # ---- resolution -----------------------------------------------------------------------------
+    def model(self, model: str | dict[str, Any]) -> ModelSpec:
+        if isinstance(model, dict):
+            return model_from_config(
+                model, name=str(model.get("_name_or_path") or model.get("name") or "inline-config")
+            )
+        return resolve_model(model, self.catalog)
+
+    def gpu(self, name: str) -> GpuSpec:
+        return self.catalog.gpu(name)
+
+    def estimator_for(self, gpu: GpuSpec) -> AnalyticalEstimator:
+        """The estimator for a device: calibrated where a profile matches it, else analytical."""
+        return self.analytical
+
+    # ---- estimate ---------------------------------------------------------------------------------
+    def estimate(
+        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, claimed_memory_gib: float | None = None
+    ) -> dict:
+        if plan.gpu_id != gpu.id:
+            plan = replace(plan, gpu_id=gpu.id)
+        if plan.dtype == "bf16" and not gpu.bf16_supported:
+            raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
+        est = self.estimator_for(gpu).estimate(model, gpu, plan)
+        out = est.to_dict()
+        out["model"] = _model_summary(model)
+        out["gpu"] = {"id": gpu.id, "name": gpu.name, "memory_gib": gpu.memory_gib}
+        if claimed_memory_gib is not None:
+            out["claim_check"] = check_memory_claim(model, plan.method, claimed_memory_gib, DTYPE_BYTES[plan.dtype])
+        return out
+
+    def estimate_one(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
+        return self.estimator_for(gpu).estimate(model, gpu, plan)
+
+    # ---- recommend --------------------------------------------------------------------------------
+    def recommend(self, req: RecommendRequest) -> RecommendResult:
+        model = self.model(req.model)
+        assumptions = list(req.workload.stated_defaults)
+        if model.assumed:
+            assumptions.append(model.note)
+        if req.gpus:
+            gpus = [self.gpu(g) for g in req.gpus]
+        else:
+            if req.objective == "fit":
+                raise InvalidInputError("objective 'fit' needs your GPU: name one with gpu", field="gpu")
+            gpus = list(self.catalog.gpus)
+            assumptions.append("no GPU named: searched every catalog GPU")
+        if req.dtype == "bf16":
+            no_bf16 = [g.id for g in gpus if not g.bf16_supported]
+            if no_bf16 and len(no_bf16) == len(gpus):
+                raise InvalidInputError(f"{', '.join(no_bf16)} cannot train in bf16: use fp16", field="dtype")
+            gpus = [g for g in gpus if g.bf16_supported]
+        space = SearchSpace(
+            methods=req.constraints.methods,
+            gpu_counts=tuple(n for n in (1, 2, 4, 8, 16, 32) if n <= req.constraints.max_gpus),
+        )
+        gpu_by_id = {g.id: g for g in gpus}
+        candidates = []
+        for plan in enumerate_plans(gpus, req.workload.seq_len, space, dtype=req.dtype):
+            gpu = gpu_by_id[plan.gpu_id]
+            est = self.estimator_for(gpu).estimate(model, gpu, plan)
+            candidates.append(make_candidate(est, gpu, req.workload, req.convergence))
+        rec = rank(candidates, req.objective, req.constraints, limit=req.limit)
+
+        def smallest(method: str) -> float | None:
+            mem = [
+                c.estimate.memory.device_total_bytes
+                for c in candidates
+                if c.plan.method == method and c.plan.num_gpus == 1
+            ]
+            return min(mem) / GIB if mem else None
+
+        rec.notes.extend(study_notes(model, rec, smallest))
+        if not rec.plans:
+            rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
+        return RecommendResult(
+            model=model, gpus=gpus, workload=req.workload, recommendation=rec, assumptions=assumptions
+        )
