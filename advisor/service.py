@@ -18,6 +18,8 @@ from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.study import check_memory_claim
 from advisor.units import DTYPE_BYTES, GIB
 
+ESTIMATE_SOURCES = ("auto", "analytical")
+
 
 @dataclass(frozen=True)
 class RecommendRequest:
@@ -95,13 +97,22 @@ class AdvisorService:
 
     # ---- estimate ---------------------------------------------------------------------------------
     def estimate(
-        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, claimed_memory_gib: float | None = None
+        self,
+        model: ModelSpec,
+        gpu: GpuSpec,
+        plan: TrainingPlan,
+        claimed_memory_gib: float | None = None,
+        source: str = "auto",
     ) -> dict:
+        """One plan's estimate. source: auto (calibrated where a profile matches, else analytical) | analytical."""
+        if source not in ESTIMATE_SOURCES:
+            raise InvalidInputError(f"source must be one of {', '.join(ESTIMATE_SOURCES)}", field="source")
         if plan.gpu_id != gpu.id:
             plan = replace(plan, gpu_id=gpu.id)
         if plan.dtype == "bf16" and not gpu.bf16_supported:
             raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
-        est = self.estimator_for(gpu).estimate(model, gpu, plan)
+        estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
+        est = estimator.estimate(model, gpu, plan)
         out = est.to_dict()
         out["model"] = _model_summary(model)
         out["gpu"] = {"id": gpu.id, "name": gpu.name, "memory_gib": gpu.memory_gib}
