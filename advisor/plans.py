@@ -15,6 +15,12 @@ METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit")
 ATTENTIONS = ("sdpa", "flash", "eager")
 SHARDINGS = ("none", "ddp", "fsdp")
+#: The training stack the plan runs in. hf = transformers + peft + bitsandbytes (what our jobs run):
+#: fp32 adapters (peft's autocast_adapter_dtype), fp32 non-quantised modules under QLoRA
+#: (prepare_model_for_kbit_training). litgpt / torchtune keep adapters and non-quantised modules in the
+#: model dtype; litgpt's bitsandbytes layers compute in bnb's default fp32 and (bitsandbytes of 2023)
+#: keep each quantised layer's fp32 input for backward.
+FRAMEWORKS = ("hf", "litgpt", "torchtune")
 ALL_LINEAR = "all-linear"
 
 
@@ -42,6 +48,9 @@ class TrainingPlan:
     double_quant: bool = True
     kbit_upcast: bool = True
     grad_accum: int = 1
+    framework: str = "hf"
+    # loss over vocabulary chunks (litgpt, torchtune CEWithChunkedOutputLoss): no full fp32 logits copy
+    chunked_loss: bool = False
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
@@ -54,6 +63,8 @@ class TrainingPlan:
             errs.append(("optimizer", f"must be one of {', '.join(OPTIMIZERS)}"))
         if self.attention not in ATTENTIONS:
             errs.append(("attention", f"must be one of {', '.join(ATTENTIONS)}"))
+        if self.framework not in FRAMEWORKS:
+            errs.append(("framework", f"must be one of {', '.join(FRAMEWORKS)}"))
         if self.sharding not in SHARDINGS:
             errs.append(("sharding", f"must be one of {', '.join(SHARDINGS)}"))
         if not 1 <= self.micro_batch <= 4096:

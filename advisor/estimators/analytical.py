@@ -162,7 +162,7 @@ class AnalyticalEstimator:
         autocast_copies = 0
         if plan.method == "qlora":
             absmax = n_lin / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if plan.double_quant else n_lin / NF4_BLOCK * 4
-            other_bytes = 4 if plan.kbit_upcast else e
+            other_bytes = 4 if _upcast(plan) else e
             weights = n_lin * 0.5 + absmax + n_other * other_bytes
         elif plan.method == "full" and plan.master_weights and e < 4:
             weights = 4 * N
@@ -185,8 +185,8 @@ class AnalyticalEstimator:
             grad_bytes = param_bytes
         else:
             trainable = adapter_params
-            param_bytes = 4
-            grad_bytes = 4
+            param_bytes = _adapter_bytes(plan, e)
+            grad_bytes = param_bytes
         if plan.optimizer in ("adamw", "paged-adamw-32bit"):
             opt_per_param = 2 * param_bytes
         else:  # 8-bit: two uint8 states + fp32 absmax per 2048-block for each
@@ -196,7 +196,7 @@ class AnalyticalEstimator:
             paged, opt_bytes = opt_bytes, 0.0
             notes.append("paged optimiser states live in CUDA unified memory and can spill to host RAM under pressure")
         grads = trainable * grad_bytes / shard
-        adapters = adapter_params * 4 / shard if plan.method != "full" else 0
+        adapters = adapter_params * param_bytes / shard if plan.method != "full" else 0
         if plan.sharding == "ddp" and plan.method == "full":
             grads *= 2  # DDP's reducer keeps flat bucket copies of the gradients
 
@@ -230,7 +230,7 @@ class AnalyticalEstimator:
             notes.append(
                 "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
             )
-        if plan.method == "qlora" and plan.kbit_upcast:
+        if plan.method == "qlora" and _upcast(plan):
             notes.append("QLoRA: embeddings, lm_head and norms are fp32 after prepare_model_for_kbit_training")
 
         # speed counts (GPU-independent) -----------------------------------------------------------
@@ -279,7 +279,7 @@ class AnalyticalEstimator:
         tokens = b * s
         targeted = {b_.kind: lins for b_, lins in groups}
         # the residual stream is fp32 under QLoRA's kbit upcast (fp32 embeddings promote it)
-        residual = 4 if (plan.method == "qlora" and plan.kbit_upcast) else e
+        residual = 4 if (plan.method == "qlora" and _upcast(plan)) else e
         total = 0.0
         largest_block = 0.0
         for blk in model.blocks:
@@ -318,24 +318,34 @@ class AnalyticalEstimator:
             # inputs of every linear are saved for the weight gradients (+ normalised outputs)
             per_tok += e * (n_attn * (h + q) + h + i + h)
         else:
+            a = _adapter_bytes(plan, e)
             seen_inputs: set[tuple[str, int]] = set()
             for lin in lora_lins:
-                per_tok += 4 * plan.lora_r  # lora_A output (fp32)
+                per_tok += a * plan.lora_r  # lora_A output
                 if plan.lora_dropout > 0:
-                    per_tok += 5 * lin.in_features  # dropout mask (1 B) + dropout output cast to fp32 (4 B)
-                elif e < 4:
-                    per_tok += 4 * lin.in_features  # each module casts its input to the fp32 adapter dtype
+                    per_tok += (1 + a) * lin.in_features  # dropout mask (1 B) + dropout output in the adapter dtype
+                elif a > e:
+                    per_tok += a * lin.in_features  # each module casts its input to the fp32 adapter dtype
                 else:
                     key = _input_group(lin.name, lin.roles)
                     if key not in seen_inputs and "o" not in lin.roles:
                         seen_inputs.add(key)
                         per_tok += 4 * lin.in_features
+            if plan.method == "qlora" and plan.framework == "litgpt":
+                # bitsandbytes' 2023 MatMul4Bit saved its input A, cast to bnb's default fp32 compute dtype
+                parallel = model.family in ("phi", "gpt_neox")
+                per_tok += 4 * (n_attn * (h + q) + (0 if parallel else h) + i)
         return per_tok
 
     def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
         """Logits in the compute dtype, the fp32 upcast for the loss, log-softmax and its gradients."""
         e = DTYPE_BYTES[plan.dtype]
         tokens = plan.micro_batch * plan.seq_len
+        if plan.chunked_loss:
+            # chunked cross-entropy: logits and their gradient in the compute dtype; every chunk's
+            # log-softmax stays saved for backward (fp32 where the chunk is upcast, as in torchtune)
+            saved = e if plan.framework == "litgpt" else 4
+            return tokens * model.vocab_size * (2 * e + saved)
         if e < 4:
             return tokens * model.vocab_size * (e + 12)
         return tokens * model.vocab_size * 12
@@ -392,6 +402,16 @@ class AnalyticalEstimator:
             communication_s=comm,
             mfu=tokens * c.flops_per_token / step / peak,
         )
+
+
+def _adapter_bytes(plan: TrainingPlan, e: int) -> int:
+    """peft upcasts adapter weights to fp32; litgpt/torchtune keep them in the model dtype."""
+    return 4 if plan.framework == "hf" else e
+
+
+def _upcast(plan: TrainingPlan) -> bool:
+    """prepare_model_for_kbit_training casts non-quantised params to fp32 (hf stack only)."""
+    return plan.kbit_upcast and plan.framework == "hf"
 
 
 def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:
