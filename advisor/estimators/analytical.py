@@ -114,7 +114,7 @@ class AnalyticalEstimator:
     def memory(
         self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
     ) -> MemoryEstimate:
-        c = self._counts(model, plan)
+        c = self._counts(model, plan, _on_cpu(gpu))
         if notes is not None:
             notes.extend(c.notes)
         k = self.k
@@ -134,19 +134,19 @@ class AnalyticalEstimator:
             device_bytes=gpu.memory_bytes,
         )
 
-    def _counts(self, model: ModelSpec, plan: TrainingPlan) -> _Counts:
+    def _counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
         """Everything about a plan that does not depend on which GPU runs it (cached)."""
-        key = (id(model), plan.shape_key)
+        key = (id(model), plan.shape_key, cpu)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
-        counts = self._compute_counts(model, plan)
+        counts = self._compute_counts(model, plan, cpu)
         if len(self._cache) > 50_000:
             self._cache.clear()
         self._cache[key] = (model, counts)
         return counts
 
-    def _compute_counts(self, model: ModelSpec, plan: TrainingPlan) -> _Counts:
+    def _compute_counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
         notes: list[str] = []
         k = self.k
         e = DTYPE_BYTES[plan.dtype]
@@ -201,7 +201,7 @@ class AnalyticalEstimator:
             grads *= 2  # DDP's reducer keeps flat bucket copies of the gradients
 
         # activations ------------------------------------------------------------------------------
-        act = self.activation_bytes(model, plan, groups) * k.activation_scale
+        act = self.activation_bytes(model, plan, groups, cpu) * k.activation_scale
         logits = self.logits_bytes(model, plan) * k.logits_scale
         quant_tmp = 0
         if plan.method == "qlora":
@@ -242,7 +242,7 @@ class AnalyticalEstimator:
         full_act = (
             act
             if not plan.grad_checkpointing
-            else self.activation_bytes(model, replace(plan, grad_checkpointing=False), groups) * k.activation_scale
+            else self.activation_bytes(model, replace(plan, grad_checkpointing=False), groups, cpu) * k.activation_scale
         )
         mem_bytes += full_act * k.elementwise_passes
         opt_traffic = 28 if plan.optimizer in ("adamw", "paged-adamw-32bit") else 16
@@ -270,7 +270,7 @@ class AnalyticalEstimator:
             notes=tuple(notes),
         )
 
-    def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None) -> float:
+    def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None, cpu: bool = False) -> float:
         """Bytes autograd keeps between forward and backward, for one GPU's micro-batch."""
         if groups is None:
             _, groups = self.adapters(model, plan)
@@ -283,7 +283,7 @@ class AnalyticalEstimator:
         total = 0.0
         largest_block = 0.0
         for blk in model.blocks:
-            per_tok = self._block_bytes_per_token(model, blk, plan, targeted.get(blk.kind, []), e, s)
+            per_tok = self._block_bytes_per_token(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu)
             largest_block = max(largest_block, per_tok * tokens)
             if plan.grad_checkpointing:
                 total += blk.count * residual * model.hidden_size * tokens
@@ -296,7 +296,7 @@ class AnalyticalEstimator:
         return total
 
     def _block_bytes_per_token(
-        self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int
+        self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int, cpu: bool = False
     ) -> float:
         h, i = model.hidden_size, model.intermediate_size
         q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
@@ -323,7 +323,8 @@ class AnalyticalEstimator:
             for lin in lora_lins:
                 per_tok += a * plan.lora_r  # lora_A output
                 if plan.lora_dropout > 0:
-                    per_tok += (1 + a) * lin.in_features  # dropout mask (1 B) + dropout output in the adapter dtype
+                    # dropout mask (bool on CUDA; a float noise tensor in torch's CPU path) + dropout output
+                    per_tok += ((a if cpu else 1) + a) * lin.in_features
                 elif a > e:
                     per_tok += a * lin.in_features  # each module casts its input to the fp32 adapter dtype
                 else:
@@ -375,7 +376,7 @@ class AnalyticalEstimator:
         self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
     ) -> SpeedEstimate:
         k = self.k
-        c = self._counts(model, plan)
+        c = self._counts(model, plan, _on_cpu(gpu))
         tokens = plan.micro_batch * plan.seq_len
         peak = gpu.tflops(plan.dtype) * 1e12
         if peak <= 0:
@@ -402,6 +403,10 @@ class AnalyticalEstimator:
             communication_s=comm,
             mfu=tokens * c.flops_per_token / step / peak,
         )
+
+
+def _on_cpu(gpu: GpuSpec) -> bool:
+    return gpu.gpu_class == "cpu"
 
 
 def _adapter_bytes(plan: TrainingPlan, e: int) -> int:

@@ -1,0 +1,129 @@
+"""The source study's use cases, checked end to end through AdvisorService.recommend."""
+
+import pytest
+
+from advisor.errors import InvalidInputError
+from advisor.recommend import Constraints
+from advisor.service import AdvisorService, RecommendRequest
+from advisor.specs import Workload
+
+SVC = AdvisorService()
+
+
+def rec(model, gpus, objective="cost", **kw):
+    constraints = Constraints(**kw)
+    return SVC.recommend(RecommendRequest(model=model, gpus=gpus, objective=objective, constraints=constraints))
+
+
+def methods(r):
+    return {p.candidate.plan.method for p in r.recommendation.plans}
+
+
+def test_7b_on_a_4090_gets_a_lora_or_qlora_plan_that_fits():
+    r = rec("meta-llama/Llama-2-7b-hf", ("rtx-4090",), max_gpus=1)
+    top = r.recommendation.plans[0].candidate
+    assert top.plan.method in ("lora", "qlora")
+    assert top.estimate.memory.fits and top.plan.num_gpus == 1
+    assert "full" not in methods(r)
+    full = [x for x in r.recommendation.rejected if x.group.startswith("full")]
+    assert full and full[0].to_fix.startswith("To fix:") and "GiB" in full[0].reason
+
+
+def test_65b_on_one_a100_80gb_only_qlora():
+    r = rec("huggyllama/llama-65b", ("a100-80gb",), max_gpus=1)
+    assert methods(r) == {"qlora"}
+    reasons = " ".join(x.reason for x in r.recommendation.rejected if x.group.startswith("lora"))
+    assert "weights" in reasons
+
+
+def test_65b_lora_needs_several_gpus():
+    r = rec("llama-65b", ("a100-80gb",), methods=("lora",))
+    gpus = {p.candidate.plan.num_gpus for p in r.recommendation.plans}
+    assert gpus and min(gpus) >= 2
+
+
+def test_time_objective_for_7b_on_a100_picks_lora():
+    r = rec("llama-2-7b", ("a100-80gb",), objective="time", max_gpus=1)
+    assert r.recommendation.plans[0].candidate.plan.method == "lora"
+    assert "fastest" in r.recommendation.plans[0].why
+
+
+def test_study_claim_65b_qlora_12gb_is_impossible():
+    r = rec("llama-65b", ("a100-80gb",), max_gpus=1)
+    notes = " ".join(r.recommendation.notes)
+    assert "QLoRA: 12GB" in notes and "physically impossible" in notes
+    out = SVC.estimate(SVC.model("llama-65b"), SVC.gpu("a100-80gb"),
+                       __import__("advisor.plans").plans.TrainingPlan(method="qlora", gpu_id="a100-80gb"),
+                       claimed_memory_gib=12)
+    assert out["claim_check"]["possible"] is False
+    assert out["breakdown_gib"]["weights"] > 30
+
+
+def test_seq2seq_t5_is_supported():
+    r = rec("google/flan-t5-xl", ("a10g",), max_gpus=1)
+    assert r.recommendation.plans
+
+
+def test_whole_catalog_search_evaluates_thousands_of_plans():
+    r = SVC.recommend(RecommendRequest(model="llama-2-13b"))
+    assert r.recommendation.n_candidates >= 1000
+    ids = {p.candidate.gpu.id for p in r.recommendation.plans}
+    assert ids and "no GPU named: searched every catalog GPU" in r.assumptions
+
+
+def test_ranking_follows_the_objective():
+    r = rec("llama-2-7b", ("a100-80gb", "rtx-4090", "h100-sxm"), objective="cost")
+    costs = [p.candidate.cost.cost_usd for p in r.recommendation.plans]
+    assert costs == sorted(costs)
+    r = rec("llama-2-7b", ("a100-80gb", "rtx-4090", "h100-sxm"), objective="time")
+    hours = [p.candidate.cost.hours for p in r.recommendation.plans]
+    assert hours == sorted(hours)
+
+
+def test_budget_and_deadline_reject_with_reasons():
+    r = SVC.recommend(RecommendRequest(model="llama-2-70b", gpus=("a100-80gb",),
+                                       workload=Workload(dataset_tokens=2_000_000_000),
+                                       constraints=Constraints(max_budget_usd=10)))
+    assert not r.recommendation.plans
+    assert any("budget" in x.reason for x in r.recommendation.rejected)
+    r = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("t4",),
+                                       workload=Workload(dataset_tokens=1_000_000_000),
+                                       constraints=Constraints(deadline_hours=1, max_gpus=1)))
+    assert any("deadline" in x.reason for x in r.recommendation.rejected)
+
+
+def test_qlora_convergence_factor_is_documented_and_overridable():
+    base = rec("llama-2-7b", ("rtx-3060-12gb",), max_gpus=1, methods=("qlora",))
+    p = base.recommendation.plans[0].candidate
+    assert p.cost.convergence_factor == 1.25
+    r = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("rtx-3060-12gb",), convergence={"qlora": 1.0},
+                                       constraints=Constraints(max_gpus=1, methods=("qlora",))))
+    assert r.recommendation.plans[0].candidate.cost.hours == pytest.approx(p.cost.hours / 1.25, rel=1e-6)
+
+
+def test_fit_objective_needs_a_gpu_and_keeps_headroom():
+    with pytest.raises(InvalidInputError) as exc:
+        SVC.recommend(RecommendRequest(model="llama-2-7b", objective="fit"))
+    assert exc.value.field == "gpu"
+    r = rec("llama-2-13b", ("rtx-3090",), objective="fit")
+    assert r.recommendation.plans  # the study: "QLoRA 13B models: RTX 3090"
+    assert r.recommendation.plans[0].candidate.plan.method == "qlora"
+    for p in r.recommendation.plans:
+        m = p.candidate.estimate.memory
+        assert m.device_total_bytes <= 0.95 * m.device_bytes
+
+
+def test_stated_defaults_and_assumed_architecture():
+    r = SVC.recommend(RecommendRequest(model="13B", gpus=("a100-80gb",),
+                                       workload=Workload(stated_defaults=("seq_len not given: assumed 2048",))))
+    assert any("assumed" in a for a in r.assumptions)
+    assert r.to_dict()["model"]["assumed"] is True
+
+
+def test_plan_ids_are_stable():
+    a = rec("llama-2-7b", ("a100-80gb",), max_gpus=1).recommendation.plans[0].candidate.plan
+    b = rec("llama-2-7b", ("a100-80gb",), max_gpus=1).recommendation.plans[0].candidate.plan
+    assert a.id == b.id and a.id.startswith("plan_")
+    from advisor.plans import TrainingPlan
+
+    assert TrainingPlan.from_dict(a.to_dict()).id == a.id
