@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from advisor.cost import CostEstimate, estimate_cost
+import numpy as np
+
+from advisor.cost import DEFAULT_CONVERGENCE, CostEstimate, estimate_cost
 from advisor.errors import InvalidInputError
+from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate
 from advisor.plans import METHODS, TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec, Workload
@@ -90,24 +91,13 @@ class Recommendation:
     n_candidates: int
     n_feasible: int
     notes: list[str] = field(default_factory=list)
+    smallest_single_gpu_gib: dict[str, float] = field(default_factory=dict)  # per method, for the study notes
 
 
-def _sort_key(objective: str) -> Callable[[Candidate], tuple]:
-    def cost_of(c: Candidate) -> float:
-        return c.cost.cost_usd if c.cost.cost_usd is not None else math.inf
-
-    if objective == "cost":
-        return lambda c: (cost_of(c), c.cost.hours)
-    if objective == "time":
-        return lambda c: (c.cost.hours, cost_of(c))
-    # fit: fewest GPUs on the user's card, then fastest
-    return lambda c: (c.plan.num_gpus, c.cost.hours, cost_of(c))
-
-
-def _group(plan: TrainingPlan) -> str:
+def _group(plan: TrainingPlan, with_gpu: bool = True) -> str:
     shape = "" if plan.method == "full" else f" r={plan.lora_r} {','.join(plan.lora_targets)}"
-    gpus = f"{plan.num_gpus}x {plan.gpu_id}" + (f" ({plan.sharding})" if plan.num_gpus > 1 else "")
-    return f"{plan.method}{shape} on {gpus}"
+    where = f"{plan.num_gpus}x {plan.gpu_id}" if with_gpu else f"{plan.num_gpus} GPU{'s' if plan.num_gpus > 1 else ''}"
+    return f"{plan.method}{shape} on {where}" + (f" ({plan.sharding})" if plan.num_gpus > 1 else "")
 
 
 def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
@@ -130,69 +120,147 @@ def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
     return head
 
 
-def rank(
-    candidates: Iterable[Candidate],
-    objective: str,
-    constraints: Constraints,
-    limit: int = 10,
-) -> Recommendation:
-    if objective not in OBJECTIVES:
-        raise InvalidInputError(f"objective must be one of {', '.join(OBJECTIVES)}", field="objective")
-    feasible: list[Candidate] = []
-    rejected: dict[tuple[str, str], list[Candidate]] = {}
-    n = 0
-    for c in candidates:
-        n += 1
-        reason = _rejection_kind(c, objective, constraints)
-        if reason is None:
-            feasible.append(c)
-        else:
-            rejected.setdefault((_group(c.plan), reason), []).append(c)
+@dataclass
+class PlanTable:
+    """Candidate plans of one model as columns: the GPU-independent counts, evaluated per GPU at once."""
 
-    key = _sort_key(objective)
-    feasible.sort(key=key)
-    # one plan per group (method x adapter shape x GPU x count), best first: alternatives, not near-duplicates
-    seen: set[str] = set()
-    best_per_group: list[Candidate] = []
-    for c in feasible:
-        g = _group(c.plan)
-        if g not in seen:
-            seen.add(g)
-            best_per_group.append(c)
-    top = best_per_group[:limit]
-    best = top[0] if top else None
-    ranked = [RankedPlan(rank=i + 1, candidate=c, why=_why(c, objective, best)) for i, c in enumerate(top)]
+    shapes: list[TrainingPlan]  # gpu_id left empty
+    alloc: np.ndarray
+    static: np.ndarray
+    fpt: np.ndarray
+    traffic: np.ndarray
+    comm: np.ndarray
+    passes: np.ndarray
+    tokens: np.ndarray
+    ngpu: np.ndarray
+    method: np.ndarray  # index into METHODS
+    group: np.ndarray  # index into group_names
+    group_names: list[str]
 
-    rejections = [_explain(group, kind, cs, constraints, objective) for (group, kind), cs in rejected.items()]
-    # a group with a feasible plan is not interesting as a rejection
-    rejections = [r for r in rejections if r.group not in seen]
-    rejections.sort(key=lambda r: r.closest.estimate.memory.device_total_bytes if r.closest else 0)
-    return Recommendation(
-        objective=objective, plans=ranked, rejected=rejections, n_candidates=n, n_feasible=len(feasible)
+
+def build_table(estimator: AnalyticalEstimator, model: ModelSpec, shapes: list[TrainingPlan], cpu: bool) -> PlanTable:
+    counts = [estimator.counts(model, p, cpu) for p in shapes]
+    names: dict[str, int] = {}
+    group = [names.setdefault(_group(p, with_gpu=False), len(names)) for p in shapes]
+    return PlanTable(
+        shapes=shapes,
+        alloc=np.array([c.allocated for c in counts]),
+        static=np.array([c.static for c in counts]),
+        fpt=np.array([c.flops_per_token for c in counts]),
+        traffic=np.array([c.memory_traffic_bytes for c in counts]),
+        comm=np.array([c.comm_bytes for c in counts]),
+        passes=np.array([c.passes for c in counts], dtype=float),
+        tokens=np.array([p.micro_batch * p.seq_len for p in shapes], dtype=float),
+        ngpu=np.array([p.num_gpus for p in shapes], dtype=float),
+        method=np.array([METHODS.index(p.method) for p in shapes]),
+        group=np.array(group),
+        group_names=list(names),
     )
 
 
-def _rejection_kind(c: Candidate, objective: str, k: Constraints) -> str | None:
-    m = c.estimate.memory
-    limit = m.device_bytes * (1 - FIT_HEADROOM) if objective == "fit" else m.device_bytes
-    if m.device_total_bytes > limit:
-        return "memory"
-    if k.deadline_hours is not None and c.cost.hours > k.deadline_hours:
-        return "deadline"
-    if k.max_budget_usd is not None and c.cost.cost_usd is not None and c.cost.cost_usd > k.max_budget_usd:
-        return "budget"
-    return None
+def _first_per_group(group: np.ndarray, mask: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+    """Index of the best row (smallest keys, first key most significant) of each group among `mask`."""
+    idx = np.nonzero(mask)[0]
+    if idx.size == 0:
+        return idx
+    order = idx[np.lexsort((*(k[idx] for k in reversed(keys)), group[idx]))]
+    _, first = np.unique(group[order], return_index=True)
+    return order[first]
 
 
-def _explain(group: str, kind: str, cs: list[Candidate], k: Constraints, objective: str) -> Rejection:
+def search(
+    model: ModelSpec,
+    tables: list[tuple[GpuSpec, str, PlanTable, AnalyticalEstimator]],
+    workload: Workload,
+    objective: str,
+    constraints: Constraints,
+    convergence: dict[str, float] | None = None,
+    limit: int = 10,
+) -> Recommendation:
+    """Evaluate every candidate on every GPU (vectorised), keep the best plan per method x adapter shape x
+    GPU x count for the objective, and explain each shape that fits nowhere. Each GPU brings its own
+    estimator (calibrated where a profile matches it) and the table of counts built with it."""
+    if objective not in OBJECTIVES:
+        raise InvalidInputError(f"objective must be one of {', '.join(OBJECTIVES)}", field="objective")
+    factors = convergence or DEFAULT_CONVERGENCE
+    conv = np.array([factors.get(m, 1.0) for m in METHODS])
+    best: list[tuple[tuple, int, int]] = []  # (sort key, table number, row)
+    closest: dict[str, dict[str, tuple[float, int, int]]] = {"memory": {}, "deadline": {}, "budget": {}}
+    feasible_groups: set[str] = set()
+    smallest: dict[str, float] = {}
+    group_size: dict[str, int] = {}
+    n_candidates = n_feasible = 0
+    for ti, (gpu, dtype, t, estimator) in enumerate(tables):
+        _, total = estimator.memory_totals(gpu, t.alloc, t.static)
+        cap = gpu.memory_bytes * (1 - FIT_HEADROOM if objective == "fit" else 1)
+        mem_ok = total <= cap
+        sp = estimator.speed_terms(gpu, dtype, t.fpt, t.traffic, t.comm, t.passes, t.tokens, t.ngpu, model.total_layers)
+        hours = workload.total_tokens * conv[t.method] / sp["tokens_per_s"] / 3600
+        price = gpu.price_usd_per_hour
+        cost = hours * t.ngpu * price if price is not None else np.full_like(hours, np.inf)
+        dl_ok = hours <= constraints.deadline_hours if constraints.deadline_hours is not None else np.ones_like(mem_ok)
+        bud_ok = cost <= constraints.max_budget_usd if constraints.max_budget_usd is not None else np.ones_like(mem_ok)
+        ok = mem_ok & dl_ok & bud_ok
+        n_candidates += len(t.shapes)
+        n_feasible += int(ok.sum())
+        keys = {"cost": (cost, hours), "time": (hours, cost), "fit": (t.ngpu, hours, cost)}[objective]
+        for row in _first_per_group(t.group, ok, *keys):
+            best.append((tuple(float(k[row]) for k in keys), ti, int(row)))
+            feasible_groups.add(t.group_names[t.group[row]])
+        for kind, mask, key in (
+            ("memory", np.ones_like(ok), total),
+            ("deadline", mem_ok, hours),
+            ("budget", mem_ok & dl_ok, cost),
+        ):
+            for row in _first_per_group(t.group, mask, key):
+                name = t.group_names[t.group[row]]
+                if name not in closest[kind] or key[row] < closest[kind][name][0]:
+                    closest[kind][name] = (float(key[row]), ti, int(row))
+        for name, count in zip(*np.unique(t.group, return_counts=True), strict=True):
+            group_size[t.group_names[name]] = group_size.get(t.group_names[name], 0) + int(count)
+        single = t.ngpu == 1
+        for mi, m in enumerate(METHODS):
+            sel = single & (t.method == mi)
+            if sel.any():
+                smallest[m] = min(smallest.get(m, np.inf), float(total[sel].min()))
+
+    def materialise(ti: int, row: int) -> Candidate:
+        gpu, _, t, estimator = tables[ti]
+        est = estimator.estimate(model, gpu, replace(t.shapes[row], gpu_id=gpu.id))
+        return make_candidate(est, gpu, workload, convergence)
+
+    best.sort(key=lambda b: b[0])
+    chosen = [materialise(ti, row) for _, ti, row in best[:limit]]
+    top = chosen[0] if chosen else None
+    ranked = [RankedPlan(rank=i + 1, candidate=c, why=_why(c, objective, top)) for i, c in enumerate(chosen)]
+
+    rejections = []
+    for name in group_size:
+        if name in feasible_groups:
+            continue
+        kind = "budget" if name in closest["budget"] else "deadline" if name in closest["deadline"] else "memory"
+        _, ti, row = closest[kind][name]
+        rejections.append(_explain(name, kind, materialise(ti, row), group_size[name], constraints, len(tables)))
+    rejections.sort(key=lambda r: r.closest.estimate.memory.device_total_bytes if r.closest else 0)
+    return Recommendation(
+        objective=objective,
+        plans=ranked,
+        rejected=rejections,
+        n_candidates=n_candidates,
+        n_feasible=n_feasible,
+        smallest_single_gpu_gib={m: v / GIB for m, v in smallest.items()},
+    )
+
+
+def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int) -> Rejection:
+    where = f" (closest of {n_gpu_types} GPU types: {c.gpu.id})" if n_gpu_types > 1 else ""
     if kind == "memory":
-        c = min(cs, key=lambda c: c.estimate.memory.device_total_bytes)
         m, p = c.estimate.memory, c.plan
         top = sorted(m.components.items(), key=lambda kv: -kv[1])[:3]
         parts = ", ".join(f"{name} {v / GIB:.1f}" for name, v in top)
         reason = (
             f"needs at least {m.device_total_bytes / GIB:.1f} GiB per GPU (largest: {parts} GiB) "
-            f"but {c.gpu.name} has {m.device_bytes / GIB:.1f} GiB"
+            f"but {c.gpu.name} has {m.device_bytes / GIB:.1f} GiB{where}"
         )
         short = m.device_total_bytes - m.device_bytes
         fixes = []
@@ -204,20 +272,21 @@ def _explain(group: str, kind: str, cs: list[Candidate], k: Constraints, objecti
             fixes.append(f"shard over {min(k.max_gpus, max(2, p.num_gpus * 2))}+ GPUs with fsdp")
         if not p.grad_checkpointing:
             fixes.append("turn gradient checkpointing on")
-        fixes.append(f"a GPU with more than {(m.device_total_bytes) / GIB:.0f} GiB")
+        fixes.append(f"a GPU with more than {m.device_total_bytes / GIB:.0f} GiB")
+        if short <= 0:  # fits the card but not the 5% headroom the `fit` objective keeps
+            reason += f" and the fit objective keeps {FIT_HEADROOM:.0%} free"
+            return Rejection(group, reason, "To fix: " + "; or ".join(fixes), c, count)
         return Rejection(
-            group, reason + f" (short by {short / GIB:.1f} GiB)", "To fix: " + "; or ".join(fixes), c, len(cs)
+            group, reason + f" (short by {short / GIB:.1f} GiB)", "To fix: " + "; or ".join(fixes), c, count
         )
     if kind == "deadline":
-        c = min(cs, key=lambda c: c.cost.hours)
-        reason = f"takes {c.cost.hours:.1f} h at best, over the {k.deadline_hours:g} h deadline"
+        reason = f"takes {c.cost.hours:.1f} h at best, over the {k.deadline_hours:g} h deadline{where}"
         return Rejection(
-            group, reason, "To fix: more or faster GPUs, fewer tokens or epochs, or a later deadline", c, len(cs)
+            group, reason, "To fix: more or faster GPUs, fewer tokens or epochs, or a later deadline", c, count
         )
-    c = min(cs, key=lambda c: c.cost.cost_usd or 0)
-    reason = f"costs ${c.cost.cost_usd:,.2f} at best, over the ${k.max_budget_usd:,.2f} budget"
+    reason = f"costs ${c.cost.cost_usd:,.2f} at best, over the ${k.max_budget_usd:,.2f} budget{where}"
     return Rejection(
-        group, reason, "To fix: a cheaper GPU, qlora on a smaller card, fewer tokens, or a larger budget", c, len(cs)
+        group, reason, "To fix: a cheaper GPU, qlora on a smaller card, fewer tokens, or a larger budget", c, count
     )
 
 
@@ -230,7 +299,7 @@ def make_candidate(
     return Candidate(estimate=estimate, cost=cost, gpu=gpu)
 
 
-def study_notes(model: ModelSpec, rec: Recommendation, memory_of: Callable[[str], float | None]) -> list[str]:
+def study_notes(model: ModelSpec, rec: Recommendation) -> list[str]:
     """The study's rules and claims for this model, each marked agrees / disagrees with physics."""
     from advisor.study import RULES, STUDY, check_memory_claim, claims_for
 
@@ -248,7 +317,7 @@ def study_notes(model: ModelSpec, rec: Recommendation, memory_of: Callable[[str]
     for claim in claims_for(model):
         if claim.claimed_gib is not None:
             chk = check_memory_claim(model, claim.method, claim.claimed_gib)
-            ours = memory_of(claim.method)
+            ours = rec.smallest_single_gpu_gib.get(claim.method)
             verdict = "agrees" if chk["possible"] else "is physically impossible"
             tail = f"; our smallest {claim.method} plan needs {ours:.1f} GiB" if ours else ""
             notes.append(f"{STUDY} claims '{claim.text}': {verdict}: {chk['reason']}{tail}.")

@@ -13,12 +13,25 @@ from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
-from advisor.recommend import Constraints, Recommendation, make_candidate, rank, study_notes
+from advisor.recommend import Constraints, PlanTable, Recommendation, build_table, search, study_notes
 from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.study import check_memory_claim
-from advisor.units import DTYPE_BYTES, GIB
+from advisor.units import DTYPE_BYTES
 
 ESTIMATE_SOURCES = ("auto", "analytical")
+#: enumerate_plans needs a GPU to name; the shapes it yields are GPU-independent and get their GPU later
+_SHAPE_GPU = GpuSpec(
+    id="",
+    name="any",
+    memory_gib=0,
+    memory_gb=0,
+    bf16_tflops=None,
+    fp16_tflops=0,
+    fp32_tflops=0,
+    memory_bandwidth_gbps=0,
+    bf16_supported=True,
+    price_usd_per_hour=None,
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class AdvisorService:
     def __init__(self, catalog: Catalog | None = None):
         self.catalog = catalog or default_catalog()
         self.analytical = AnalyticalEstimator()
+        self._tables: dict[tuple, tuple[ModelSpec, PlanTable]] = {}
 
     # ---- resolution -----------------------------------------------------------------------------
     def model(self, model: str | dict[str, Any]) -> ModelSpec:
@@ -120,6 +134,28 @@ class AdvisorService:
             out["claim_check"] = check_memory_claim(model, plan.method, claimed_memory_gib, DTYPE_BYTES[plan.dtype])
         return out
 
+    def _table(
+        self,
+        estimator: AnalyticalEstimator,
+        model: ModelSpec,
+        space: SearchSpace,
+        seq_len: int,
+        dtype: str,
+        gpu: GpuSpec,
+    ) -> PlanTable:
+        """Candidate columns for (model, search space, dtype): cached, since the catalog's models are long-lived."""
+        cpu = gpu.gpu_class == "cpu"
+        key = (id(model), id(estimator), space, seq_len, dtype, cpu)
+        hit = self._tables.get(key)
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        shapes = list(enumerate_plans([_SHAPE_GPU], seq_len, space, dtype=dtype))
+        table = build_table(estimator, model, shapes, cpu)
+        if len(self._tables) > 256:
+            self._tables.clear()
+        self._tables[key] = (model, table)
+        return table
+
     def estimate_one(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
         return self.estimator_for(gpu).estimate(model, gpu, plan)
 
@@ -145,23 +181,14 @@ class AdvisorService:
             methods=req.constraints.methods,
             gpu_counts=tuple(n for n in (1, 2, 4, 8, 16, 32) if n <= req.constraints.max_gpus),
         )
-        gpu_by_id = {g.id: g for g in gpus}
-        candidates = []
-        for plan in enumerate_plans(gpus, req.workload.seq_len, space, dtype=req.dtype):
-            gpu = gpu_by_id[plan.gpu_id]
-            est = self.estimator_for(gpu).estimate(model, gpu, plan)
-            candidates.append(make_candidate(est, gpu, req.workload, req.convergence))
-        rec = rank(candidates, req.objective, req.constraints, limit=req.limit)
-
-        def smallest(method: str) -> float | None:
-            mem = [
-                c.estimate.memory.device_total_bytes
-                for c in candidates
-                if c.plan.method == method and c.plan.num_gpus == 1
-            ]
-            return min(mem) / GIB if mem else None
-
-        rec.notes.extend(study_notes(model, rec, smallest))
+        tables = []
+        for gpu in gpus:
+            dtype = req.dtype or gpu.default_dtype()
+            estimator = self.estimator_for(gpu)
+            table = self._table(estimator, model, space, req.workload.seq_len, dtype, gpu)
+            tables.append((gpu, dtype, table, estimator))
+        rec = search(model, tables, req.workload, req.objective, req.constraints, req.convergence, req.limit)
+        rec.notes.extend(study_notes(model, rec))
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
         return RecommendResult(

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate
 from advisor.plans import TrainingPlan, resolve_targets
 from advisor.specs import Block, GpuSpec, ModelSpec
@@ -43,7 +45,9 @@ class Coefficients:
 
     activation_scale: float = 1.0  # multiplies the structural activation count
     logits_scale: float = 1.0
-    allocator_fragmentation: float = 0.06  # reserved = allocated x (1 + this)
+    # caching-allocator slack on the transient part of the peak (activations, logits, gradients being
+    # built): reserved = allocated + this x (allocated - static); static weights/states are allocated once
+    allocator_fragmentation: float = 0.15
     cuda_context_bytes: int = 512 * MIB  # CUDA context + cuBLAS/cuDNN handles, outside the allocator
     fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers
     # speed
@@ -70,6 +74,7 @@ class _Counts:
 
     components: dict[str, int]  # without runtime_overhead (slack + context depend on the device)
     allocated: float
+    static: float  # weights, adapters, optimiser states: allocated once, no allocator slack
     paged: float
     peak_phase: str
     flops_per_token: float
@@ -114,14 +119,11 @@ class AnalyticalEstimator:
     def memory(
         self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
     ) -> MemoryEstimate:
-        c = self._counts(model, plan, _on_cpu(gpu))
+        c = self.counts(model, plan, _on_cpu(gpu))
         if notes is not None:
             notes.extend(c.notes)
-        k = self.k
         allocated = c.allocated
-        reserved = allocated * (1 + k.allocator_fragmentation)
-        context = k.cuda_context_bytes if gpu.gpu_class != "cpu" else 0
-        total = reserved + context
+        reserved, total = self.memory_totals(gpu, allocated, c.static)
         components = dict(c.components)
         components["runtime_overhead"] = int(total - sum(components.values()))
         return MemoryEstimate(
@@ -134,7 +136,7 @@ class AnalyticalEstimator:
             device_bytes=gpu.memory_bytes,
         )
 
-    def _counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
+    def counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
         """Everything about a plan that does not depend on which GPU runs it (cached)."""
         key = (id(model), plan.shape_key, cpu)
         hit = self._cache.get(key)
@@ -261,6 +263,7 @@ class AnalyticalEstimator:
         return _Counts(
             components=components,
             allocated=allocated,
+            static=static,
             paged=paged,
             peak_phase=peak_phase,
             flops_per_token=fpt,
@@ -375,34 +378,61 @@ class AnalyticalEstimator:
     def speed(
         self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
     ) -> SpeedEstimate:
+        c = self.counts(model, plan, _on_cpu(gpu))
+        if notes is not None and gpu.tflops(plan.dtype) <= 0:
+            notes.append(f"{gpu.name} has no {plan.dtype} tensor cores; speed uses its fp16 rate")
+        t = self.speed_terms(
+            gpu,
+            plan.dtype,
+            c.flops_per_token,
+            c.memory_traffic_bytes,
+            c.comm_bytes,
+            c.passes,
+            plan.micro_batch * plan.seq_len,
+            plan.num_gpus,
+            model.total_layers,
+        )
+        return SpeedEstimate(
+            step_time_s=float(t["step_s"]),
+            tokens_per_s=float(t["tokens_per_s"]),
+            flops_per_token=c.flops_per_token,
+            compute_s=float(t["compute_s"]),
+            memory_bound_s=float(t["memory_bound_s"]),
+            communication_s=float(t["communication_s"]),
+            mfu=float(t["mfu"]),
+        )
+
+    # ---- device terms: scalar or numpy arrays alike (recommend evaluates thousands at once) ----------
+    def memory_totals(self, gpu: GpuSpec, allocated, static):
+        """(reserved, device total) from the allocated peak: slack on its transient part, then the CUDA context."""
         k = self.k
-        c = self._counts(model, plan, _on_cpu(gpu))
-        tokens = plan.micro_batch * plan.seq_len
-        peak = gpu.tflops(plan.dtype) * 1e12
+        reserved = allocated + k.allocator_fragmentation * (allocated - static)
+        return reserved, reserved + (k.cuda_context_bytes if gpu.gpu_class != "cpu" else 0)
+
+    def speed_terms(self, gpu: GpuSpec, dtype: str, fpt, traffic, comm_bytes, passes, tokens, n, layers) -> dict:
+        k = self.k
+        peak = gpu.tflops(dtype) * 1e12
         if peak <= 0:
             peak = gpu.fp16_tflops * 1e12
-            if notes is not None:
-                notes.append(f"{gpu.name} has no {plan.dtype} tensor cores; speed uses its fp16 rate")
         mfu_max = k.mfu if k.mfu is not None else MFU_PRIOR.get(gpu.gpu_class, 0.45)
         eff = mfu_max * tokens / (tokens + k.tokens_half_efficiency)
-        compute = tokens * c.flops_per_token / (peak * eff)
-        memory_bound = c.memory_traffic_bytes / (gpu.memory_bandwidth_gbps * 1e9 * k.bandwidth_efficiency)
-        n = plan.num_gpus
-        comm = c.comm_bytes / (gpu.interconnect_gbps * 1e9) if n > 1 else 0.0
+        compute = tokens * fpt / (peak * eff)
+        memory_bound = traffic / (gpu.memory_bandwidth_gbps * 1e9 * k.bandwidth_efficiency)
+        multi = np.asarray(n) > 1
+        comm = np.where(multi, comm_bytes / (gpu.interconnect_gbps * 1e9), 0.0)
         busy = compute + memory_bound
         # communication overlaps with compute except for a (1 - overlap) share of the shorter of the two
-        exposed = max(busy, comm) - busy + (1 - k.comm_overlap) * min(busy, comm) if n > 1 else 0.0
-        step = busy + exposed + k.layer_overhead_s * model.total_layers * c.passes
-        tokens_per_s = n * tokens / step * k.multi_gpu_efficiency ** _log2(n)
-        return SpeedEstimate(
-            step_time_s=step,
-            tokens_per_s=tokens_per_s,
-            flops_per_token=c.flops_per_token,
-            compute_s=compute,
-            memory_bound_s=memory_bound,
-            communication_s=comm,
-            mfu=tokens * c.flops_per_token / step / peak,
-        )
+        exposed = np.where(multi, np.maximum(busy, comm) - busy + (1 - k.comm_overlap) * np.minimum(busy, comm), 0.0)
+        step = busy + exposed + k.layer_overhead_s * layers * passes
+        tokens_per_s = n * tokens / step * k.multi_gpu_efficiency ** np.log2(np.maximum(n, 1))
+        return {
+            "step_s": step,
+            "tokens_per_s": tokens_per_s,
+            "compute_s": compute,
+            "memory_bound_s": memory_bound,
+            "communication_s": comm,
+            "mfu": tokens * fpt / step / peak,
+        }
 
 
 def _on_cpu(gpu: GpuSpec) -> bool:
@@ -427,9 +457,3 @@ def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:
     if set(roles) & {"gate", "up"}:
         return (prefix + "mlp_in", 0)
     return (prefix + name, 1)
-
-
-def _log2(n: int) -> float:
-    import math
-
-    return math.log2(n) if n > 1 else 0.0
