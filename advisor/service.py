@@ -12,6 +12,7 @@ from advisor.catalog import Catalog, default_catalog, model_from_config, resolve
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate
+from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
 from advisor.recommend import Constraints, PlanTable, Recommendation, build_table, search, study_notes
 from advisor.specs import GpuSpec, ModelSpec, Workload
@@ -103,6 +104,9 @@ class AdvisorService:
         return resolve_model(model, self.catalog)
 
     def gpu(self, name: str) -> GpuSpec:
+        """A catalog GPU by id/alias, or 'local' for the first GPU nvidia-smi sees in this box."""
+        if name.strip().lower() in LOCAL_NAMES:
+            return local_gpus(self.catalog)[0]
         return self.catalog.gpu(name)
 
     def estimator_for(self, gpu: GpuSpec) -> AnalyticalEstimator:
