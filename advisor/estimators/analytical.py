@@ -25,7 +25,7 @@ optimiser step) as bytes over bandwidth; multi-GPU communication over the peer l
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -82,6 +82,8 @@ class _Counts:
     comm_bytes: float  # per micro-step, per GPU
     passes: int
     notes: tuple[str, ...]
+    # every term before the max() of the two phases, by name: the features calibration fits (see terms())
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 class AnalyticalEstimator:
@@ -238,17 +240,17 @@ class AnalyticalEstimator:
         # speed counts (GPU-independent) -----------------------------------------------------------
         fpt = self.flops_per_token(model, plan, adapter_params)
         passes = 3 if plan.grad_checkpointing else 2
-        mem_bytes = 0.0
+        quant_traffic = 0.0
         if plan.method == "qlora":
-            mem_bytes += passes * n_lin * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
+            quant_traffic = passes * n_lin * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
         full_act = (
             act
             if not plan.grad_checkpointing
             else self.activation_bytes(model, replace(plan, grad_checkpointing=False), groups, cpu) * k.activation_scale
         )
-        mem_bytes += full_act * k.elementwise_passes
         opt_traffic = 28 if plan.optimizer in ("adamw", "paged-adamw-32bit") else 16
-        mem_bytes += trainable * opt_traffic / shard / plan.grad_accum
+        optimizer_traffic = trainable * opt_traffic / shard / plan.grad_accum
+        mem_bytes = quant_traffic + full_act * k.elementwise_passes + optimizer_traffic
         comm_bytes = 0.0
         if n > 1:
             frac = (n - 1) / n
@@ -271,7 +273,30 @@ class AnalyticalEstimator:
             comm_bytes=comm_bytes,
             passes=passes,
             notes=tuple(notes),
+            terms={
+                "weights": weights,
+                "adapters": adapters,
+                "optimizer_states": opt_bytes,
+                "gradients": grads,
+                "accumulated_gradients": accumulated,
+                "activations": act,
+                "backward_transient": backward_transient,
+                "logits": logits,
+                "quant_temporaries": quant_tmp,
+                "fixed_allocated": k.fixed_allocated_bytes,
+                "flops_per_token": fpt,
+                "quant_traffic_bytes": quant_traffic,
+                "activation_traffic_bytes": full_act * k.elementwise_passes,
+                "optimizer_traffic_bytes": optimizer_traffic,
+                "lora_modules": sum(b.count * len(lins) for b, lins in groups),
+                "trainable_params": trainable,
+            },
         )
+
+    def terms(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> dict[str, float]:
+        """The model's terms for one plan, by name (bytes, FLOPs per token, traffic bytes per micro-step,
+        LoRA-wrapped module count), scaled by this estimator's coefficients: calibration's features."""
+        return dict(self.counts(model, plan, cpu).terms)
 
     def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None, cpu: bool = False) -> float:
         """Bytes autograd keeps between forward and backward, for one GPU's micro-batch."""
