@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from advisor.api import serve as serve_cli
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
 from advisor.plans import ALL_LINEAR, ATTENTIONS, METHODS, OPTIMIZERS, TrainingPlan
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--limit", type=_positive_int, default=10)
     _catalog_args(p)
+    serve_cli.add_parsers(sub)
     return parser
 
 
@@ -331,6 +333,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gpus": cmd_gpus,
     "estimate": cmd_estimate,
     "recommend": cmd_recommend,
+    "serve": serve_cli.cmd_serve,
+    "openapi": serve_cli.cmd_openapi,
 }
 
 

@@ -1,0 +1,88 @@
+"""The app factory: settings -> catalog -> AdvisorService -> FastAPI app, with nothing built at import.
+
+Registering a router is one line in ``_include_routers``. Shared state lives on ``app.state``
+(``settings``, ``service``, ``metrics``, ``readiness``) and reaches routes through the aliases in
+``advisor.api.deps``.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fastapi import Depends, FastAPI
+
+from advisor.api.auth import require_api_key
+from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check
+from advisor.api.errors import error_responses, install_error_handlers
+from advisor.api.observability import Metrics, RequestContextMiddleware, configure_logging
+from advisor.api.routes import advice, catalog, health
+from advisor.api.settings import Settings
+from advisor.catalog import build_catalog
+from advisor.service import AdvisorService
+
+DESCRIPTION = """\
+Hardware-aware fine-tuning advisor: will it fit, which method (full, LoRA, QLoRA), how long, how much.
+
+Advice endpoints (`/v1/recommend`, `/v1/estimate`, catalogs) are open unless the server sets
+`ADVISOR_LOCK_ADVICE=true`; mutating endpoints always need `Authorization: Bearer <key>`.
+Every response carries an `X-Request-ID` header; every error body is an `ErrorResponse`.
+"""
+
+
+def _version() -> str:
+    try:
+        return version("tuneadvisor")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _include_routers(app: FastAPI, settings: Settings) -> None:
+    # read-only advice: open by default, behind the API key when the server locks it
+    advice_deps = [Depends(require_api_key)] if settings.lock_advice else []
+    advice_resp = error_responses(401) if settings.lock_advice else {}
+    app.include_router(health.router)
+    app.include_router(catalog.router, dependencies=advice_deps, responses=advice_resp)
+    app.include_router(advice.router, dependencies=advice_deps, responses=advice_resp)
+    # later issues: app.include_router(fine_tuning.router), files.router, calibrations.router
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A fully wired app. Raises AdvisorError when a catalog override file is unusable.
+
+    No side effects on disk: `advisor serve` creates the data directory; /readyz reports it missing."""
+    settings = settings if settings is not None else Settings()
+    service = AdvisorService(build_catalog(settings.gpu_files, settings.price_file))
+
+    app = FastAPI(
+        title="tuneadvisor",
+        version=_version(),
+        description=DESCRIPTION,
+        openapi_tags=[
+            {"name": "advice", "description": "recommend and estimate training plans"},
+            {"name": "catalog", "description": "the GPUs and models the advice is computed from"},
+            {"name": "operations", "description": "liveness, readiness, metrics"},
+        ],
+    )
+    app.state.settings = settings
+    app.state.service = service
+    app.state.metrics = Metrics()
+    app.state.readiness = []
+    add_readiness_check(app, "catalogs", catalogs_check(service))
+    add_readiness_check(app, "data_dir", data_dir_check(settings))
+
+    install_error_handlers(app)
+    _include_routers(app, settings)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        max_body_bytes=settings.max_body_bytes,
+        access_log=settings.access_log,
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory (``uvicorn --factory advisor.api.app:app_from_env``): settings from ADVISOR_* only."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)

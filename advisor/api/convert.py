@@ -1,0 +1,118 @@
+"""Validated request bodies -> the core's dataclasses, with every assumed default stated.
+
+No logic beyond translation: defaults match the CLI's, and each one a request left out becomes a
+sentence in the response's `assumptions`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advisor.api.errors import ApiError
+from advisor.api.schemas import ConstraintsIn, InlineModelConfig, PlanIn, RecommendRequest, WorkloadIn
+from advisor.errors import InvalidInputError
+from advisor.plans import TrainingPlan
+from advisor.recommend import Constraints
+from advisor.service import RecommendRequest as CoreRecommendRequest
+from advisor.specs import GpuSpec, Workload
+
+DEFAULT_DATASET_TOKENS = 10_000_000
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_EPOCHS = 1.0
+
+
+def model_arg(model: str | InlineModelConfig) -> str | dict[str, Any]:
+    return model if isinstance(model, str) else model.config_dict()
+
+
+def to_workload(w: WorkloadIn) -> Workload:
+    stated: list[str] = []
+    if w.examples is not None and w.avg_example_tokens is not None:
+        tokens = w.examples * w.avg_example_tokens
+    elif w.dataset_tokens is not None:
+        tokens = w.dataset_tokens
+    else:
+        tokens = DEFAULT_DATASET_TOKENS
+        stated.append(f"dataset_tokens not given: assumed {DEFAULT_DATASET_TOKENS:,} tokens")
+    if w.seq_len is None:
+        stated.append(f"seq_len not given: assumed {DEFAULT_SEQ_LEN}")
+    if w.epochs is None:
+        stated.append("epochs not given: assumed 1")
+    return Workload(
+        dataset_tokens=tokens,
+        seq_len=w.seq_len or DEFAULT_SEQ_LEN,
+        epochs=w.epochs or DEFAULT_EPOCHS,
+        stated_defaults=tuple(stated),
+    )
+
+
+def to_constraints(c: ConstraintsIn) -> Constraints:
+    return Constraints(
+        max_budget_usd=c.max_budget_usd,
+        deadline_hours=c.deadline_hours,
+        max_gpus=c.max_gpus,
+        methods=tuple(dict.fromkeys(c.methods)),
+    )
+
+
+def to_recommend_request(body: RecommendRequest) -> tuple[CoreRecommendRequest, list[str]]:
+    """The core request and the defaults assumed beyond the workload's (those travel inside it)."""
+    gpus = None if body.gpu is None else ((body.gpu,) if isinstance(body.gpu, str) else tuple(body.gpu))
+    given = body.model_fields_set
+    stated: list[str] = []
+    if "objective" not in given:
+        stated.append("objective not given: cheapest plan first (cost)")
+    if "dtype" not in given:
+        stated.append("dtype not given: bf16 where the GPU supports it, else fp16")
+    if "constraints" not in given:
+        stated.append("constraints not given: no budget or deadline, up to 8 GPUs, methods full, lora and qlora")
+    req = CoreRecommendRequest(
+        model=model_arg(body.model),
+        gpus=gpus or None,
+        workload=to_workload(body.workload),
+        objective=body.objective,
+        constraints=to_constraints(body.constraints),
+        dtype=body.dtype,
+        convergence=dict(body.convergence) if body.convergence else None,
+        limit=body.limit,
+    )
+    return req, stated
+
+
+def to_plan(p: PlanIn, gpu: GpuSpec) -> TrainingPlan:
+    """A TrainingPlan on `gpu`; the defaults left open (dtype, sharding, alpha) follow the CLI's."""
+    try:
+        plan = TrainingPlan(
+            method=p.method,
+            gpu_id=p.gpu_id or gpu.id,
+            dtype=p.dtype or gpu.default_dtype(),
+            micro_batch=p.micro_batch,
+            seq_len=p.seq_len,
+            grad_checkpointing=p.grad_checkpointing,
+            optimizer=p.optimizer,
+            num_gpus=p.num_gpus,
+            sharding=p.sharding or ("none" if p.num_gpus == 1 else "fsdp"),
+            attention=p.attention,
+            lora_r=p.lora_r,
+            lora_alpha=p.lora_alpha or 2 * p.lora_r,
+            lora_dropout=p.lora_dropout,
+            lora_targets=tuple(p.lora_targets),
+            master_weights=p.master_weights,
+            double_quant=p.double_quant,
+            kbit_upcast=p.kbit_upcast,
+            grad_accum=p.grad_accum,
+            framework=p.framework,
+            chunked_loss=p.chunked_loss,
+            notes=tuple(p.notes),
+        )
+    except InvalidInputError as exc:
+        raise InvalidInputError(exc.message, field=f"plan.{exc.field}" if exc.field else "plan") from exc
+    if p.id is not None and p.id != plan.id:
+        raise ApiError(
+            422,
+            "plan_id_mismatch",
+            f"plan.id {p.id!r} does not match the plan's fields (their id is {plan.id!r}): "
+            "post a plan unchanged, or leave its id out",
+            field="plan.id",
+        )
+    return plan

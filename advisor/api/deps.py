@@ -1,0 +1,83 @@
+"""Shared state on ``app.state`` behind small ``Annotated`` aliases, and the readiness checks.
+
+Routers never import globals: they take ``svc: Service`` or ``settings: AppSettings`` as parameters,
+so every app built by ``create_app`` (one per test) is independent.
+
+Readiness is a list of named checks. A later issue that brings a store appends its own::
+
+    add_readiness_check(app, "database", lambda: (engine_ok(), "sqlite:///... reachable"))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from advisor.api.settings import Settings
+from advisor.service import AdvisorService
+
+#: A check returns (ok, one-line detail); raising counts as not ok with the exception as detail.
+Check = Callable[[], tuple[bool, str]]
+
+
+@dataclass(frozen=True)
+class ReadinessCheck:
+    name: str
+    check: Check
+
+
+def get_service(request: Request) -> AdvisorService:
+    return request.app.state.service
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+Service = Annotated[AdvisorService, Depends(get_service)]
+AppSettings = Annotated[Settings, Depends(get_settings)]
+
+
+def add_readiness_check(app: FastAPI, name: str, check: Check) -> None:
+    """Register a check that /readyz runs; names must be unique."""
+    checks: list[ReadinessCheck] = app.state.readiness
+    if any(c.name == name for c in checks):
+        raise ValueError(f"readiness check {name!r} already registered")
+    checks.append(ReadinessCheck(name, check))
+
+
+def run_readiness(app: FastAPI) -> list[tuple[str, bool, str]]:
+    out = []
+    for c in app.state.readiness:
+        try:
+            ok, detail = c.check()
+        except Exception as exc:  # a failing check is a result, not a crash of /readyz
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        out.append((c.name, bool(ok), str(detail)))
+    return out
+
+
+# ---- the built-in checks ---------------------------------------------------------------------------
+def catalogs_check(svc: AdvisorService) -> Check:
+    def check() -> tuple[bool, str]:
+        cat = svc.catalog
+        ok = bool(cat.models) and bool(cat.gpus)
+        return ok, f"{len(cat.models)} models, {len(cat.gpus)} GPUs"
+
+    return check
+
+
+def data_dir_check(settings: Settings) -> Check:
+    def check() -> tuple[bool, str]:
+        path = settings.resolved_data_dir
+        if not path.is_dir():
+            return False, f"{path} does not exist"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return False, f"{path} is not writable"
+        return True, f"{path} writable"
+
+    return check

@@ -1,0 +1,231 @@
+"""Errors -> HTTP, at one boundary: every error body is an ``ErrorResponse`` carrying the request id.
+
+AdvisorError subclasses map to status codes here and nowhere else (routes just let them raise):
+unknown model/GPU -> 404 with close-match suggestions, invalid input or a closed model -> 422
+naming the field, nothing feasible -> 409. Request validation lists every bad field at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from advisor.api.schemas import ErrorResponse, FieldError
+from advisor.errors import (
+    AdvisorError,
+    ClosedModelError,
+    InvalidInputError,
+    NoFeasiblePlanError,
+    UnknownGpuError,
+    UnknownModelError,
+)
+
+#: AdvisorError subclass -> (HTTP status, error code); the first match in order wins.
+STATUS_BY_ERROR: tuple[tuple[type[AdvisorError], int, str], ...] = (
+    (UnknownModelError, 404, "unknown_model"),
+    (UnknownGpuError, 404, "unknown_gpu"),
+    (ClosedModelError, 422, "closed_model"),
+    (InvalidInputError, 422, "invalid_input"),
+    (NoFeasiblePlanError, 409, "no_feasible_plan"),
+)
+
+#: core field name -> JSON path in the request bodies (the core does not know where a value came from)
+FIELD_PATHS: dict[str, str] = {
+    **{f: f"workload.{f}" for f in ("dataset_tokens", "seq_len", "epochs")},
+    **{f: f"constraints.{f}" for f in ("max_budget_usd", "deadline_hours", "max_gpus", "methods")},
+    **{
+        f: f"plan.{f}"
+        for f in (
+            "method",
+            "micro_batch",
+            "optimizer",
+            "attention",
+            "sharding",
+            "num_gpus",
+            "lora_r",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_targets",
+            "grad_accum",
+            "framework",
+        )
+    },
+}
+
+#: union-branch tags pydantic puts into error locations; not part of the JSON path a client sent
+_UNION_TAGS = frozenset({"model-name", "inline-config", "gpu-name", "gpu-list"})
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "too_many_requests",
+    500: "internal_error",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error of the HTTP layer itself (auth, a plan id that does not match its plan, ...)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        field: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.field = status, code, detail, field
+        self.headers = dict(headers or {})
+
+
+def request_id_of(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def error_response(
+    request_id: str | None,
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    field: str | None = None,
+    suggestions: Sequence[str] = (),
+    errors: Iterable[FieldError] = (),
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(
+        code=code,
+        detail=detail,
+        field=field,
+        suggestions=list(suggestions),
+        errors=list(errors),
+        request_id=request_id,
+    )
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
+
+
+def api_field(field: str | None) -> str | None:
+    """The JSON path of a core field name (``seq_len`` -> ``workload.seq_len``)."""
+    if field is None:
+        return None
+    return FIELD_PATHS.get(field, field)
+
+
+def _loc_to_field(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in _UNION_TAGS]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:] or parts
+    return ".".join(parts) or "body"
+
+
+def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
+    """pydantic errors as FieldErrors; inputs are left out (they may be large, or secrets)."""
+    out: list[FieldError] = []
+    seen: set[tuple[str, str]] = set()
+    for e in errors:
+        if e.get("type") == "json_invalid":  # loc is ("body", <character offset>)
+            loc = tuple(e.get("loc", ()))
+            reason = (e.get("ctx") or {}).get("error", "")
+            fe = FieldError(field="body", message=f"invalid JSON at character {loc[-1]}: {reason}", type="json_invalid")
+        else:
+            loc = e.get("loc", ())
+            fe = FieldError(field=_loc_to_field(loc), message=str(e.get("msg", "")), type=str(e.get("type")))
+        if (fe.field, fe.message) not in seen:
+            seen.add((fe.field, fe.message))
+            out.append(fe)
+    return out
+
+
+async def _advisor_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AdvisorError)
+    status, code = 422, "invalid_input"
+    for cls, st, cd in STATUS_BY_ERROR:
+        if isinstance(exc, cls):
+            status, code = st, cd
+            break
+    field = api_field(exc.field)
+    errors = [FieldError(field=field, message=exc.message, type=code)] if field else []
+    if isinstance(exc, NoFeasiblePlanError):
+        errors += [FieldError(field=field or "body", message=r, type=code) for r in exc.reasons]
+    return error_response(
+        request_id_of(request),
+        status,
+        code,
+        str(exc),
+        field=field,
+        suggestions=exc.suggestions,
+        errors=errors,
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = validation_errors(exc.errors())
+    fields = ", ".join(dict.fromkeys(e.field for e in errors))
+    detail = f"invalid request: {fields}" if fields else "invalid request"
+    return error_response(
+        request_id_of(request),
+        422,
+        "invalid_input",
+        detail,
+        field=errors[0].field if errors else None,
+        errors=errors,
+    )
+
+
+async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ApiError)
+    errors = [FieldError(field=exc.field, message=exc.detail, type=exc.code)] if exc.field else []
+    return error_response(
+        request_id_of(request),
+        exc.status,
+        exc.code,
+        exc.detail,
+        field=exc.field,
+        errors=errors,
+        headers=exc.headers,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(
+        request_id_of(request), exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AdvisorError, _advisor_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting error statuses with the ErrorResponse body."""
+    text = {
+        401: "missing or invalid API key (`Authorization: Bearer <key>`)",
+        404: "unknown model or GPU; `suggestions` lists close matches",
+        409: "no plan is feasible",
+        413: "request body over the size limit",
+        422: "invalid input; `errors` names every bad field",
+        503: "not ready",
+    }
+    return {s: {"model": ErrorResponse, "description": text.get(s, "error")} for s in statuses}

@@ -1,0 +1,1 @@
+"""Thin routers over ``advisor.service``: parse (schemas), call the service, return its dict."""

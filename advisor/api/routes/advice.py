@@ -1,0 +1,67 @@
+"""POST /v1/recommend and /v1/estimate: the advice itself, straight from AdvisorService."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter
+
+from advisor.api.convert import model_arg, to_plan, to_recommend_request, to_workload
+from advisor.api.deps import Service
+from advisor.api.errors import ApiError, error_responses
+from advisor.api.schemas import EstimateRequest, EstimateResponse, RecommendRequest, RecommendResponse
+from advisor.recommend import make_candidate
+
+router = APIRouter(prefix="/v1", tags=["advice"])
+
+
+@router.post(
+    "/recommend",
+    operation_id="recommend",
+    summary="Rank training plans for a model, GPU(s) and workload",
+    response_model=RecommendResponse,
+    responses=error_responses(404, 409, 413, 422),
+)
+def recommend(body: RecommendRequest, svc: Service) -> dict[str, Any]:
+    """Every candidate plan (method x adapter shape x micro-batch x checkpointing x optimiser x GPUs) is
+    estimated; feasible ones come back ranked by the objective with their memory breakdown, speed,
+    hours, cost, estimate source and reason; rejected groups come back with what to change.
+    Each plan has a stable `id` and can be posted back to /v1/estimate as is."""
+    req, stated = to_recommend_request(body)
+    result = svc.recommend(req).to_dict()
+    result["assumptions"] = result["assumptions"] + stated
+    return result
+
+
+@router.post(
+    "/estimate",
+    operation_id="estimate",
+    summary="Memory breakdown, speed, hours and cost of one plan",
+    response_model=EstimateResponse,
+    responses=error_responses(404, 413, 422),
+)
+def estimate(body: EstimateRequest, svc: Service) -> dict[str, Any]:
+    """One fully specified plan (e.g. one from /v1/recommend, posted back unchanged) -> the same estimate."""
+    gpu_name = body.gpu or body.plan.gpu_id
+    if gpu_name is None:
+        raise ApiError(422, "invalid_input", "name the GPU: `gpu`, or `plan.gpu_id`", field="gpu")
+    model = svc.model(model_arg(body.model))
+    gpu = svc.gpu(gpu_name)
+    plan = replace(to_plan(body.plan, gpu), gpu_id=gpu.id)
+    workload = to_workload(body.workload)
+    out = svc.estimate(model, gpu, plan, claimed_memory_gib=body.claimed_memory_gib, source=body.source)
+    # hours and cost exactly as /v1/recommend computes them (the service's estimate has no workload yet)
+    estimator = svc.analytical if body.source == "analytical" else svc.estimator_for(gpu)
+    candidate = make_candidate(estimator.estimate(model, gpu, plan), gpu, workload, body.convergence)
+    out.update(candidate.cost.to_dict())
+    out["workload"] = {
+        "dataset_tokens": workload.dataset_tokens,
+        "seq_len": workload.seq_len,
+        "epochs": workload.epochs,
+        "total_tokens": workload.total_tokens,
+    }
+    out["assumptions"] = list(workload.stated_defaults)
+    if model.assumed:
+        out["assumptions"].append(model.note)
+    return out

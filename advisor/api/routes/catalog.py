@@ -1,0 +1,63 @@
+"""GET /v1/gpus and /v1/models: the catalogs the advice is computed from, with sources and dates."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+
+from advisor.api.deps import Service
+from advisor.api.errors import error_responses
+from advisor.api.schemas import GpuList, GpuOut, ModelList, ModelOut
+from advisor.specs import GpuSpec, ModelSpec
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+
+def _gpu(g: GpuSpec) -> dict[str, Any]:
+    return g.to_dict()
+
+
+def _model(m: ModelSpec) -> dict[str, Any]:
+    d = m.to_dict()
+    d["params"] = m.param_count
+    d["params_b"] = round(m.param_count / 1e9, 3)
+    d["lora_module_names"] = list(m.module_names)
+    return d
+
+
+@router.get("/gpus", operation_id="listGpus", summary="GPU catalog with prices and sources", response_model=GpuList)
+def list_gpus(svc: Service) -> dict[str, Any]:
+    gpus = [_gpu(g) for g in svc.catalog.gpus]
+    return {"count": len(gpus), "gpus": gpus}
+
+
+@router.get(
+    "/gpus/{gpu_id}",
+    operation_id="getGpu",
+    summary="One GPU by id or alias",
+    response_model=GpuOut,
+    responses=error_responses(404, 422),
+)
+def get_gpu(gpu_id: Annotated[str, Path(min_length=1, max_length=100)], svc: Service) -> dict[str, Any]:
+    return _gpu(svc.gpu(gpu_id))
+
+
+@router.get(
+    "/models", operation_id="listModels", summary="Model catalog with architecture numbers", response_model=ModelList
+)
+def list_models(svc: Service) -> dict[str, Any]:
+    models = [_model(m) for m in svc.catalog.models]
+    return {"count": len(models), "models": models}
+
+
+@router.get(
+    "/models/{model_id:path}",
+    operation_id="getModel",
+    summary="One catalog model by name, Hugging Face id or alias",
+    response_model=ModelOut,
+    responses=error_responses(404, 422),
+)
+def get_model(model_id: Annotated[str, Path(min_length=1, max_length=200)], svc: Service) -> dict[str, Any]:
+    """Catalog entries only (no sizes, no paths): for anything else post an inline config to /v1/estimate."""
+    return _model(svc.catalog.model(model_id))

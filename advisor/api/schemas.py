@@ -1,0 +1,478 @@
+"""The HTTP boundary: the only pydantic models of the service (request bodies and responses).
+
+Requests are validated here completely (types, ranges, enums, lengths) so that every bad field is
+named at once in one 422; the core then only sees well-typed values. Bounds are chosen so that no
+accepted input can push the arithmetic to inf/NaN. Responses mirror the core's ``to_dict()``
+output field for field; a test keeps them in step.
+
+This module imports pydantic only, so ``advisor.client`` can reuse it without FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, model_validator
+
+Method = Literal["full", "lora", "qlora"]
+Dtype = Literal["fp32", "fp16", "bf16"]
+Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"]
+Attention = Literal["sdpa", "flash", "eager"]
+Sharding = Literal["none", "ddp", "fsdp"]
+Framework = Literal["hf", "litgpt", "torchtune"]
+Objective = Literal["cost", "time", "fit"]
+EstimateSource = Literal["auto", "analytical"]
+
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9 ()+,._:@-]*"
+#: A catalog name, alias, Hugging Face id (optionally as a huggingface.co URL) or a size like "13B".
+#: Every path segment starts with a letter or digit: no absolute paths, no "~", no "..": the HTTP
+#: service never reads files named by a client (post a config.json inline instead).
+ModelName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=rf"^(https?://)?{_SEGMENT}(/{_SEGMENT})*$"),
+]
+GpuName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ()+,._/-]*$")]
+LoraTarget = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class _Strict(BaseModel):
+    """Unknown fields are an error: a typo ("gpus" for "gpu") must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors ----------------------------------------------------------------------------------------
+class FieldError(BaseModel):
+    field: str = Field(description="dotted JSON path of the bad input, e.g. `workload.seq_len`")
+    message: str
+    type: str = Field(description="machine-readable error type")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body. `field` names the input at fault; `errors` lists every bad field at once."""
+
+    code: str = Field(examples=["unknown_model"])
+    detail: str = Field(examples=["unknown model 'lama-2-7b': not in the catalog ..."])
+    field: str | None = Field(None, examples=["model"])
+    suggestions: list[str] = Field(default_factory=list, examples=[["llama-2-7b"]])
+    errors: list[FieldError] = Field(default_factory=list)
+    request_id: str | None = Field(None, description="also in the X-Request-ID response header")
+
+
+# ---- requests --------------------------------------------------------------------------------------
+_INT32 = 2**31 - 1
+
+
+class InlineModelConfig(BaseModel):
+    """A Hugging Face ``config.json`` posted inline. Other keys of a real config are accepted and ignored.
+
+    Either naming scheme works (Llama ``hidden_size``/``num_hidden_layers``, GPT-2 ``n_embd``/``n_layer``,
+    T5 ``d_model``/``num_layers``); ``model_type`` picks the architecture family (default llama).
+    """
+
+    model_config = ConfigDict(
+        extra="allow",
+        populate_by_name=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_type": "llama",
+                    "hidden_size": 2048,
+                    "intermediate_size": 5632,
+                    "num_hidden_layers": 22,
+                    "num_attention_heads": 32,
+                    "num_key_value_heads": 4,
+                    "vocab_size": 32000,
+                }
+            ]
+        },
+    )
+
+    model_type: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    name: Annotated[str, StringConstraints(max_length=200)] | None = None
+    name_or_path: Annotated[str, StringConstraints(max_length=200)] | None = Field(None, alias="_name_or_path")
+    hidden_size: int | None = Field(None, ge=1, le=131_072)
+    n_embd: int | None = Field(None, ge=1, le=131_072)
+    d_model: int | None = Field(None, ge=1, le=131_072)
+    num_hidden_layers: int | None = Field(None, ge=1, le=1024)
+    n_layer: int | None = Field(None, ge=1, le=1024)
+    num_layers: int | None = Field(None, ge=1, le=1024)
+    num_decoder_layers: int | None = Field(None, ge=1, le=1024)
+    num_attention_heads: int | None = Field(None, ge=1, le=4096)
+    n_head: int | None = Field(None, ge=1, le=4096)
+    num_heads: int | None = Field(None, ge=1, le=4096)
+    num_key_value_heads: int | None = Field(None, ge=1, le=4096)
+    head_dim: int | None = Field(None, ge=1, le=4096)
+    d_kv: int | None = Field(None, ge=1, le=4096)
+    intermediate_size: int | None = Field(None, ge=1, le=1_048_576)
+    n_inner: int | None = Field(None, ge=1, le=1_048_576)
+    d_ff: int | None = Field(None, ge=1, le=1_048_576)
+    vocab_size: int | None = Field(None, ge=1, le=4_194_304)
+    max_position_embeddings: int | None = Field(None, ge=1, le=16_777_216)
+    n_positions: int | None = Field(None, ge=1, le=16_777_216)
+    n_ctx: int | None = Field(None, ge=1, le=16_777_216)
+    relative_attention_num_buckets: int | None = Field(None, ge=1, le=4096)
+    tie_word_embeddings: bool | None = None
+    attention_bias: bool | None = None
+    mlp_bias: bool | None = None
+    feed_forward_proj: Annotated[str, StringConstraints(max_length=64)] | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        """The config as the core reads it: declared keys only (extras are not the core's business)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude=set(self.model_extra or ()))
+
+
+def _model_kind(value: Any) -> str:
+    return "inline-config" if isinstance(value, (dict, InlineModelConfig)) else "model-name"
+
+
+def _gpu_kind(value: Any) -> str:
+    return "gpu-list" if isinstance(value, (list, tuple)) else "gpu-name"
+
+
+#: `model`: a name (string) or an inline config (object); the JSON type decides which branch
+#: validates, so errors name only the fields of the branch the client meant.
+ModelRef = Annotated[
+    Annotated[ModelName, Tag("model-name")] | Annotated[InlineModelConfig, Tag("inline-config")],
+    Discriminator(_model_kind),
+]
+GpuRef = Annotated[
+    Annotated[GpuName, Tag("gpu-name")] | Annotated[list[GpuName], Field(min_length=1, max_length=64), Tag("gpu-list")],
+    Discriminator(_gpu_kind),
+]
+
+
+class WorkloadIn(_Strict):
+    """The data to train on: `dataset_tokens`, or `examples` x `avg_example_tokens`. Omitted values are
+    assumed (10M tokens, seq_len 2048, 1 epoch) and listed in the response's `assumptions`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"examples": 50_000, "avg_example_tokens": 600, "epochs": 3}]}
+    )
+
+    dataset_tokens: int | None = Field(None, ge=1, le=10**15, description="tokens in the dataset (one epoch)")
+    examples: int | None = Field(None, ge=1, le=10**12, description="number of training examples")
+    avg_example_tokens: int | None = Field(None, ge=1, le=1_048_576, description="average tokens per example")
+    epochs: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
+    seq_len: int | None = Field(None, ge=1, le=1_048_576, description="training sequence length (packed)")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> WorkloadIn:
+        if self.dataset_tokens is not None and (self.examples is not None or self.avg_example_tokens is not None):
+            raise ValueError("give dataset_tokens, or examples and avg_example_tokens, not both")
+        if (self.examples is None) != (self.avg_example_tokens is None):
+            raise ValueError("examples and avg_example_tokens go together: give both")
+        return self
+
+
+class ConstraintsIn(_Strict):
+    max_budget_usd: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)
+    deadline_hours: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
+    max_gpus: int = Field(8, ge=1, le=1024, description="GPUs per plan at most (searched: 1, 2, 4, 8, 16, 32)")
+    methods: list[Method] = Field(default_factory=lambda: ["full", "lora", "qlora"], min_length=1, max_length=3)
+
+
+class RecommendRequest(_Strict):
+    """What to fine-tune, on what, with which data, optimising what."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "meta-llama/Llama-2-7b-hf", "gpu": "rtx-4090"},
+                {
+                    "model": "llama-2-13b",
+                    "gpu": ["a100-80gb", "l40s"],
+                    "workload": {"dataset_tokens": 50_000_000, "epochs": 2, "seq_len": 4096},
+                    "objective": "time",
+                    "constraints": {"max_budget_usd": 200, "max_gpus": 4, "methods": ["lora", "qlora"]},
+                },
+            ]
+        },
+    )
+
+    model: ModelRef = Field(
+        description="catalog name, Hugging Face id, size like `13B`, or an inline config.json object"
+    )
+    gpu: GpuRef | None = Field(None, description="GPU id or alias, a list of them, or omitted for every catalog GPU")
+    workload: WorkloadIn = Field(default_factory=WorkloadIn)
+    objective: Objective = Field("cost", description="cost: cheapest; time: fastest; fit: fewest of your GPUs")
+    constraints: ConstraintsIn = Field(default_factory=ConstraintsIn)
+    dtype: Dtype | None = Field(None, description="default: bf16 where the GPU has it, else fp16")
+    convergence: dict[Method, Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]] | None = Field(
+        None, description="optimiser steps relative to full fine-tuning, per method (default qlora 1.25)"
+    )
+    limit: int = Field(10, ge=1, le=100, description="ranked plans to return at most")
+
+
+class PlanIn(_Strict):
+    """One concrete plan. A plan from a /v1/recommend response can be posted back as is."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"method": "qlora", "micro_batch": 4, "seq_len": 2048, "lora_r": 16}]},
+    )
+
+    id: Annotated[str, StringConstraints(max_length=64)] | None = Field(
+        None, description="ignored on input except as a check: must match the other fields when given"
+    )
+    method: Method
+    gpu_id: GpuName | None = Field(None, description="default: the request's `gpu`")
+    dtype: Dtype | None = Field(None, description="default: bf16 where the GPU has it, else fp16")
+    micro_batch: int = Field(1, ge=1, le=4096)
+    seq_len: int = Field(2048, ge=1, le=1_048_576)
+    grad_checkpointing: bool = True
+    optimizer: Optimizer = "adamw"
+    num_gpus: int = Field(1, ge=1, le=1024)
+    sharding: Sharding | None = Field(None, description="default: none on 1 GPU, fsdp on several")
+    attention: Attention = "sdpa"
+    lora_r: int = Field(16, ge=1, le=4096)
+    lora_alpha: int | None = Field(None, ge=1, le=65536, description="default: 2 x lora_r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
+    lora_targets: list[LoraTarget] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
+    master_weights: bool = True
+    double_quant: bool = True
+    kbit_upcast: bool = True
+    grad_accum: int = Field(1, ge=1, le=65536)
+    framework: Framework = Field("hf", description="training stack whose memory behaviour is modelled")
+    chunked_loss: bool = Field(False, description="loss over vocabulary chunks (no full fp32 logits copy)")
+    notes: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(default_factory=list, max_length=32)
+
+
+class EstimateRequest(_Strict):
+    """One fully specified plan -> its memory breakdown, speed, hours and cost."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"model": "llama-2-7b", "gpu": "rtx-4090", "plan": {"method": "qlora", "micro_batch": 2}},
+            ]
+        },
+    )
+
+    model: ModelRef = Field(
+        description="catalog name, Hugging Face id, size like `13B`, or an inline config.json object"
+    )
+    gpu: GpuName | None = Field(None, description="default: plan.gpu_id")
+    plan: PlanIn
+    workload: WorkloadIn = Field(default_factory=WorkloadIn, description="for hours and cost")
+    convergence: dict[Method, Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]] | None = None
+    claimed_memory_gib: float | None = Field(
+        None, gt=0, le=1e6, allow_inf_nan=False, description="a published peak-memory claim to check"
+    )
+    source: EstimateSource = Field("auto", description="auto: calibrated where a profile matches, else analytical")
+
+
+# ---- responses -------------------------------------------------------------------------------------
+class PlanOut(BaseModel):
+    id: str = Field(description="stable: the same plan always has the same id", examples=["plan_59401a6e332691ef"])
+    method: Method
+    gpu_id: str
+    dtype: Dtype
+    micro_batch: int
+    seq_len: int
+    grad_checkpointing: bool
+    optimizer: Optimizer
+    num_gpus: int
+    sharding: Sharding
+    attention: Attention
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_targets: list[str]
+    master_weights: bool
+    double_quant: bool
+    kbit_upcast: bool
+    grad_accum: int
+    framework: Framework
+    chunked_loss: bool
+    notes: list[str]
+
+
+class TimeSplit(BaseModel):
+    compute: float
+    memory_bound: float
+    communication: float
+
+
+class ModelSummary(BaseModel):
+    name: str
+    hf_id: str | None
+    family: str
+    params: int
+    params_b: float
+    assumed: bool = Field(description="true when the architecture was guessed (e.g. from a bare size)")
+    source: str
+    note: str
+
+
+class EstimateFields(BaseModel):
+    """Memory (per GPU, GiB) and speed of one plan, and which estimator produced them."""
+
+    plan: PlanOut
+    source: str = Field(description="analytical | calibrated:<profile> | simulated", examples=["analytical"])
+    peak_memory_gib: float = Field(description="device total per GPU (what nvidia-smi shows): decides the fit")
+    allocated_peak_gib: float
+    reserved_peak_gib: float
+    device_memory_gib: float
+    headroom_gib: float
+    fits: bool
+    peak_phase: str
+    paged_optimizer_gib: float
+    breakdown_gib: dict[str, float] = Field(description="named components summing to peak_memory_gib")
+    step_time_s: float
+    tokens_per_s: float
+    flops_per_token: float
+    time_split_s: TimeSplit
+    mfu: float
+    notes: list[str]
+
+
+class CostFields(BaseModel):
+    hours: float = Field(description="wall-clock hours, including the method's convergence factor")
+    gpu_hours: float
+    cost_usd: float | None = Field(description="null when the GPU has no price")
+    convergence_factor: float
+
+
+class PlanGpu(BaseModel):
+    id: str
+    name: str
+    price_usd_per_hour: float | None
+
+
+class RankedPlan(EstimateFields, CostFields):
+    rank: int
+    gpu: PlanGpu
+    why: str
+
+
+class Rejection(BaseModel):
+    group: str = Field(examples=["full on 1x rtx-4090"])
+    reason: str
+    to_fix: str
+    candidates: int
+    closest_plan: PlanOut | None = None
+    closest_peak_memory_gib: float | None = None
+
+
+class WorkloadOut(BaseModel):
+    dataset_tokens: int
+    seq_len: int
+    epochs: float
+    total_tokens: float
+
+
+class RecommendResponse(BaseModel):
+    model: ModelSummary
+    gpus: list[str]
+    objective: Objective
+    workload: WorkloadOut
+    plans: list[RankedPlan] = Field(description="feasible plans, best first; one per method x shape x GPU group")
+    rejected: list[Rejection] = Field(
+        description="plan groups that do not fit or miss a constraint, and what to change"
+    )
+    candidates_evaluated: int
+    candidates_feasible: int
+    assumptions: list[str] = Field(description="defaults assumed for what the request left out")
+    notes: list[str]
+
+
+class ClaimCheck(BaseModel):
+    claimed_gib: float
+    possible: bool
+    weights_floor_gib: float
+    reason: str
+
+
+class EstimateGpu(BaseModel):
+    id: str
+    name: str
+    memory_gib: float
+
+
+class EstimateResponse(EstimateFields, CostFields):
+    model: ModelSummary
+    gpu: EstimateGpu
+    workload: WorkloadOut
+    claim_check: ClaimCheck | None = None
+    assumptions: list[str]
+
+
+class GpuOut(BaseModel):
+    id: str = Field(examples=["rtx-4090"])
+    name: str
+    vendor: str
+    gpu_class: str
+    aliases: list[str]
+    memory_gib: float
+    memory_gb: float
+    bf16_tflops: float | None
+    fp16_tflops: float
+    fp32_tflops: float
+    memory_bandwidth_gbps: float
+    bf16_supported: bool
+    interconnect_gbps: float
+    price_usd_per_hour: float | None
+    price_date: str
+    price_source: str
+    spec_source: str
+    note: str
+
+
+class GpuList(BaseModel):
+    count: int
+    gpus: list[GpuOut]
+
+
+class ModelOut(BaseModel):
+    name: str = Field(examples=["llama-2-7b"])
+    hf_id: str | None
+    family: str
+    aliases: list[str]
+    params: int
+    params_b: float
+    published_params: int | None
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int | None
+    head_dim: int | None
+    vocab_size: int
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    gated_mlp: bool
+    attention_bias: bool
+    mlp_bias: bool
+    norm: str
+    norms_per_layer: int
+    learned_positions: bool
+    lm_head_bias: bool
+    num_decoder_layers: int | None
+    relative_attention_num_buckets: int
+    lora_module_names: list[str] = Field(description="peft target module names of this architecture")
+    source: str
+    assumed: bool
+    note: str
+
+
+class ModelList(BaseModel):
+    count: int
+    models: list[ModelOut]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class CheckResult(BaseModel):
+    name: str = Field(examples=["catalogs"])
+    ok: bool
+    detail: str
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: list[CheckResult]

@@ -1,0 +1,111 @@
+"""advisor.client against the real app: sync over a live loopback server, async in-process and live."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from advisor.api.app import create_app
+from advisor.api.schemas import PlanOut, RecommendResponse
+from advisor.api.settings import Settings
+from advisor.api.testing import serve_in_thread
+from advisor.client import AdvisorAPIError, AdvisorClient, AsyncAdvisorClient
+
+KEY = "client-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("client-data"), api_keys=[KEY]))
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def test_sync_recommend_then_estimate_the_chosen_plan(server: str) -> None:
+    with AdvisorClient(server) as client:
+        rec = client.recommend("meta-llama/Llama-2-7b-hf", gpu="rtx-4090", workload={"dataset_tokens": 5_000_000})
+        assert isinstance(rec, RecommendResponse) and rec.plans
+        best = rec.plans[0]
+        assert isinstance(best.plan, PlanOut) and best.plan.gpu_id == "rtx-4090"
+        assert rec.workload.dataset_tokens == 5_000_000
+        assert not any(a.startswith("dataset_tokens") for a in rec.assumptions)
+        assert any(a.startswith("seq_len not given") for a in rec.assumptions), "left-out fields stay left out"
+        est = client.estimate("meta-llama/Llama-2-7b-hf", best.plan, workload={"dataset_tokens": 5_000_000})
+        assert est.plan.id == best.plan.id
+        assert est.peak_memory_gib == best.peak_memory_gib and est.cost_usd == best.cost_usd
+
+
+def test_sync_catalogs_and_operations(server: str) -> None:
+    with AdvisorClient(server) as client:
+        assert client.gpus().count == len(client.gpus().gpus) > 5
+        assert client.gpu("RTX 4090").id == "rtx-4090"
+        assert client.model("meta-llama/Llama-2-7b-hf").name == "llama-2-7b"
+        assert client.models().count > 10
+        assert client.health().status == "ok"
+        assert client.ready().status == "ready"
+        assert "advisor_http_requests_total" in client.metrics()
+
+
+def test_errors_raise_with_the_server_fields(server: str) -> None:
+    with AdvisorClient(server) as client:
+        with pytest.raises(AdvisorAPIError) as exc:
+            client.recommend("lama-2-7b", gpu="rtx-4090")
+        err = exc.value
+        assert err.status == 404 and err.code == "unknown_model" and err.field == "model"
+        assert "llama-2-7b" in err.suggestions and err.request_id
+        with pytest.raises(AdvisorAPIError) as exc:
+            client.gpu("rtx-409")
+        assert exc.value.status == 404 and "rtx-4090" in exc.value.suggestions
+        with pytest.raises(AdvisorAPIError) as exc:
+            client.recommend("llama-2-7b", gpu="t4", dtype="bf16")
+        assert exc.value.status == 422 and exc.value.field == "dtype"
+
+
+def test_bad_input_fails_locally_before_any_request() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise AssertionError(f"no request should be sent, got {request.url}")
+
+    http = httpx.Client(base_url="http://127.0.0.1:9", transport=httpx.MockTransport(refuse))
+    client = AdvisorClient(http_client=http)
+    with pytest.raises(ValidationError):
+        client.recommend("llama-2-7b", workload={"seq_len": 0})
+    with pytest.raises(ValidationError):
+        client.recommend("llama-2-7b", objective="cheapest")
+    http.close()
+
+
+def test_api_key_is_sent_as_bearer(tmp_path: Path) -> None:
+    app = create_app(Settings(data_dir=tmp_path, api_keys=[KEY], lock_advice=True))
+    with serve_in_thread(app) as url:
+        with AdvisorClient(url) as anonymous, pytest.raises(AdvisorAPIError) as exc:
+            anonymous.gpus()
+        assert exc.value.status == 401
+        with AdvisorClient(url, api_key=KEY) as client:
+            assert client.gpus().count > 0
+
+
+def test_async_client_in_process_and_over_loopback(server: str, tmp_path: Path) -> None:
+    async def run() -> None:
+        app = create_app(Settings(data_dir=tmp_path))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://advisor") as http:
+            client = AsyncAdvisorClient(http_client=http)
+            rec = await client.recommend("qwen2.5-0.5b", gpu=["t4", "l4"], objective="time", limit=3)
+            assert len(rec.plans) == 3 and rec.objective == "time"
+            est = await client.estimate("qwen2.5-0.5b", rec.plans[0].plan)
+            assert est.plan.id == rec.plans[0].plan.id
+            assert (await client.gpu("l4")).id == "l4"
+            with pytest.raises(AdvisorAPIError):
+                await client.model("no-such-model-anywhere")
+        async with AsyncAdvisorClient(server) as live:
+            results = await asyncio.gather(*(live.recommend("llama-2-7b", gpu=g) for g in ("t4", "l4", "a10g")))
+            assert [r.gpus for r in results] == [["t4"], ["l4"], ["a10g"]]
+            assert (await live.ready()).status == "ready"
+            assert (await live.health()).status == "ok"
+
+    asyncio.run(run())
