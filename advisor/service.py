@@ -12,14 +12,16 @@ from advisor.catalog import Catalog, default_catalog, model_from_config, resolve
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate
+from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
+from advisor.profiles import ProfileStore
 from advisor.recommend import Constraints, PlanTable, Recommendation, build_table, search, study_notes
 from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.study import check_memory_claim
 from advisor.units import DTYPE_BYTES
 
-ESTIMATE_SOURCES = ("auto", "analytical")
+ESTIMATE_SOURCES = ("auto", "analytical", "simulated")
 #: enumerate_plans needs a GPU to name; the shapes it yields are GPU-independent and get their GPU later
 _SHAPE_GPU = GpuSpec(
     id="",
@@ -45,6 +47,10 @@ class RecommendRequest:
     dtype: str | None = None  # None: bf16 where the GPU has it, else fp16
     convergence: dict[str, float] | None = None
     limit: int = 10
+    # trace the top single-GPU plans under FakeTensorMode (needs the train extra); off by default, and
+    # bounded: traces stop when simulate_budget_s is spent (a running trace is killed at the deadline)
+    simulate_top: int = 0
+    simulate_budget_s: float = 120.0
 
 
 @dataclass
@@ -54,6 +60,7 @@ class RecommendResult:
     workload: Workload
     recommendation: Recommendation
     assumptions: list[str]
+    simulations: list[dict] | None = None  # only when the request asked for simulate_top
 
     def to_dict(self) -> dict:
         rec = self.recommendation
@@ -73,6 +80,7 @@ class RecommendResult:
             "candidates_feasible": rec.n_feasible,
             "assumptions": self.assumptions,
             "notes": rec.notes,
+            **({"simulations": self.simulations} if self.simulations is not None else {}),
         }
 
 
@@ -90,10 +98,25 @@ def _model_summary(m: ModelSpec) -> dict:
 
 
 class AdvisorService:
-    def __init__(self, catalog: Catalog | None = None):
-        self.catalog = catalog or default_catalog()
+    def __init__(self, catalog: Catalog | None = None, profiles: ProfileStore | None = None):
+        # calibration profiles (default: <data dir>/profiles); a calibrated device the catalog lacks
+        # (a CPU) joins the catalog so it can be named like a GPU
+        self.profiles = profiles if profiles is not None else ProfileStore.default()
+        base = catalog or default_catalog()
+        extra = [g for g in self.profiles.devices() if g.id not in {c.id for c in base.gpus}]
+        self.catalog = base.with_gpus(extra) if extra else base
         self.analytical = AnalyticalEstimator()
+        self._calibrated: dict[tuple[str, str, bool], CalibratedEstimator] = {}
         self._tables: dict[tuple, tuple[ModelSpec, PlanTable]] = {}
+        self._simulated = None
+
+    def simulated(self):
+        """The simulated estimator (traces under FakeTensorMode; needs the train extra, imported on use)."""
+        from advisor.estimators.simulated import SimulatedEstimator
+
+        if self._simulated is None:
+            self._simulated = SimulatedEstimator(coefficients=self.analytical.k)
+        return self._simulated
 
     # ---- resolution -----------------------------------------------------------------------------
     def model(self, model: str | dict[str, Any]) -> ModelSpec:
@@ -110,8 +133,19 @@ class AdvisorService:
         return self.catalog.gpu(name)
 
     def estimator_for(self, gpu: GpuSpec) -> AnalyticalEstimator:
-        """The estimator for a device: calibrated where a profile matches it, else analytical."""
-        return self.analytical
+        """The estimator for a device: calibrated where a profile matches it (name and memory); else the
+        nearest calibrated device of its class scaled by spec ratios (FLOP/s, bandwidth); else analytical."""
+        profiles = self.profiles.profiles()
+        profile = next((p for p in profiles if p.matches(gpu)), None)
+        scaled = profile is None
+        if profile is None:
+            profile = nearest_profile(profiles, gpu)
+            if profile is None:
+                return self.analytical
+        key = (profile.id, gpu.id, scaled)
+        if key not in self._calibrated:
+            self._calibrated[key] = CalibratedEstimator(profile, gpu, scaled=scaled)
+        return self._calibrated[key]
 
     # ---- estimate ---------------------------------------------------------------------------------
     def estimate(
@@ -122,15 +156,19 @@ class AdvisorService:
         claimed_memory_gib: float | None = None,
         source: str = "auto",
     ) -> dict:
-        """One plan's estimate. source: auto (calibrated where a profile matches, else analytical) | analytical."""
+        """One plan's estimate. source: auto (calibrated where a profile matches, else analytical) | analytical
+        | simulated (one training step traced under FakeTensorMode: exact tensor bytes, seconds to minutes)."""
         if source not in ESTIMATE_SOURCES:
             raise InvalidInputError(f"source must be one of {', '.join(ESTIMATE_SOURCES)}", field="source")
         if plan.gpu_id != gpu.id:
             plan = replace(plan, gpu_id=gpu.id)
         if plan.dtype == "bf16" and not gpu.bf16_supported:
             raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
-        estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
-        est = estimator.estimate(model, gpu, plan)
+        if source == "simulated":
+            est = self.simulated().estimate(model, gpu, plan)
+        else:
+            estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
+            est = estimator.estimate(model, gpu, plan)
         out = est.to_dict()
         out["model"] = _model_summary(model)
         out["gpu"] = {"id": gpu.id, "name": gpu.name, "memory_gib": gpu.memory_gib}
@@ -195,6 +233,16 @@ class AdvisorService:
         rec.notes.extend(study_notes(model, rec))
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
+        simulations = None
+        if req.simulate_top:
+            from advisor.estimators.simulated import simulate_ranked
+
+            simulations = simulate_ranked(self.simulated(), model, rec.plans, req.simulate_top, req.simulate_budget_s)
         return RecommendResult(
-            model=model, gpus=gpus, workload=req.workload, recommendation=rec, assumptions=assumptions
+            model=model,
+            gpus=gpus,
+            workload=req.workload,
+            recommendation=rec,
+            assumptions=assumptions,
+            simulations=simulations,
         )

@@ -1,0 +1,192 @@
+"""The simulated estimator as the rest of the advisor sees it: Estimate shape, cache, errors, service, CLI."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+import advisor.estimators.simulated as simulated
+from advisor.catalog import default_catalog, model_from_config
+from advisor.cli import main
+from advisor.errors import InvalidInputError
+from advisor.estimators.simulated import SimulatedEstimator, TraceCache, cache_key, hf_config
+from advisor.plans import TrainingPlan
+from advisor.service import AdvisorService, RecommendRequest
+from advisor.specs import Workload
+from advisor.units import GIB
+
+pytestmark = pytest.mark.needs_torch
+
+TINY = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    max_position_embeddings=512,
+)
+
+
+@pytest.fixture
+def tiny():
+    return model_from_config(TINY, name="tiny-llama")
+
+
+@pytest.fixture
+def gpu():
+    return default_catalog().gpu("rtx-4090")
+
+
+def _plan(**kw) -> TrainingPlan:
+    return TrainingPlan(**{"method": "lora", "gpu_id": "rtx-4090", "micro_batch": 2, "seq_len": 64, **kw})
+
+
+def test_estimate_is_an_estimate_with_phases(tmp_path, tiny, gpu):
+    est = SimulatedEstimator(cache_dir=tmp_path).estimate(tiny, gpu, _plan())
+    mem = est.memory
+    assert est.source == "simulated"
+    assert sum(mem.components.values()) == mem.device_total_bytes  # the breakdown adds up to the total
+    assert mem.allocated_peak_bytes == est.trace.peak_bytes + simulated.DEFAULT_COEFFICIENTS.fixed_allocated_bytes
+    assert mem.allocated_peak_bytes <= mem.reserved_peak_bytes < mem.device_total_bytes  # + CUDA context
+    assert set(est.phases) == set(simulated.PHASES)
+    assert est.phases["after_weights"] < est.trace.peak_bytes == max(est.phases.values())
+    d = est.to_dict()
+    assert d["source"] == "simulated" and d["phases_gib"] and d["simulation"]["ops"] > 0
+    assert any("speed is the analytical model's" in n for n in d["notes"])
+
+
+def test_cache_answers_without_tracing(tmp_path, tiny, gpu, monkeypatch):
+    est = SimulatedEstimator(cache_dir=tmp_path)
+    first = est.estimate(tiny, gpu, _plan())
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced although the cache holds the result")
+
+    monkeypatch.setattr(simulated, "trace_step", no_trace)
+    again = SimulatedEstimator(cache_dir=tmp_path).estimate(tiny, gpu, _plan(gpu_id="a100-80gb"))
+    assert again.memory.allocated_peak_bytes == first.memory.allocated_peak_bytes
+    with pytest.raises(AssertionError):  # another plan is another key
+        est.estimate(tiny, gpu, _plan(micro_batch=4))
+
+
+def test_cache_key_covers_config_plan_and_versions(tiny):
+    cfg = hf_config(tiny)
+    v = simulated.library_versions()
+    key = cache_key(cfg, _plan(), v)
+    assert key == cache_key(cfg, _plan(gpu_id="h100-80gb"), v)  # memory does not depend on which GPU
+    assert key != cache_key(cfg, _plan(lora_r=8), v)
+    assert key != cache_key({**cfg, "hidden_size": 128}, _plan(), v)
+    assert key != cache_key(cfg, _plan(), {**v, "transformers": "0.0"})
+
+
+def test_cache_ignores_a_corrupt_entry(tmp_path, tiny):
+    cache = TraceCache(tmp_path)
+    key = cache_key(hf_config(tiny), _plan())
+    cache.path(key).parent.mkdir(parents=True)
+    cache.path(key).write_text("{not json")
+    assert cache.get(key) is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (dict(num_gpus=2, sharding="fsdp"), "num_gpus"),
+        (dict(framework="litgpt"), "framework"),
+        (dict(chunked_loss=True), "chunked_loss"),
+    ],
+)
+def test_plans_a_trace_cannot_represent_are_clear_errors(tmp_path, tiny, gpu, fields, field):
+    with pytest.raises(InvalidInputError) as err:
+        SimulatedEstimator(cache_dir=tmp_path).estimate(tiny, gpu, _plan(**fields))
+    assert err.value.field == field
+
+
+def test_missing_train_extra_is_a_clear_error(tmp_path, tiny, gpu, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    with pytest.raises(InvalidInputError) as err:
+        AdvisorService().estimate(tiny, gpu, _plan(), source="simulated")
+    assert err.value.field == "source" and "train extra" in str(err.value)
+
+
+def test_every_catalog_family_builds_with_the_spec_parameter_count():
+    """hf_config rebuilds each family's real architecture: built on the meta device, it has the
+    spec's parameters (T5 is the known exception: transformers 5 ties its lm_head)."""
+    cat = default_catalog()
+    plan = _plan(method="full", dtype="bf16", master_weights=False)
+    for name in ("tinyllama-1.1b", "mistral-7b", "qwen2.5-0.5b", "gemma-2b", "gemma-2-2b", "phi-3-mini", "phi-1.5"):
+        spec = cat.model(name)
+        _, _, n, _ = simulated._build_model(hf_config(spec), plan, [])
+        assert n == spec.param_count, name
+    for name in ("gpt2", "stablelm-base-alpha-3b"):
+        spec = cat.model(name)
+        assert simulated._build_model(hf_config(spec), plan, [])[2] == spec.param_count, name
+    t5 = cat.model("t5-xl")
+    n = simulated._build_model(hf_config(t5), plan, [])[2]
+    assert n == t5.param_count - t5.vocab_size * t5.hidden_size
+
+
+def test_a_deadline_kills_the_trace(tiny):
+    cfg = hf_config(replace(tiny, num_layers=2))
+    with pytest.raises(TimeoutError):
+        simulated._trace_in_subprocess(cfg, _plan(), ["q_proj", "v_proj"], timeout_s=0.2)
+
+
+# ---- service and CLI ------------------------------------------------------------------------------
+def test_service_estimate_source_simulated(tmp_path, monkeypatch, tiny, gpu):
+    monkeypatch.setenv(simulated.CACHE_ENV, str(tmp_path))
+    svc = AdvisorService()
+    out = svc.estimate(tiny, gpu, _plan(), source="simulated")
+    ana = svc.estimate(tiny, gpu, _plan(), source="analytical")
+    assert out["source"] == "simulated" and ana["source"] == "analytical"
+    assert set(out["phases_gib"]) == set(simulated.PHASES) and out["simulation"]["ops"] > 0
+    assert list(tmp_path.rglob("*.json"))  # stored in the configured cache dir
+
+
+def test_recommend_simulates_the_top_plans_within_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv(simulated.CACHE_ENV, str(tmp_path))
+    req = RecommendRequest(
+        model=TINY,
+        gpus=("rtx-4090",),
+        workload=Workload(dataset_tokens=1_000_000, seq_len=64),
+        simulate_top=1,
+        simulate_budget_s=300,
+    )
+    res = AdvisorService().recommend(req).to_dict()
+    (sim,) = res["simulations"]
+    top = res["plans"][0]
+    assert sim["rank"] == 1 and sim["plan_id"] == top["plan"]["id"] and not sim["cached"]
+    assert sim["peak_memory_gib"] > 0 and sim["fits"] is True
+    assert sim["analytical_peak_memory_gib"] == top["peak_memory_gib"]
+    assert "simulations" not in AdvisorService().recommend(replace(req, simulate_top=0)).to_dict()
+    with pytest.raises(InvalidInputError) as err:
+        AdvisorService().recommend(replace(req, simulate_top=50))
+    assert err.value.field == "simulate_top"
+
+
+def test_recommend_budget_spent_skips_untraced_plans(tmp_path, monkeypatch):
+    monkeypatch.setenv(simulated.CACHE_ENV, str(tmp_path))
+    req = RecommendRequest(
+        model=TINY, gpus=("rtx-4090",), workload=Workload(seq_len=64), simulate_top=3, simulate_budget_s=1e-9
+    )
+    sims = AdvisorService().recommend(req).to_dict()["simulations"]
+    assert sims and all("skipped" in s for s in sims)
+
+
+def test_cli_estimate_source_simulated(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(simulated.CACHE_ENV, str(tmp_path / "cache"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(TINY))
+    argv = ["estimate", "--model", str(cfg), "--gpu", "rtx-4090", "--method", "qlora", "--seq-len", "64"]
+    assert main([*argv, "--source", "simulated", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["source"] == "simulated" and d["simulation"]["traced_peak_gib"] * GIB > 0
+    assert main([*argv, "--source", "simulated"]) == 0  # the table, from the cache
+    out = capsys.readouterr().out
+    assert "traced live GiB: after weights" in out and "source simulated" in out
+    assert main([*argv, "--source", "simulated", "--num-gpus", "2"]) == 2
+    assert "--num-gpus" in capsys.readouterr().err
