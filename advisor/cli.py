@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from advisor.api import serve as serve_cli
 from advisor.catalog import build_catalog
+from calibration import cli as calibrate_cli
 from advisor.errors import AdvisorError
 from advisor.plans import ALL_LINEAR, ATTENTIONS, METHODS, OPTIMIZERS, TrainingPlan
 from advisor.recommend import OBJECTIVES, Constraints
@@ -45,6 +46,8 @@ FLAGS = {
     "attention": "--attention",
     "lora_dropout": "--lora-dropout",
     "grad_accum": "--grad-accum",
+    "source": "--source",
+    **calibrate_cli.FLAGS,
 }
 
 
@@ -127,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-double-quant", action="store_true")
     p.add_argument("--grad-accum", type=_positive_int, default=1)
     p.add_argument("--claim-gib", type=_positive_float, default=None, help="check a published peak-memory claim")
+    p.add_argument(
+        "--source",
+        choices=("auto", "analytical", "simulated"),
+        default="auto",
+        help="simulated: trace one training step under FakeTensorMode (needs the train extra; seconds to minutes)",
+    )
     _catalog_args(p)
 
     p = sub.add_parser("recommend", help="ranked plans for a model, GPU and workload")
@@ -146,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, default=10)
     _catalog_args(p)
     serve_cli.add_parsers(sub)
+    calibrate_cli.add_parser(sub)
     return parser
 
 
@@ -224,7 +234,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         double_quant=not args.no_double_quant,
         grad_accum=args.grad_accum,
     )
-    out = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib)
+    out = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source)
     if args.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -244,6 +254,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     )
     if out["paged_optimizer_gib"]:
         print(f"paged optimiser states: {out['paged_optimizer_gib']:.2f} GiB in unified memory (not counted above)")
+    if "phases_gib" in out:
+        print("traced live GiB: " + " · ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in out["phases_gib"].items()))
     print(
         f"step time {out['step_time_s']:.3f} s · {out['tokens_per_s']:.0f} tokens/s · MFU {out['mfu']:.2f} · source {out['source']}"
     )
@@ -335,6 +347,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "recommend": cmd_recommend,
     "serve": serve_cli.cmd_serve,
     "openapi": serve_cli.cmd_openapi,
+    "calibrate": calibrate_cli.cmd_calibrate,
 }
 
 
