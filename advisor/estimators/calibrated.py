@@ -1,0 +1,315 @@
+"""Calibrated estimator: the analytical model's terms times coefficients fitted on one device (a profile).
+
+Why not only new values for the analytical constants: measured on a real stack, the peak is a max
+over phases the analytical model adds together (with checkpointing, the end of the forward pass
+holds the logits and the loss; the recomputed block comes later, after they are freed), and the
+activation bytes of a block differ by family (GPT-2's unfused GELU and dropout masks, attention
+scores some kernels materialise). So the analytical terms become features, and each term gets a
+coefficient per regime, fitted by ``calibration.fit``. Everything here is pure Python: a profile is
+data, loaded without scikit-learn or torch.
+
+Memory (allocated peak, bytes); ``f`` is the model family, ``L`` its layer count:
+
+    static        = weights + adapters + optimizer states (+ gradients kept by accumulation)   (x1, exact)
+    no checkpoint = static + b[f]*blocks + a[f]*scores + t*tail + l*logits + q*quant + x*transient + d*grads + c
+    checkpoint    = static + r*residuals + d*grads + c
+                    + max(t*tail + l*logits,  k[f]*block + a[f]*scores/L + q*quant + x*transient)
+    optimizer     = weights + adapters + optimizer states + gradients + c
+    peak          = max(the forward/backward phase, the optimizer phase)
+
+``blocks`` are the saved activations of all blocks, ``block`` one block's (recomputed under
+checkpointing), ``residuals`` the checkpointed block inputs, ``tail`` the final norm and embedding
+output, ``scores`` the attention probabilities b*heads*s^2*L*4 bytes (kept only by some attention
+kernels, e.g. SDPA's math path under dropout), ``transient`` the analytical backward temporaries,
+``grads`` the trainable parameters' gradients (full fine-tuning builds them during backward, so a
+share of them is alive at the activation peak). A
+family without trials in the profile keeps the analytical 1.0 and no scores term (the estimate says so).
+
+Speed (seconds per micro-step); F = FLOPs per token, P = the dtype's peak FLOP/s, BW = bandwidth:
+
+    x1*tokens*F/P + x2*F/P + x3*(activation + optimizer traffic)/BW + x4*(dequantisation traffic)/BW
+      + x5*layers*passes + x6*(LoRA modules)*passes + x7
+
+x1 = 1/MFU and x3 = 1/bandwidth efficiency are inverse efficiencies; x5..x7 are seconds of
+per-op overhead. The *scaled* rule for a catalog GPU without a profile: take the nearest calibrated
+GPU (same class; nearest in log peak FLOP/s and log bandwidth), keep its efficiencies and overheads
+and its memory coefficients, and apply them to the target's own peak and bandwidth (so compute time
+scales with the FLOP/s ratio and memory-bound time with the bandwidth ratio). Such estimates say
+``scaled:<profile id>``; estimates on the profiled device say ``calibrated:<profile id>``.
+
+The multi-GPU terms (communication) stay analytical: trials run on one device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator
+from advisor.estimators.base import Estimate
+from advisor.plans import TrainingPlan
+from advisor.profiles import Profile
+from advisor.specs import GpuSpec, ModelSpec
+
+#: the coefficient a family without trials keeps (the analytical structural count as is)
+PRIOR = {"blocks": 1.0, "recompute_block": 1.0, "attention_scores": 0.0}
+MEMORY_TERMS_NO_CKPT = ("tail", "logits", "quant_temporaries", "backward_transient", "gradients", "fixed_bytes")
+MEMORY_TERMS_CKPT = (
+    "residuals",
+    "tail",
+    "logits",
+    "quant_temporaries",
+    "backward_transient",
+    "gradients",
+    "fixed_bytes",
+)
+SPEED_TERMS = (
+    "compute",
+    "compute_per_step",
+    "memory_traffic",
+    "dequant_traffic",
+    "layer_passes_s",
+    "adapter_passes_s",
+    "step_s",
+)
+FAMILY_TERMS_NO_CKPT = ("blocks", "attention_scores")
+FAMILY_TERMS_CKPT = ("recompute_block", "attention_scores")
+
+
+@dataclass(frozen=True)
+class Features:
+    """The analytical terms of one plan, split the way the calibrated model combines them (bytes, seconds)."""
+
+    family: str
+    checkpointing: bool
+    static: float  # weights + adapters + optimizer states + accumulated gradients
+    optimizer_static: float  # weights + adapters + optimizer states (what the optimiser step adds gradients to)
+    memory: dict[str, float]  # blocks, block, residuals, tail, scores, logits, quant, transient, gradients
+    speed: dict[str, float]  # SPEED_TERMS, each already divided so its coefficient is dimensionless or seconds
+
+
+def features(base: AnalyticalEstimator, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Features:
+    """Features of `plan` on `gpu` from an analytical estimator with the default coefficients."""
+    cpu = gpu.gpu_class == "cpu"
+    t = base.terms(model, plan, cpu)
+    nock = replace(plan, grad_checkpointing=False)
+    blocks_all = base.terms(model, nock, cpu)["activations"]
+    # one block and the tail (final norm, embedding output), from the same model at one and two layers
+    a1 = base.terms(_with_layers(model, 1), nock, cpu)["activations"]
+    a2 = base.terms(_with_layers(model, 2), nock, cpu)["activations"]
+    l1, l2 = _with_layers(model, 1).total_layers, _with_layers(model, 2).total_layers
+    block = max(0.0, (a2 - a1) / (l2 - l1))
+    tail = max(0.0, a1 - l1 * block)
+    blocks = max(0.0, blocks_all - tail)
+    residuals = max(0.0, t["activations"] - block - tail) if plan.grad_checkpointing else 0.0
+    b, s = plan.micro_batch, plan.seq_len
+    scores = 4.0 * b * model.num_attention_heads * s * s * model.total_layers
+    memory = {
+        "blocks": blocks,
+        "block": block,
+        "residuals": residuals,
+        "tail": tail,
+        "scores": scores,
+        "scores_one_layer": scores / max(1, model.total_layers),
+        "logits": t["logits"],
+        "quant_temporaries": t["quant_temporaries"],
+        "backward_transient": t["backward_transient"],
+        "gradients": t["gradients"],
+    }
+    static = t["weights"] + t["adapters"] + t["optimizer_states"] + t["accumulated_gradients"]
+    optimizer_static = t["weights"] + t["adapters"] + t["optimizer_states"]
+    peak = _peak_flops(gpu, plan.dtype)
+    bw = gpu.memory_bandwidth_gbps * 1e9
+    tokens = b * s
+    passes = 3 if plan.grad_checkpointing else 2
+    speed = {
+        "compute": tokens * t["flops_per_token"] / peak,
+        "compute_per_step": t["flops_per_token"] / peak,
+        "memory_traffic": (t["activation_traffic_bytes"] + t["optimizer_traffic_bytes"]) / bw,
+        "dequant_traffic": t["quant_traffic_bytes"] / bw,
+        "layer_passes_s": float(model.total_layers * passes),
+        "adapter_passes_s": float(t["lora_modules"] * passes),
+        "step_s": 1.0,
+    }
+    return Features(model.family, plan.grad_checkpointing, static, optimizer_static, memory, speed)
+
+
+def _with_layers(model: ModelSpec, n: int) -> ModelSpec:
+    return replace(model, num_layers=n, num_decoder_layers=n if model.is_encoder_decoder else None)
+
+
+def _peak_flops(gpu: GpuSpec, dtype: str) -> float:
+    peak = gpu.tflops(dtype) * 1e12
+    return peak if peak > 0 else gpu.fp16_tflops * 1e12
+
+
+# ---- the fitted model ------------------------------------------------------------------------------
+def _fam(table: dict[str, Any], name: str, family: str) -> float:
+    per = table.get(name) or {}
+    return float(per.get(family, PRIOR[name]))
+
+
+def memory_prediction(coef: dict[str, Any], f: Features) -> tuple[float, str, dict[str, float]]:
+    """(allocated peak, peak phase, named parts) of the calibrated memory model for one plan."""
+    m = f.memory
+    if f.checkpointing:
+        k = coef["checkpointing"]
+        fwd = k["tail"] * m["tail"] + k["logits"] * m["logits"]
+        rec = (
+            _fam(k, "recompute_block", f.family) * m["block"]
+            + _fam(k, "attention_scores", f.family) * m["scores_one_layer"]
+            + k["quant_temporaries"] * m["quant_temporaries"]
+            + k["backward_transient"] * m["backward_transient"]
+        )
+        resid = k["residuals"] * m["residuals"] + k.get("gradients", 0.0) * m["gradients"]
+        if fwd >= rec:
+            parts = {"activations": resid + k["tail"] * m["tail"], "logits": k["logits"] * m["logits"]}
+        else:
+            parts = {
+                "activations": resid + rec - k["quant_temporaries"] * m["quant_temporaries"],
+                "quant_temporaries": k["quant_temporaries"] * m["quant_temporaries"],
+            }
+    else:
+        k = coef["no_checkpointing"]
+        parts = {
+            "activations": _fam(k, "blocks", f.family) * m["blocks"]
+            + _fam(k, "attention_scores", f.family) * m["scores"]
+            + k["tail"] * m["tail"]
+            + k["backward_transient"] * m["backward_transient"]
+            + k.get("gradients", 0.0) * m["gradients"],
+            "logits": k["logits"] * m["logits"],
+            "quant_temporaries": k["quant_temporaries"] * m["quant_temporaries"],
+        }
+    fixed = float(k["fixed_bytes"])
+    phase_a = f.static + sum(parts.values()) + fixed
+    phase_b = f.optimizer_static + m["gradients"] + fixed
+    if phase_a >= phase_b:
+        return phase_a, "forward/backward", parts
+    return phase_b, "optimizer step", {}
+
+
+def speed_prediction(coef: dict[str, float], f: Features) -> float:
+    return sum(float(coef[name]) * f.speed[name] for name in SPEED_TERMS)
+
+
+# ---- the estimator -------------------------------------------------------------------------------
+class CalibratedEstimator(AnalyticalEstimator):
+    """Estimates for one device from a profile (its own device, or another GPU under the scaled rule).
+
+    Subclasses the analytical estimator so the vectorised search (counts, memory_totals, speed_terms)
+    runs unchanged on calibrated counts."""
+
+    name = "calibrated"
+
+    def __init__(self, profile: Profile, gpu: GpuSpec | None = None, scaled: bool = False):
+        coef = profile.coefficients
+        self.profile = profile
+        self.gpu = gpu or profile.gpu
+        self.scaled = scaled
+        self.memory_coef = coef["memory"]
+        self.speed_coef = {k: float(v) for k, v in coef["speed"].items()}
+        x1 = max(self.speed_coef["compute"], 1e-9)
+        runtime = coef.get("runtime", {})
+        k = replace(
+            DEFAULT_COEFFICIENTS,
+            allocator_fragmentation=float(runtime.get("allocator_fragmentation", 0.0)),
+            cuda_context_bytes=int(runtime.get("cuda_context_bytes", 0)),
+            fixed_allocated_bytes=0,  # the fitted intercepts are inside the calibrated counts
+            mfu=1.0 / x1,
+            tokens_half_efficiency=self.speed_coef["compute_per_step"] / x1,
+            bandwidth_efficiency=1.0,  # the fitted traffic coefficients are folded into the counts' traffic
+            layer_overhead_s=self.speed_coef["layer_passes_s"],
+        )
+        super().__init__(k, source=("scaled:" if scaled else "calibrated:") + profile.id)
+        self._base = AnalyticalEstimator(DEFAULT_COEFFICIENTS)
+        self._calibrated: dict[tuple, tuple[ModelSpec, Any]] = {}
+
+    def counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False):
+        """The analytical counts with calibrated memory and traffic (see the module docstring)."""
+        key = (id(model), plan.shape_key, cpu)
+        hit = self._calibrated.get(key)
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        base = self._base.counts(model, plan, cpu)
+        f = features(self._base, model, self.gpu, plan)
+        allocated, phase, parts = memory_prediction(self.memory_coef, f)
+        t = base.terms
+        components = {
+            "weights": int(t["weights"]),
+            "adapters": int(t["adapters"]),
+            "gradients": int(t["gradients"] if phase == "optimizer step" else t["accumulated_gradients"]),
+            "optimizer_states": int(t["optimizer_states"]),
+            "activations": int(parts.get("activations", 0.0)),
+            "logits": int(parts.get("logits", 0.0)),
+            "quant_temporaries": int(parts.get("quant_temporaries", 0.0)),
+        }
+        sc = self.speed_coef
+        bw = self.gpu.memory_bandwidth_gbps * 1e9
+        # seconds-valued terms ride on the memory-bound term as bytes at the device's bandwidth
+        overhead_s = sc["adapter_passes_s"] * f.speed["adapter_passes_s"] + sc["step_s"]
+        traffic = (
+            sc["memory_traffic"] * (t["activation_traffic_bytes"] + t["optimizer_traffic_bytes"])
+            + sc["dequant_traffic"] * t["quant_traffic_bytes"]
+            + overhead_s * bw
+        )
+        counts = replace(
+            base,
+            components=components,
+            allocated=allocated,
+            static=f.static,
+            peak_phase=phase,
+            memory_traffic_bytes=traffic,
+        )
+        if len(self._calibrated) > 50_000:
+            self._calibrated.clear()
+        self._calibrated[key] = (model, counts)
+        return counts
+
+    def estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
+        est = super().estimate(model, gpu, plan)
+        return replace(est, notes=(*est.notes, *self.notes(model, plan)))
+
+    def notes(self, model: ModelSpec, plan: TrainingPlan) -> list[str]:
+        p = self.profile
+        h = p.held_out
+        out = [
+            f"calibrated on {p.device_name} ({p.created_at[:10]}): held-out median error "
+            f"{h.memory_median_abs_pct_error:.1f}% memory, "
+            + (
+                f"{h.step_time_median_abs_pct_error:.1f}% step time"
+                if h.step_time_median_abs_pct_error is not None
+                else "step time not fitted"
+            )
+        ]
+        if self.scaled:
+            ratio_f = _peak_flops(self.gpu, plan.dtype) / max(_peak_flops(p.gpu, plan.dtype), 1.0)
+            ratio_b = self.gpu.memory_bandwidth_gbps / max(p.gpu.memory_bandwidth_gbps, 1e-9)
+            out.append(
+                f"no profile for {self.gpu.name}: efficiencies and memory coefficients of {p.device_name} "
+                f"applied to its peak FLOP/s (x{ratio_f:.2f}) and bandwidth (x{ratio_b:.2f})"
+            )
+        outside = p.fitted_range.outside(model, plan)
+        if outside:
+            out.append("extrapolating beyond the calibration: " + "; ".join(outside))
+        fams = set(p.fitted_range.families)
+        if fams and model.family not in fams:
+            out.append(f"no {model.family} trials in the profile: its activation coefficients are analytical")
+        return out
+
+
+def nearest_profile(profiles: list[Profile], gpu: GpuSpec) -> Profile | None:
+    """The scaled rule's source: a profile of the same device class, nearest in log FLOP/s and log bandwidth."""
+    dtype = gpu.default_dtype()
+    best: tuple[float, Profile] | None = None
+    for p in profiles:
+        src = p.gpu
+        if (src.gpu_class == "cpu") != (gpu.gpu_class == "cpu") or src.id == gpu.id:
+            continue
+        pf, tf = _peak_flops(src, dtype), _peak_flops(gpu, dtype)
+        if pf <= 0 or tf <= 0 or src.memory_bandwidth_gbps <= 0 or gpu.memory_bandwidth_gbps <= 0:
+            continue
+        d = math.hypot(math.log(tf / pf), math.log(gpu.memory_bandwidth_gbps / src.memory_bandwidth_gbps))
+        if best is None or d < best[0]:
+            best = (d, p)
+    return best[1] if best else None
