@@ -13,13 +13,13 @@ from typing import Any, NoReturn
 
 from advisor.api import serve as serve_cli
 from advisor.catalog import build_catalog
-from calibration import cli as calibrate_cli
 from advisor.errors import AdvisorError
 from advisor.plans import ALL_LINEAR, ATTENTIONS, METHODS, OPTIMIZERS, TrainingPlan
 from advisor.recommend import OBJECTIVES, Constraints
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
 from advisor.units import DTYPES
+from calibration import cli as calibrate_cli
 
 #: error field -> the flag that sets it
 FLAGS = {

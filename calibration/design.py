@@ -1,0 +1,300 @@
+"""Which trials to run: scaled-down real architectures x sequence length x micro-batch x method.
+
+Why this shape: the fit needs every term of the analytical model to move independently (weights,
+adapters, activations, logits, quantisation temporaries; FLOPs, memory traffic, per-layer and
+per-adapter overheads), and held-out validation needs several *configuration groups* (architectures)
+per family, so that each group can be predicted from the others.
+
+Architectures are the catalog's Llama, Qwen2 and GPT-2 shapes (their width ratios, GQA, biases,
+tied embeddings, norm and MLP kinds) scaled down in width, depth and vocabulary, random-initialised:
+nothing is downloaded. ``lora`` and ``qlora`` always; ``full`` for the small configurations.
+
+On a GPU the design grows with the card: each group is sized by the analytical estimate so that
+its largest trials fill a real fraction of the device memory (up to ~85%); on the CPU it stays small.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+from advisor.catalog import default_catalog, model_from_config
+from advisor.errors import InvalidInputError
+from advisor.estimators.analytical import AnalyticalEstimator
+from advisor.plans import ALL_LINEAR, TrainingPlan
+from advisor.specs import GpuSpec, ModelSpec
+from calibration.trial import TrialSpec
+
+BUDGETS = ("quick", "standard", "thorough")
+
+#: family -> (catalog model whose shape is scaled down, HF model_type)
+TEMPLATES: dict[str, tuple[str, str]] = {
+    "llama": ("llama-3.2-1b", "llama"),
+    "qwen2": ("qwen2.5-0.5b", "qwen2"),
+    "gpt2": ("gpt2", "gpt2"),
+}
+
+#: LoRA adapter shapes tried: (rank, targets)
+ADAPTERS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (8, ("q", "v")),
+    (16, (ALL_LINEAR,)),
+    (4, ("q", "k", "v", "o")),
+    (32, ("gate", "up", "down")),
+    (64, (ALL_LINEAR,)),
+)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One configuration group: a scaled-down architecture."""
+
+    name: str
+    family: str
+    hidden: int
+    layers: int
+    vocab: int
+    head_dim: int
+
+    def config(self) -> dict[str, Any]:
+        return scaled_config(self.family, self.hidden, self.layers, self.vocab, self.head_dim)
+
+
+@dataclass(frozen=True)
+class Budget:
+    archs: tuple[Arch, ...]
+    trials_per_arch: int
+    seq_lens: tuple[int, ...]
+    micro_batches: tuple[int, ...]
+    max_tokens: int  # micro_batch x seq_len cap per trial
+    full_max_hidden: int  # full fine-tuning only for configurations up to this width
+    warmup_steps: int
+    timed_steps: int
+    timeout_s: float
+
+
+def _cpu_budget(name: str) -> Budget:
+    a = Arch
+    archs = [
+        a("llama-h64-l2-v1k", "llama", 64, 2, 1024, 32),
+        a("llama-h128-l3-v2k", "llama", 128, 3, 2048, 32),
+        a("llama-h192-l2-v4k", "llama", 192, 2, 4096, 64),
+        a("llama-h256-l4-v512", "llama", 256, 4, 512, 64),
+        a("llama-h384-l2-v1k", "llama", 384, 2, 1024, 64),
+        a("qwen2-h96-l3-v2k", "qwen2", 96, 3, 2048, 32),
+        a("qwen2-h192-l2-v1k", "qwen2", 192, 2, 1024, 64),
+        a("qwen2-h256-l3-v512", "qwen2", 256, 3, 512, 64),
+        a("gpt2-h64-l3-v2k", "gpt2", 64, 3, 2048, 32),
+        a("gpt2-h160-l2-v1k", "gpt2", 160, 2, 1024, 32),
+        a("gpt2-h128-l4-v512", "gpt2", 128, 4, 512, 32),
+    ]
+    if name == "quick":
+        return Budget(tuple(archs), 8, (64, 128, 256, 512), (1, 2, 4), 1024, 128, 1, 3, 300)
+    more = [
+        a("llama-h320-l2-v2k", "llama", 320, 2, 2048, 64),
+        a("qwen2-h128-l4-v4k", "qwen2", 128, 4, 4096, 32),
+        a("gpt2-h256-l3-v4k", "gpt2", 256, 3, 4096, 64),
+    ]
+    if name == "standard":
+        return Budget(tuple(archs + more), 10, (64, 128, 256, 512), (1, 2, 4), 2048, 192, 1, 5, 600)
+    return Budget(tuple(archs + more), 16, (64, 128, 256, 512, 1024), (1, 2, 4, 8), 4096, 256, 2, 7, 900)
+
+
+def _gpu_archs(device: GpuSpec, name: str) -> tuple[Arch, ...]:
+    """Widths and depths that reach the card: from ~50M to a few billion parameters."""
+    mem_gib = device.memory_gib
+    big = [
+        Arch("llama-h512-l8-v32k", "llama", 512, 8, 32000, 64),
+        Arch("qwen2-h896-l12-v32k", "qwen2", 896, 12, 32768, 64),
+        Arch("gpt2-h768-l12-v50k", "gpt2", 768, 12, 50257, 64),
+        Arch("llama-h1536-l16-v32k", "llama", 1536, 16, 32000, 128),
+        Arch("qwen2-h1536-l16-v64k", "qwen2", 1536, 16, 65536, 128),
+        Arch("gpt2-h1280-l24-v50k", "gpt2", 1280, 24, 50257, 64),
+        Arch("llama-h2048-l16-v128k", "llama", 2048, 16, 128256, 64),
+    ]
+    if mem_gib >= 40:  # ~3B parameters: Llama-3.2-3B's shape
+        big.append(Arch("llama-h3072-l28-v128k", "llama", 3072, 28, 128256, 128))
+    if name == "quick":
+        return tuple(big[:4])
+    return tuple(big)
+
+
+def _gpu_budget(device: GpuSpec, name: str) -> Budget:
+    per = {"quick": 6, "standard": 10, "thorough": 16}[name]
+    seqs = (256, 512, 1024, 2048, 4096)
+    return Budget(_gpu_archs(device, name), per, seqs, (1, 2, 4, 8, 16), 65536, 2048, 2, 8, 1200)
+
+
+def budget_for(device: GpuSpec, name: str) -> Budget:
+    if name not in BUDGETS:
+        raise InvalidInputError(f"budget must be one of {', '.join(BUDGETS)}", field="budget")
+    return _cpu_budget(name) if device.gpu_class == "cpu" else _gpu_budget(device, name)
+
+
+# ---- architectures ---------------------------------------------------------------------------------
+def _round_to(x: float, m: int) -> int:
+    return max(m, round(x / m) * m)
+
+
+def scaled_config(family: str, hidden: int, layers: int, vocab: int, head_dim: int) -> dict[str, Any]:
+    """A HF config dict of `family`'s catalog shape at this width, depth and vocabulary."""
+    if family not in TEMPLATES:
+        raise InvalidInputError(f"family must be one of {', '.join(TEMPLATES)}", field="family")
+    template: ModelSpec = default_catalog().model(TEMPLATES[family][0])
+    mtype = TEMPLATES[family][1]
+    heads = max(1, hidden // head_dim)
+    ratio = template.intermediate_size / template.hidden_size
+    inter = _round_to(hidden * ratio, 16)
+    special = {"bos_token_id": 0, "eos_token_id": vocab - 1, "pad_token_id": None}
+    if mtype == "gpt2":
+        return {
+            "model_type": "gpt2",
+            "n_embd": hidden,
+            "n_layer": layers,
+            "n_head": heads,
+            "n_inner": inter,
+            "vocab_size": vocab,
+            "n_positions": 8192,
+            **special,
+        }
+    kv_groups = template.num_attention_heads // template.kv_heads
+    kv = max(1, heads // kv_groups)
+    while heads % kv:
+        kv -= 1
+    return {
+        "model_type": mtype,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": template.tie_word_embeddings,
+        **special,
+    }
+
+
+# ---- trials ----------------------------------------------------------------------------------------
+def _plan(method: str, device: GpuSpec, seq: int, mb: int, ckpt: bool, adapter, optimizer: str) -> TrainingPlan:
+    r, targets = adapter if method != "full" else (16, (ALL_LINEAR,))  # no adapter: one canonical plan
+    return TrainingPlan(
+        method=method,
+        gpu_id=device.id,
+        dtype=device.default_dtype(),
+        micro_batch=mb,
+        seq_len=seq,
+        grad_checkpointing=ckpt,
+        optimizer=optimizer,
+        lora_r=r,
+        lora_alpha=2 * r,
+        lora_targets=targets,
+    )
+
+
+def design(
+    device: GpuSpec, budget: str = "quick", device_str: str = "cpu", seed: int = 0, threads: int | None = None
+) -> list[TrialSpec]:
+    """The trial list for `device` under `budget` (deterministic for a given seed)."""
+    b = budget_for(device, budget)
+    rng = random.Random(seed)
+    estimator = AnalyticalEstimator()
+    gpu = device.gpu_class != "cpu"
+    trials: list[TrialSpec] = []
+    for arch in b.archs:
+        cfg = arch.config()
+        spec = model_from_config(dict(cfg), name=arch.name)
+        methods = ["lora", "qlora"] + (["full"] if arch.hidden <= b.full_max_hidden else [])
+        grid = list(itertools.product(methods, b.seq_lens, b.micro_batches, (True, False), range(len(ADAPTERS))))
+        rng.shuffle(grid)
+        chosen: list[TrainingPlan] = []
+        seen_methods: set[tuple[str, bool]] = set()
+        # first pass: cover every method x checkpointing pair, then fill up to trials_per_arch
+        for pass_ in (0, 1):
+            for method, seq, mb, ckpt, ai in grid:
+                if len(chosen) >= b.trials_per_arch:
+                    break
+                if seq * mb > b.max_tokens:
+                    continue
+                if pass_ == 0 and (method, ckpt) in seen_methods:
+                    continue
+                optimizer = "adamw-8bit" if (gpu and method == "full" and rng.random() < 0.3) else "adamw"
+                plan = _plan(method, device, seq, mb, ckpt, ADAPTERS[ai], optimizer)
+                if plan in chosen:
+                    continue
+                if gpu and not _fits_gpu(estimator, spec, device, plan):
+                    continue
+                chosen.append(plan)
+                seen_methods.add((method, ckpt))
+        if gpu:
+            chosen = _with_fill_trials(chosen, estimator, spec, device, b)
+        for plan in chosen:
+            trials.append(
+                TrialSpec(
+                    id=f"{arch.name}/{_plan_label(plan)}",
+                    group=arch.name,
+                    arch=cfg,
+                    plan=plan.to_dict(),
+                    device=device_str,
+                    warmup_steps=b.warmup_steps,
+                    timed_steps=b.timed_steps,
+                    threads=threads,
+                    seed=seed,
+                    timeout_s=b.timeout_s,
+                )
+            )
+    return trials
+
+
+def _with_fill_trials(
+    chosen: list[TrainingPlan], estimator: AnalyticalEstimator, spec: ModelSpec, device: GpuSpec, b: Budget
+) -> list[TrainingPlan]:
+    """Make sure the group's largest LoRA and QLoRA trials fill the card (up to ~85% by the prior)."""
+    out = list(chosen)
+    for method in ("lora", "qlora"):
+        best: tuple[int, TrainingPlan] | None = None
+        for seq, mb in itertools.product(b.seq_lens, b.micro_batches):
+            if seq * mb > b.max_tokens:
+                continue
+            plan = _plan(method, device, seq, mb, False, ADAPTERS[1], "adamw")
+            mem = estimator.estimate(spec, device, plan).memory.device_total_bytes
+            if mem <= 0.85 * device.memory_bytes and (best is None or mem > best[0]):
+                best = (mem, plan)
+        if best is not None and best[1] not in out:
+            out.append(best[1])
+    return out
+
+
+def _fits_gpu(estimator: AnalyticalEstimator, spec: ModelSpec, device: GpuSpec, plan: TrainingPlan) -> bool:
+    """On a GPU keep trials the prior says take at most ~85% of the card (larger ones would OOM)."""
+    est = estimator.estimate(spec, device, plan)
+    return est.memory.device_total_bytes <= 0.85 * device.memory_bytes
+
+
+def _plan_label(plan: TrainingPlan) -> str:
+    parts = [plan.method, f"s{plan.seq_len}", f"b{plan.micro_batch}", "ckpt" if plan.grad_checkpointing else "nockpt"]
+    if plan.method != "full":
+        parts.append(f"r{plan.lora_r}-{'+'.join(plan.lora_targets)}")
+    if plan.optimizer != "adamw":
+        parts.append(plan.optimizer)
+    return "-".join(parts)
+
+
+def largest_trial(trials: list[TrialSpec]) -> TrialSpec | None:
+    """The trial with the most tokens x parameters (for extrapolation checks)."""
+    if not trials:
+        return None
+
+    def size(t: TrialSpec) -> float:
+        c = t.arch
+        h = c.get("hidden_size") or c.get("n_embd")
+        n = c.get("num_hidden_layers") or c.get("n_layer")
+        return float(h) ** 2 * n * t.plan["seq_len"] * t.plan["micro_batch"]
+
+    return max(trials, key=size)
+
+
+def with_device(trials: list[TrialSpec], device_str: str) -> list[TrialSpec]:
+    return [replace(t, device=device_str) for t in trials]

@@ -1,0 +1,232 @@
+"""One calibration trial: a short real fine-tune of one architecture under one plan, measured.
+
+Why a separate process per trial: an out-of-memory error or a crash in a native kernel must become a
+measurement (``status: oom | error``), not the end of the calibration run. The runner starts each
+trial in a fresh child process (see ``runner.py``); this module is what that child runs, top to
+bottom like a recipe:
+
+1. build the model and optimiser with ``calibration.build`` (the code real jobs use);
+2. warm-up steps (optimiser states appear, kernels and caches warm);
+3. memory: the peak over one steady-state step (CUDA allocator statistics, or the live-tensor
+   meter on the CPU, which is left off while timing because it slows every op);
+4. time: ``timed_steps`` steps, synchronised on CUDA, median step time (more steps, up to 4x, while
+   the last ones disagree by more than 25%: other processes sharing a CPU make single steps slow).
+
+    python -m calibration.trial trial.json result.json     # run one trial by hand
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+OK, OOM, ERROR = "ok", "oom", "error"
+QUIET_SPREAD = 1.25
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What to run: an architecture (HF config dict), a plan (TrainingPlan dict) and how to measure."""
+
+    id: str
+    group: str  # the configuration group (architecture) for leave-one-group-out validation
+    arch: dict[str, Any]  # HF config.json-style dict with model_type
+    plan: dict[str, Any]  # advisor.plans.TrainingPlan.to_dict()
+    device: str = "cpu"  # "cpu" or "cuda[:i]"
+    warmup_steps: int = 1
+    timed_steps: int = 3
+    threads: int | None = None  # torch intra-op threads on the CPU (None: torch's default)
+    seed: int = 0
+    # CPU: caps the child's address space to this many bytes beyond what it holds when the trial
+    # starts; CUDA: caps the caching allocator (set_per_process_memory_fraction). How to run a trial
+    # "on a smaller device", and how tests provoke a real out-of-memory.
+    memory_limit_bytes: int | None = None
+    timeout_s: float = 600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
+        return cls(**d)
+
+
+@dataclass
+class TrialResult:
+    trial_id: str
+    group: str
+    status: str  # ok | oom | error
+    arch: dict[str, Any]
+    plan: dict[str, Any]
+    device: str
+    error: str | None = None
+    memory: dict[str, Any] | None = None  # meters.MemoryReading.to_dict()
+    step_time_s: float | None = None  # median of the timed steps
+    step_times_s: list[float] = field(default_factory=list)  # every timed step, in order
+    timing_spread: float | None = None  # max / min over the steps the median was taken from
+    cpu_contention: float | None = None  # share of all CPU time other processes used while timing
+    warmup_steps: int = 0
+    timed_steps: int = 0
+    threads: int | None = None
+    build_s: float | None = None
+    wall_s: float | None = None
+    trainable_params: int | None = None
+    lora_modules: list[str] = field(default_factory=list)
+    loss: float | None = None
+    started_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def classify(exc: BaseException) -> str:
+    """oom when the allocator (CUDA or the CPU's malloc) ran out, else error."""
+    if isinstance(exc, MemoryError):
+        return OOM
+    name = type(exc).__name__
+    text = str(exc).lower()
+    if name == "OutOfMemoryError" or any(m in text for m in _OOM_MARKERS):
+        return OOM
+    return ERROR
+
+
+def _limit_address_space(extra_bytes: int) -> None:
+    with open("/proc/self/statm") as f:
+        vm_now = int(f.read().split()[0]) * resource.getpagesize()
+    limit = vm_now + extra_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_trial(spec: TrialSpec) -> TrialResult:
+    """Run one trial in this process and return what was measured (never raises for trial failures)."""
+    t_start = time.perf_counter()
+    res = TrialResult(
+        trial_id=spec.id,
+        group=spec.group,
+        status=ERROR,
+        arch=spec.arch,
+        plan=spec.plan,
+        device=spec.device,
+        started_at=time.time(),
+    )
+    try:
+        _measure(spec, res)
+        res.status = OK
+    except BaseException as exc:  # OOM, crashes in Python-level code, bad configs: all are measurements
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        res.status = classify(exc)
+        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        res.error = f"{type(exc).__name__}: {str(exc)[:500]}\n" + "".join(tb[-3:])[-1500:]
+    res.wall_s = time.perf_counter() - t_start
+    return res
+
+
+def _measure(spec: TrialSpec, res: TrialResult) -> None:
+    import torch
+
+    from advisor.plans import TrainingPlan
+    from calibration import meters
+    from calibration.build import build
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    res.threads = torch.get_num_threads()
+    device = torch.device(spec.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    plan = TrainingPlan.from_dict(spec.plan)
+    if spec.memory_limit_bytes is not None:
+        if cuda:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec.memory_limit_bytes / total), device)
+        else:
+            _limit_address_space(spec.memory_limit_bytes)
+    rss_baseline = meters.rss_now_bytes()
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    # 1. build (under the CPU meter, so every weight and quantisation constant is counted)
+    meter = None if cuda else meters.LiveTensorMeter()
+    t0 = time.perf_counter()
+    if meter is not None:
+        with meter:
+            built = build(spec.arch, plan, device, seed=spec.seed)
+        meter.track_module(built.model)
+    else:
+        built = build(spec.arch, plan, device, seed=spec.seed)
+    res.build_s = time.perf_counter() - t0
+    res.trainable_params = built.trainable_params
+    res.lora_modules = list(built.lora_modules)
+    batch = built.random_batch(gen)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    # 2. warm-up, 3. memory
+    if meter is not None:
+        with meter:
+            built.train_step(batch)  # optimiser states are created here, under the meter
+            meter.track_optimizer(built.optimizer)
+            meter.reset_peak()
+            built.train_step(batch)  # the steady-state step whose peak is measured
+        for _ in range(max(0, spec.warmup_steps - 1)):
+            built.train_step(batch)
+    else:
+        for _ in range(max(1, spec.warmup_steps)):
+            built.train_step(batch)
+        meters.cuda_reset(device)
+
+    # 4. time: steps until the last `timed_steps` agree within 25% (other processes sharing the
+    # cores make single steps slow), at most 4x timed_steps; the median of that window is the figure
+    times: list[float] = []
+    loss = 0.0
+    window = max(1, spec.timed_steps)
+    contention = meters.CpuContention()
+    for _ in range(4 * window):
+        sync()
+        t = time.perf_counter()
+        loss = built.train_step(batch)
+        sync()
+        times.append(time.perf_counter() - t)
+        last = times[-window:]
+        if len(times) >= window and max(last) <= QUIET_SPREAD * min(last):
+            break
+    last = times[-window:]
+    reading = meters.cuda_reading(device, rss_baseline) if cuda else meters.cpu_reading(meter, rss_baseline)
+    res.memory = reading.to_dict()
+    res.step_times_s = [round(t, 6) for t in times]
+    res.step_time_s = statistics.median(last) if last else None
+    res.timing_spread = round(max(last) / min(last), 3) if last else None
+    others = contention.others_fraction()
+    res.cpu_contention = None if others is None else round(others, 3)
+    res.warmup_steps = spec.warmup_steps
+    res.timed_steps = len(times)
+    res.loss = float(loss)
+    if not torch.isfinite(torch.tensor(res.loss)):
+        raise FloatingPointError(f"loss is {res.loss}: the trial diverged")
+
+
+def child_main(spec_path: str, result_path: str) -> None:
+    """Entry point of the trial process: read the spec, run it, write the result atomically."""
+    spec = TrialSpec.from_dict(json.loads(Path(spec_path).read_text()))
+    result = run_trial(spec)
+    tmp = Path(result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_dict()))
+    os.replace(tmp, result_path)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m calibration.trial TRIAL.json RESULT.json")
+    child_main(sys.argv[1], sys.argv[2])
