@@ -67,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.state.metrics = Metrics()
     app.state.readiness = []
+    app.state.body_limits = {}  # path prefix -> bytes (deps.set_body_limit); the default is max_body_bytes
     add_readiness_check(app, "catalogs", catalogs_check(service))
     add_readiness_check(app, "data_dir", data_dir_check(settings))
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         RequestContextMiddleware,
         metrics=app.state.metrics,
         max_body_bytes=settings.max_body_bytes,
+        body_limits=app.state.body_limits,
         access_log=settings.access_log,
     )
     return app

@@ -50,6 +50,14 @@ def add_readiness_check(app: FastAPI, name: str, check: Check) -> None:
     checks.append(ReadinessCheck(name, check))
 
 
+def set_body_limit(app: FastAPI, path_prefix: str, max_bytes: int) -> None:
+    """Raise (or lower) the request body limit under `path_prefix` (e.g. file uploads under /v1/files);
+    everything else keeps ADVISOR_MAX_BODY_BYTES. The longest matching prefix wins."""
+    if not path_prefix.startswith("/") or max_bytes < 0:
+        raise ValueError("path_prefix must start with '/' and max_bytes be >= 0")
+    app.state.body_limits[path_prefix] = max_bytes
+
+
 def run_readiness(app: FastAPI) -> list[tuple[str, bool, str]]:
     out = []
     for c in app.state.readiness:

@@ -221,6 +221,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting error statuses with the ErrorResponse body."""
     text = {
+        400: "the body could not be read (e.g. not UTF-8)",
         401: "missing or invalid API key (`Authorization: Bearer <key>`)",
         404: "unknown model or GPU; `suggestions` lists close matches",
         409: "no plan is feasible",

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -127,12 +127,29 @@ def _header(scope: Scope, name: bytes) -> str | None:
 class RequestContextMiddleware:
     """Request id in and out, body limit (413), metrics and the access log, around every request."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        body_limits: Mapping[str, int] | None = None,
+        access_log: bool = True,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.body_limits = body_limits if body_limits is not None else {}  # path prefix -> bytes, read live
         self.access_log = access_log
         self.log = logging.getLogger(ACCESS_LOGGER)
+
+    def limit_for(self, path: str) -> int:
+        """The body limit of `path`: the longest registered prefix's, else the default."""
+        best, limit = -1, self.max_body_bytes
+        for prefix, nbytes in self.body_limits.items():
+            if path.startswith(prefix) and len(prefix) > best:
+                best, limit = len(prefix), nbytes
+        return limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -156,22 +173,23 @@ class RequestContextMiddleware:
             await send(message)
 
         received = 0
+        limit = self.limit_for(scope.get("path", ""))
 
         async def receive_limited() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise BodyTooLarge(self.max_body_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         self.metrics.in_flight.inc()
         try:
             declared = _header(scope, b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            if declared is not None and declared.isdigit() and int(declared) > limit:
                 response = error_response(
-                    request_id, 413, "body_too_large", f"request body over the {self.max_body_bytes} byte limit"
+                    request_id, 413, "body_too_large", f"request body over the {limit} byte limit"
                 )
                 await response(scope, receive, send_with_id)
             else:

@@ -36,9 +36,10 @@ LoraTarget = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 
 
 class _Strict(BaseModel):
-    """Unknown fields are an error: a typo ("gpus" for "gpu") must not be silently ignored."""
+    """Unknown fields are an error (a typo, "gpus" for "gpu", must not be silently ignored), and types
+    are strict: `0` is not a boolean and `"8"` is not an integer, exactly as the OpenAPI schema says."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class InlineModelConfig(BaseModel):
 
     model_config = ConfigDict(
         extra="allow",
+        strict=True,
         populate_by_name=True,
         json_schema_extra={
             "examples": [
@@ -147,7 +149,9 @@ class WorkloadIn(_Strict):
     assumed (10M tokens, seq_len 2048, 1 epoch) and listed in the response's `assumptions`."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"examples": 50_000, "avg_example_tokens": 600, "epochs": 3}]}
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"examples": [{"examples": 50_000, "avg_example_tokens": 600, "epochs": 3}]},
     )
 
     dataset_tokens: int | None = Field(None, ge=1, le=10**15, description="tokens in the dataset (one epoch)")
@@ -177,6 +181,7 @@ class RecommendRequest(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"model": "meta-llama/Llama-2-7b-hf", "gpu": "rtx-4090"},
@@ -210,6 +215,7 @@ class PlanIn(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"method": "qlora", "micro_batch": 4, "seq_len": 2048, "lora_r": 16}]},
     )
 
@@ -244,6 +250,7 @@ class EstimateRequest(_Strict):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"model": "llama-2-7b", "gpu": "rtx-4090", "plan": {"method": "qlora", "micro_batch": 2}},

@@ -88,6 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from advisor.api.app import create_app
     from advisor.api.observability import configure_logging
 
+    app = create_app(settings)  # fails here, once, on a bad catalog file (before any worker starts)
     configure_logging(settings.log_level)
     try:
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
@@ -105,10 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # each worker builds its own app from the environment: hand the flags over through it
         for field, value in overrides.items():
             os.environ[f"ADVISOR_{field.upper()}"] = _env_value(value)
-        create_app(settings)  # fail here, once, on a bad catalog file rather than in every worker
         uvicorn.run("advisor.api.app:app_from_env", factory=True, workers=settings.workers, **common)
     else:
-        uvicorn.run(create_app(settings), **common)
+        uvicorn.run(app, **common)
     return 0
 
 

@@ -7,10 +7,11 @@ import json
 import logging
 from pathlib import Path
 
+from fastapi import APIRouter, Request
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from advisor.api.deps import add_readiness_check
+from advisor.api.deps import add_readiness_check, set_body_limit
 from advisor.api.observability import ACCESS_LOGGER, JsonFormatter
 
 
@@ -122,3 +123,20 @@ def test_one_json_access_log_line_per_request_without_secrets(make_app) -> None:
     assert first["method"] == "GET" and first["latency_ms"] > 0 and first["msg"] == "request"
     assert lines[1]["status"] == 401
     assert key not in stream.getvalue() and "wrong-key" not in stream.getvalue()
+
+
+def test_a_router_can_raise_the_body_limit_under_its_prefix(make_app) -> None:
+    app = make_app(max_body_bytes=4096)
+    uploads = APIRouter()
+
+    @uploads.post("/v1/uploads")
+    async def upload(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    app.include_router(uploads)
+    set_body_limit(app, "/v1/uploads", 16_384)
+    with TestClient(app) as c:
+        assert c.post("/v1/uploads", content=b"x" * 10_000).json() == {"bytes": 10_000}
+        assert c.post("/v1/uploads", content=b"x" * 20_000).status_code == 413
+        r = c.post("/v1/recommend", content=b"x" * 10_000, headers={"content-type": "application/json"})
+        assert r.status_code == 413, "other routes keep the default limit"
