@@ -50,6 +50,33 @@ class Settings(BaseSettings):
     log_level: str = Field("info", pattern=r"^(?i:debug|info|warning|error|critical)$")
     access_log: bool = Field(True, description="one JSON line per request on the `advisor.access` logger")
 
+    # ---- fine-tuning jobs (/v1/files, /v1/fine_tuning; advisor.jobs.config reads these) --------------
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories local models may be trained from (':' or ',' separated)"
+    )
+    job_launcher: str = Field("local", pattern=r"^(local|ray)$", description="where training runs: local | ray")
+    job_gpu: str = Field("auto", description="catalog GPU id of the local GPUs; `cpu`: the host CPU; auto: nvidia-smi")
+    job_gpu_count: int | None = Field(None, ge=1, le=1024, description="local device slots (default: GPUs found, or 1)")
+    job_cpu_threads: int | None = Field(None, ge=1, le=1024, description="torch threads per CPU training process")
+    job_poll_interval_s: float = Field(1.0, gt=0, le=60, description="how often the job reconciler looks")
+    cancel_grace_s: float = Field(10.0, ge=0, le=3600, description="SIGTERM -> SIGKILL delay on cancel")
+    ray_address: str | None = Field(None, pattern=r"^https?://", description="Ray dashboard URL (Jobs API)")
+    ray_python: str = Field("python", min_length=1, description="the Python interpreter on the Ray nodes")
+    webhook_url: str | None = Field(None, pattern=r"^https?://", description="terminal job states are POSTed here")
+    webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks signing secret (whsec_...)")
+    webhook_retry_scale: float = Field(1.0, gt=0, le=100, description="scales the retry delays (5 s, 5 min, ...)")
+    allow_model_download: bool = Field(False, description="jobs may download Hugging Face models")
+    allow_trust_remote_code: bool = Field(False, description="accept models whose config needs custom code")
+    max_file_bytes: int = Field(512 * 2**20, ge=1024, le=2**40, description="largest training file upload")
+    max_file_examples: int = Field(1_000_000, ge=1, le=10**9, description="most examples per training file")
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for part in value.split(":") for p in part.split(",") if p.strip()]
+        return value
+
     @field_validator("gpu_files", "api_keys", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:

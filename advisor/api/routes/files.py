@@ -1,0 +1,133 @@
+"""/v1/files: training data uploads in OpenAI's shape (multipart `file` + `purpose=fine-tune`).
+
+Each upload is validated line by line while it is written (JSON per line, chat or prompt/completion,
+size and example limits); a bad file gets 400 naming its first bad line (`line` in the body) and
+leaves nothing on disk. Note: uploads also pass the service's request body limit
+(ADVISOR_MAX_BODY_BYTES); raise it for training files larger than that.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel
+
+from advisor.api.auth import ApiKey, require_api_key
+from advisor.api.errors import error_responses
+from advisor.api.routes.fine_tuning import Jobs, jobs_error
+from advisor.jobs import objects
+from advisor.jobs.errors import JobsError
+
+router = APIRouter(
+    prefix="/v1", tags=["files"], dependencies=[Depends(require_api_key)], responses=error_responses(401)
+)
+
+FileId = Annotated[str, Path(max_length=64, description="a file id (file-...)")]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None
+    expires_at: int | None
+    examples: int | None = None
+    format: str | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+@router.post(
+    "/files",
+    operation_id="createFile",
+    summary="Upload a JSONL training file (validated before it is kept)",
+    response_model=FileObject,
+    responses={**error_responses(400, 413, 422), 400: {"description": "invalid file: `line` names the first bad line"}},
+)
+def create_file(
+    request: Request,
+    caller: ApiKey,
+    jobs: Jobs,
+    file: Annotated[UploadFile, File(description="JSONL: chat ({messages}) or prompt/completion")],
+    purpose: Annotated[str, Form(max_length=64, description="fine-tune")],
+) -> Any:
+    try:
+        row = jobs.upload(caller.key_id, file.filename or "upload.jsonl", purpose, file.file)
+    except JobsError as exc:
+        return jobs_error(request, exc)
+    return objects.file_object(row)
+
+
+@router.get("/files", operation_id="listFiles", summary="Your files, newest first", response_model=FileList)
+def list_files(
+    caller: ApiKey,
+    jobs: Jobs,
+    purpose: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    order: Literal["asc", "desc"] = "desc",
+) -> Any:
+    rows, more = jobs.store.list_files(caller.key_id, purpose=purpose, after=after, limit=limit, order=order)
+    return objects.page([objects.file_object(r) for r in rows], more)
+
+
+@router.get(
+    "/files/{file_id}",
+    operation_id="retrieveFile",
+    summary="One file",
+    response_model=FileObject,
+    responses=error_responses(404),
+)
+def get_file(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
+    try:
+        return objects.file_object(jobs.file(caller.key_id, file_id))
+    except JobsError as exc:
+        return jobs_error(request, exc)
+
+
+@router.get(
+    "/files/{file_id}/content",
+    operation_id="downloadFile",
+    summary="A file's content (training data, or a job's step_metrics.csv result file)",
+    response_class=FileResponse,
+    responses={**error_responses(404), 200: {"content": {"application/octet-stream": {}}}},
+)
+def file_content(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
+    try:
+        row = jobs.file(caller.key_id, file_id)
+    except JobsError as exc:
+        return jobs_error(request, exc)
+    return FileResponse(row["path"], filename=row["filename"], media_type="application/octet-stream")
+
+
+@router.delete(
+    "/files/{file_id}",
+    operation_id="deleteFile",
+    summary="Delete a file (refused while an active job uses it)",
+    response_model=FileDeleted,
+    responses=error_responses(404, 409),
+)
+def delete_file(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
+    try:
+        row = jobs.delete_file(caller.key_id, file_id)
+    except JobsError as exc:
+        return jobs_error(request, exc)
+    return {"id": row["id"], "object": "file", "deleted": True}

@@ -1,0 +1,174 @@
+"""JobsConfig: the deployment's job settings as one plain dataclass, and the device jobs train on.
+
+Why not pass the pydantic Settings around: the job layer is used by the API, tests and the benchmark
+alike; a dataclass built once (``from_settings``) keeps pydantic at the boundary and makes every
+knob visible in one place.
+
+The fit check needs the target device as a GpuSpec. A GPU machine names its catalog GPU
+(``ADVISOR_JOB_GPU``, or ``auto``: nvidia-smi's name matched against the catalog). A CPU-only
+machine trains on the host CPU: its memory comes from /proc/meminfo and its peak rate from core
+count x clock x 32 fp32 FLOP/cycle (AVX2 FMA) -- a rough prior, stated in the spec's note.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from advisor.catalog import Catalog
+from advisor.errors import AdvisorError, InvalidInputError
+from advisor.specs import GpuSpec
+
+HOST_CPU_ID = "cpu"
+
+
+def _meminfo_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cpu_mhz() -> float:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("cpu mhz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return 2000.0
+
+
+def host_cpu_spec() -> GpuSpec:
+    """The host CPU as a device the estimators understand (gpu_class cpu: fp32, no CUDA context)."""
+    cores = os.cpu_count() or 1
+    tflops = cores * _cpu_mhz() * 1e6 * 32 / 1e12
+    mem = _meminfo_bytes()
+    return GpuSpec(
+        id=HOST_CPU_ID,
+        name=f"host CPU ({cores} cores)",
+        memory_gib=mem / 2**30,
+        memory_gb=mem / 1e9,
+        bf16_tflops=None,
+        fp16_tflops=tflops,
+        fp32_tflops=tflops,
+        memory_bandwidth_gbps=20.0,
+        bf16_supported=False,
+        price_usd_per_hour=None,
+        gpu_class="cpu",
+        note="rough prior: memory from /proc/meminfo, peak = cores x clock x 32 FLOP/cycle, 20 GB/s assumed",
+    )
+
+
+def nvidia_gpus() -> list[str]:
+    """Names of the visible NVIDIA GPUs (nvidia-smi), [] when there is none."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True
+        ).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def _split_paths(value: Any) -> list[Path]:
+    if value is None:
+        return []
+    if isinstance(value, (str, Path)):
+        value = [p for part in str(value).split(os.pathsep) for p in part.split(",")]
+    return [Path(str(p).strip()).expanduser() for p in value if str(p).strip()]
+
+
+@dataclass
+class JobsConfig:
+    data_dir: Path
+    database_url: str
+    gpu: GpuSpec  # the fit check's target: the local GPU model, or the host CPU
+    device: str = "cpu"  # what the training processes use: cpu | cuda
+    slots: list[str] = field(default_factory=lambda: ["cpu0"])
+    model_roots: list[Path] = field(default_factory=list)
+    launcher: str = "local"  # local | ray
+    ray_address: str | None = None
+    ray_python: str = "python"
+    train_python: str | None = None  # local launcher's interpreter (default: the server's)
+    train_threads: int | None = None
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    webhook_backoff_scale: float = 1.0
+    allow_download: bool = False
+    allow_trust_remote_code: bool = False
+    max_file_bytes: int = 512 * 2**20
+    max_file_examples: int = 1_000_000
+    cancel_grace_s: float = 10.0
+    poll_interval_s: float = 1.0
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def measurements_path(self) -> Path:
+        return self.data_dir / "measurements" / "jobs.jsonl"
+
+    @classmethod
+    def from_settings(cls, settings: Any, catalog: Catalog) -> JobsConfig:
+        """From the service Settings (``ADVISOR_*``); fields this layer adds are read with defaults."""
+
+        def get(name: str, default: Any = None) -> Any:
+            return getattr(settings, name, default)
+
+        secret = get("webhook_secret")
+        gpu_name = (get("job_gpu") or "auto").strip()
+        count = get("job_gpu_count")
+        if gpu_name == "auto":
+            names = nvidia_gpus()
+            gpu_name = names[0] if names else HOST_CPU_ID
+            if count is None and names:
+                count = len(names)
+        if gpu_name == HOST_CPU_ID:
+            gpu, device = host_cpu_spec(), "cpu"
+            slots = [f"cpu{i}" for i in range(count or 1)]
+        else:
+            try:
+                gpu = catalog.gpu(gpu_name)
+            except AdvisorError as exc:
+                raise InvalidInputError(f"ADVISOR_JOB_GPU: {exc}", field="job_gpu") from exc
+            device = "cuda"
+            slots = [str(i) for i in range(count or 1)]
+        return cls(
+            data_dir=Path(get("resolved_data_dir")),
+            database_url=str(get("resolved_database_url")),
+            gpu=gpu,
+            device=device,
+            slots=slots,
+            model_roots=_split_paths(get("model_roots")),
+            launcher=get("job_launcher", "local"),
+            ray_address=get("ray_address"),
+            ray_python=get("ray_python", "python") or "python",
+            train_threads=get("job_cpu_threads"),
+            webhook_url=get("webhook_url"),
+            webhook_secret=secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret,
+            allow_download=bool(get("allow_model_download", False)),
+            allow_trust_remote_code=bool(get("allow_trust_remote_code", False)),
+            webhook_backoff_scale=float(get("webhook_retry_scale", 1.0)),
+            max_file_bytes=int(get("max_file_bytes", 512 * 2**20)),
+            max_file_examples=int(get("max_file_examples", 1_000_000)),
+            cancel_grace_s=float(get("cancel_grace_s", 10.0)),
+            poll_interval_s=float(get("job_poll_interval_s", 1.0)),
+        )

@@ -1,0 +1,390 @@
+"""Launchers: where a job's training process runs. The I/O seam between the reconciler and the world.
+
+A launcher starts ``python -m advisor.jobs.train --job-dir DIR`` (under ``accelerate launch`` for
+several GPUs), reports whether it still runs, and stops it. It returns a JSON-serialisable *handle*
+the store keeps, so a restarted server can find the process again (``adopt``).
+
+- LocalLauncher: one subprocess per job in its own session (a server restart does not kill it),
+  GPU slots (``CUDA_VISIBLE_DEVICES``; a job waits in ``queued`` until enough are free), output to
+  ``DIR/train.log``, SIGTERM to the process group on cancel, SIGKILL after the grace period. A
+  re-adopted process is recognised by pid *and* kernel start time, so a recycled pid is never
+  mistaken for our job.
+- RayLauncher: the Ray Jobs REST API (``/api/jobs/``) of a cluster's dashboard; our job id is Ray's
+  submission id, Ray's states map back, ``stop`` on cancel. The job directory must be on storage
+  the cluster shares (the training process writes its events and outputs there).
+
+Commands are argv lists built from a validated JobSpec. The Ray Jobs API takes one entrypoint
+string: it is ``shlex.join`` of that same argv (every element quoted), never a template.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+
+from advisor.jobs.spec import JOB_ID, JobSpec
+
+LOG = "train.log"
+#: quiet, offline training processes unless the job may download
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+QUIET_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+
+PENDING, RUNNING, EXITED, LOST = "pending", "running", "exited", "lost"
+
+
+@dataclass(frozen=True)
+class ProcessState:
+    """What a launcher knows about a job's process. `exit_code` None: unknown (e.g. re-adopted)."""
+
+    state: str  # pending | running | exited | lost
+    exit_code: int | None = None
+    detail: str = ""
+
+
+class LaunchError(RuntimeError):
+    """The launcher could not start the job (the job fails with code `launcher`)."""
+
+
+class Launcher(Protocol):
+    name: str
+
+    def can_start(self, spec: JobSpec) -> bool: ...
+
+    def start(self, spec: JobSpec, job_dir: Path) -> dict[str, Any]: ...
+
+    def poll(self, handle: dict[str, Any]) -> ProcessState: ...
+
+    def cancel(self, handle: dict[str, Any], force: bool = False) -> None: ...
+
+    def adopt(self, handle: dict[str, Any]) -> None: ...
+
+    def release(self, handle: dict[str, Any]) -> None: ...
+
+    def log_tail(self, handle: dict[str, Any], max_chars: int = 2000) -> str: ...
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def train_argv(spec: JobSpec, job_dir: Path, python: str = sys.executable, port: int | None = None) -> list[str]:
+    """The training command as an argv list; several processes go through `accelerate launch`."""
+    tail = ["-m", "advisor.jobs.train", "--job-dir", str(job_dir)]
+    n = spec.plan.num_gpus
+    if n == 1:
+        return [python, *tail]
+    argv = [python, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
+    argv += ["--main_process_port", str(port or free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if spec.plan.sharding == "fsdp":
+        argv += [
+            "--use_fsdp",
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+            "--fsdp_use_orig_params",
+            "true",  # LoRA: frozen and trainable parameters share flat parameters
+        ]
+    else:
+        argv.append("--multi_gpu")
+    return [*argv, *tail]
+
+
+def train_env(spec: JobSpec, threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(QUIET_ENV)
+    if not spec.allow_download:
+        env.update(OFFLINE_ENV)
+    if threads:
+        env["ADVISOR_TRAIN_THREADS"] = str(threads)
+        env["OMP_NUM_THREADS"] = str(threads)
+    if spec.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if spec.plan.num_gpus > 1:
+            env["ACCELERATE_USE_CPU"] = "true"  # accelerate: gloo DDP across CPU processes
+    env.update(extra or {})
+    return env
+
+
+# ---- local ------------------------------------------------------------------------------------------
+def proc_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of `pid` (clock ticks since boot), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def proc_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+class LocalLauncher:
+    """A subprocess per job on this machine, with a fixed set of device slots.
+
+    `slots`: GPU indices ("0", "1", ...) on a GPU machine; on a CPU-only machine, names of process
+    slots ("cpu0", ...), so CPU jobs also wait their turn instead of fighting over the cores.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        slots: list[str],
+        python: str = sys.executable,
+        threads: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ):
+        if not slots:
+            raise ValueError("LocalLauncher needs at least one slot")
+        self.slots = list(slots)
+        self.busy: dict[str, str] = {}  # slot -> job id
+        self.python = python
+        self.threads = threads
+        self.extra_env = dict(extra_env or {})
+        self._procs: dict[int, subprocess.Popen] = {}
+
+    @property
+    def gpu(self) -> bool:
+        return not self.slots[0].startswith("cpu")
+
+    def free_slots(self) -> list[str]:
+        return [s for s in self.slots if s not in self.busy]
+
+    def can_start(self, spec: JobSpec) -> bool:
+        return len(self.free_slots()) >= spec.plan.num_gpus
+
+    def fits_at_all(self, spec: JobSpec) -> bool:
+        return spec.plan.num_gpus <= len(self.slots)
+
+    def start(self, spec: JobSpec, job_dir: Path) -> dict[str, Any]:
+        if not JOB_ID.match(spec.job_id):
+            raise LaunchError(f"invalid job id {spec.job_id!r}")
+        free = self.free_slots()
+        if len(free) < spec.plan.num_gpus:
+            raise LaunchError(f"needs {spec.plan.num_gpus} slots, {len(free)} free")
+        slots = free[: spec.plan.num_gpus]
+        argv = train_argv(spec, job_dir, self.python)
+        env = {**os.environ, **train_env(spec, self.threads, self.extra_env)}
+        if self.gpu:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
+        log_path = job_dir / LOG
+        try:
+            with log_path.open("ab") as log:
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=job_dir,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # own process group: survives the server, killed as a group
+                    close_fds=True,
+                )
+        except OSError as exc:
+            raise LaunchError(f"cannot start the training process: {exc}") from exc
+        self._procs[proc.pid] = proc
+        for s in slots:
+            self.busy[s] = spec.job_id
+        return {
+            "launcher": self.name,
+            "job_id": spec.job_id,
+            "pid": proc.pid,
+            "start_ticks": proc_start_ticks(proc.pid),
+            "slots": slots,
+            "log": str(log_path),
+            "argv": argv,
+            "started_at": time.time(),
+        }
+
+    def poll(self, handle: dict[str, Any]) -> ProcessState:
+        pid = int(handle["pid"])
+        proc = self._procs.get(pid)
+        if proc is not None:
+            code = proc.poll()
+            if code is None:
+                return ProcessState(RUNNING)
+            self._procs.pop(pid, None)
+            return ProcessState(EXITED, code, _exit_detail(code))
+        # not our child (re-adopted after a restart): identify it by pid and start time
+        ticks = proc_start_ticks(pid)
+        if ticks is None or ticks != handle.get("start_ticks") or proc_state(pid) in ("Z", "X"):
+            return ProcessState(EXITED, None, "the process has ended (exit status unknown to this server)")
+        return ProcessState(RUNNING)
+
+    def cancel(self, handle: dict[str, Any], force: bool = False) -> None:
+        pid = int(handle["pid"])
+        if self.poll(handle).state != RUNNING:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+
+    def adopt(self, handle: dict[str, Any]) -> None:
+        for s in handle.get("slots", []):
+            if s in self.slots:
+                self.busy[s] = handle.get("job_id", "adopted")
+
+    def release(self, handle: dict[str, Any]) -> None:
+        for s in handle.get("slots", []):
+            self.busy.pop(s, None)
+        proc = self._procs.pop(int(handle.get("pid", -1)), None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1)
+
+    def log_tail(self, handle: dict[str, Any], max_chars: int = 2000) -> str:
+        return _tail(Path(handle.get("log", "")), max_chars)
+
+    def shutdown(self) -> None:
+        """Forget children without killing them (they outlive the server by design); reap finished ones."""
+        for proc in list(self._procs.values()):
+            proc.poll()
+
+
+def _exit_detail(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _tail(path: Path, max_chars: int) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_chars))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+# ---- Ray -------------------------------------------------------------------------------------------
+#: Ray job status -> our process state
+RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "STOPPED": EXITED, "SUCCEEDED": EXITED, "FAILED": EXITED}
+
+
+class RayLauncher:
+    """Jobs on a Ray cluster through the Ray Jobs REST API of its dashboard (``http://head:8265``).
+
+    Ray queues jobs itself, so `can_start` is always true; the cluster decides where and when.
+    `python` is the interpreter on the cluster's nodes (the advisor package must be installed there).
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str,
+        python: str = "python",
+        threads: int | None = None,
+        timeout_s: float = 30.0,
+        extra_env: dict[str, str] | None = None,
+        client: httpx.Client | None = None,
+    ):
+        if not address.startswith(("http://", "https://")):
+            raise ValueError("the Ray address must be the dashboard's http(s):// URL (Jobs API), e.g. http://head:8265")
+        self.address = address.rstrip("/")
+        self.python = python
+        self.threads = threads
+        self.extra_env = dict(extra_env or {})
+        self.http = client or httpx.Client(base_url=self.address, timeout=timeout_s)
+
+    def can_start(self, spec: JobSpec) -> bool:
+        return True
+
+    def fits_at_all(self, spec: JobSpec) -> bool:
+        return True
+
+    def start(self, spec: JobSpec, job_dir: Path) -> dict[str, Any]:
+        argv = train_argv(spec, job_dir, self.python)
+        body: dict[str, Any] = {
+            "entrypoint": shlex.join(argv),
+            "submission_id": spec.job_id,
+            "runtime_env": {"env_vars": train_env(spec, self.threads, self.extra_env)},
+            "metadata": {"advisor_job_id": spec.job_id, "model": spec.model[:200]},
+            "entrypoint_num_cpus": 1,
+        }
+        if spec.device == "cuda":
+            body["entrypoint_num_gpus"] = spec.plan.num_gpus
+        try:
+            r = self.http.post("/api/jobs/", json=body)
+        except httpx.HTTPError as exc:
+            raise LaunchError(f"Ray Jobs API at {self.address} unreachable: {exc}") from exc
+        if r.status_code >= 400 and "already exists" not in r.text:  # a resubmission after a crash: adopt it
+            raise LaunchError(f"Ray refused the job: HTTP {r.status_code}: {r.text[:500]}")
+        return {
+            "launcher": self.name,
+            "submission_id": spec.job_id,
+            "address": self.address,
+            "log": str(job_dir / LOG),
+            "argv": argv,
+            "started_at": time.time(),
+        }
+
+    def _info(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        r = self.http.get(f"/api/jobs/{handle['submission_id']}")
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return r.json()
+
+    def poll(self, handle: dict[str, Any]) -> ProcessState:
+        try:
+            info = self._info(handle)
+        except httpx.HTTPError as exc:  # the cluster may be briefly away: not an end of the job
+            return ProcessState(RUNNING, None, f"Ray unreachable: {exc}")
+        if info is None:
+            return ProcessState(LOST, None, "Ray does not know this job (cluster restarted?)")
+        status = str(info.get("status", "")).upper()
+        state = RAY_STATES.get(status, RUNNING)
+        code = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": -int(signal.SIGTERM)}.get(status)
+        detail = f"Ray {status}" + (f": {info.get('message')}" if info.get("message") else "")
+        return ProcessState(state, code if state == EXITED else None, detail)
+
+    def cancel(self, handle: dict[str, Any], force: bool = False) -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            self.http.post(f"/api/jobs/{handle['submission_id']}/stop")
+
+    def adopt(self, handle: dict[str, Any]) -> None:
+        return None
+
+    def release(self, handle: dict[str, Any]) -> None:
+        return None
+
+    def log_tail(self, handle: dict[str, Any], max_chars: int = 2000) -> str:
+        try:
+            r = self.http.get(f"/api/jobs/{handle['submission_id']}/logs")
+            if r.status_code == 200:
+                return str(r.json().get("logs", ""))[-max_chars:]
+        except (httpx.HTTPError, ValueError):
+            pass
+        return _tail(Path(handle.get("log", "")), max_chars)
+
+    def shutdown(self) -> None:
+        self.http.close()

@@ -1,0 +1,490 @@
+"""The reconciler: moves every job from ``validating_files`` to a terminal state, and survives restarts.
+
+Why a reconciler and not callbacks: the API only *records* intent (a new job, a cancel request) in
+the store; one loop compares that with the world (files on disk, training processes, their event
+files) and acts. Any number of API workers can write, one process reconciles (a file lock elects
+it), and after a restart the loop simply finds the jobs where they were:
+
+- ``running``/``cancelling`` jobs are re-adopted: a process that still runs is followed again (its
+  events file is read on from the stored offset), one that ended is finished from its result.json,
+  one that vanished without a result fails with code ``lost``;
+- ``queued`` and ``validating_files`` jobs go on as if nothing happened.
+
+Each terminal job adds its measurement (calibration's record shape) to
+``<data_dir>/measurements/jobs.jsonl`` and, when configured, a signed webhook delivery.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from advisor.jobs import store as S
+from advisor.jobs.config import JobsConfig
+from advisor.jobs.errors import JobsError
+from advisor.jobs.files import check_file
+from advisor.jobs.launchers import EXITED, LOST, Launcher, LaunchError, LocalLauncher, RayLauncher
+from advisor.jobs.spec import JobSpec, new_id
+from advisor.jobs.train import CHECKPOINTS, EVENTS, MEASUREMENT, OUTPUT, RESULT
+from advisor.jobs.webhooks import WebhookSender
+
+log = logging.getLogger("advisor.jobs")
+LOCK = ".reconciler.lock"
+MAX_EVENT_BYTES = 4 << 20  # read at most this much of an events file per tick
+
+
+def make_launcher(cfg: JobsConfig) -> Launcher:
+    if cfg.launcher == "ray":
+        if not cfg.ray_address:
+            raise ValueError("ADVISOR_JOB_LAUNCHER=ray needs ADVISOR_RAY_ADDRESS (the dashboard URL)")
+        return RayLauncher(cfg.ray_address, python=cfg.ray_python, threads=cfg.train_threads)
+    return LocalLauncher(cfg.slots, python=cfg.train_python or sys.executable, threads=cfg.train_threads)
+
+
+def append_measurement(path: Path, record: dict[str, Any]) -> None:
+    """One line per job, flushed and fsync'ed (calibration's measurements.jsonl convention)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class JobManager:
+    """Owns the reconciler thread (when this process holds the lock) and the webhook sender."""
+
+    def __init__(
+        self,
+        cfg: JobsConfig,
+        store: S.Store,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.cfg = cfg
+        self.store = store
+        self.launcher = launcher or make_launcher(cfg)
+        self.clock = clock
+        self.webhooks = (
+            WebhookSender(store, cfg.webhook_url, cfg.webhook_secret, backoff_scale=cfg.webhook_backoff_scale)
+            if cfg.webhook_url
+            else None
+        )
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock_file: Any = None
+        self.leader = False
+        self.started = False
+        self.last_error: str | None = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Create tables and directories, take the reconciler lock if free, recover, start threads."""
+        if self.started:
+            return
+        self.store.create()
+        for d in (self.cfg.files_dir, self.cfg.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._stop.clear()
+        self._try_lead()
+        self._threads = [threading.Thread(target=self._loop, name="advisor-jobs-reconciler", daemon=True)]
+        if self.webhooks is not None:
+            self._threads.append(threading.Thread(target=self._webhook_loop, name="advisor-webhooks", daemon=True))
+        for t in self._threads:
+            t.start()
+        self.started = True
+
+    def stop(self) -> None:
+        """Stop the threads; training processes keep running (a restarted server re-adopts them)."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(30)
+        self._threads = []
+        shutdown = getattr(self.launcher, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        if self._lock_file is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+        self.leader = False
+        self.started = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _try_lead(self) -> bool:
+        if self.leader:
+            return True
+        f = (self.cfg.jobs_dir / LOCK).open("a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return False
+        self._lock_file = f
+        self.leader = True
+        self.recover()
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.leader or self._try_lead():
+                try:
+                    self.tick()
+                    self.last_error = None
+                except Exception as exc:  # a bad row or a full disk must not end the loop
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("reconciler tick failed")
+            self._wake.wait(self.cfg.poll_interval_s)
+            self._wake.clear()
+
+    def _webhook_loop(self) -> None:
+        assert self.webhooks is not None
+        while not self._stop.is_set():
+            if self.leader:
+                try:
+                    self.webhooks.send_due()
+                except Exception:
+                    log.exception("webhook delivery failed")
+            self._stop.wait(max(0.05, min(1.0, self.cfg.webhook_backoff_scale)))
+
+    # ---- recovery -------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """After a (re)start: re-adopt the processes of running jobs; the next tick finishes the others."""
+        for job in self.store.jobs_with_status([S.RUNNING, S.CANCELLING]):
+            handle = job.get("handle")
+            if not handle:  # claimed but never launched (the server died in between): launch again
+                self.store.update_job(job["id"], expect=[S.RUNNING], status=S.QUEUED)
+                self.event(job["id"], "Server restarted before the job was launched: queued again")
+                continue
+            self.launcher.adopt(handle)
+            state = self.launcher.poll(handle)
+            self.event(
+                job["id"],
+                "Server restarted: "
+                + (
+                    f"re-attached to the running training process ({_where(handle)})"
+                    if state.state not in (EXITED, LOST)
+                    else "the training process ended while the server was away"
+                ),
+            )
+
+    # ---- the tick ---------------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self._validate()
+        self._cancel()
+        self._follow()
+        self._schedule()
+
+    def _validate(self) -> None:
+        for job in self.store.jobs_with_status([S.VALIDATING]):
+            spec = JobSpec.from_dict(job["spec"])
+            self.event(job["id"], f"Validating training file: {job['training_file']}")
+            try:
+                for fid, path in (
+                    (job["training_file"], spec.training_file),
+                    (job["validation_file"], spec.validation_file),
+                ):
+                    if fid is None or path is None:
+                        continue
+                    if self.store.get_file(fid) is None or not Path(path).is_file():
+                        raise JobsError(f"file {fid} was deleted before the job started", field="training_file")
+                    check_file(path, self.cfg.max_file_bytes, self.cfg.max_file_examples)
+            except (JobsError, OSError) as exc:
+                self.finish(job, S.FAILED, {"code": "data", "message": str(exc), "param": "training_file"})
+                continue
+            if self.store.update_job(job["id"], expect=[S.VALIDATING], status=S.QUEUED):
+                self.event(job["id"], "Files validated, moving job to queued state")
+
+    def _cancel(self) -> None:
+        for job in self.store.jobs_with_status([S.CANCELLING]):
+            handle = job.get("handle")
+            if not handle:
+                continue  # launched this very moment; the next tick has the handle
+            sent = handle.get("cancel_sent_at")
+            now = self.clock()
+            if sent is None:
+                self.launcher.cancel(handle)
+                handle = {**handle, "cancel_sent_at": now}
+                self.store.update_job(job["id"], handle=handle)
+                self.event(job["id"], "Cancelling: SIGTERM sent to the training process", level="warn")
+            elif now - sent > self.cfg.cancel_grace_s and not handle.get("killed"):
+                self.launcher.cancel(handle, force=True)
+                self.store.update_job(job["id"], handle={**handle, "killed": True})
+                self.event(
+                    job["id"], f"Still running {self.cfg.cancel_grace_s:g} s after SIGTERM: SIGKILL sent", level="warn"
+                )
+
+    def _follow(self) -> None:
+        for job in self.store.jobs_with_status([S.RUNNING, S.CANCELLING]):
+            handle = job.get("handle")
+            if not handle:
+                continue
+            self.ingest(job)
+            state = self.launcher.poll(handle)
+            if state.state in (EXITED, LOST):
+                job = self.store.get_job(job["id"]) or job
+                self.ingest(job)  # the last lines written before the exit
+                self._finish_from_process(self.store.get_job(job["id"]) or job, state)
+
+    def _schedule(self) -> None:
+        for job in self.store.jobs_with_status([S.QUEUED]):
+            if job["cancel_requested"]:
+                continue
+            spec = JobSpec.from_dict(job["spec"])
+            fits = getattr(self.launcher, "fits_at_all", None)
+            if fits is not None and not fits(spec):
+                n = len(getattr(self.launcher, "slots", []))
+                self.finish(
+                    job,
+                    S.FAILED,
+                    {"code": "launcher", "message": f"needs {spec.plan.num_gpus} devices; this deployment has {n}"},
+                )
+                continue
+            if not self.launcher.can_start(spec):
+                continue  # waits in `queued` until its devices are free
+            if not self.store.update_job(job["id"], expect=[S.QUEUED], status=S.RUNNING, started_at=self.clock()):
+                continue
+            job_dir = self.cfg.jobs_dir / job["id"]
+            try:
+                job_dir.mkdir(parents=True, exist_ok=True)
+                for stale in (RESULT, MEASUREMENT):
+                    (job_dir / stale).unlink(missing_ok=True)
+                (job_dir / "job.json").write_text(json.dumps(spec.to_dict(), indent=1))
+                handle = self.launcher.start(spec, job_dir)
+            except (LaunchError, OSError) as exc:
+                self.finish(self.store.get_job(job["id"]) or job, S.FAILED, {"code": "launcher", "message": str(exc)})
+                continue
+            self.store.update_job(job["id"], handle=handle)
+            self.event(job["id"], f"Fine-tuning job started ({_where(handle)})", data={"launcher": handle["launcher"]})
+
+    # ---- events ----------------------------------------------------------------------------------------
+    def event(self, job_id: str, message: str, level: str = "info", type_: str = "message", data: Any = None) -> None:
+        self.store.add_events(
+            job_id, [{"id": new_id("ftevent"), "level": level, "type": type_, "message": message, "data": data}]
+        )
+
+    def ingest(self, job: dict[str, Any]) -> int:
+        """Read new complete lines of the job's events.jsonl into the store; returns how many."""
+        path = self.cfg.jobs_dir / job["id"] / EVENTS
+        offset = int(job.get("events_offset") or 0)
+        try:
+            with path.open("rb") as f:
+                f.seek(offset)
+                chunk = f.read(MAX_EVENT_BYTES)
+        except FileNotFoundError:
+            return 0
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            return 0
+        items: list[dict[str, Any]] = []
+        progress = dict(job.get("progress") or {})
+        for raw in chunk[: end + 1].splitlines():
+            try:
+                doc = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            data = doc.get("data") or None
+            kind = doc.get("type", "message")
+            items.append(
+                {
+                    "id": new_id("ftevent"),
+                    "created_at": int(doc.get("ts") or self.clock()),
+                    "level": doc.get("level", "info"),
+                    "type": kind if kind in ("message", "metrics") else "message",
+                    "message": str(doc.get("message", ""))[:4000],
+                    "data": data,
+                }
+            )
+            if kind == "metrics" and data:
+                progress.update({k: data.get(k) for k in _PROGRESS_KEYS if k in data})
+            elif kind == "checkpoint" and data:
+                self._checkpoint(job, data)
+        self.store.add_events(job["id"], items, offset=offset + end + 1, job_values={"progress": progress or None})
+        return len(items)
+
+    def _checkpoint(self, job: dict[str, Any], data: dict[str, Any]) -> None:
+        removed = set(data.get("removed") or [])
+        if removed:
+            rows, _ = self.store.list_checkpoints(job["id"], limit=1000)
+            self.store.delete_checkpoints([r["id"] for r in rows if r["path"] in removed])
+        self.store.add_checkpoint(
+            {
+                "id": new_id("ftckpt"),
+                "job_id": job["id"],
+                "step": int(data.get("step") or 0),
+                "metrics": data.get("metrics"),
+                "path": str(data.get("path")),
+            }
+        )
+
+    # ---- the end of a job --------------------------------------------------------------------------------
+    def _finish_from_process(self, job: dict[str, Any], state: Any) -> None:
+        job_dir = self.cfg.jobs_dir / job["id"]
+        result: dict[str, Any] | None = None
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            result = json.loads((job_dir / RESULT).read_text())
+        handle = job.get("handle") or {}
+        if result is not None:
+            status = result.get("status", S.FAILED)
+            error = result.get("error")
+        elif job["cancel_requested"]:
+            status, error = S.CANCELLED, None
+        elif state.state == LOST:
+            status, error = S.FAILED, {"code": "lost", "message": state.detail}
+        elif state.exit_code is not None and state.exit_code == -9:
+            tail = self.launcher.log_tail(handle, 800)
+            status, error = (
+                S.FAILED,
+                {"code": "oom", "message": f"killed by SIGKILL (the kernel's OOM killer, most likely)\n{tail}"},
+            )
+        else:
+            tail = self.launcher.log_tail(handle, 800)
+            status, error = (
+                S.FAILED,
+                {"code": "crashed", "message": f"the training process ended without a result ({state.detail})\n{tail}"},
+            )
+        if job["cancel_requested"] and status != S.SUCCEEDED:
+            status, error = S.CANCELLED, {"code": "cancelled", "message": "cancelled by request"}
+        self.finish(job, status, error, result)
+
+    def finish(
+        self,
+        job: dict[str, Any],
+        status: str,
+        error: dict[str, Any] | None,
+        result: dict[str, Any] | None = None,
+        expect: tuple[str, ...] = S.ACTIVE,
+    ) -> bool:
+        """Move a job to a terminal state (once: a conditional update); events, measurement, webhook."""
+        spec = JobSpec.from_dict(job["spec"])
+        measured = dict((result or {}).get("measured") or {}) or None
+        if measured and job.get("estimate"):
+            measured["vs_estimate"] = _compare(job["estimate"], measured)
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": int(self.clock()),
+            "error": ({"param": None, **error} if error else None),
+            "measured": measured,
+            "trained_tokens": (result or {}).get("trained_tokens"),
+        }
+        if status == S.SUCCEEDED:
+            values["fine_tuned_model"] = spec.fine_tuned_model
+            values["result_files"] = self._result_files(job)
+        if not self.store.update_job(job["id"], expect=expect, **values):
+            return False  # someone else finished it, or it moved on
+        if job.get("handle"):
+            self.launcher.release(job["handle"])
+        messages = {
+            S.SUCCEEDED: [
+                f"New fine-tuned model created: {spec.fine_tuned_model}",
+                "The job has successfully completed",
+            ],
+            S.CANCELLED: ["The job was cancelled"],
+            S.FAILED: [f"The job failed ({(error or {}).get('code')}): {str((error or {}).get('message', ''))[:1000]}"],
+        }[status]
+        for m in messages:
+            self.event(job["id"], m, level="error" if status == S.FAILED else "info")
+        record_path = self.cfg.jobs_dir / job["id"] / MEASUREMENT
+        if record_path.is_file():
+            with contextlib.suppress(OSError, json.JSONDecodeError):
+                append_measurement(self.cfg.measurements_path, json.loads(record_path.read_text()))
+        if self.webhooks is not None:
+            self.webhooks.enqueue(self.store.get_job(job["id"]) or {**job, **values})
+        return True
+
+    def _result_files(self, job: dict[str, Any]) -> list[str]:
+        """OpenAI's result file: per-step metrics as CSV, registered as a `fine-tune-results` file."""
+        rows, _ = self.store.list_events(job["id"], limit=100_000, order="asc")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["step", "train_loss", "valid_loss", "learning_rate", "tokens_per_s", "peak_memory_gib"])
+        n = 0
+        for e in rows:
+            d = e.get("data") or {}
+            if e["type"] == "metrics" and "step" in d:
+                w.writerow(
+                    [
+                        d.get("step"),
+                        d.get("train_loss"),
+                        d.get("full_valid_loss", ""),
+                        d.get("learning_rate"),
+                        d.get("tokens_per_s"),
+                        d.get("peak_memory_gib"),
+                    ]
+                )
+                n += 1
+        blob = buf.getvalue().encode()
+        fid = new_id("file")
+        path = self.cfg.jobs_dir / job["id"] / "step_metrics.csv"
+        path.write_bytes(blob)
+        self.store.add_file(
+            {
+                "id": fid,
+                "owner": job["owner"],
+                "filename": "step_metrics.csv",
+                "purpose": "fine-tune-results",
+                "bytes": len(blob),
+                "examples": n,
+                "format": "csv",
+                "sha256": hashlib.sha256(blob).hexdigest(),
+                "path": str(path),
+            }
+        )
+        return [fid]
+
+    def output_dir(self, job_id: str) -> Path:
+        return self.cfg.jobs_dir / job_id / OUTPUT
+
+    def checkpoints_dir(self, job_id: str) -> Path:
+        return self.cfg.jobs_dir / job_id / CHECKPOINTS
+
+
+_PROGRESS_KEYS = (
+    "step",
+    "total_steps",
+    "epoch",
+    "train_loss",
+    "tokens_per_s",
+    "peak_memory_gib",
+    "elapsed_s",
+    "step_time_s",
+)
+
+
+def _where(handle: dict[str, Any]) -> str:
+    if handle.get("launcher") == "ray":
+        return f"Ray submission {handle.get('submission_id')}"
+    slots = ",".join(handle.get("slots", []))
+    return f"pid {handle.get('pid')}, slots {slots}"
+
+
+def _compare(estimate: dict[str, Any], measured: dict[str, Any]) -> dict[str, Any]:
+    """Measured / predicted, where both exist."""
+    out: dict[str, Any] = {}
+    for key, est_key in (
+        ("peak_memory_gib", "allocated_peak_gib"),
+        ("tokens_per_s", "tokens_per_s"),
+        ("step_time_s", "step_time_s"),
+    ):
+        m, e = measured.get(key), estimate.get(est_key)
+        if isinstance(m, (int, float)) and isinstance(e, (int, float)) and e:
+            out[f"{key}_ratio"] = round(m / e, 4)
+    if measured.get("memory_meter", "").startswith("cpu"):
+        out["note"] = "CPU peak is the process RSS (interpreter and libraries included), not tensor bytes"
+    return out

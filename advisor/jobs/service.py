@@ -1,0 +1,468 @@
+"""Job requests -> checked, stored jobs; and the file, event and checkpoint queries behind the routes.
+
+Why all the checks happen here, before a row exists: a job that cannot run (unknown model, a path
+outside the allowed roots, a plan the estimator says will not fit, a batch that does not split) must
+be refused with a 4xx naming the field, not accepted and failed a minute later. The estimator check
+is the same ``AdvisorService.estimate`` that ``/v1/estimate`` answers with, so the refusal carries
+the breakdown a user already knows how to read; ``force`` starts the job anyway.
+
+Plans: a ``plan_id`` from ``/v1/recommend`` is re-derived (the ids are stable hashes of the plan):
+the candidates of the deployment's device are enumerated at the request's sequence length (or the
+common ones) and the matching one is taken. A full ``plan`` object from a recommend response is
+accepted as well and checked against its id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from advisor.catalog import model_from_config
+from advisor.errors import InvalidInputError
+from advisor.jobs import store as S
+from advisor.jobs.config import JobsConfig
+from advisor.jobs.errors import ConflictError, JobsError, ModelSourceError, NotFoundError, PlanDoesNotFitError
+from advisor.jobs.files import save_upload
+from advisor.jobs.manager import JobManager
+from advisor.jobs.spec import HF_ID, JobSpec, ModelSource, local_model_source, new_id, resolve_hyperparameters
+from advisor.plans import ALL_LINEAR, SearchSpace, TrainingPlan, enumerate_plans, resolve_targets
+from advisor.service import AdvisorService
+from advisor.specs import GpuSpec, ModelSpec
+
+FINE_TUNE = "fine-tune"
+#: sequence lengths tried when re-deriving a plan id without one given (recommend's default first)
+PLAN_SEQ_LENS = (2048, 4096, 1024, 512, 8192, 256, 16384, 128, 32768)
+#: TrainingPlan field -> the request field a user set it with
+PLAN_FIELDS = {
+    "method": "method.type",
+    "micro_batch": "method.micro_batch_size",
+    "seq_len": "method.seq_len",
+    "optimizer": "method.optimizer",
+    "num_gpus": "method.num_gpus",
+    "sharding": "method.sharding",
+    "lora_r": "method.lora.r",
+    "lora_alpha": "method.lora.alpha",
+    "lora_dropout": "method.lora.dropout",
+    "lora_targets": "method.lora.target_modules",
+    "grad_accum": "hyperparameters.batch_size",
+}
+_FILENAME_BAD = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    r: int | None = None
+    alpha: int | None = None
+    dropout: float | None = None
+    target_modules: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Our `method` extension; every None means "the plan's (or the default) value"."""
+
+    type: str | None = None  # full | lora | qlora (OpenAI's "supervised" = the default, lora)
+    lora: LoraParams = field(default_factory=LoraParams)
+    quantization: dict[str, Any] | None = None  # {bits: 4, quant_type: nf4, double_quant: bool}
+    gradient_checkpointing: bool | None = None
+    optimizer: str | None = None
+    micro_batch_size: int | None = None
+    num_gpus: int | None = None
+    sharding: str | None = None
+    seq_len: int | None = None
+    packing: bool = True
+    chat_format: str = "auto"
+    checkpoint_every_steps: int | None = None
+    warmup_ratio: float | None = None
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    model: str
+    training_file: str
+    validation_file: str | None = None
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
+    n_epochs: int | str = "auto"
+    batch_size: int | str = "auto"
+    learning_rate_multiplier: float | str = "auto"
+    method: MethodParams = field(default_factory=MethodParams)
+    plan_id: str | None = None
+    plan: dict[str, Any] | None = None
+    force: bool = False
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _invalid(exc: InvalidInputError, default_field: str = "method") -> JobsError:
+    f = PLAN_FIELDS.get(exc.field or "", exc.field or default_field)
+    return JobsError(exc.message, field=f)
+
+
+class JobService:
+    def __init__(self, cfg: JobsConfig, store: S.Store, advisor: AdvisorService, manager: JobManager):
+        self.cfg = cfg
+        self.store = store
+        self.advisor = advisor
+        self.manager = manager
+
+    # ---- files ----------------------------------------------------------------------------------------
+    def upload(self, owner: str, filename: str, purpose: str, src: BinaryIO) -> dict[str, Any]:
+        if purpose != FINE_TUNE:
+            raise JobsError(f"purpose must be {FINE_TUNE!r}", field="purpose")
+        name = _FILENAME_BAD.sub("_", Path(filename or "upload.jsonl").name)[:255] or "upload.jsonl"
+        fid = new_id("file")
+        dest = self.cfg.files_dir / f"{fid}.jsonl"
+        stats = save_upload(src, dest, self.cfg.max_file_bytes, self.cfg.max_file_examples)
+        try:
+            return self.store.add_file(
+                {
+                    "id": fid,
+                    "owner": owner,
+                    "filename": name,
+                    "purpose": purpose,
+                    "bytes": stats.bytes,
+                    "examples": stats.examples,
+                    "format": stats.format,
+                    "sha256": stats.sha256,
+                    "path": str(dest),
+                }
+            )
+        except Exception:
+            dest.unlink(missing_ok=True)  # no row, no file
+            raise
+
+    def file(self, owner: str, file_id: str) -> dict[str, Any]:
+        row = self.store.get_file(file_id, owner)
+        if row is None:
+            raise NotFoundError(f"no file {file_id!r}", field="file_id")
+        return row
+
+    def delete_file(self, owner: str, file_id: str) -> dict[str, Any]:
+        self.file(owner, file_id)
+        user = self.store.file_in_use(file_id)
+        if user:
+            raise ConflictError(f"file {file_id} is used by the active job {user}", field="file_id")
+        row = self.store.delete_file(file_id, owner)
+        if row is None:
+            raise NotFoundError(f"no file {file_id!r}", field="file_id")
+        Path(row["path"]).unlink(missing_ok=True)
+        return row
+
+    # ---- jobs -------------------------------------------------------------------------------------------
+    def job(self, owner: str, job_id: str) -> dict[str, Any]:
+        row = self.store.get_job(job_id, owner)
+        if row is None:
+            raise NotFoundError(f"no fine-tuning job {job_id!r}", field="fine_tuning_job_id")
+        return row
+
+    def create(self, req: JobRequest, owner: str, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """(job row, created). The same Idempotency-Key with the same body returns the first job."""
+        digest = req.digest()
+        if idempotency_key:
+            existing = self.store.job_by_idempotency_key(owner, idempotency_key)
+            if existing is not None:
+                if existing["request_hash"] != digest:
+                    raise ConflictError(
+                        "this Idempotency-Key was used with a different request body", field="Idempotency-Key"
+                    )
+                return existing, False
+        train = self._training_file(owner, req.training_file, "training_file")
+        valid = self._training_file(owner, req.validation_file, "validation_file") if req.validation_file else None
+        source, model = self._model(req.model)
+        gpu = self.cfg.gpu
+        base, plan_id, notes = self._plan(req, model, gpu)
+        try:
+            hp = resolve_hyperparameters(
+                base.method,
+                int(train["examples"]),
+                req.n_epochs,
+                req.batch_size,
+                req.learning_rate_multiplier,
+                micro_batch=(req.method.micro_batch_size or (base.micro_batch if (req.plan_id or req.plan) else None)),
+                world=base.num_gpus,
+            )
+            plan = replace(base, micro_batch=hp.micro_batch, grad_accum=hp.grad_accum)
+        except InvalidInputError as exc:
+            raise _invalid(exc, "hyperparameters") from exc
+        estimate = self._estimate(model, gpu, plan, req.force)
+        job_id = new_id("ftjob")
+        m = req.method
+        try:
+            spec = JobSpec(
+                job_id=job_id,
+                model=req.model,
+                source=source,
+                plan=plan,
+                training_file=train["path"],
+                validation_file=valid["path"] if valid else None,
+                n_epochs=hp.n_epochs,
+                batch_size=hp.batch_size,
+                learning_rate=hp.learning_rate,
+                seed=req.seed if req.seed is not None else 42,
+                device=self.cfg.device,
+                packing=m.packing,
+                chat_format=m.chat_format,
+                checkpoint_every_steps=m.checkpoint_every_steps,
+                warmup_ratio=m.warmup_ratio if m.warmup_ratio is not None else 0.03,
+                allow_download=self.cfg.allow_download,
+                suffix=req.suffix,
+                notes=tuple(notes) + hp.chosen,
+            )
+        except InvalidInputError as exc:
+            raise _invalid(exc) from exc
+        row, created = self.store.add_job(
+            {
+                "id": job_id,
+                "owner": owner,
+                "status": S.VALIDATING,
+                "model": req.model,
+                "training_file": req.training_file,
+                "validation_file": req.validation_file,
+                "suffix": req.suffix,
+                "seed": spec.seed,
+                "metadata": req.metadata,
+                "hyperparameters": {
+                    "n_epochs": hp.n_epochs,
+                    "batch_size": hp.batch_size,
+                    "learning_rate_multiplier": hp.learning_rate_multiplier,
+                },
+                "method": _method_out(plan, spec),
+                "plan_id": plan_id,
+                "spec": spec.to_dict(),
+                "estimate": estimate,
+                "idempotency_key": idempotency_key,
+                "request_hash": digest,
+                "launcher": self.manager.launcher.name,
+            }
+        )
+        if created:
+            self.manager.event(job_id, f"Created fine-tuning job: {job_id}")
+            for n in spec.notes:
+                self.manager.event(job_id, n)
+            if not estimate["fits"]:
+                self.manager.event(
+                    job_id,
+                    f"Started with force: the estimator predicts {estimate['peak_memory_gib']:.2f} GiB per device "
+                    f"on {gpu.name} ({estimate['device_memory_gib']:.2f} GiB)",
+                    level="warn",
+                )
+            self.manager.wake()
+        elif row["request_hash"] != digest:
+            raise ConflictError("this Idempotency-Key was used with a different request body", field="Idempotency-Key")
+        return row, created
+
+    def cancel(self, owner: str, job_id: str) -> dict[str, Any]:
+        job = self.job(owner, job_id)
+        if job["status"] in S.TERMINAL:
+            raise ConflictError(f"the job has already {job['status']}: nothing to cancel", field="fine_tuning_job_id")
+        self.store.update_job(job_id, cancel_requested=True)
+        error = {"code": "cancelled", "message": "cancelled by request"}
+        if not self.manager.finish(job, S.CANCELLED, error, expect=(S.VALIDATING, S.QUEUED)) and (
+            self.store.update_job(job_id, expect=[S.RUNNING], status=S.CANCELLING)
+        ):
+            self.manager.event(job_id, "Cancellation requested", level="warn")
+        self.manager.wake()
+        return self.job(owner, job_id)
+
+    # ---- pieces ---------------------------------------------------------------------------------------------
+    def _training_file(self, owner: str, file_id: str, fld: str) -> dict[str, Any]:
+        row = self.store.get_file(file_id, owner)
+        if row is None:
+            raise NotFoundError(f"no file {file_id!r}: upload it to /v1/files first", field=fld)
+        if row["purpose"] != FINE_TUNE:
+            raise JobsError(f"file {file_id} has purpose {row['purpose']!r}, not {FINE_TUNE!r}", field=fld)
+        return row
+
+    def _model(self, name: str) -> tuple[ModelSource, ModelSpec]:
+        """A local directory under the allowed roots, or a catalog model with a Hugging Face id."""
+        if "\x00" in name or ".." in name.split("/"):
+            raise ModelSourceError(f"invalid model {name!r}", field="model")
+        if name.startswith(("/", "~")):
+            source = local_model_source(name, self.cfg.model_roots)
+            try:
+                cfg = json.loads((Path(source.ref) / "config.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelSourceError(f"cannot read {name}/config.json: {exc}", field="model") from exc
+            if not isinstance(cfg, dict):
+                raise ModelSourceError(f"{name}/config.json is not a JSON object", field="model")
+            if cfg.get("auto_map") and not self.cfg.allow_trust_remote_code:
+                raise ModelSourceError(
+                    f"{name} needs custom code (config.json has auto_map); this deployment does not trust remote "
+                    "code (ADVISOR_ALLOW_TRUST_REMOTE_CODE)",
+                    field="model",
+                )
+            try:
+                spec = model_from_config(cfg, name=Path(source.ref).name)
+            except InvalidInputError as exc:
+                raise ModelSourceError(exc.message, field="model") from exc
+            return source, spec
+        spec = self.advisor.model(name)  # unknown -> 404 with close matches
+        if spec.assumed or not spec.hf_id or not HF_ID.match(spec.hf_id):
+            raise ModelSourceError(
+                f"{name!r} is not a model that can be loaded: name a catalog model with a Hugging Face id, "
+                "or give the absolute path of a local model directory under ADVISOR_MODEL_ROOTS",
+                field="model",
+            )
+        if not self.cfg.allow_download and not _in_hf_cache(spec.hf_id):
+            raise ModelSourceError(
+                f"{spec.hf_id} is not in this server's Hugging Face cache and model downloads are off "
+                "(ADVISOR_ALLOW_MODEL_DOWNLOAD)",
+                field="model",
+            )
+        return ModelSource("hf", spec.hf_id), spec
+
+    def _plan(self, req: JobRequest, model: ModelSpec, gpu: GpuSpec) -> tuple[TrainingPlan, str | None, list[str]]:
+        if req.plan is not None:
+            return self._posted_plan(req.plan, gpu), req.plan.get("id"), ["plan: posted with the request"]
+        if req.plan_id is not None:
+            plan = find_plan(req.plan_id, gpu, req.method.seq_len)
+            if plan is None:
+                raise NotFoundError(
+                    f"no plan {req.plan_id!r} for {gpu.id}: post the plan object itself (`plan`), or give "
+                    "method.seq_len as in the /v1/recommend request",
+                    field="plan_id",
+                )
+            return plan, req.plan_id, [f"plan {req.plan_id} from /v1/recommend"]
+        m = req.method
+        method = {"supervised": "lora", None: "lora"}.get(m.type, m.type)
+        if method not in ("full", "lora", "qlora"):
+            raise JobsError(f"method.type {m.type!r} is not supported: use full, lora or qlora", field="method.type")
+        q = m.quantization or {}
+        if q and method != "qlora":
+            raise JobsError("quantization is for method qlora only", field="method.quantization")
+        if q.get("bits", 4) != 4 or str(q.get("quant_type", "nf4")).lower() != "nf4":
+            raise JobsError("only 4-bit NF4 quantisation is supported", field="method.quantization")
+        n = m.num_gpus or 1
+        sharding = m.sharding or ("none" if n == 1 else ("fsdp" if method == "full" else "ddp"))
+        optimizer = m.optimizer or ("paged-adamw-8bit" if method == "qlora" and self.cfg.device == "cuda" else "adamw")
+        r = m.lora.r or 16
+        targets = tuple(m.lora.target_modules) if m.lora.target_modules else (ALL_LINEAR,)
+        try:
+            if method != "full":
+                resolve_targets(model, targets)
+            plan = TrainingPlan(
+                method=method,
+                gpu_id=gpu.id,
+                dtype=gpu.default_dtype(),
+                micro_batch=m.micro_batch_size or 1,
+                seq_len=m.seq_len or min(2048, model.max_position_embeddings),
+                grad_checkpointing=True if m.gradient_checkpointing is None else m.gradient_checkpointing,
+                optimizer=optimizer,
+                num_gpus=n,
+                sharding=sharding,
+                lora_r=r,
+                lora_alpha=m.lora.alpha or 2 * r,
+                lora_dropout=0.05 if m.lora.dropout is None else m.lora.dropout,
+                lora_targets=targets,
+                double_quant=bool(q.get("double_quant", True)),
+            )
+        except InvalidInputError as exc:
+            raise _invalid(exc) from exc
+        return plan, None, []
+
+    def _posted_plan(self, d: dict[str, Any], gpu: GpuSpec) -> TrainingPlan:
+        keep = set(TrainingPlan.__dataclass_fields__)
+        try:
+            plan = TrainingPlan.from_dict({k: v for k, v in d.items() if k in keep})
+        except (InvalidInputError, TypeError) as exc:
+            raise JobsError(f"plan: {exc}", field="plan") from exc
+        if d.get("id") and d["id"] != plan.id:
+            raise JobsError(f"plan.id {d['id']!r} does not match the plan's fields ({plan.id})", field="plan.id")
+        if plan.gpu_id != gpu.id:
+            raise JobsError(
+                f"the plan is for {plan.gpu_id}; this deployment trains on {gpu.id}: ask /v1/recommend for {gpu.id}",
+                field="plan.gpu_id",
+            )
+        return plan
+
+    def _estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, force: bool) -> dict[str, Any]:
+        try:
+            est = self.advisor.estimate(model, gpu, plan)
+        except InvalidInputError as exc:
+            raise _invalid(exc) from exc
+        summary = {
+            k: est.get(k)
+            for k in (
+                "source",
+                "fits",
+                "peak_memory_gib",
+                "allocated_peak_gib",
+                "reserved_peak_gib",
+                "device_memory_gib",
+                "headroom_gib",
+                "breakdown_gib",
+                "step_time_s",
+                "tokens_per_s",
+                "notes",
+            )
+        }
+        summary["gpu"] = gpu.id
+        if not est["fits"] and not force:
+            parts = sorted((est.get("breakdown_gib") or {}).items(), key=lambda kv: -kv[1])[:3]
+            raise PlanDoesNotFitError(
+                f"the plan does not fit {gpu.name}: the estimator predicts {est['peak_memory_gib']:.2f} GiB per device "
+                f"of {est['device_memory_gib']:.2f} GiB (largest: "
+                + ", ".join(f"{k} {v:.2f} GiB" for k, v in parts)
+                + "). Choose a smaller plan (/v1/recommend), or post force: true to start anyway",
+                field="method",
+                extra={"estimate": summary},
+            )
+        return summary
+
+
+def find_plan(plan_id: str, gpu: GpuSpec, seq_len: int | None = None) -> TrainingPlan | None:
+    """The candidate plan of `gpu` with this id (the same enumeration /v1/recommend draws from)."""
+    space = SearchSpace(gpu_counts=(1, 2, 4, 8, 16, 32))
+    dtypes = [gpu.default_dtype()] + [d for d in ("bf16", "fp16", "fp32") if d != gpu.default_dtype()]
+    for s in (seq_len,) if seq_len else PLAN_SEQ_LENS:
+        for dtype in dtypes:
+            for plan in enumerate_plans([gpu], s, space, dtype=dtype):
+                if plan.id == plan_id:
+                    return plan
+    return None
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(hit, str)
+
+
+def _method_out(plan: TrainingPlan, spec: JobSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "type": plan.method,
+        "gradient_checkpointing": plan.grad_checkpointing,
+        "optimizer": plan.optimizer,
+        "micro_batch_size": plan.micro_batch,
+        "num_gpus": plan.num_gpus,
+        "sharding": plan.sharding,
+        "seq_len": plan.seq_len,
+        "dtype": plan.dtype,
+        "packing": spec.packing,
+        "learning_rate": spec.learning_rate,
+    }
+    if plan.method != "full":
+        out["lora"] = {
+            "r": plan.lora_r,
+            "alpha": plan.lora_alpha,
+            "dropout": plan.lora_dropout,
+            "target_modules": list(plan.lora_targets),
+        }
+    if plan.method == "qlora":
+        out["quantization"] = {
+            "bits": 4,
+            "quant_type": "nf4",
+            "double_quant": plan.double_quant,
+            "compute_dtype": plan.dtype,
+        }
+    return out

@@ -1,0 +1,81 @@
+"""Fixtures for the job tests: a tiny real model on disk, training files, and apps configured for them.
+
+The model is a real Llama architecture scaled down (hidden 64, 2 layers) with random weights and a
+word-level tokenizer trained here, so every job trains for real in seconds on the CPU. Training
+processes run with one torch thread (the suite shares two cores). Every fixture that can leave a
+training process behind kills it by pid when the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobs_helpers import job_settings, kill_job_processes
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/model (chat template), <root>/model-plain (none), train.jsonl, valid.jsonl, completion.jsonl."""
+    pytest.importorskip("torch")
+    from advisor.jobs.tiny import counting_examples, save_tiny_model, write_jsonl
+
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_model(root / "model", initializer_range=0.2)
+    save_tiny_model(root / "model-plain", chat_template=False, initializer_range=0.2)
+    write_jsonl(root / "train.jsonl", counting_examples(64, seed=0))
+    write_jsonl(root / "valid.jsonl", counting_examples(8, seed=1))
+    write_jsonl(root / "completion.jsonl", counting_examples(64, seed=2, fmt="completion"))
+    return root
+
+
+@pytest.fixture
+def big_root(tmp_path: Path) -> Path:
+    """A root holding llama-7b/: Llama-2-7B's config.json and no weights (enough for the fit check)."""
+    d = tmp_path / "big" / "llama-7b"
+    d.mkdir(parents=True)
+    cfg = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 4096,
+    }
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d.parent
+
+
+@pytest.fixture
+def make_client(tmp_path: Path, tiny_root: Path) -> Iterator[Callable[..., Any]]:
+    """make_client(**settings) -> a started TestClient on a fresh data dir (closed and cleaned after)."""
+    from fastapi.testclient import TestClient
+
+    from advisor.api.app import create_app
+
+    opened: list[tuple[Any, Path]] = []
+
+    def make(roots: list[Path] | None = None, data_dir: Path | None = None, **overrides: Any) -> Any:
+        data = data_dir or tmp_path / f"data{len(opened)}"
+        data.mkdir(parents=True, exist_ok=True)
+        client = TestClient(create_app(job_settings(data, roots or [tiny_root], **overrides)))
+        client.__enter__()
+        opened.append((client, data))
+        return client
+
+    yield make
+    for client, data in opened:
+        with contextlib.suppress(Exception):
+            client.__exit__(None, None, None)
+        kill_job_processes(data)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., Any]) -> Any:
+    return make_client()

@@ -1,0 +1,111 @@
+"""Helpers of the job tests (a module of its own: conftest modules are not importable by name)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+KEY = "test-key-" + "x" * 24
+OTHER_KEY = "other-key-" + "y" * 24
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OTHER_AUTH = {"Authorization": f"Bearer {OTHER_KEY}"}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def job_settings(data_dir: Path, roots: list[Path], **overrides: Any) -> Any:
+    from advisor.api.settings import Settings
+
+    values: dict[str, Any] = dict(
+        data_dir=data_dir,
+        api_keys=[KEY, OTHER_KEY],
+        model_roots=[str(r) for r in roots],
+        job_gpu="cpu",
+        job_cpu_threads=1,
+        job_poll_interval_s=0.1,
+        cancel_grace_s=5.0,
+        access_log=False,
+        max_body_bytes=64 * 2**20,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+def kill_job_processes(data_dir: Path) -> None:
+    """SIGKILL the process group of every job whose handle names a process that still runs."""
+    from advisor.jobs.launchers import proc_start_ticks
+    from advisor.jobs.store import Store
+
+    db = data_dir / "advisor.db"
+    if not db.exists():
+        return
+    store = Store(f"sqlite:///{db}")
+    try:
+        for job in store.jobs_with_status(["running", "cancelling", "succeeded", "failed", "cancelled"]):
+            h = job.get("handle") or {}
+            pid = h.get("pid")
+            if pid and proc_start_ticks(int(pid)) == h.get("start_ticks"):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(int(pid), signal.SIGKILL)
+    finally:
+        store.close()
+
+
+def upload(client: Any, path: Path, purpose: str = "fine-tune", auth: dict[str, str] = AUTH) -> dict[str, Any]:
+    with path.open("rb") as f:
+        r = client.post("/v1/files", headers=auth, files={"file": (path.name, f)}, data={"purpose": purpose})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(
+    get: Callable[[], dict[str, Any]], until: Callable[[dict[str, Any]], bool], timeout: float = 180.0
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = get()
+        if until(doc):
+            return doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; last state: {doc}")
+        time.sleep(0.2)
+
+
+def wait_job(client: Any, job_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 180.0) -> dict[str, Any]:
+    return wait_for(
+        lambda: client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=AUTH).json(),
+        lambda j: j["status"] in statuses,
+        timeout,
+    )
+
+
+def events(client: Any, job_id: str) -> list[dict[str, Any]]:
+    r = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", headers=AUTH, params={"limit": 1000, "order": "asc"})
+    assert r.status_code == 200, r.text
+    return r.json()["data"]
+
+
+def tiny_job(model: Path, file_id: str, method: str = "lora", **extra: Any) -> dict[str, Any]:
+    """A job body that trains the tiny model for real in a few seconds."""
+    body: dict[str, Any] = {
+        "model": str(model),
+        "training_file": file_id,
+        "hyperparameters": {
+            "n_epochs": 2,
+            "batch_size": 4,
+            "learning_rate_multiplier": 50 if method != "full" else 300,
+        },
+        "method": {"type": method, "seq_len": 32, "lora": {"r": 8, "dropout": 0.0}, "gradient_checkpointing": False},
+    }
+    if method == "full":
+        del body["method"]["lora"]
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(body.get(k), dict):
+            body[k] = {**body[k], **v}
+        else:
+            body[k] = v
+    return body
