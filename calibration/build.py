@@ -110,10 +110,19 @@ def _auto_class(config: PretrainedConfig):
     return AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
 
 
-def save_random_model(config: PretrainedConfig, path: str | Path, seed: int = 0) -> Path:
-    """Write a randomly initialised model (fp32 safetensors + config) to `path`, for loading like a checkpoint."""
+def save_random_model(
+    config: PretrainedConfig,
+    path: str | Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Path:
+    """Write a randomly initialised model (safetensors + config) to `path`, for loading like a checkpoint.
+
+    Initialised on `device` (a GPU initialises a billion parameters in a blink, a CPU takes minutes)."""
     torch.manual_seed(seed)
-    model = _auto_class(config).from_config(config, dtype=torch.float32)
+    with torch.device(device):
+        model = _auto_class(config).from_config(config, dtype=dtype)
     path = Path(path)
     model.save_pretrained(str(path))
     del model
@@ -143,7 +152,7 @@ def build(
     spec = spec_of(config)
     dtype = TORCH_DTYPES[plan.dtype]
     torch.manual_seed(seed)
-    with _weights_dir(source, config, seed, need_files=plan.method == "qlora") as weights_dir:
+    with _weights_dir(source, config, seed, plan.method == "qlora", dtype, device) as weights_dir:
         model = _load(config, weights_dir, plan, device, dtype)
     lora_modules: tuple[str, ...] = ()
     if plan.method == "qlora":
@@ -178,7 +187,9 @@ def build(
 
 
 @contextlib.contextmanager
-def _weights_dir(source, config: PretrainedConfig, seed: int, need_files: bool) -> Iterator[Path | None]:
+def _weights_dir(
+    source, config: PretrainedConfig, seed: int, need_files: bool, dtype: torch.dtype, device: torch.device
+) -> Iterator[Path | None]:
     """The directory to load weights from: the given one, a temporary random checkpoint (QLoRA needs
     the from_pretrained path to quantise), or None (random init in memory)."""
     if isinstance(source, (str, Path)) and _has_weights(Path(source).expanduser()):
@@ -188,7 +199,7 @@ def _weights_dir(source, config: PretrainedConfig, seed: int, need_files: bool) 
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="tuneadvisor-random-") as tmp:
-        yield save_random_model(config, tmp, seed)
+        yield save_random_model(config, tmp, seed, dtype, device)
 
 
 def _load(
@@ -218,7 +229,8 @@ def _load(
     if weights_dir is not None:
         model = auto.from_pretrained(str(weights_dir), config=config, dtype=store, local_files_only=True)
     else:
-        model = auto.from_config(config, dtype=store)
+        with torch.device(device):  # initialise where it will train
+            model = auto.from_config(config, dtype=store)
     return model.to(device)
 
 

@@ -390,7 +390,7 @@ def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, l
         meters={
             "peak_memory": "cuda:max_memory_allocated" if cuda else "cpu:torch_dispatch_live_storage_bytes",
             "reserved": "cuda:max_memory_reserved" if cuda else None,
-            "device_total": meta.get("device_total_meter") if cuda else None,
+            "device_total": next((r["memory"].get("device_total_meter") for r in rows if r.get("memory")), None),
             "rss": "getrusage(RUSAGE_SELF).ru_maxrss of the trial process (recorded, not fitted)",
             "step_time": "median of the last quiet window of timed steps (time.perf_counter"
             + (", torch.cuda.synchronize around each step)" if cuda else ")"),

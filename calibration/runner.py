@@ -23,13 +23,14 @@ import json
 import os
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -331,7 +332,8 @@ def run_design(
     out.mkdir(parents=True, exist_ok=True)
     path = out / MEASUREMENTS
     done_ids = {r.get("trial_id") for r in read_measurements(path)}
-    todo = [t for t in trials if t.id not in done_ids]
+    cache = out / "weights"
+    todo = [t if t.weights_cache else replace(t, weights_cache=str(cache)) for t in trials if t.id not in done_ids]
     summary = RunSummary(out_dir=out, skipped=len(done_ids))
     run_meta = dict(meta or {})
     run_meta.update(started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), load_average_start=load_average())
@@ -355,6 +357,7 @@ def run_design(
     finally:
         if server is not None:
             server.close()
+        shutil.rmtree(cache, ignore_errors=True)  # random weights: large and worthless once measured
     summary.wall_s = time.perf_counter() - t0
     run_meta.update(
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -51,6 +51,8 @@ class TrialSpec:
     # "on a smaller device", and how tests provoke a real out-of-memory.
     memory_limit_bytes: int | None = None
     timeout_s: float = 600.0
+    max_timing_s: float = 20.0  # stop looking for a quiet window of steps after this long
+    weights_cache: str | None = None  # QLoRA: directory for the random checkpoints it loads (one per group)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,10 +102,17 @@ def classify(exc: BaseException) -> str:
 
 
 def _limit_address_space(extra_bytes: int) -> None:
+    """Soft limit only, so that the trial can lift it again to report its own out-of-memory."""
     with open("/proc/self/statm") as f:
         vm_now = int(f.read().split()[0]) * resource.getpagesize()
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = vm_now + extra_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def _lift_address_space_limit() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
 
 
 def run_trial(spec: TrialSpec) -> TrialResult:
@@ -124,6 +133,8 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     except BaseException as exc:  # OOM, crashes in Python-level code, bad configs: all are measurements
         if isinstance(exc, KeyboardInterrupt):
             raise
+        if spec.memory_limit_bytes is not None and not spec.device.startswith("cuda"):
+            _lift_address_space_limit()
         res.status = classify(exc)
         tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
         res.error = f"{type(exc).__name__}: {str(exc)[:500]}\n" + "".join(tb[-3:])[-1500:]
@@ -156,14 +167,15 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
     gen = torch.Generator().manual_seed(spec.seed)
 
     # 1. build (under the CPU meter, so every weight and quantisation constant is counted)
+    source = _cached_weights(spec, plan, device) if plan.method == "qlora" and spec.weights_cache else spec.arch
     meter = None if cuda else meters.LiveTensorMeter()
     t0 = time.perf_counter()
     if meter is not None:
         with meter:
-            built = build(spec.arch, plan, device, seed=spec.seed)
+            built = build(source, plan, device, seed=spec.seed)
         meter.track_module(built.model)
     else:
-        built = build(spec.arch, plan, device, seed=spec.seed)
+        built = build(source, plan, device, seed=spec.seed)
     res.build_s = time.perf_counter() - t0
     res.trainable_params = built.trainable_params
     res.lora_modules = list(built.lora_modules)
@@ -188,7 +200,7 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
         meters.cuda_reset(device)
 
     # 4. time: steps until the last `timed_steps` agree within 25% (other processes sharing the
-    # cores make single steps slow), at most 4x timed_steps; the median of that window is the figure
+    # cores make single steps slow), at most 4x timed_steps or max_timing_s; the median of that window
     times: list[float] = []
     loss = 0.0
     window = max(1, spec.timed_steps)
@@ -200,7 +212,7 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
         sync()
         times.append(time.perf_counter() - t)
         last = times[-window:]
-        if len(times) >= window and max(last) <= QUIET_SPREAD * min(last):
+        if len(times) >= window and (max(last) <= QUIET_SPREAD * min(last) or sum(times) > spec.max_timing_s):
             break
     last = times[-window:]
     reading = meters.cuda_reading(device, rss_baseline) if cuda else meters.cpu_reading(meter, rss_baseline)
@@ -215,6 +227,19 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
     res.loss = float(loss)
     if not torch.isfinite(torch.tensor(res.loss)):
         raise FloatingPointError(f"loss is {res.loss}: the trial diverged")
+
+
+def _cached_weights(spec: TrialSpec, plan, device) -> Path:
+    """QLoRA loads through from_pretrained: one random checkpoint per architecture and dtype, reused."""
+    from calibration.build import TORCH_DTYPES, load_config, save_random_model
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.group)
+    path = Path(spec.weights_cache) / f"{safe}-{plan.dtype}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + ".partial")
+        save_random_model(load_config(spec.arch), tmp, spec.seed, TORCH_DTYPES[plan.dtype], device)
+        os.replace(tmp, path)
+    return path
 
 
 def child_main(spec_path: str, result_path: str) -> None:
