@@ -15,7 +15,7 @@ from advisor.api.auth import require_api_key
 from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check
 from advisor.api.errors import error_responses, install_error_handlers
 from advisor.api.observability import Metrics, RequestContextMiddleware, configure_logging
-from advisor.api.routes import advice, catalog, files, fine_tuning, health
+from advisor.api.routes import advice, calibrations, catalog, files, fine_tuning, health
 from advisor.api.settings import Settings
 from advisor.catalog import build_catalog
 from advisor.service import AdvisorService
@@ -45,7 +45,7 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(advice.router, dependencies=advice_deps, responses=advice_resp)
     app.include_router(files.router)  # /v1/files: API key required (the router's own dependency)
     app.include_router(fine_tuning.router)  # /v1/fine_tuning: API key required; its lifespan runs the jobs
-    # later issues: calibrations.router
+    calibrations.install(app, settings)  # /v1/calibrations: API key required; profiles in <data dir>/profiles
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
