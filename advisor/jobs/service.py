@@ -178,6 +178,13 @@ class JobService:
         source, model = self._model(req.model)
         gpu = self.cfg.gpu
         base, plan_id, notes = self._plan(req, model, gpu)
+        slots = getattr(self.manager.launcher, "slots", None)
+        if slots is not None and base.num_gpus > len(slots):
+            raise JobsError(
+                f"the plan needs {base.num_gpus} devices; this deployment has {len(slots)} device"
+                + ("s" if len(slots) != 1 else ""),
+                field="method.num_gpus",
+            )
         try:
             hp = resolve_hyperparameters(
                 base.method,

@@ -65,6 +65,7 @@ files = Table(
     Column("sha256", String(64), nullable=False),
     Column("path", Text, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+    Column("created_ns", BigInteger, nullable=False),  # creation order for pages (created_at is seconds)
 )
 
 jobs = Table(
@@ -73,6 +74,7 @@ jobs = Table(
     Column("id", String(64), primary_key=True),
     Column("owner", String(64), nullable=False, index=True),
     Column("created_at", BigInteger, nullable=False),
+    Column("created_ns", BigInteger, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("started_at", Float),
     Column("finished_at", BigInteger),
@@ -200,7 +202,8 @@ class Store:
 
     # ---- files ----------------------------------------------------------------------------------
     def add_file(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = {"created_at": _now(), **row}
+        ns = time.time_ns()
+        row = {"created_at": ns // 10**9, "created_ns": ns, **row}
         with self.engine.begin() as c:
             c.execute(insert(files).values(**row))
         return row
@@ -219,7 +222,7 @@ class Store:
         q = select(files).where(files.c.owner == owner)
         if purpose:
             q = q.where(files.c.purpose == purpose)
-        return self._page(q, files, after, limit, order, key=(files.c.created_at, files.c.id))
+        return self._page(q, files, after, limit, order, key=(files.c.created_ns, files.c.id))
 
     def delete_file(self, file_id: str, owner: str) -> dict[str, Any] | None:
         with self.engine.begin() as c:
@@ -242,8 +245,15 @@ class Store:
         """Insert a job; with an idempotency key already used by this owner, return that job instead.
 
         Returns (job row, created)."""
-        now = time.time()
-        row = {"created_at": int(now), "updated_at": now, "cancel_requested": False, "events_offset": 0, **row}
+        ns = time.time_ns()
+        row = {
+            "created_at": ns // 10**9,
+            "created_ns": ns,
+            "updated_at": ns / 1e9,
+            "cancel_requested": False,
+            "events_offset": 0,
+            **row,
+        }
         try:
             with self.engine.begin() as c:
                 c.execute(insert(jobs).values(**row))
@@ -275,7 +285,7 @@ class Store:
     ) -> tuple[list[dict[str, Any]], bool]:
         q = select(jobs).where(jobs.c.owner == owner)
         rows, more = self._page(
-            q, jobs, after, limit if not metadata_filter else 10_000, "desc", key=(jobs.c.created_at, jobs.c.id)
+            q, jobs, after, limit if not metadata_filter else 10_000, "desc", key=(jobs.c.created_ns, jobs.c.id)
         )
         if metadata_filter:  # JSON filtering differs per database: filter here, the lists are short
             rows = [r for r in rows if all((r.get("metadata") or {}).get(k) == v for k, v in metadata_filter.items())]
@@ -284,7 +294,7 @@ class Store:
         return rows, more
 
     def jobs_with_status(self, statuses: Sequence[str]) -> list[dict[str, Any]]:
-        q = select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.created_at, jobs.c.id)
+        q = select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.created_ns, jobs.c.id)
         with self.engine.begin() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 

@@ -29,7 +29,6 @@ def job_settings(data_dir: Path, roots: list[Path], **overrides: Any) -> Any:
         job_poll_interval_s=0.1,
         cancel_grace_s=5.0,
         access_log=False,
-        max_body_bytes=64 * 2**20,
     )
     values.update(overrides)
     return Settings(**values)
@@ -89,7 +88,7 @@ def events(client: Any, job_id: str) -> list[dict[str, Any]]:
     return r.json()["data"]
 
 
-def tiny_job(model: Path, file_id: str, method: str = "lora", **extra: Any) -> dict[str, Any]:
+def tiny_job(model: Path, file_id: str, kind: str = "lora", **extra: Any) -> dict[str, Any]:
     """A job body that trains the tiny model for real in a few seconds."""
     body: dict[str, Any] = {
         "model": str(model),
@@ -97,11 +96,11 @@ def tiny_job(model: Path, file_id: str, method: str = "lora", **extra: Any) -> d
         "hyperparameters": {
             "n_epochs": 2,
             "batch_size": 4,
-            "learning_rate_multiplier": 50 if method != "full" else 300,
+            "learning_rate_multiplier": 50 if kind != "full" else 300,
         },
-        "method": {"type": method, "seq_len": 32, "lora": {"r": 8, "dropout": 0.0}, "gradient_checkpointing": False},
+        "method": {"type": kind, "seq_len": 32, "lora": {"r": 8, "dropout": 0.0}, "gradient_checkpointing": False},
     }
-    if method == "full":
+    if kind == "full":
         del body["method"]["lora"]
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(body.get(k), dict):

@@ -2,8 +2,8 @@
 
 Each upload is validated line by line while it is written (JSON per line, chat or prompt/completion,
 size and example limits); a bad file gets 400 naming its first bad line (`line` in the body) and
-leaves nothing on disk. Note: uploads also pass the service's request body limit
-(ADVISOR_MAX_BODY_BYTES); raise it for training files larger than that.
+leaves nothing on disk. Uploads have their own body limit (ADVISOR_MAX_FILE_BYTES plus the
+multipart envelope) instead of the service-wide ADVISOR_MAX_BODY_BYTES.
 """
 
 from __future__ import annotations

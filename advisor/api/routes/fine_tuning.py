@@ -19,10 +19,10 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from advisor.api.auth import ApiKey, require_api_key
-from advisor.api.deps import add_readiness_check
+from advisor.api.deps import add_readiness_check, set_body_limit
 from advisor.api.errors import ApiError, error_responses, request_id_of
 from advisor.api.schemas import ErrorResponse, LoraTarget, Optimizer, PlanOut
 from advisor.jobs import objects
@@ -34,6 +34,7 @@ from advisor.jobs.store import Store
 
 # ---- app state ------------------------------------------------------------------------------------------
 _lock = threading.Lock()
+MULTIPART_SLACK = 1 << 20
 
 
 def jobs_state(app: FastAPI) -> JobService:
@@ -60,8 +61,13 @@ def jobs_state(app: FastAPI) -> JobService:
 
 
 def _register_check(app: FastAPI) -> None:
+    """The `job_store` readiness check, and the upload body limit of /v1/files (the training file
+    limit plus room for the multipart envelope) in place of the service-wide one."""
     if not any(c.name == "job_store" for c in app.state.readiness):
         add_readiness_check(app, "job_store", lambda: _store_check(app))
+    limits = getattr(app.state, "body_limits", None)
+    if limits is not None and "/v1/files" not in limits:
+        set_body_limit(app, "/v1/files", int(app.state.settings.max_file_bytes) + MULTIPART_SLACK)
 
 
 def _store_check(app: FastAPI) -> tuple[bool, str]:
@@ -89,7 +95,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         jobs_state(app)
     except UnavailableError:  # /readyz says why; the first request after the fix starts it
-        _register_check(app)
+        with _lock:
+            _register_check(app)
     try:
         yield
     finally:
@@ -126,17 +133,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Auto = Literal["auto"]
 JobId = Annotated[str, Path(max_length=64, description="a fine-tuning job id (ftjob-...)")]
 Cursor = Annotated[str | None, Query(max_length=64, description="the last id of the previous page")]
 
 
+def _auto_or_number(integer: bool, lo: float, hi: float, lo_open: bool = False) -> Any:
+    """ "auto" or a number in range, as one type: errors name the field, not a union branch."""
+    kind = "an integer" if integer else "a number"
+    bound = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def check(v: Any) -> Any:
+        if v == "auto":
+            return v
+        ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type or v != v or not (lo < v <= hi if lo_open else lo <= v <= hi):
+            raise ValueError(f'must be "auto" or {kind} in {bound}')
+        return v
+
+    number = {"type": "integer" if integer else "number", "maximum": hi}
+    number["exclusiveMinimum" if lo_open else "minimum"] = lo
+    schema = {"anyOf": [{"const": "auto", "type": "string"}, number], "default": "auto"}
+    return Annotated[Any, BeforeValidator(check), WithJsonSchema(schema)]
+
+
 class HyperparametersIn(_Strict):
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=100)] = "auto"
-    batch_size: Auto | Annotated[int, Field(ge=1, le=4096)] = Field(
+    n_epochs: _auto_or_number(True, 1, 100) = "auto"  # type: ignore[valid-type]
+    batch_size: _auto_or_number(True, 1, 4096) = Field(  # type: ignore[valid-type]
         "auto", description="training sequences per optimiser step (packed sequences when packing is on)"
     )
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=1000, allow_inf_nan=False)] = Field(
+    learning_rate_multiplier: _auto_or_number(False, 0, 1000, lo_open=True) = Field(  # type: ignore[valid-type]
         "auto", description="scales the method's base rate: full 2e-5, LoRA/QLoRA 2e-4"
     )
 
