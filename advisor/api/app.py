@@ -8,12 +8,13 @@ Registering a router is one line in ``_include_routers``. Shared state lives on 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
 from advisor.api.auth import require_api_key
 from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check
-from advisor.api.errors import error_responses, install_error_handlers
+from advisor.api.errors import error_responses, errors_as_json, install_error_handlers
 from advisor.api.observability import Metrics, RequestContextMiddleware, configure_logging
 from advisor.api.routes import advice, calibrations, catalog, files, fine_tuning, health
 from advisor.api.settings import Settings
@@ -48,6 +49,17 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
     calibrations.install(app, settings)  # /v1/calibrations: API key required; profiles in <data dir>/profiles
 
 
+def _document_errors_as_json(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = errors_as_json(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A fully wired app. Raises AdvisorError when a catalog override file is unusable.
 
@@ -74,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_readiness_check(app, "data_dir", data_dir_check(settings))
 
     install_error_handlers(app)
+    _document_errors_as_json(app)
     _include_routers(app, settings)
     app.add_middleware(
         RequestContextMiddleware,

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from advisor.api.schemas import ErrorResponse, FieldError
 from advisor.errors import (
@@ -203,12 +204,36 @@ async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first route that
+    matched the path, so a path with a GET route and a POST route answered `Allow: POST` alone."""
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        # FastAPI's "error parsing the body": a body that is not UTF-8 is invalid JSON like any other
+        cause = exc.__cause__
+        error = FieldError(
+            field="body", message=f"not UTF-8 at byte {cause.start}: {cause.reason}", type="json_invalid"
+        )
+        return error_response(
+            request_id_of(request), 422, "invalid_input", "invalid request: body", field="body", errors=[error]
+        )
     code = HTTP_CODES.get(exc.status_code, "http_error")
-    return error_response(
-        request_id_of(request), exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
-    )
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
+    return error_response(request_id_of(request), exc.status_code, code, str(exc.detail), headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -218,10 +243,27 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
+def errors_as_json(doc: dict[str, Any]) -> dict[str, Any]:
+    """Document every ErrorResponse as application/json, which is what the handlers above send.
+
+    FastAPI files a `responses=` model under the route's own media type, so a route answering
+    text/plain on success (e.g. job logs) would claim its errors are text/plain too."""
+    ref = "#/components/schemas/ErrorResponse"
+    for ops in doc.get("paths", {}).values():
+        for op in ops.values():
+            for status, response in op.get("responses", {}).items():
+                content = response.get("content", {})
+                if not status.isdigit() or int(status) < 400 or "application/json" in content:
+                    continue
+                for media_type, body in list(content.items()):
+                    if body.get("schema", {}).get("$ref") == ref:
+                        content["application/json"] = content.pop(media_type)
+    return doc
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting error statuses with the ErrorResponse body."""
     text = {
-        400: "the body could not be read (e.g. not UTF-8)",
         401: "missing or invalid API key (`Authorization: Bearer <key>`)",
         404: "unknown model or GPU; `suggestions` lists close matches",
         409: "no plan is feasible",

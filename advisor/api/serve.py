@@ -106,7 +106,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # each worker builds its own app from the environment: hand the flags over through it
         for field, value in overrides.items():
             os.environ[f"ADVISOR_{field.upper()}"] = _env_value(value)
-        uvicorn.run("advisor.api.app:app_from_env", factory=True, workers=settings.workers, **common)
+        from advisor.api.workers import run_workers
+
+        run_workers("advisor.api.app:app_from_env", settings.workers, **common)
     else:
         uvicorn.run(app, **common)
     return 0

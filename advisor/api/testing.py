@@ -19,7 +19,9 @@ def serve_in_thread(app: Any, *, startup_timeout_s: float = 20.0) -> Iterator[st
     """Yield the base URL (``http://127.0.0.1:<port>``) of `app` served by uvicorn until the block ends."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: with proto 0 asyncio skips TCP_NODELAY and keep-alive requests wait
+    # ~40 ms on delayed ACKs (uvicorn issue #3149)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -214,3 +214,5 @@ def test_json_that_is_not_an_object_or_not_json_is_a_422(client: TestClient) -> 
     assert r.status_code == 422 and r.json()["field"] == "body"
     r = client.post("/v1/recommend", json=["llama-2-7b"])
     assert r.status_code == 422
+    r = client.post("/v1/recommend", content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["field"] == "body" and "UTF-8" in r.json()["errors"][0]["message"]

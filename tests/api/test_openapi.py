@@ -52,7 +52,9 @@ def test_check_flag_fails_on_drift_and_regenerates(tmp_path: Path, capsys: pytes
 def test_operation_ids_are_stable_and_errors_documented() -> None:
     doc = json.loads(COMMITTED.read_text())
     found = {(m, p): op["operationId"] for p, ops in doc["paths"].items() for m, op in ops.items()}
-    assert found == OPERATION_IDS
+    assert {k: found.get(k) for k in OPERATION_IDS} == OPERATION_IDS
+    ids = list(found.values())
+    assert len(ids) == len(set(ids)), "operation ids are unique"
     for (method, path), _ in OPERATION_IDS.items():
         responses = doc["paths"][path][method]["responses"]
         for status in {"422", "404"} & set(responses):

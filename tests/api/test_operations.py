@@ -140,3 +140,41 @@ def test_a_router_can_raise_the_body_limit_under_its_prefix(make_app) -> None:
         assert c.post("/v1/uploads", content=b"x" * 20_000).status_code == 413
         r = c.post("/v1/recommend", content=b"x" * 10_000, headers={"content-type": "application/json"})
         assert r.status_code == 413, "other routes keep the default limit"
+
+
+def test_405_lists_every_method_served_at_the_path(make_app) -> None:
+    app = make_app()
+    extra = APIRouter()
+
+    @extra.get("/v1/things")
+    def list_things() -> list[str]:
+        return []
+
+    @extra.post("/v1/things")
+    def create_thing() -> dict[str, str]:
+        return {}
+
+    app.include_router(extra)
+    with TestClient(app) as c:
+        r = c.delete("/v1/things")
+        assert r.status_code == 405 and r.json()["code"] == "method_not_allowed"
+        assert set(r.headers["allow"].split(", ")) == {"GET", "POST"}
+        assert c.put("/v1/recommend").headers["allow"] == "POST"
+
+
+def test_errors_are_documented_as_json_even_on_text_routes(make_app) -> None:
+    from fastapi.responses import PlainTextResponse
+
+    from advisor.api.errors import error_responses
+
+    app = make_app()
+    extra = APIRouter()
+
+    @extra.get("/v1/text", response_class=PlainTextResponse, responses=error_responses(404))
+    def text() -> str:
+        return "hello"
+
+    app.include_router(extra)
+    responses = app.openapi()["paths"]["/v1/text"]["get"]["responses"]
+    assert set(responses["404"]["content"]) == {"application/json"}
+    assert set(responses["200"]["content"]) == {"text/plain"}

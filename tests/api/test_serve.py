@@ -73,3 +73,48 @@ def test_serve_runs_the_service(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=20)
     access = [line for line in out.splitlines() if '"advisor.access"' in line and request_id in line]
     assert len(access) == 1 and '"route": "/v1/recommend"' in access[0] and '"status": 200' in access[0]
+
+
+def test_worker_sockets_are_tcp_so_nodelay_applies() -> None:
+    import socket as _socket
+
+    from advisor.api.workers import TcpConfig
+
+    config = TcpConfig("advisor.api.app:app_from_env", factory=True, host="127.0.0.1", port=0, workers=2)
+    sock = config.bind_socket()
+    try:
+        assert sock.proto == _socket.IPPROTO_TCP and sock.get_inheritable()
+    finally:
+        sock.close()
+
+
+def test_serve_with_two_workers_sums_metrics_over_them(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    prom = tmp_path / "prom"
+    prom.mkdir()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(prom)}
+    cmd = [sys.executable, "-m", "advisor.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path / "d")]
+    proc = subprocess.Popen([*cmd, "--workers", "2", "--no-access-log"], env=env, stdout=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "advisor serve --workers 2 did not come up"
+            time.sleep(0.2)
+        for _ in range(6):  # new connections: the kernel spreads them over the workers
+            assert httpx.get(base + "/v1/gpus/t4").status_code == 200
+        text = httpx.get(base + "/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    line = next(
+        x for x in text.splitlines() if x.startswith("advisor_http_requests_total{") and "/v1/gpus/{gpu_id}" in x
+    )
+    assert float(line.rsplit(" ", 1)[1]) == 6

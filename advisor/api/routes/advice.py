@@ -21,7 +21,7 @@ router = APIRouter(prefix="/v1", tags=["advice"])
     operation_id="recommend",
     summary="Rank training plans for a model, GPU(s) and workload",
     response_model=RecommendResponse,
-    responses=error_responses(400, 404, 409, 413, 422),
+    responses=error_responses(404, 409, 413, 422),
 )
 def recommend(body: RecommendRequest, svc: Service) -> dict[str, Any]:
     """Every candidate plan (method x adapter shape x micro-batch x checkpointing x optimiser x GPUs) is
@@ -39,7 +39,7 @@ def recommend(body: RecommendRequest, svc: Service) -> dict[str, Any]:
     operation_id="estimate",
     summary="Memory breakdown, speed, hours and cost of one plan",
     response_model=EstimateResponse,
-    responses=error_responses(400, 404, 413, 422),
+    responses=error_responses(404, 413, 422),
 )
 def estimate(body: EstimateRequest, svc: Service) -> dict[str, Any]:
     """One fully specified plan (e.g. one from /v1/recommend, posted back unchanged) -> the same estimate."""
