@@ -125,3 +125,15 @@ def test_files_need_an_api_key_and_are_per_key(client, tiny_root: Path) -> None:
     assert client.get(f"/v1/files/{f['id']}", headers=OTHER_AUTH).status_code == 404
     assert client.get("/v1/files", headers=OTHER_AUTH).json()["data"] == []
     assert client.delete(f"/v1/files/{f['id']}", headers=OTHER_AUTH).status_code == 404
+
+
+def test_uploads_may_exceed_the_service_wide_body_limit(client, tmp_path: Path) -> None:
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(_lines(CHAT) * 30_000)
+    assert big.stat().st_size > client.app.state.settings.max_body_bytes
+    f = upload(client, big)
+    assert f["examples"] == 30_000 and f["bytes"] == big.stat().st_size
+    assert (
+        client.post("/v1/recommend", content=b"x" * (2 << 20), headers={"content-type": "application/json"}).status_code
+        == 413
+    )

@@ -1,0 +1,180 @@
+"""Launchers: argv lists (never a shell), and the reconciler's slot queue and SIGTERM -> SIGKILL escalation
+on real processes (an interpreter stand-in that ignores SIGTERM, the way a hung job would)."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from advisor.jobs import store as S
+from advisor.jobs.config import JobsConfig, host_cpu_spec
+from advisor.jobs.launchers import LocalLauncher, RayLauncher, proc_start_ticks, train_argv, train_env
+from advisor.jobs.manager import JobManager
+from advisor.jobs.spec import JobSpec, ModelSource
+from advisor.jobs.store import Store
+from advisor.plans import TrainingPlan
+
+
+def _spec(job_id: str = "ftjob-0123456789ab", n: int = 1, sharding: str = "none", device: str = "cpu") -> JobSpec:
+    plan = TrainingPlan(method="lora", gpu_id="cpu", dtype="fp32", num_gpus=n, sharding=sharding, micro_batch=1)
+    return JobSpec(
+        job_id=job_id,
+        model="/m",
+        source=ModelSource("local", "/m"),
+        plan=plan,
+        training_file="/f.jsonl",
+        n_epochs=1,
+        batch_size=n,
+        learning_rate=1e-4,
+        device=device,
+    )
+
+
+def test_argv_is_a_list_of_plain_arguments(tmp_path: Path) -> None:
+    d = tmp_path / "job dir; rm -rf ~"  # a hostile-looking path stays one argument
+    assert train_argv(_spec(), d, "/usr/bin/python3") == [
+        "/usr/bin/python3",
+        "-m",
+        "advisor.jobs.train",
+        "--job-dir",
+        str(d),
+    ]
+    ddp = train_argv(_spec(n=2, sharding="ddp"), d, "py", port=29555)
+    assert ddp[:3] == ["py", "-m", "accelerate.commands.launch"] and "--multi_gpu" in ddp and ddp[-1] == str(d)
+    assert ddp[ddp.index("--num_processes") + 1] == "2" and ddp[ddp.index("--main_process_port") + 1] == "29555"
+    fsdp = train_argv(_spec(n=4, sharding="fsdp"), d, "py")
+    assert "--use_fsdp" in fsdp and "--multi_gpu" not in fsdp
+    assert shlex.split(shlex.join(fsdp)) == fsdp  # what the Ray entrypoint carries parses back to the same argv
+
+
+def test_env_is_offline_and_pins_devices() -> None:
+    env = train_env(_spec(), threads=2)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "2"
+    assert train_env(_spec(n=2, sharding="ddp"), None)["ACCELERATE_USE_CPU"] == "true"
+    assert "CUDA_VISIBLE_DEVICES" not in train_env(_spec(device="cuda"), None)
+
+
+def test_ray_launcher_needs_a_dashboard_url() -> None:
+    with pytest.raises(ValueError, match="dashboard"):
+        RayLauncher("ray://head:10001")
+
+
+def test_ray_launcher_maps_an_unreachable_cluster_to_a_launch_error(tmp_path: Path) -> None:
+    from advisor.jobs.launchers import LaunchError
+
+    rl = RayLauncher("http://127.0.0.1:9", timeout_s=2)  # discard port: nothing listens
+    with pytest.raises(LaunchError, match="unreachable"):
+        rl.start(_spec(), tmp_path)
+    assert rl.poll({"submission_id": "ftjob-0123456789ab"}).state == "running"  # unknown, not ended
+    rl.shutdown()
+
+
+@pytest.fixture
+def stubborn_python(tmp_path: Path) -> Path:
+    """An executable that takes the training argv, ignores SIGTERM and sleeps (a hung training process)."""
+    p = tmp_path / "stubborn-python"
+    p.write_text("#!/bin/sh\ntrap '' TERM\nsleep 60 &\nwait\nsleep 60\n")
+    p.chmod(0o755)
+    return p
+
+
+def _manager(tmp_path: Path, python: Path, slots: int = 1) -> JobManager:
+    cfg = JobsConfig(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'data' / 'advisor.db'}",
+        gpu=host_cpu_spec(),
+        slots=[f"cpu{i}" for i in range(slots)],
+        cancel_grace_s=0.3,
+    )
+    store = Store(cfg.database_url)
+    m = JobManager(cfg, store, LocalLauncher(cfg.slots, python=str(python)))
+    store.create()
+    cfg.jobs_dir.mkdir(parents=True)
+    cfg.files_dir.mkdir(parents=True)
+    assert m._try_lead()
+    return m
+
+
+def _add(m: JobManager, job_id: str) -> None:
+    spec = _spec(job_id)
+    m.store.add_job(
+        {
+            "id": job_id,
+            "owner": "k",
+            "status": S.QUEUED,
+            "model": "/m",
+            "training_file": "file-1",
+            "seed": 0,
+            "hyperparameters": {},
+            "method": {},
+            "spec": json.loads(json.dumps(spec.to_dict())),
+            "launcher": "local",
+        }
+    )
+
+
+def test_slots_queue_and_cancel_escalates_to_sigkill(tmp_path: Path, stubborn_python: Path) -> None:
+    m = _manager(tmp_path, stubborn_python)
+    try:
+        _add(m, "ftjob-000000000001")
+        _add(m, "ftjob-000000000002")
+        m.tick()
+        first, second = m.store.get_job("ftjob-000000000001"), m.store.get_job("ftjob-000000000002")
+        assert first["status"] == S.RUNNING and second["status"] == S.QUEUED  # one slot
+        pid = first["handle"]["pid"]
+        assert proc_start_ticks(pid) == first["handle"]["start_ticks"]
+
+        assert m.store.update_job(first["id"], expect=[S.RUNNING], status=S.CANCELLING, cancel_requested=True)
+        m.tick()  # SIGTERM: ignored
+        time.sleep(0.5)
+        m.tick()
+        assert m.store.get_job(first["id"])["status"] == S.CANCELLING
+        time.sleep(0.4)
+        m.tick()  # past the grace period: SIGKILL
+        deadline = time.monotonic() + 10
+        while m.store.get_job(first["id"])["status"] != S.CANCELLED and time.monotonic() < deadline:
+            time.sleep(0.1)
+            m.tick()
+        job = m.store.get_job(first["id"])
+        assert job["status"] == S.CANCELLED and job["handle"]["killed"]
+        msgs = [e["message"] for e in m.store.list_events(first["id"], limit=100, order="asc")[0]]
+        assert any("SIGTERM sent" in x for x in msgs) and any("SIGKILL sent" in x for x in msgs)
+        assert proc_start_ticks(pid) is None or proc_start_ticks(pid) != first["handle"]["start_ticks"]
+        # the slot is free again: the queued job starts
+        assert m.store.get_job(second["id"])["status"] == S.RUNNING
+    finally:
+        for j in m.store.jobs_with_status([S.RUNNING, S.CANCELLING]):
+            m.launcher.cancel(j["handle"], force=True)
+        m.stop()
+
+
+def test_a_process_that_exits_without_a_result_fails_with_its_log(tmp_path: Path) -> None:
+    crash = tmp_path / "crash-python"
+    crash.write_text("#!/bin/sh\necho 'Segmentation fault (pretend)' >&2\nexit 139\n")
+    crash.chmod(0o755)
+    m = _manager(tmp_path, crash)
+    try:
+        _add(m, "ftjob-000000000001")
+        deadline = time.monotonic() + 10
+        while m.store.get_job("ftjob-000000000001")["status"] not in S.TERMINAL and time.monotonic() < deadline:
+            m.tick()
+            time.sleep(0.05)
+        job = m.store.get_job("ftjob-000000000001")
+        assert job["status"] == S.FAILED and job["error"]["code"] == "crashed"
+        assert "exit code 139" in job["error"]["message"] and "Segmentation fault (pretend)" in job["error"]["message"]
+    finally:
+        m.stop()
+
+
+def test_launcher_identifies_processes_by_pid_and_start_time() -> None:
+    import os
+
+    assert proc_start_ticks(os.getpid()) is not None
+    launcher = LocalLauncher(["cpu0"], python=sys.executable)
+    gone = {"pid": os.getpid(), "start_ticks": -1, "slots": ["cpu0"]}  # a recycled pid: not our job
+    assert launcher.poll(gone).state == "exited"
