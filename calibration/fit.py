@@ -45,17 +45,17 @@ from advisor.estimators.calibrated import (
     Features,
     features,
     memory_prediction,
+    speed_features,
     speed_prediction,
 )
 from advisor.plans import TrainingPlan
 from advisor.profiles import FittedRange, HeldOut, Profile, range_inputs
 from advisor.specs import GpuSpec, ModelSpec
 from calibration.runner import MEASUREMENTS, RUN_META, read_measurements
+from calibration.trial import timing_disturbed
 
-MAX_CONTENTION = 0.25
 #: terms the analytical model does not have (its structure = these at 0, the others at 1)
 ZERO_PRIOR = ("fixed_bytes", "attention_scores", "gradients")
-MAX_SPREAD = 1.5
 #: feature name in Features.memory for each memory coefficient
 _MEM_FEATURE = {
     "blocks": "blocks",
@@ -108,9 +108,7 @@ def device_of(meta: dict[str, Any]) -> GpuSpec:
 
 
 def usable_timing(r: dict[str, Any]) -> bool:
-    contention = r.get("cpu_contention")
-    spread = r.get("timing_spread")
-    return (contention is None or contention <= MAX_CONTENTION) and (spread is None or spread <= MAX_SPREAD)
+    return not timing_disturbed(r)
 
 
 def build_trials(rows: Iterable[dict[str, Any]], gpu: GpuSpec) -> list[Trial]:
@@ -247,12 +245,13 @@ def predict_memory(coef: dict[str, Any], t: Trial) -> float:
 
 
 # ---- speed -------------------------------------------------------------------------------------------
-def fit_speed(trials: list[Trial]) -> dict[str, float]:
+def fit_speed(trials: list[Trial], memory_coef: dict[str, Any]) -> dict[str, float]:
     """Speed coefficients; compute's is 1 + a non-negative part (mfu <= 1)."""
     timed = [t for t in trials if t.step_time]
     if not timed:
         return {name: 0.0 for name in SPEED_TERMS} | {"compute": 1.0}
-    x = np.array([[t.f.speed[n] for n in SPEED_TERMS] for t in timed])
+    feats = [speed_features(memory_coef, t.f) for t in timed]
+    x = np.array([[f[n] for n in SPEED_TERMS] for f in feats])
     y = np.array([t.step_time for t in timed], float)
     theta = _nnls(x, y - x[:, 0], 1.0 / y**2)
     theta[0] += 1.0
@@ -277,7 +276,8 @@ def fit_runtime(trials: list[Trial], gpu: GpuSpec) -> dict[str, float]:
 
 
 def fit_all(trials: list[Trial], gpu: GpuSpec) -> dict[str, Any]:
-    return {"memory": fit_memory(trials), "speed": fit_speed(trials), "runtime": fit_runtime(trials, gpu)}
+    memory = fit_memory(trials)
+    return {"memory": memory, "speed": fit_speed(trials, memory), "runtime": fit_runtime(trials, gpu)}
 
 
 # ---- validation -------------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ def leave_one_group_out(trials: list[Trial], gpu: GpuSpec) -> list[Prediction]:
         coef = fit_all(train, gpu)
         for t in trials:
             if t.group == g:
-                step = speed_prediction(coef["speed"], t.f) if t.step_time else None
+                step = speed_prediction(coef, t.f) if t.step_time else None
                 out.append(Prediction(t, predict_memory(coef["memory"], t), step))
     return out
 

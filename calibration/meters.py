@@ -133,7 +133,7 @@ def _quant_state_tensors(qs: Any) -> list[torch.Tensor]:
 
 # ---- contention ---------------------------------------------------------------------------------------
 class CpuContention:
-    """Share of the machine's CPU time other processes used while this one was timed.
+    """How much of this process' cores other processes took while it was timed.
 
     Why: on a shared machine another process on the same cores makes every step slower (worse with
     OpenMP's spinning barriers); a step time measured then describes the neighbours, not the device.
@@ -155,7 +155,10 @@ class CpuContention:
         t = os.times()
         return busy, t.user + t.system, time.monotonic()
 
-    def others_fraction(self) -> float | None:
+    def stolen_fraction(self, threads: int) -> float | None:
+        """Share of this process' `threads` cores that other processes took (0: undisturbed).
+
+        Other processes only slow us down once they need more than the cores we leave free."""
         end = self._sample()
         if self._start is None or end is None:
             return None
@@ -163,7 +166,9 @@ class CpuContention:
         cpus = os.cpu_count() or 1
         if wall <= 0:
             return None
-        return max(0.0, min(1.0, (busy - mine) / (wall * cpus)))
+        others = max(0.0, busy - mine) / wall  # cores' worth of other processes
+        threads = max(1, min(threads, cpus))
+        return max(0.0, min(1.0, (others - (cpus - threads)) / threads))
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------

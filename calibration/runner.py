@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-from calibration.trial import ERROR, OOM, TrialResult, TrialSpec, child_main
+from calibration.trial import ERROR, OK, OOM, TrialResult, TrialSpec, child_main, timing_disturbed
 
 MEASUREMENTS = "measurements.jsonl"
 RUN_META = "run.json"
@@ -277,6 +277,7 @@ class RunSummary:
     out_dir: Path
     results: list[TrialResult] = field(default_factory=list)
     skipped: int = 0
+    retried: int = 0  # trials measured again because other processes disturbed their timing
     wall_s: float = 0.0
 
     @property
@@ -306,6 +307,15 @@ def read_measurements(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
+def _end_torn_line(path: Path) -> None:
+    """A run killed mid-write leaves a partial last line: end it, so the next record starts on its own line."""
+    if path.exists() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -326,12 +336,14 @@ def run_design(
     meta: dict[str, Any] | None = None,
     progress: bool = True,
     on_result: Callable[[TrialResult, int, int], None] | None = None,
+    retry_disturbed: bool = True,
 ) -> RunSummary:
     """Run every trial not yet in out_dir/measurements.jsonl; return this run's results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MEASUREMENTS
     done_ids = {r.get("trial_id") for r in read_measurements(path)}
+    _end_torn_line(path)
     cache = out / "weights"
     todo = [t if t.weights_cache else replace(t, weights_cache=str(cache)) for t in trials if t.id not in done_ids]
     summary = RunSummary(out_dir=out, skipped=len(done_ids))
@@ -354,6 +366,19 @@ def run_design(
             bar.finish(result)
             if on_result is not None:
                 on_result(result, i + 1, len(todo))
+        if retry_disturbed:
+            # once more for the trials whose timing other processes disturbed; the later line wins
+            again = {r.trial_id for r in summary.results if r.status == OK and timing_disturbed(r.to_dict())}
+            redo = [t for t in todo if t.id in again]
+            if redo and progress:
+                sys.stderr.write(f"re-measuring {len(redo)} trial(s) whose timing other processes disturbed\n")
+            for spec in redo:
+                if server is None or not server.alive():
+                    server = TrialServer(out / "logs" / "server.log")
+                result = run_isolated(spec, out, server)
+                _append(path, result.to_dict())
+                summary.retried += 1
+                summary.results = [result if r.trial_id == spec.id else r for r in summary.results]
     finally:
         if server is not None:
             server.close()
@@ -364,9 +389,15 @@ def run_design(
         load_average_end=load_average(),
         run_wall_s=round(summary.wall_s, 1),
         counts=summary.counts,
+        retried_disturbed=summary.retried,
     )
     _write_meta(out, run_meta)
     return summary
+
+
+def update_meta(out: str | Path, meta: dict[str, Any]) -> None:
+    """Merge `meta` into out/run.json."""
+    _write_meta(Path(out), meta)
 
 
 def _write_meta(out: Path, meta: dict[str, Any]) -> None:

@@ -30,6 +30,10 @@ from typing import Any
 
 OK, OOM, ERROR = "ok", "oom", "error"
 QUIET_SPREAD = 1.25
+#: a step time measured while other processes took more than this share of the CPU, or whose quiet
+#: window still spread more than MAX_SPREAD, describes the neighbours rather than the device
+MAX_CONTENTION = 0.25
+MAX_SPREAD = 1.5
 _OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 
 
@@ -75,7 +79,7 @@ class TrialResult:
     step_time_s: float | None = None  # median of the timed steps
     step_times_s: list[float] = field(default_factory=list)  # every timed step, in order
     timing_spread: float | None = None  # max / min over the steps the median was taken from
-    cpu_contention: float | None = None  # share of all CPU time other processes used while timing
+    cpu_contention: float | None = None  # share of this trial's cores other processes took while timing
     warmup_steps: int = 0
     timed_steps: int = 0
     threads: int | None = None
@@ -88,6 +92,13 @@ class TrialResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def timing_disturbed(result: dict[str, Any]) -> bool:
+    """True when a measured step time is not usable (see MAX_CONTENTION, MAX_SPREAD)."""
+    contention = result.get("cpu_contention")
+    spread = result.get("timing_spread")
+    return (contention is not None and contention > MAX_CONTENTION) or (spread is not None and spread > MAX_SPREAD)
 
 
 def classify(exc: BaseException) -> str:
@@ -220,7 +231,7 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
     res.step_times_s = [round(t, 6) for t in times]
     res.step_time_s = statistics.median(last) if last else None
     res.timing_spread = round(max(last) / min(last), 3) if last else None
-    others = contention.others_fraction()
+    others = contention.stolen_fraction(torch.get_num_threads())
     res.cpu_contention = None if others is None else round(others, 3)
     res.warmup_steps = spec.warmup_steps
     res.timed_steps = len(times)

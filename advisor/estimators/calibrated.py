@@ -27,11 +27,14 @@ family without trials in the profile keeps the analytical 1.0 and no scores term
 
 Speed (seconds per micro-step); F = FLOPs per token, P = the dtype's peak FLOP/s, BW = bandwidth:
 
-    x1*tokens*F/P + x2*F/P + x3*(activation + optimizer traffic)/BW + x4*(dequantisation traffic)/BW
+    x1*tokens*F/P + x2*F/P + xn*tokens*F/P*128/hidden
+      + x3*(3*activations + optimizer traffic)/BW + x4*(dequantisation traffic)/BW
       + x5*layers*passes + x6*(LoRA modules)*passes + x7
 
-x1 = 1/MFU and x3 = 1/bandwidth efficiency are inverse efficiencies; x5..x7 are seconds of
-per-op overhead. The *scaled* rule for a catalog GPU without a profile: take the nearest calibrated
+x1 = 1/MFU and x3 = 1/bandwidth efficiency are inverse efficiencies (x1 >= 1: no step beats the
+peak), x2 the per-step matmul overhead, xn the loss of narrow matmuls (small hidden sizes);
+``activations`` are the calibrated activation bytes (the memory fit's, so a family's extra
+element-wise tensors cost time too); x5..x7 are seconds of per-op overhead. The *scaled* rule for a catalog GPU without a profile: take the nearest calibrated
 GPU (same class; nearest in log peak FLOP/s and log bandwidth), keep its efficiencies and overheads
 and its memory coefficients, and apply them to the target's own peak and bandwidth (so compute time
 scales with the FLOP/s ratio and memory-bound time with the bandwidth ratio). Such estimates say
@@ -67,6 +70,7 @@ MEMORY_TERMS_CKPT = (
 SPEED_TERMS = (
     "compute",
     "compute_per_step",
+    "compute_narrow",
     "memory_traffic",
     "dequant_traffic",
     "layer_passes_s",
@@ -74,6 +78,10 @@ SPEED_TERMS = (
     "step_s",
 )
 FAMILY_TERMS_NO_CKPT = ("blocks", "attention_scores")
+#: the analytical prior for how often element-wise ops move the saved activations (Coefficients.elementwise_passes)
+ELEMENTWISE_PASSES = DEFAULT_COEFFICIENTS.elementwise_passes
+#: matmuls narrower than this lose efficiency (the compute_narrow term scales with NARROW_WIDTH / hidden size)
+NARROW_WIDTH = 128
 FAMILY_TERMS_CKPT = ("recompute_block", "attention_scores")
 
 
@@ -126,7 +134,9 @@ def features(base: AnalyticalEstimator, model: ModelSpec, gpu: GpuSpec, plan: Tr
     speed = {
         "compute": tokens * t["flops_per_token"] / peak,
         "compute_per_step": t["flops_per_token"] / peak,
-        "memory_traffic": (t["activation_traffic_bytes"] + t["optimizer_traffic_bytes"]) / bw,
+        "compute_narrow": tokens * t["flops_per_token"] / peak * NARROW_WIDTH / model.hidden_size,
+        "optimizer_traffic": t["optimizer_traffic_bytes"] / bw,
+        "per_byte": 1.0 / bw,
         "dequant_traffic": t["quant_traffic_bytes"] / bw,
         "layer_passes_s": float(model.total_layers * passes),
         "adapter_passes_s": float(t["lora_modules"] * passes),
@@ -189,8 +199,31 @@ def memory_prediction(coef: dict[str, Any], f: Features) -> tuple[float, str, di
     return phase_b, "optimizer step", {}
 
 
-def speed_prediction(coef: dict[str, float], f: Features) -> float:
-    return sum(float(coef[name]) * f.speed[name] for name in SPEED_TERMS)
+def activation_bytes(memory_coef: dict[str, Any], f: Features) -> float:
+    """The calibrated bytes of all saved activations without checkpointing (what element-wise ops move)."""
+    k = memory_coef["no_checkpointing"]
+    m = f.memory
+    return (
+        _fam(k, "blocks", f.family) * m["blocks"]
+        + _fam(k, "attention_scores", f.family) * m["scores"]
+        + k["tail"] * m["tail"]
+    )
+
+
+def speed_features(memory_coef: dict[str, Any], f: Features) -> dict[str, float]:
+    """SPEED_TERMS for one plan; the traffic term moves the *calibrated* activation bytes (so GPT-2's extra
+    element-wise tensors, found by the memory fit, cost time too) ELEMENTWISE_PASSES times."""
+    out = {name: f.speed[name] for name in SPEED_TERMS if name in f.speed}
+    out["memory_traffic"] = (
+        f.speed["optimizer_traffic"] + ELEMENTWISE_PASSES * activation_bytes(memory_coef, f) * f.speed["per_byte"]
+    )
+    return out
+
+
+def speed_prediction(coef: dict[str, Any], f: Features) -> float:
+    """Seconds per micro-step; `coef` is a profile's coefficients (speed and memory)."""
+    x = speed_features(coef["memory"], f)
+    return sum(float(coef["speed"].get(name, 0.0)) * x[name] for name in SPEED_TERMS)
 
 
 # ---- the estimator -------------------------------------------------------------------------------
@@ -217,9 +250,9 @@ class CalibratedEstimator(AnalyticalEstimator):
             cuda_context_bytes=int(runtime.get("cuda_context_bytes", 0)),
             fixed_allocated_bytes=0,  # the fitted intercepts are inside the calibrated counts
             mfu=1.0 / x1,
-            tokens_half_efficiency=self.speed_coef["compute_per_step"] / x1,
+            tokens_half_efficiency=self.speed_coef.get("compute_per_step", 0.0) / x1,
             bandwidth_efficiency=1.0,  # the fitted traffic coefficients are folded into the counts' traffic
-            layer_overhead_s=self.speed_coef["layer_passes_s"],
+            layer_overhead_s=self.speed_coef.get("layer_passes_s", 0.0),
         )
         super().__init__(k, source=("scaled:" if scaled else "calibrated:") + profile.id)
         self._base = AnalyticalEstimator(DEFAULT_COEFFICIENTS)
@@ -244,15 +277,13 @@ class CalibratedEstimator(AnalyticalEstimator):
             "logits": int(parts.get("logits", 0.0)),
             "quant_temporaries": int(parts.get("quant_temporaries", 0.0)),
         }
+        # everything but the matmul time at the fitted MFU (x1, x2) rides on the memory-bound term, as
+        # bytes at the device's bandwidth: traffic, narrow-matmul inefficiency, per-op overheads
+        # (layer overheads stay in Coefficients.layer_overhead_s, as in the analytical model)
         sc = self.speed_coef
-        bw = self.gpu.memory_bandwidth_gbps * 1e9
-        # seconds-valued terms ride on the memory-bound term as bytes at the device's bandwidth
-        overhead_s = sc["adapter_passes_s"] * f.speed["adapter_passes_s"] + sc["step_s"]
-        traffic = (
-            sc["memory_traffic"] * (t["activation_traffic_bytes"] + t["optimizer_traffic_bytes"])
-            + sc["dequant_traffic"] * t["quant_traffic_bytes"]
-            + overhead_s * bw
-        )
+        x = speed_features(self.memory_coef, f)
+        rest = ("compute_narrow", "memory_traffic", "dequant_traffic", "adapter_passes_s", "step_s")
+        traffic = sum(sc.get(name, 0.0) * x[name] for name in rest) * self.gpu.memory_bandwidth_gbps * 1e9
         counts = replace(
             base,
             components=components,

@@ -99,5 +99,5 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
         "budget": "test",
         "threads": 1,
     }
-    summary = run_design(trials, run_dir, meta=meta, progress=False)
+    summary = run_design(trials, run_dir, meta=meta, progress=False, retry_disturbed=False)
     return TinyRun(run_dir=run_dir, device=device, trials=trials, summary=summary)

@@ -55,9 +55,21 @@ def test_a_killed_run_resumes_where_it_stopped(tiny_run, tmp_path):
     # copy the measurements but for the last two trials: a rerun measures exactly those
     lines = (tiny_run.run_dir / MEASUREMENTS).read_text().splitlines()
     (tmp_path / MEASUREMENTS).write_text("\n".join(lines[:-2]) + "\n" + '{"torn line')
-    summary = run_design(tiny_run.trials, tmp_path, meta={"device": tiny_run.device.to_dict()}, progress=False)
+    summary = run_design(
+        tiny_run.trials, tmp_path, meta={"device": tiny_run.device.to_dict()}, progress=False, retry_disturbed=False
+    )
     assert [r.trial_id for r in summary.results] == [tiny_run.oom_id, tiny_run.error_id]
     assert summary.skipped == len(tiny_run.trials) - 2
+    # a trial measured again (a disturbed timing re-measured) replaces its first line
+    from calibration.fit import load_run
+
+    first = json.loads(lines[0])
+    again = dict(first, step_time_s=first["step_time_s"] * 2)
+    with (tmp_path / MEASUREMENTS).open("a") as f:
+        f.write(json.dumps(again) + "\n")
+    _, rows = load_run(tmp_path)
+    assert len(rows) == len(tiny_run.trials)
+    assert next(r for r in rows if r["trial_id"] == first["trial_id"])["step_time_s"] == again["step_time_s"]
 
 
 def test_fit_gives_a_profile_with_every_documented_field(tiny_run):

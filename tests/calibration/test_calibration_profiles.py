@@ -37,6 +37,7 @@ def coefficients(compute: float = 2.0, traffic: float = 1.5, layer_s: float = 1e
         "speed": {
             "compute": compute,
             "compute_per_step": 0.0,
+            "compute_narrow": 0.0,
             "memory_traffic": traffic,
             "dequant_traffic": 2.0,
             "layer_passes_s": layer_s,

@@ -138,6 +138,13 @@ class Calibrations:
         return next((r for r in self.runs.values() if r.status in ("queued", "running")), None)
 
     def start(self, req: CalibrationRequest) -> _Run:
+        try:  # fail fast: no training stack on this server, or no GPU for device=cuda
+            from calibration.device import resolve_device
+        except ImportError as exc:
+            raise ApiError(
+                503, "calibration_unavailable", f"this server lacks the calibrate extra (torch, ...): {exc}"
+            ) from exc
+        resolve_device(req.device)  # InvalidInputError -> 422 naming `device`
         with self._lock:
             busy = self.active()
             if busy is not None:
@@ -227,7 +234,7 @@ def _state(app: FastAPI) -> Calibrations:
     summary="Start a calibration of this server's device in the background",
     status_code=202,
     response_model=CalibrationRun,
-    responses=error_responses(409, 422),
+    responses=error_responses(409, 422, 503),
 )
 def start_calibration(body: CalibrationRequest, request: Request, caller: ApiKey) -> dict[str, Any]:
     """Short real LoRA/QLoRA fine-tunes (each in its own process), a fitted profile, installed on success.
