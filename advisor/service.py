@@ -16,7 +16,15 @@ from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
 from advisor.profiles import ProfileStore
-from advisor.recommend import Constraints, PlanTable, Recommendation, build_table, search, study_notes
+from advisor.recommend import (
+    Constraints,
+    PlanTable,
+    Recommendation,
+    build_table,
+    make_candidate,
+    search,
+    study_notes,
+)
 from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.study import check_memory_claim
 from advisor.units import DTYPE_BYTES
@@ -98,7 +106,10 @@ def _model_summary(m: ModelSpec) -> dict:
 
 
 class AdvisorService:
-    def __init__(self, catalog: Catalog | None = None, profiles: ProfileStore | None = None):
+    def __init__(
+        self, catalog: Catalog | None = None, profiles: ProfileStore | None = None, allow_model_paths: bool = True
+    ):
+        self.allow_model_paths = allow_model_paths  # False in the HTTP service: clients post configs inline
         # calibration profiles (default: <data dir>/profiles); a calibrated device the catalog lacks
         # (a CPU) joins the catalog so it can be named like a GPU
         self.profiles = profiles if profiles is not None else ProfileStore.default()
@@ -124,7 +135,7 @@ class AdvisorService:
             return model_from_config(
                 model, name=str(model.get("_name_or_path") or model.get("name") or "inline-config")
             )
-        return resolve_model(model, self.catalog)
+        return resolve_model(model, self.catalog, allow_paths=self.allow_model_paths)
 
     def gpu(self, name: str) -> GpuSpec:
         """A catalog GPU by id/alias, or 'local' for the first GPU nvidia-smi sees in this box."""
@@ -155,9 +166,12 @@ class AdvisorService:
         plan: TrainingPlan,
         claimed_memory_gib: float | None = None,
         source: str = "auto",
+        workload: Workload | None = None,
+        convergence: dict[str, float] | None = None,
     ) -> dict:
         """One plan's estimate. source: auto (calibrated where a profile matches, else analytical) | analytical
-        | simulated (one training step traced under FakeTensorMode: exact tensor bytes, seconds to minutes)."""
+        | simulated (one training step traced under FakeTensorMode: exact tensor bytes, seconds to minutes).
+        With a workload, also the hours and cost exactly as recommend computes them."""
         if source not in ESTIMATE_SOURCES:
             raise InvalidInputError(f"source must be one of {', '.join(ESTIMATE_SOURCES)}", field="source")
         if plan.gpu_id != gpu.id:
@@ -172,6 +186,8 @@ class AdvisorService:
         out = est.to_dict()
         out["model"] = _model_summary(model)
         out["gpu"] = {"id": gpu.id, "name": gpu.name, "memory_gib": gpu.memory_gib}
+        if workload is not None:
+            out.update(make_candidate(est, gpu, workload, convergence).cost.to_dict())
         if claimed_memory_gib is not None:
             out["claim_check"] = check_memory_claim(model, plan.method, claimed_memory_gib, DTYPE_BYTES[plan.dtype])
         return out

@@ -58,15 +58,56 @@ def test_model_aliases(alias, name):
 
 def test_required_catalog_coverage():
     names = {m.name for m in CAT.models}
-    for n in ["llama-7b", "llama-13b", "llama-33b", "llama-65b", "llama-2-7b", "llama-2-13b", "llama-2-70b",
-              "llama-3-8b", "llama-3.1-8b", "llama-3-70b", "llama-3.1-70b", "mistral-7b", "qwen2.5-0.5b",
-              "qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b", "gemma-2-2b",
-              "gemma-2-9b", "gemma-2-27b", "phi-3-mini", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl",
-              "t5-xl", "flan-t5-xl"]:
+    for n in [
+        "llama-7b",
+        "llama-13b",
+        "llama-33b",
+        "llama-65b",
+        "llama-2-7b",
+        "llama-2-13b",
+        "llama-2-70b",
+        "llama-3-8b",
+        "llama-3.1-8b",
+        "llama-3-70b",
+        "llama-3.1-70b",
+        "mistral-7b",
+        "qwen2.5-0.5b",
+        "qwen2.5-1.5b",
+        "qwen2.5-7b",
+        "qwen2.5-14b",
+        "qwen2.5-32b",
+        "qwen2.5-72b",
+        "gemma-2-2b",
+        "gemma-2-9b",
+        "gemma-2-27b",
+        "phi-3-mini",
+        "gpt2",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+        "t5-xl",
+        "flan-t5-xl",
+    ]:
         assert n in names
     gpus = {g.id for g in CAT.gpus}
-    for g in ["t4", "l4", "a10g", "v100-16gb", "v100-32gb", "a100-40gb", "a100-80gb", "h100-sxm", "h100-pcie",
-              "h200", "l40s", "rtx-3060-12gb", "rtx-3090", "rtx-4090", "rtx-a6000", "mi300x"]:
+    for g in [
+        "t4",
+        "l4",
+        "a10g",
+        "v100-16gb",
+        "v100-32gb",
+        "a100-40gb",
+        "a100-80gb",
+        "h100-sxm",
+        "h100-pcie",
+        "h200",
+        "l40s",
+        "rtx-3060-12gb",
+        "rtx-3090",
+        "rtx-4090",
+        "rtx-a6000",
+        "mi300x",
+    ]:
         assert g in gpus
 
 
@@ -83,8 +124,16 @@ def test_closed_models_are_refused_with_reason(name):
         resolve_model(name)
 
 
-@pytest.mark.parametrize("alias,gid", [("A100 80GB", "a100-80gb"), ("4090", "rtx-4090"), ("NVIDIA H100", "h100-sxm"),
-                                       ("rtx 3060", "rtx-3060-12gb"), ("Tesla T4", "t4")])
+@pytest.mark.parametrize(
+    "alias,gid",
+    [
+        ("A100 80GB", "a100-80gb"),
+        ("4090", "rtx-4090"),
+        ("NVIDIA H100", "h100-sxm"),
+        ("rtx 3060", "rtx-3060-12gb"),
+        ("Tesla T4", "t4"),
+    ],
+)
 def test_gpu_aliases(alias, gid):
     assert CAT.gpu(alias).id == gid
 
@@ -112,8 +161,14 @@ def test_size_gives_llama_shaped_assumed_model():
 
 def test_config_json_path_and_directory(tmp_path):
     qwen = {
-        "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_attention_heads": 14,
-        "num_key_value_heads": 2, "num_hidden_layers": 24, "vocab_size": 151936, "tie_word_embeddings": True,
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 24,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
     }
     (tmp_path / "config.json").write_text(json.dumps(qwen))
     by_dir = resolve_model(str(tmp_path))
@@ -122,8 +177,15 @@ def test_config_json_path_and_directory(tmp_path):
 
 
 def test_mistral_config_dict():
-    mistral = {"model_type": "mistral", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
-               "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 32000}
+    mistral = {
+        "model_type": "mistral",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 32,
+        "vocab_size": 32000,
+    }
     assert model_from_config(mistral).param_count == 7_241_732_096
 
 
@@ -138,11 +200,30 @@ def test_bad_config_names_missing_fields(tmp_path):
 def test_user_gpu_file_and_price_override(tmp_path):
     gpu = dict(CAT.gpu("a100-80gb").to_dict(), id="my-a100", name="Our A100", aliases=["ours"], price_usd_per_hour=0.5)
     (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [gpu]}))
-    (tmp_path / "prices.json").write_text(json.dumps({"prices": {"rtx-4090": {"price_usd_per_hour": 0.2,
-                                                                              "price_date": "2026-11-01"}}}))
+    (tmp_path / "prices.json").write_text(
+        json.dumps({"prices": {"rtx-4090": {"price_usd_per_hour": 0.2, "price_date": "2026-11-01"}}})
+    )
     cat = build_catalog([tmp_path / "gpus.json"], tmp_path / "prices.json")
     assert cat.gpu("ours").price_usd_per_hour == 0.5
     assert cat.gpu("4090").price_usd_per_hour == 0.2 and cat.gpu("4090").price_date == "2026-11-01"
     (tmp_path / "bad.json").write_text(json.dumps({"prices": {"no-such-gpu": {"price_usd_per_hour": 1}}}))
     with pytest.raises(UnknownGpuError):
         build_catalog([], tmp_path / "bad.json")
+
+
+def test_paths_can_be_switched_off(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_hidden_layers": 2,
+                "vocab_size": 100,
+            }
+        )
+    )
+    assert resolve_model(str(tmp_path)).num_layers == 2
+    with pytest.raises(UnknownModelError, match="inline"):
+        resolve_model(str(tmp_path), allow_paths=False)

@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     No side effects on disk: `advisor serve` creates the data directory; /readyz reports it missing."""
     settings = settings if settings is not None else Settings()
-    service = AdvisorService(build_catalog(settings.gpu_files, settings.price_file))
+    service = AdvisorService(build_catalog(settings.gpu_files, settings.price_file), allow_model_paths=False)
 
     app = FastAPI(
         title="tuneadvisor",

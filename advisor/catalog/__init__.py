@@ -395,8 +395,11 @@ def model_from_size(size: str) -> ModelSpec:
     )
 
 
-def resolve_model(name: str, catalog: Catalog | None = None) -> ModelSpec:
-    """Catalog name/alias/HF id, path to a config.json (or its folder), or a size like '13B'."""
+def resolve_model(name: str, catalog: Catalog | None = None, allow_paths: bool = True) -> ModelSpec:
+    """Catalog name/alias/HF id, path to a config.json (or its folder), or a size like '13B'.
+
+    allow_paths=False (the HTTP service) never touches the filesystem: a client must not make the
+    server read files it names; it posts the config inline instead."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidInputError("model must be a non-empty string", field="model")
     cat = catalog or default_catalog()
@@ -404,8 +407,14 @@ def resolve_model(name: str, catalog: Catalog | None = None) -> ModelSpec:
         return model_from_size(name)
     try:
         return cat.model(name)
-    except UnknownModelError:
-        p = Path(name).expanduser()
-        if p.exists():
-            return model_from_config_path(p)
-        raise
+    except UnknownModelError as exc:
+        if allow_paths:
+            p = Path(name).expanduser()
+            if p.exists():
+                return model_from_config_path(p)
+            raise
+        raise UnknownModelError(
+            f"unknown model {name!r}: not in the catalog and not a size like '13B'; post its config.json inline.",
+            field="model",
+            suggestions=exc.suggestions,
+        ) from None

@@ -11,7 +11,6 @@ from advisor.api.convert import model_arg, to_plan, to_recommend_request, to_wor
 from advisor.api.deps import Service
 from advisor.api.errors import ApiError, error_responses
 from advisor.api.schemas import EstimateRequest, EstimateResponse, RecommendRequest, RecommendResponse
-from advisor.recommend import make_candidate
 
 router = APIRouter(prefix="/v1", tags=["advice"])
 
@@ -50,11 +49,15 @@ def estimate(body: EstimateRequest, svc: Service) -> dict[str, Any]:
     gpu = svc.gpu(gpu_name)
     plan = replace(to_plan(body.plan, gpu), gpu_id=gpu.id)
     workload = to_workload(body.workload)
-    out = svc.estimate(model, gpu, plan, claimed_memory_gib=body.claimed_memory_gib, source=body.source)
-    # hours and cost exactly as /v1/recommend computes them (the service's estimate has no workload yet)
-    estimator = svc.analytical if body.source == "analytical" else svc.estimator_for(gpu)
-    candidate = make_candidate(estimator.estimate(model, gpu, plan), gpu, workload, body.convergence)
-    out.update(candidate.cost.to_dict())
+    out = svc.estimate(
+        model,
+        gpu,
+        plan,
+        claimed_memory_gib=body.claimed_memory_gib,
+        source=body.source,
+        workload=workload,
+        convergence=body.convergence,
+    )
     out["workload"] = {
         "dataset_tokens": workload.dataset_tokens,
         "seq_len": workload.seq_len,
