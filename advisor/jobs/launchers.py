@@ -188,7 +188,9 @@ class LocalLauncher:
             raise LaunchError(f"needs {spec.plan.num_gpus} slots, {len(free)} free")
         slots = free[: spec.plan.num_gpus]
         argv = train_argv(spec, job_dir, self.python)
-        env = {**os.environ, **train_env(spec, self.threads, self.extra_env)}
+        # the server's own settings (API keys, webhook secret) are not the training process' business
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ADVISOR_")}
+        env = {**inherited, **train_env(spec, self.threads, self.extra_env)}
         if self.gpu:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(slots)
         log_path = job_dir / LOG

@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.pool import StaticPool
 
 #: job states (OpenAI's, plus `cancelling` while a running process is being stopped)
@@ -190,7 +190,15 @@ class Store:
         self.engine = make_engine(url)
 
     def create(self) -> None:
-        metadata.create_all(self.engine)
+        """Create missing tables. Several workers starting at once may race on it: the loser retries."""
+        for attempt in range(3):
+            try:
+                metadata.create_all(self.engine)
+                return
+            except OperationalError:
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
 
     def ping(self) -> tuple[bool, str]:
         with self.engine.connect() as c:

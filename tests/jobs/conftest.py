@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# pytest runs with --import-mode=importlib (no sys.path entries per test dir): make the helpers importable
+sys.path.insert(0, str(Path(__file__).parent))
 from jobs_helpers import job_settings, kill_job_processes
 
 

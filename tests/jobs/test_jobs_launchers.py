@@ -89,7 +89,7 @@ def _manager(tmp_path: Path, python: Path, slots: int = 1) -> JobManager:
         database_url=f"sqlite:///{tmp_path / 'data' / 'advisor.db'}",
         gpu=host_cpu_spec(),
         slots=[f"cpu{i}" for i in range(slots)],
-        cancel_grace_s=0.3,
+        cancel_grace_s=1.0,
     )
     store = Store(cfg.database_url)
     m = JobManager(cfg, store, LocalLauncher(cfg.slots, python=str(python)))
@@ -131,10 +131,11 @@ def test_slots_queue_and_cancel_escalates_to_sigkill(tmp_path: Path, stubborn_py
 
         assert m.store.update_job(first["id"], expect=[S.RUNNING], status=S.CANCELLING, cancel_requested=True)
         m.tick()  # SIGTERM: ignored
-        time.sleep(0.5)
-        m.tick()
+        time.sleep(0.3)
+        m.tick()  # within the grace period: nothing more
         assert m.store.get_job(first["id"])["status"] == S.CANCELLING
-        time.sleep(0.4)
+        assert proc_start_ticks(pid) == first["handle"]["start_ticks"]
+        time.sleep(0.9)
         m.tick()  # past the grace period: SIGKILL
         deadline = time.monotonic() + 10
         while m.store.get_job(first["id"])["status"] != S.CANCELLED and time.monotonic() < deadline:
@@ -178,3 +179,23 @@ def test_launcher_identifies_processes_by_pid_and_start_time() -> None:
     launcher = LocalLauncher(["cpu0"], python=sys.executable)
     gone = {"pid": os.getpid(), "start_ticks": -1, "slots": ["cpu0"]}  # a recycled pid: not our job
     assert launcher.poll(gone).state == "exited"
+
+
+def test_the_training_process_does_not_inherit_the_servers_secrets(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ADVISOR_API_KEYS", "secret-key-" + "s" * 20)
+    monkeypatch.setenv("ADVISOR_WEBHOOK_SECRET", "whsec_c2VjcmV0")
+    dump = tmp_path / "dump-env"
+    dump.write_text('#!/bin/sh\nenv > "$4/env.txt"\n')  # argv: python -m advisor.jobs.train --job-dir DIR
+    dump.chmod(0o755)
+    launcher = LocalLauncher(["cpu0"], python=str(dump), threads=1)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    handle = launcher.start(_spec(), job_dir)
+    deadline = time.monotonic() + 10
+    while launcher.poll(handle).state == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    env = dict(line.split("=", 1) for line in (job_dir / "env.txt").read_text().splitlines() if "=" in line)
+    assert "ADVISOR_API_KEYS" not in env and "ADVISOR_WEBHOOK_SECRET" not in env
+    assert env["ADVISOR_TRAIN_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
+    launcher.release(handle)
+    assert launcher.free_slots() == ["cpu0"]
