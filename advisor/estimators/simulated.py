@@ -44,13 +44,13 @@ from typing import Any
 
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator, Coefficients
-from advisor.estimators.base import Estimate, MemoryEstimate
+from advisor.estimators.base import COMPONENTS, Estimate, MemoryEstimate
 from advisor.plans import TrainingPlan, resolve_targets
 from advisor.specs import GpuSpec, ModelSpec
 from advisor.units import GIB
 
 #: Bump when the trace changes what it counts: old cache entries stop matching.
-SIM_VERSION = 1
+SIM_VERSION = 2
 CACHE_ENV = "TUNEADVISOR_SIMULATED_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/tuneadvisor/simulated")
 PHASES = ("after_weights", "forward", "backward", "optimizer_step")
@@ -59,7 +59,8 @@ PHASES = ("after_weights", "forward", "backward", "optimizer_step")
 BNB_CUSTOM_GEMM_MAX_ROWS = 4
 #: bitsandbytes pages optimiser state buffers of at least this many elements (optim/optimizer.py).
 BNB_PAGED_MIN_NUMEL = 100_000
-STEPS = 2
+#: One step after priming the optimiser states (see trace_step): what a two-step run's second step sees.
+STEPS = 1
 
 
 # ---- results -----------------------------------------------------------------------------------
@@ -78,6 +79,7 @@ class TraceResult:
     fake: bool
     versions: dict[str, str]
     notes: tuple[str, ...] = ()
+    cpu_seconds: float = 0.0  # process CPU time of the trace: wall time on an idle core
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -88,6 +90,9 @@ class TraceResult:
     def from_dict(cls, d: dict) -> TraceResult:
         d = dict(d)
         d["notes"] = tuple(d.get("notes", ()))
+        # the cache stores JSON with sorted keys: restore the order the breakdowns are shown in
+        d["phases"] = {k: d["phases"][k] for k in PHASES if k in d["phases"]}
+        d["components"] = {k: d["components"][k] for k in COMPONENTS if k in d["components"]}
         return cls(**d)
 
 
@@ -295,21 +300,29 @@ class TraceCache:
 
 # ---- validation --------------------------------------------------------------------------------
 def check_plan(plan: TrainingPlan) -> None:
-    """What a single-process trace of the HF stack can represent; anything else is a clear 4xx."""
+    """What a single-process trace can represent; anything else is a clear 4xx."""
     if plan.num_gpus != 1:
         raise InvalidInputError(
             "the simulated source traces one GPU: multi-GPU plans (ddp/fsdp) need source analytical",
             field="num_gpus",
         )
-    if getattr(plan, "framework", "hf") != "hf":
-        raise InvalidInputError(
-            "the simulated source traces the transformers + peft + bitsandbytes stack (framework hf)",
-            field="framework",
+
+
+def stack_notes(plan: TrainingPlan) -> list[str]:
+    """What the trace of a litgpt / torchtune plan is: transformers' model code with that stack's
+    dtype conventions, not the stack's own code."""
+    fw = getattr(plan, "framework", "hf")
+    notes = []
+    if fw != "hf":
+        notes.append(
+            f"{fw} plan traced in transformers + peft + bitsandbytes code with {fw}'s dtype conventions "
+            "(adapters and unquantised modules in the model dtype); its own model, LoRA and NF4 code may keep "
+            "other tensors"
         )
     if getattr(plan, "chunked_loss", False):
-        raise InvalidInputError(
-            "the simulated source traces transformers' own loss (no chunked cross-entropy)", field="chunked_loss"
-        )
+        how = "128-token chunks in the logits dtype (litgpt)" if fw == "litgpt" else "8 chunks, each upcast to fp32"
+        notes.append(f"loss traced as chunked cross-entropy over the sequence: {how}")
+    return notes
 
 
 def lora_target_names(model: ModelSpec, plan: TrainingPlan) -> list[str]:
@@ -862,10 +875,11 @@ def _build_model(config: dict, plan: TrainingPlan, targets: list[str]):
         if plan.method == "qlora":
             _quantize_linears(model, plan, half)
         ckpt_kwargs = {"use_reentrant": False}
+        hf_stack = getattr(plan, "framework", "hf") == "hf"
         if plan.method == "qlora":
             from peft import prepare_model_for_kbit_training
 
-            if plan.kbit_upcast:
+            if plan.kbit_upcast and hf_stack:
                 model = prepare_model_for_kbit_training(
                     model, use_gradient_checkpointing=plan.grad_checkpointing, gradient_checkpointing_kwargs=ckpt_kwargs
                 )
@@ -886,9 +900,14 @@ def _build_model(config: dict, plan: TrainingPlan, targets: list[str]):
                 bias="none",
                 task_type=TaskType.SEQ_2_SEQ_LM if cfg.is_encoder_decoder else TaskType.CAUSAL_LM,
             )
-            model = get_peft_model(model, lcfg, low_cpu_mem_usage=True)
+            # peft upcasts adapters to fp32; litgpt / torchtune keep them in the model dtype
+            model = get_peft_model(model, lcfg, low_cpu_mem_usage=True, autocast_adapter_dtype=hf_stack)
+            if not hf_stack:
+                for name, p in model.named_parameters():
+                    if "lora_" in name and p.dtype != half:
+                        p.data = p.data.to(half)
     model.train()
-    return model, cfg, param_count, notes
+    return model, cfg, param_count, notes + stack_notes(plan)
 
 
 def _quantize_linears(model, plan: TrainingPlan, half) -> None:
@@ -966,6 +985,7 @@ def trace_step(
     *,
     fake: bool = True,
     steps: int = STEPS,
+    prime_optimizer: bool = True,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> TraceResult:
@@ -973,6 +993,10 @@ def trace_step(
 
     fake=True runs on fake tensors (no storage, any size); fake=False runs the same code on real CPU
     tensors (tiny models only): the check that the fake count equals the real one.
+
+    prime_optimizer: first run one optimiser step on zero gradients, which leaves exactly the states a
+    first training step leaves (and peaks as its optimiser step does), so one traced step then sees
+    what the second step of a two-step run sees, at half the cost. A test holds the two equal.
     """
     import gc
 
@@ -980,12 +1004,14 @@ def trace_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     check_plan(plan)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(seed)
     _prime_bitsandbytes()
     model, cfg, param_count, notes = _build_model(config, plan, targets)
     meter = _meter_class()()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    if fake:
+        fake_mode.cache_enabled = False  # hashing each op's arguments costs more than it saves here
     half = _dtype(plan.dtype)
     autocast = (
         torch.autocast("cpu", dtype=half)
@@ -1010,12 +1036,19 @@ def trace_step(
             gc.collect()
             meter.set_phase("after_weights")
             after_weights = meter.live
+            if prime_optimizer:
+                meter.set_phase("optimizer_step")
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                opt.step()
+                _track_states(meter, opt)
+                opt.zero_grad(set_to_none=True)
             for step in range(steps):
                 for _ in range(micro_steps):
                     ids = torch.randint(0, int(cfg.vocab_size), (b, s))
                     labels = ids.clone()
                     meter.set_phase("forward")
-                    loss = _forward_loss(model, ids, labels, autocast)
+                    loss = _forward_loss(model, ids, labels, autocast, plan)
                     del ids, labels
                     meter.set_phase("backward")
                     (loss / micro_steps).backward()
@@ -1024,8 +1057,7 @@ def trace_step(
                 meter.set_phase("optimizer_step")
                 torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)  # CUDA's default
                 opt.step()
-                for t in _optimizer_state_tensors(opt):
-                    meter.track(t, "optimizer.state", "optimizer_states")
+                _track_states(meter, opt)
                 opt.zero_grad(set_to_none=True)
                 if log:
                     log(f"step {step + 1}: peak {meter.peak / GIB:.3f} GiB in {meter.peak_phase}")
@@ -1045,43 +1077,50 @@ def trace_step(
         peak_bytes=int(meter.peak),
         peak_phase=meter.peak_phase,
         phases=phases,
-        components={k: int(comp.get(k, 0)) for k in _COMPONENT_ORDER},
+        components={k: int(comp.get(k, 0)) for k in COMPONENTS if k != "runtime_overhead"},
         paged_bytes=int(paged),
         param_count=int(param_count),
         ops=meter.ops,
         seconds=time.perf_counter() - t0,
+        cpu_seconds=time.process_time() - c0,
         fake=fake,
         versions=library_versions(),
         notes=tuple(notes),
     )
 
 
-_COMPONENT_ORDER = (
-    "weights",
-    "adapters",
-    "gradients",
-    "optimizer_states",
-    "activations",
-    "logits",
-    "quant_temporaries",
-)
-
-
-def _forward_loss(model, ids, labels, autocast):
+def _forward_loss(model, ids, labels, autocast, plan: TrainingPlan):
     """The Trainer's compute_loss: the model output (logits) dies here, only the loss lives on."""
+    import torch
+    import torch.nn.functional as F
+
+    if not getattr(plan, "chunked_loss", False):
+        with autocast:
+            out = model(input_ids=ids, labels=labels)
+        return out.loss
     with autocast:
-        out = model(input_ids=ids, labels=labels)
-    return out.loss
+        logits = model(input_ids=ids).logits
+    # causal shift as transformers does it: the label of position t is token t + 1
+    target = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    if getattr(plan, "framework", "hf") == "litgpt":  # litgpt chunked_cross_entropy(chunk_size=128)
+        pairs = zip(logits.split(128, dim=1), target.split(128, dim=1), strict=True)
+        losses = [F.cross_entropy(lg.reshape(-1, lg.size(-1)), t.reshape(-1), reduction="none") for lg, t in pairs]
+        return torch.cat(losses).mean()
+    # torchtune CEWithChunkedOutputLoss: 8 chunks, each upcast to fp32
+    pairs = zip(logits.chunk(8, dim=1), target.chunk(8, dim=1), strict=True)
+    total = sum(F.cross_entropy(lg.float().reshape(-1, lg.size(-1)), t.reshape(-1), reduction="sum") for lg, t in pairs)
+    return total / target.numel()
 
 
-def _optimizer_state_tensors(opt) -> list:
-    """State tensors (bitsandbytes' per-parameter qmaps are device copies of its host maps: counted)."""
+def _track_states(meter, opt) -> None:
+    """Label the optimiser states; bitsandbytes' qmaps enter here: on CUDA, init_state copies its
+    host maps to the device, on the CPU the same tensor is reused (no op to see)."""
     import torch
 
-    out = []
     for st in opt.state.values():
-        out.extend(v for v in st.values() if isinstance(v, torch.Tensor))
-    return out
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                meter.track(v, "optimizer.state", "optimizer_states")
 
 
 @contextlib.contextmanager

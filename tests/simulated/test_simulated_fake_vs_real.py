@@ -104,6 +104,8 @@ CASES = [
     ("gpt2", dict(method="lora", grad_checkpointing=False)),
     ("gpt_neox", dict(method="full")),
     ("t5", dict(method="lora", lora_targets=("q", "v"))),
+    ("llama", dict(method="qlora", framework="litgpt", chunked_loss=True, optimizer="paged-adamw-32bit")),
+    ("llama", dict(method="lora", framework="torchtune", chunked_loss=True, dtype="bf16")),
 ]
 
 
@@ -182,3 +184,21 @@ def test_meter_sees_what_the_plan_changes():
     assert qlora.phases["after_weights"] < ckpt.phases["after_weights"]
     # NF4: half a byte per linear weight + absmax; the rest stays fp32
     assert qlora.components["weights"] < ckpt.components["weights"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw-8bit", "paged-adamw-8bit"])
+def test_primed_single_step_equals_a_two_step_run(optimizer):
+    """Priming the optimiser states on zero gradients, then one step, sees what step 2 of 2 sees."""
+    cfg = TINY["llama"]
+    spec = model_from_config(cfg, name="tiny-llama")
+    # wide enough that the 8-bit optimiser quantises (>= 4096 elements) and pages (>= 1e5) some states
+    cfg = {**cfg, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8}
+    spec = model_from_config(cfg, name="tiny-llama-wide")
+    plan = TrainingPlan(gpu_id="cpu", method="full", dtype="fp32", micro_batch=1, seq_len=16, optimizer=optimizer)
+    primed = trace_step(cfg, plan, [], steps=1, prime_optimizer=True)
+    two = trace_step(cfg, plan, [], steps=2, prime_optimizer=False)
+    assert primed.peak_bytes == two.peak_bytes
+    assert primed.phases == two.phases
+    assert primed.paged_bytes == two.paged_bytes
+    assert (primed.paged_bytes > 0) == optimizer.startswith("paged")
+    assert spec.param_count == primed.param_count
