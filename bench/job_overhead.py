@@ -1,0 +1,309 @@
+"""What the service costs around a training job: POST -> first step, and throughput vs the same run by hand.
+
+    python -m bench.job_overhead            # writes bench/results/job_overhead.{json,md}
+
+For each model size, the same LoRA training (same data, plan, batch, seed, one torch thread) runs three
+ways, one after the other on this machine:
+
+1. through the service: a real uvicorn server in this process, POST /v1/files + /v1/fine_tuning/jobs,
+   followed to `succeeded`;
+2. by hand with our entry point: ``python -m advisor.jobs.train --job-dir`` on a copy of that job's
+   job.json (no server; same events, checkpoints and bookkeeping);
+3. a bare loop: a fresh interpreter that builds the same model with ``calibration.build`` and runs the
+   same batches with nothing else (no events, no checkpoints, no metrics).
+
+Latency is split into phases from the job's own timestamps (the reconciler's launch time, then the
+training process' events): POST -> launched (validation, queue, spawn), launched -> process up (the
+interpreter and ``import torch``), up -> model ready (tokenizer, data, transformers/peft import, model
+build), ready -> first step done. Throughput is trained tokens per second over the steps after the
+first (warm-up), medians. Timings on a shared 2-core CPU move with the load: the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+OUT = Path("bench/results/job_overhead")
+KEY = "bench-key-" + "z" * 24
+SIZES = {
+    # name: (tiny model config overrides, seq_len, batch, epochs)
+    "tiny (h64, 2 layers)": ({}, 32, 4, 2),
+    "small (h256, 4 layers)": ({"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}, 128, 4, 2),
+}  # fmt: skip
+
+
+def _events(job_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (job_dir / "events.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _steady_tokens_per_s(evs: list[dict[str, Any]]) -> tuple[float, float]:
+    steps = [e["data"] for e in evs if e["type"] == "metrics"][1:]
+    return statistics.median(s["tokens_per_s"] for s in steps), statistics.median(s["step_time_s"] for s in steps)
+
+
+def via_service(model_dir: Path, data: Path, seq: int, batch: int, epochs: int, work: Path) -> dict[str, Any]:
+    import httpx
+
+    from advisor.api.app import create_app
+    from advisor.api.settings import Settings
+    from advisor.api.testing import serve_in_thread
+
+    settings = Settings(
+        data_dir=work / "service",
+        api_keys=[KEY],
+        model_roots=[str(model_dir.parent)],
+        job_gpu="cpu",
+        job_cpu_threads=1,
+        job_poll_interval_s=1.0,  # the default
+        access_log=False,
+    )
+    (work / "service").mkdir(parents=True)
+    app = create_app(settings)
+    h = {"Authorization": f"Bearer {KEY}"}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, headers=h, timeout=60) as c:
+        with data.open("rb") as fh:
+            fid = c.post("/v1/files", files={"file": ("t.jsonl", fh)}, data={"purpose": "fine-tune"}).json()["id"]
+        body = {
+            "model": str(model_dir),
+            "training_file": fid,
+            "hyperparameters": {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": 10},
+            "method": {"type": "lora", "seq_len": seq, "gradient_checkpointing": False, "lora": {"r": 8}},
+        }
+        t_post = time.time()
+        job = c.post("/v1/fine_tuning/jobs", json=body).json()
+        t_answer = time.time()
+        while (job := c.get(f"/v1/fine_tuning/jobs/{job['id']}").json())["status"] not in (
+            "succeeded",
+            "failed",
+            "cancelled",
+        ):
+            time.sleep(0.2)
+        t_done = time.time()
+        assert job["status"] == "succeeded", job["error"]
+        row = app.state.jobs.store.get_job(job["id"])
+    job_dir = work / "service" / "jobs" / job["id"]
+    evs = _events(job_dir)
+    up = evs[0]["ts"]
+    ready = next(e["ts"] for e in evs if e["message"].startswith("Model ready"))
+    first = next(e for e in evs if e["type"] == "metrics")
+    tps, step = _steady_tokens_per_s(evs)
+    launched = row["handle"]["started_at"]
+    return {
+        "job_id": job["id"],
+        "job_dir": str(job_dir),
+        "post_answer_s": t_answer - t_post,
+        "post_to_launched_s": launched - t_post,
+        "launched_to_process_up_s": up - launched,
+        "process_up_to_model_ready_s": ready - up,
+        "model_ready_to_first_step_s": first["ts"] - ready,
+        "post_to_first_step_s": first["ts"] - t_post,
+        "first_step_s": first["data"]["step_time_s"],
+        "post_to_succeeded_s": t_done - t_post,
+        "steady_tokens_per_s": tps,
+        "steady_step_time_s": step,
+        "steps": job["measured"]["steps"],
+        "estimate_tokens_per_s": job["estimate"]["tokens_per_s"],
+    }
+
+
+def by_entry_point(service_job_dir: Path, work: Path) -> dict[str, Any]:
+    d = work / "direct"
+    d.mkdir()
+    spec = json.loads((service_job_dir / "job.json").read_text())
+    spec["job_id"] = "ftjob-direct0000001"
+    (d / "job.json").write_text(json.dumps(spec))
+    env = {**os.environ, "ADVISOR_TRAIN_THREADS": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}  # fmt: skip
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "advisor.jobs.train", "--job-dir", str(d)], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    evs = _events(d)
+    first = next(e for e in evs if e["type"] == "metrics")
+    tps, step = _steady_tokens_per_s(evs)
+    return {"start_to_first_step_s": first["ts"] - t0, "steady_tokens_per_s": tps, "steady_step_time_s": step}
+
+
+def by_hand(service_job_dir: Path) -> dict[str, Any]:
+    """The bare loop, in a fresh interpreter with one thread (see `_hand_main`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.job_overhead", "--hand-loop", str(service_job_dir / "job.json")],
+        env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _hand_main(job_json: str) -> None:
+    """Same model, plan, tokens, batches and optimiser as the job; nothing but forward, backward, step."""
+    t0 = time.time()
+    import torch
+    from transformers import AutoTokenizer
+
+    from advisor.jobs import data as D
+    from advisor.jobs.files import read_examples
+    from advisor.jobs.spec import JobSpec
+    from calibration.build import build
+
+    torch.set_num_threads(1)
+    spec = JobSpec.from_dict(json.loads(Path(job_json).read_text()))
+    tok = AutoTokenizer.from_pretrained(spec.source.ref)
+    rows = list(read_examples(spec.training_file))
+    train = D.pack(D.encode_all(tok, rows, "chat"), spec.plan.seq_len)
+    built = build(spec.source.ref, spec.plan, "cpu", seed=spec.seed, learning_rate=spec.learning_rate)
+    times, tokens, first_at = [], [], None
+    for epoch in range(spec.n_epochs):
+        for batch in D.epoch_batches(len(train), spec.batch_size, spec.seed, epoch):
+            t = time.perf_counter()
+            n = 0
+            for i in range(0, len(batch), spec.plan.micro_batch):
+                micro = [train[j] for j in batch[i : i + spec.plan.micro_batch]]
+                ids, labels = D.pad_batch(micro, tok.pad_token_id)
+                n += sum(len(s.ids) for s in micro)
+                built.forward_backward(torch.tensor(ids), torch.tensor(labels))
+            built.optimizer_step()
+            times.append(time.perf_counter() - t)
+            tokens.append(n)
+            first_at = first_at or time.time()
+    steady = list(zip(times, tokens, strict=True))[1:]
+    result = {
+        "start_to_first_step_s": first_at - t0,
+        "steady_tokens_per_s": statistics.median(n / t for t, n in steady),
+        "steady_step_time_s": statistics.median(t for t, _ in steady),
+    }
+    print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(OUT), help="output path without extension (default bench/results/job_overhead)")
+    p.add_argument("--rounds", type=int, default=3, help="repetitions of the three runs per size (default 3)")
+    p.add_argument("--hand-loop", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.hand_loop:
+        _hand_main(args.hand_loop)
+        return 0
+    from advisor.jobs.tiny import counting_examples, save_tiny_model, write_jsonl
+
+    rows = []
+    load_start = os.getloadavg()
+    for name, (overrides, seq, batch, epochs) in SIZES.items():
+        work = Path(tempfile.mkdtemp(prefix="job-overhead-"))
+        try:
+            model = save_tiny_model(work / "models" / "model", initializer_range=0.2, **overrides)
+            data = write_jsonl(work / "train.jsonl", counting_examples(128, seed=0))
+            runs = []
+            for i in range(args.rounds):  # interleaved, so a burst of load hits all three alike
+                round_dir = work / f"round{i}"
+                svc = via_service(model, data, seq, batch, epochs, round_dir)
+                runs.append((svc, by_entry_point(Path(svc["job_dir"]), round_dir), by_hand(Path(svc["job_dir"]))))
+            rows.append(_summarise(name, seq, batch, runs))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    doc = {
+        "command": "python -m bench.job_overhead",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "torch_threads_per_job": 1,
+        "reconciler_poll_interval_s": 1.0,
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(doc))
+    print(render(doc))
+    return 0
+
+
+def _med(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def _summarise(name: str, seq: int, batch: int, runs: list[tuple[dict, dict, dict]]) -> dict[str, Any]:
+    """Medians (with min and max) over the rounds; ratios are taken per round, then their median."""
+    svc_keys = [k for k, v in runs[0][0].items() if isinstance(v, float)]
+    return {
+        "size": name,
+        "seq_len": seq,
+        "batch": batch,
+        "steps": runs[0][0]["steps"],
+        "service": {k: _med([r[0][k] for r in runs]) for k in svc_keys},
+        "entry_point_by_hand": {k: _med([r[1][k] for r in runs]) for k in runs[0][1]},
+        "bare_loop": {k: _med([r[2][k] for r in runs]) for k in runs[0][2]},
+        "throughput_service_vs_entry_point": _med(
+            [r[0]["steady_tokens_per_s"] / r[1]["steady_tokens_per_s"] for r in runs]
+        ),
+        "throughput_service_vs_bare_loop": _med(
+            [r[0]["steady_tokens_per_s"] / r[2]["steady_tokens_per_s"] for r in runs]
+        ),
+        "first_step_service_minus_bare_loop_s": _med(
+            [r[0]["post_to_first_step_s"] - r[2]["start_to_first_step_s"] for r in runs]
+        ),
+    }
+
+
+def render(doc: dict[str, Any]) -> str:
+    lines = [
+        "# Service overhead around a fine-tuning job",
+        "",
+        f"`{doc['command']}` on {doc['machine']['cores']} CPU cores (shared; load average "
+        f"{doc['load_average_start'][0]} at start, {doc['load_average_end'][0]} at end), one torch thread per run, "
+        f"reconciler poll interval {doc['reconciler_poll_interval_s']} s. LoRA r=8, fp32, same data/plan/seed in every run.",
+        "",
+        "## POST -> first training step (service), by phase (seconds)",
+        "",
+        "| model | POST answered | POST->launched | launched->process up | up->model ready | ready->first step done | **POST->first step** | bare loop start->first step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        s = {k: v["median"] for k, v in r["service"].items()}
+        span = r["service"]["post_to_first_step_s"]
+        lines.append(
+            f"| {r['size']} | {s['post_answer_s']:.3f} | {s['post_to_launched_s']:.2f} | {s['launched_to_process_up_s']:.2f} | "
+            f"{s['process_up_to_model_ready_s']:.2f} | {s['model_ready_to_first_step_s']:.2f} | "
+            f"**{s['post_to_first_step_s']:.2f}** ({span['min']:.1f}-{span['max']:.1f}) | "
+            f"{r['bare_loop']['start_to_first_step_s']['median']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Training throughput (steady state: median over steps after the first)",
+        "",
+        "| model | service job tok/s | entry point by hand tok/s | bare loop tok/s | service / by hand | service / bare loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in doc["rows"]:
+        a, b = r["throughput_service_vs_entry_point"], r["throughput_service_vs_bare_loop"]
+        lines.append(
+            f"| {r['size']} (seq {r['seq_len']}, batch {r['batch']}, {r['steps']} steps) | "
+            f"{r['service']['steady_tokens_per_s']['median']:.0f} | {r['entry_point_by_hand']['steady_tokens_per_s']['median']:.0f} | "
+            f"{r['bare_loop']['steady_tokens_per_s']['median']:.0f} | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) | "
+            f"{b['median']:.2f} ({b['min']:.2f}-{b['max']:.2f}) |"
+        )
+    lines += [
+        "",
+        f"Medians over {doc['rounds']} interleaved rounds (min-max in brackets; ratios per round, then the median).",
+        "POST->first step is almost all the training process' own start: the interpreter, `import torch`, "
+        "transformers/peft and the model build, which a bare loop pays as well (last column).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
