@@ -89,6 +89,16 @@ def _atomic_json(path: Path, doc: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _limit_address_space(extra_bytes: int) -> None:
+    """Cap this process' address space at its current size plus `extra_bytes` (a CPU job then hits a
+    real MemoryError where a bigger model would not fit: how a host-memory budget is enforced)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (now + extra_bytes, now + extra_bytes))
+
+
 class Run:
     """One job's training run, top to bottom: source -> data -> model -> steps -> output."""
 
@@ -181,6 +191,12 @@ class Run:
         train, valid = self._data(tokenizer, pad_id)
 
         self.phase = "model_load"
+        if limit := os.environ.get("ADVISOR_TRAIN_MEMORY_LIMIT_BYTES"):
+            import peft  # noqa: F401
+
+            import calibration.build  # noqa: F401  (the libraries load before the cap: it is for the model)
+
+            _limit_address_space(int(limit))
         built = self._build(model_dir)
 
         self.phase = "training"
@@ -433,7 +449,7 @@ class Run:
         steady = self.step_times[1:] or self.step_times
         step_time = statistics.median(steady) if steady else None
         tokens_per_step = self.trained_tokens / self.step if self.step else 0
-        peak = self._peak_bytes() if self.step else None
+        peak = self._peak_bytes() if self.device is not None else None
         return {
             "steps": self.step,
             "total_steps": self.total_steps,
@@ -461,7 +477,8 @@ class Run:
                 "finished_at": time.time(),
             },
         )
-        if self.step:  # a run that trained at least one step is a measurement, whatever its end
+        # a run that trained at least one step is a measurement, whatever its end; so is an OOM
+        if self.device is not None and (self.step or (error or {}).get("code") == "oom"):
             self._write_measurement(status, error, measured)
 
     def _write_measurement(self, status: str, error: dict[str, Any] | None, measured: dict[str, Any]) -> None:

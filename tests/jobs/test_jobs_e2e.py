@@ -150,3 +150,40 @@ def test_two_process_ddp_job_on_the_cpu(make_client, tiny_root: Path) -> None:
     assert any("on 2 x cpu" in e["message"] for e in evs)
     losses = _losses(evs)
     assert len(losses) == 9 and sum(losses[:3]) / 3 > sum(losses[-3:]) / 3
+
+
+def test_out_of_memory_fails_with_code_oom_and_is_a_measurement(tmp_path: Path, tiny_root: Path) -> None:
+    """A full fine-tune that needs ~0.7 GB under a 300 MB host-memory budget: a real allocation failure."""
+    import os
+    import subprocess
+    import sys
+
+    from advisor.jobs.spec import JobSpec, ModelSource, resolve_hyperparameters
+    from advisor.jobs.tiny import save_tiny_model
+    from advisor.plans import TrainingPlan
+
+    model = save_tiny_model(tmp_path / "wide", hidden_size=1024, intermediate_size=2752, num_hidden_layers=4)
+    hp = resolve_hyperparameters("full", 64, 1, 4, 1, micro_batch=4)
+    plan = TrainingPlan(method="full", gpu_id="cpu", dtype="fp32", micro_batch=4, seq_len=32, grad_checkpointing=False)
+    spec = JobSpec(
+        job_id="ftjob-oom000000001",
+        model=str(model),
+        source=ModelSource("local", str(model)),
+        plan=plan,
+        training_file=str(tiny_root / "train.jsonl"),
+        n_epochs=hp.n_epochs,
+        batch_size=hp.batch_size,
+        learning_rate=hp.learning_rate,
+    )
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "job.json").write_text(json.dumps(spec.to_dict()))
+    env = {**os.environ, "ADVISOR_TRAIN_MEMORY_LIMIT_BYTES": str(300 * 2**20), "ADVISOR_TRAIN_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "advisor.jobs.train", "--job-dir", str(job_dir)], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    result = json.loads((job_dir / "result.json").read_text())
+    assert result["status"] == "failed" and result["error"]["code"] == "oom", result["error"]
+    record = json.loads((job_dir / "measurement.json").read_text())
+    assert record["status"] == "oom" and record["memory"]["peak_bytes"] > 0 and record["plan"]["method"] == "full"

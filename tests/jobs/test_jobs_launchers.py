@@ -199,3 +199,21 @@ def test_the_training_process_does_not_inherit_the_servers_secrets(tmp_path: Pat
     assert env["ADVISOR_TRAIN_THREADS"] == "1" and env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
     launcher.release(handle)
     assert launcher.free_slots() == ["cpu0"]
+
+
+def test_a_process_killed_by_sigkill_without_a_cancel_is_an_oom(tmp_path: Path) -> None:
+    """What the kernel's OOM killer does to a job: SIGKILL, no result. Reported as `oom`."""
+    killed = tmp_path / "killed-python"
+    killed.write_text("#!/bin/sh\necho 'allocating...'\nkill -9 $$\n")
+    killed.chmod(0o755)
+    m = _manager(tmp_path, killed)
+    try:
+        _add(m, "ftjob-000000000001")
+        deadline = time.monotonic() + 10
+        while m.store.get_job("ftjob-000000000001")["status"] not in S.TERMINAL and time.monotonic() < deadline:
+            m.tick()
+            time.sleep(0.05)
+        job = m.store.get_job("ftjob-000000000001")
+        assert job["status"] == S.FAILED and job["error"]["code"] == "oom" and "SIGKILL" in job["error"]["message"]
+    finally:
+        m.stop()
