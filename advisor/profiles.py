@@ -80,10 +80,17 @@ class FittedRange:
                 continue
             lo, hi = lo_hi
             if value > hi:
-                out.append(f"{name} {value:g} above the fitted {lo:g}..{hi:g}")
+                out.append(f"{name} {_num(value)} above the fitted {_num(lo)}..{_num(hi)}")
             elif value < lo:
-                out.append(f"{name} {value:g} below the fitted {lo:g}..{hi:g}")
+                out.append(f"{name} {_num(value)} below the fitted {_num(lo)}..{_num(hi)}")
         return out
+
+
+def _num(v: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{unit}"
+    return f"{v:g}"
 
 
 def range_inputs(model: ModelSpec, plan: TrainingPlan) -> dict[str, float]:

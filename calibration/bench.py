@@ -143,6 +143,61 @@ def _contention(results: list[TrialResult]) -> dict[str, Any]:
     }
 
 
+#: published pairs (same recipe, two GPUs; shared/data/published_measurements.csv, torchtune README
+#: @bd2a0fc7, "Memory and training speed"): (model, plan, (gpu, tokens/s), (gpu, tokens/s), caveat)
+PUBLISHED_PAIRS = [
+    (
+        "llama-3.1-8b",
+        dict(
+            method="lora",
+            micro_batch=2,
+            seq_len=2048,
+            grad_checkpointing=True,
+            lora_r=8,
+            lora_alpha=16,
+            lora_targets=("q", "v", "o", "gate", "up", "down"),
+        ),
+        ("rtx-4090", 3083.0),
+        ("rtx-a6000", 4699.0),
+        "torchtune (torch.compile, its own model code), not the hf stack; per-GPU vs aggregate not stated",
+    ),
+]
+
+
+def published_scaled_check() -> list[dict[str, Any]]:
+    """The scaled rule's arithmetic on public pairs: the source GPU's time split (analytical here, as no
+    profile of either GPU exists) moved to the target by the FLOP/s and bandwidth ratios."""
+    from advisor.catalog import default_catalog
+
+    cat = default_catalog()
+    est = AnalyticalEstimator()
+    out = []
+    for name, kw, (src_id, src_tps), (dst_id, dst_tps), caveat in PUBLISHED_PAIRS:
+        model, src, dst = cat.model(name), cat.gpu(src_id), cat.gpu(dst_id)
+        plan = TrainingPlan(gpu_id=src.id, dtype="bf16", **kw)
+        sp = est.speed(model, src, plan)
+        other = sp.step_time_s - sp.compute_s - sp.memory_bound_s
+        t_dst = (
+            sp.compute_s * src.tflops("bf16") / dst.tflops("bf16")
+            + sp.memory_bound_s * src.memory_bandwidth_gbps / dst.memory_bandwidth_gbps
+            + other
+        )
+        predicted, measured = sp.step_time_s / t_dst, dst_tps / src_tps
+        out.append(
+            {
+                "model": name,
+                "plan": kw | {"lora_targets": list(kw.get("lora_targets", ()))},
+                "source_gpu": src_id,
+                "target_gpu": dst_id,
+                "predicted_throughput_ratio": round(predicted, 3),
+                "measured_throughput_ratio": round(measured, 3),
+                "error_pct": round((predicted / measured - 1) * 100, 1),
+                "caveat": caveat,
+            }
+        )
+    return out
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     from calibration.calibrate import calibrate
     from calibration.design import design
@@ -254,6 +309,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             "analytical": _summary(predict(sc.results, ana, other)),
             "contention": _contention(sc.results),
         }
+    out["scaled_rule_on_published_pairs"] = published_scaled_check()
     out["machine"]["load_average_end"] = load_average()
     return out, res
 
@@ -329,6 +385,13 @@ def markdown(r: dict[str, Any]) -> str:
             f"bandwidth ratio {s['bandwidth_ratio']}): scaled {json.dumps(s['scaled'])}; "
             f"the profile as is (no scaling) {json.dumps(s['unscaled_profile_as_is'])}; analytical {json.dumps(s['analytical'])}; "
             f"contention {json.dumps(s['contention'])}.",
+            "",
+        ]
+    for p in r.get("scaled_rule_on_published_pairs", []):
+        lines += [
+            f"**Scaled rule on a published pair**: {p['model']} {p['plan']['method']} from {p['source_gpu']} to "
+            f"{p['target_gpu']}: predicted throughput ratio {p['predicted_throughput_ratio']}, measured "
+            f"{p['measured_throughput_ratio']} ({p['error_pct']:+.1f}%; {p['caveat']}).",
             "",
         ]
     return "\n".join(lines)

@@ -392,8 +392,8 @@ def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, l
             "reserved": "cuda:max_memory_reserved" if cuda else None,
             "device_total": next((r["memory"].get("device_total_meter") for r in rows if r.get("memory")), None),
             "rss": "getrusage(RUSAGE_SELF).ru_maxrss of the trial process (recorded, not fitted)",
-            "step_time": "median of the last quiet window of timed steps (time.perf_counter"
-            + (", torch.cuda.synchronize around each step)" if cuda else ")"),
+            "step_time": "median of the last quiet window of timed steps: "
+            + STEP_METERS.get(_step_meter(rows), "wall clock (time.perf_counter)"),
             "device_peak_flops": gpu.spec_source or "catalog",
         },
         provenance={
@@ -414,6 +414,18 @@ def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, l
         },
     )
     return profile, preds
+
+
+STEP_METERS = {
+    "process_cpu_time": "CPU time of the single-threaded trial process per step (time.process_time)",
+    "cuda_synchronized_wall": "wall clock (time.perf_counter) with torch.cuda.synchronize around each step",
+    "wall": "wall clock (time.perf_counter)",
+}
+
+
+def _step_meter(rows: list[dict[str, Any]]) -> str | None:
+    found = {r.get("step_time_meter") for r in rows if r.get("status") == "ok"}
+    return found.pop() if len(found) == 1 else None
 
 
 def predictions_table(preds: list[Prediction], coef: dict[str, Any]) -> list[dict[str, Any]]:

@@ -133,9 +133,21 @@ class TrialServer:
         self._log.close()
 
 
+def _die_with_parent(sig: int) -> None:
+    """Linux: this process gets `sig` when its parent dies (a killed run leaves no orphan trials behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def serve() -> None:
     """The server loop (``python -m calibration.runner --serve``)."""
     import importlib
+
+    _die_with_parent(signal.SIGTERM)
 
     for mod in PRELOAD:
         with contextlib.suppress(Exception):  # a missing optional module only costs its import later
@@ -146,6 +158,7 @@ def serve() -> None:
         pid = os.fork()
         if pid == 0:  # the trial process
             code = 1
+            _die_with_parent(signal.SIGKILL)
             try:
                 fd = os.open(req["log_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 os.dup2(fd, 1)

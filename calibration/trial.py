@@ -77,7 +77,9 @@ class TrialResult:
     error: str | None = None
     memory: dict[str, Any] | None = None  # meters.MemoryReading.to_dict()
     step_time_s: float | None = None  # median of the timed steps
-    step_times_s: list[float] = field(default_factory=list)  # every timed step, in order
+    step_times_s: list[float] = field(default_factory=list)  # every timed step, in order (step_time_meter)
+    step_wall_times_s: list[float] = field(default_factory=list)  # the same steps on the wall clock
+    step_time_meter: str | None = None  # wall | cuda_synchronized_wall | process_cpu_time (1-thread CPU)
     timing_spread: float | None = None  # max / min over the steps the median was taken from
     cpu_contention: float | None = None  # share of this trial's cores other processes took while timing
     warmup_steps: int = 0
@@ -95,8 +97,11 @@ class TrialResult:
 
 
 def timing_disturbed(result: dict[str, Any]) -> bool:
-    """True when a measured step time is not usable (see MAX_CONTENTION, MAX_SPREAD)."""
+    """True when a measured step time is not usable (see MAX_CONTENTION, MAX_SPREAD); process CPU time
+    (single-threaded CPU trials) is not stretched by neighbours, so only its spread counts."""
     contention = result.get("cpu_contention")
+    if result.get("step_time_meter") == "process_cpu_time":
+        contention = None
     spread = result.get("timing_spread")
     return (contention is not None and contention > MAX_CONTENTION) or (spread is not None and spread > MAX_SPREAD)
 
@@ -211,24 +216,31 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
         meters.cuda_reset(device)
 
     # 4. time: steps until the last `timed_steps` agree within 25% (other processes sharing the
-    # cores make single steps slow), at most 4x timed_steps or max_timing_s; the median of that window
+    # cores make single steps slow), at most 4x timed_steps or max_timing_s; the median of that window.
+    # A single-threaded CPU trial is timed by the CPU time its process spent per step: without idle
+    # waits that is the wall time it takes on an idle machine, and neighbours cannot stretch it.
+    cpu_clock = not cuda and torch.get_num_threads() == 1
+    res.step_time_meter = "process_cpu_time" if cpu_clock else ("cuda_synchronized_wall" if cuda else "wall")
     times: list[float] = []
+    walls: list[float] = []
     loss = 0.0
     window = max(1, spec.timed_steps)
     contention = meters.CpuContention()
     for _ in range(4 * window):
         sync()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = built.train_step(batch)
         sync()
-        times.append(time.perf_counter() - t)
+        walls.append(time.perf_counter() - t)
+        times.append(time.process_time() - c if cpu_clock else walls[-1])
         last = times[-window:]
-        if len(times) >= window and (max(last) <= QUIET_SPREAD * min(last) or sum(times) > spec.max_timing_s):
+        if len(times) >= window and (max(last) <= QUIET_SPREAD * min(last) or sum(walls) > spec.max_timing_s):
             break
     last = times[-window:]
     reading = meters.cuda_reading(device, rss_baseline) if cuda else meters.cpu_reading(meter, rss_baseline)
     res.memory = reading.to_dict()
     res.step_times_s = [round(t, 6) for t in times]
+    res.step_wall_times_s = [round(t, 6) for t in walls]
     res.step_time_s = statistics.median(last) if last else None
     res.timing_spread = round(max(last) / min(last), 3) if last else None
     others = contention.stolen_fraction(torch.get_num_threads())
