@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advisor.api.auth import ApiKey, require_api_key
 from advisor.api.errors import ApiError, error_responses
+from advisor.api.schemas import ErrorResponse
 from advisor.api.settings import Settings
 from advisor.errors import AdvisorError
 from advisor.profiles import PROFILE_SUBDIR, Profile, ProfileStore
@@ -234,7 +235,10 @@ def _state(app: FastAPI) -> Calibrations:
     summary="Start a calibration of this server's device in the background",
     status_code=202,
     response_model=CalibrationRun,
-    responses=error_responses(409, 422, 503),
+    responses={
+        **error_responses(409, 422),
+        503: {"model": ErrorResponse, "description": "this server lacks the calibrate extra (torch, ...)"},
+    },
 )
 def start_calibration(body: CalibrationRequest, request: Request, caller: ApiKey) -> dict[str, Any]:
     """Short real LoRA/QLoRA fine-tunes (each in its own process), a fitted profile, installed on success.
