@@ -15,8 +15,6 @@ import pytest
 
 from advisor.plans import TrainingPlan
 
-pytestmark = pytest.mark.needs_torch
-
 GROUPS = {
     "llama-h32-l2-v256": ("llama", 32, 2, 256, 16),
     "qwen2-h48-l2-v320": ("qwen2", 48, 2, 320, 16),

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.needs_torch
+pytestmark = [pytest.mark.needs_torch, pytest.mark.slow]
 
 KEY = "test-key-0123456789abcdef"
 

@@ -13,7 +13,7 @@ from advisor.profiles import ProfileStore, load_profile
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
 
-pytestmark = pytest.mark.needs_torch
+pytestmark = [pytest.mark.needs_torch, pytest.mark.slow]
 
 
 def test_every_trial_is_a_measurement_and_failures_do_not_stop_the_run(tiny_run):

@@ -8,7 +8,7 @@ from advisor.catalog import default_catalog, model_from_config
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.plans import TrainingPlan
 
-pytestmark = pytest.mark.needs_torch
+pytestmark = [pytest.mark.needs_torch, pytest.mark.slow]
 
 
 def test_meter_counts_each_storage_once_and_frees_it():
