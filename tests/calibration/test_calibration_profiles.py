@@ -166,3 +166,24 @@ def test_service_without_profiles_is_analytical(tmp_path):
     svc = AdvisorService(profiles=ProfileStore(tmp_path / "none"))
     assert svc.estimator_for(A100) is svc.analytical
     assert svc.estimate(LLAMA, A100, plan(A100))["source"] == "analytical"
+
+
+def test_profiles_load_and_estimate_without_torch_or_sklearn(tmp_path):
+    """The service reads profiles as data: no scikit-learn, no torch in the process that serves them."""
+    import subprocess
+    import sys
+
+    ProfileStore(tmp_path).save(profile())
+    code = (
+        "import sys\n"
+        "from advisor.profiles import ProfileStore\n"
+        "from advisor.service import AdvisorService\n"
+        "from advisor.plans import TrainingPlan\n"
+        f"svc = AdvisorService(profiles=ProfileStore({str(tmp_path)!r}))\n"
+        "gpu = svc.gpu('a100-80gb')\n"
+        "out = svc.estimate(svc.model('llama-3.2-1b'), gpu, TrainingPlan(method='lora', gpu_id=gpu.id))\n"
+        "assert out['source'].startswith('calibrated:'), out['source']\n"
+        "print(','.join(m for m in ('torch', 'sklearn', 'transformers') if m in sys.modules))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == ""
