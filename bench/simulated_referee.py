@@ -100,11 +100,18 @@ def row(sim: SimulatedEstimator, ana: AnalyticalEstimator, name: str, label: str
 
 
 def _commit() -> str:
+    """HEAD, and whether analytical.py differs from it (the table scores the working tree's model)."""
     import subprocess
 
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent)
-        return out.stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "advisor/estimators/analytical.py"],
+            capture_output=True,
+            text=True,
+            cwd=OUT.parent.parent,
+        )
+        return head.stdout.strip() + (" (analytical.py modified)" if dirty.stdout.strip() else "")
     except OSError:
         return ""
 
@@ -127,7 +134,7 @@ def write(rows: list[dict], cmd: str) -> None:
     lines = [
         "# Analytical vs simulated peak memory, full size",
         "",
-        f"`{cmd}` · bf16, one GPU, allocated peak (both sides + the same 64 MiB fixed buffers) · "
+        f"`{cmd}` at {doc['commit']} · bf16, one GPU, allocated peak (both sides + the same 64 MiB fixed buffers) · "
         f"torch {doc['versions']['torch']}, transformers {doc['versions']['transformers']}, "
         f"peft {doc['versions']['peft']}, bitsandbytes {doc['versions']['bitsandbytes']}",
         "",

@@ -50,7 +50,7 @@ from advisor.specs import GpuSpec, ModelSpec
 from advisor.units import GIB
 
 #: Bump when the trace changes what it counts: old cache entries stop matching.
-SIM_VERSION = 2
+SIM_VERSION = 3
 CACHE_ENV = "TUNEADVISOR_SIMULATED_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/tuneadvisor/simulated")
 PHASES = ("after_weights", "forward", "backward", "optimizer_step")
@@ -1165,13 +1165,31 @@ def _cuda_kernel_choices():
       inside the kernel (nothing saved); the CPU falls back to the math path and keeps the s x s
       probabilities. Traced without the dropout: the tensors the fused kernel keeps.
 
-    The functions are swapped on torch.nn.functional for the duration of the trace (a function mode
-    would not reach the recomputation that checkpointing runs inside backward).
+    * autocast: CUDA's autocast runs pow, exp, log, rsqrt, reciprocal, logsumexp, layer_norm and
+      softplus in fp32 (aten/src/ATen/autocast_mode.cpp); CPU autocast leaves them in the half dtype.
+      Under autocast, their functional forms (torch.pow(x, 3), as transformers' gelu_new calls it) get
+      half inputs cast to fp32, as on CUDA; the method forms (x.pow(3)) are not reached.
+
+    The functions are swapped on torch / torch.nn.functional for the duration of the trace (a function
+    mode would not reach the recomputation that checkpointing runs inside backward).
     """
     import torch
     import torch.nn.functional as F
 
     dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+    halves = (torch.float16, torch.bfloat16)
+
+    def fp32_under_autocast(fn):
+        def run(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in halves else a for a in args)
+            return fn(*args, **kwargs)
+
+        return run
+
+    fp32_ops = [(torch, n) for n in ("pow", "exp", "log", "rsqrt", "reciprocal", "logsumexp")]
+    fp32_ops += [(F, n) for n in ("layer_norm", "softplus")]
+    originals = [(mod, name, getattr(mod, name)) for mod, name in fp32_ops]
 
     def fused_dropout(input, p=0.5, training=True, inplace=False):
         if training and 0 < p < 1 and not inplace:
@@ -1186,10 +1204,14 @@ def _cuda_kernel_choices():
         return sdpa(*args, **kwargs)
 
     F.dropout, F.scaled_dot_product_attention = fused_dropout, flash_sdpa
+    for mod, name, fn in originals:
+        setattr(mod, name, fp32_under_autocast(fn))
     try:
         yield
     finally:
         F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
 
 
 def _prime_bitsandbytes() -> None:

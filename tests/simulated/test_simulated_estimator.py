@@ -192,3 +192,19 @@ def test_cli_estimate_source_simulated(tmp_path, monkeypatch, capsys):
     assert "traced live GiB: after weights" in out and "source simulated" in out
     assert main([*argv, "--source", "simulated", "--num-gpus", "2"]) == 2
     assert "--num-gpus" in capsys.readouterr().err
+
+
+def test_module_imports_without_torch():
+    """The estimator lives in the pure core's package: torch is imported only when a trace runs."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from advisor.catalog import default_catalog\n"
+        "from advisor.estimators.simulated import SimulatedEstimator, hf_config\n"
+        "SimulatedEstimator(); hf_config(default_catalog().model('llama-2-7b'))\n"
+        "print(','.join(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

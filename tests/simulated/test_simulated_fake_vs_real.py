@@ -102,6 +102,7 @@ CASES = [
     ("phi3", dict(method="full", optimizer="adamw-8bit")),
     ("phi", dict(method="qlora", double_quant=False)),
     ("gpt2", dict(method="lora", grad_checkpointing=False)),
+    ("gpt2", dict(method="full", dtype="bf16", grad_checkpointing=False)),  # AMP: CUDA's fp32 ops in gelu_new
     ("gpt_neox", dict(method="full")),
     ("t5", dict(method="lora", lora_targets=("q", "v"))),
     ("llama", dict(method="qlora", framework="litgpt", chunked_loss=True, optimizer="paged-adamw-32bit")),
