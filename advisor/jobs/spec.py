@@ -226,8 +226,6 @@ class JobSpec:
             raise InvalidInputError("warmup_ratio must be in [0, 1)", field="method.warmup_ratio")
         if self.suffix is not None and not SUFFIX.match(self.suffix):
             raise InvalidInputError("suffix: letters, digits, '-' and '_', at most 64", field="suffix")
-        if self.device == "cpu" and self.plan.method == "qlora" and self.plan.optimizer.startswith("paged"):
-            raise InvalidInputError("paged optimisers need a CUDA device", field="method.optimizer")
 
     @property
     def fine_tuned_model(self) -> str:
