@@ -75,6 +75,12 @@ class ModelSpec:
     learned_positions: bool = False
     lm_head_bias: bool = False
     num_decoder_layers: int | None = None  # t5 only
+    # how transformers runs it: gelu_new is a Python composite that saves four tensors; Gemma-2 has no
+    # SDPA path (logit soft-capping); GPT-2/T5 keep dropout on in training; T5's `wo` stays fp32 under bnb
+    hidden_act: str = "silu"
+    sdpa: bool = True
+    dropout: float = 0.0
+    keep_fp32_modules: tuple[str, ...] = ()
     relative_attention_num_buckets: int = 32  # t5 only
     hf_id: str | None = None
     aliases: tuple[str, ...] = ()
@@ -230,6 +236,15 @@ class ModelSpec:
         return sum(b.count * sum(lin.weight_params for lin in b.linears) for b in self.blocks)
 
     @cached_property
+    def quantized_weight_params(self) -> int:
+        """Linear weights bitsandbytes quantises (transformers skips `_keep_in_fp32_modules`)."""
+        keep = set(self.keep_fp32_modules)
+        return sum(
+            b.count * sum(lin.weight_params for lin in b.linears if lin.name.split(".")[-1] not in keep)
+            for b in self.blocks
+        )
+
+    @cached_property
     def param_count(self) -> int:
         blocks = sum(
             b.count * (sum(lin.params for lin in b.linears) + b.norm_params) + b.extra_params for b in self.blocks
@@ -247,6 +262,7 @@ class ModelSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
+        d["keep_fp32_modules"] = list(self.keep_fp32_modules)
         return d
 
 

@@ -67,12 +67,14 @@ def test_full_fine_tuning_bytes_per_parameter():
     pure = mem(plan(method="full", master_weights=False), gpu=CAT.gpu("h200"))
     assert pure.components["optimizer_states"] == pytest.approx(4 * N, rel=1e-6)  # bf16 states
     eight = mem(plan(method="full", optimizer="adamw-8bit", master_weights=False), gpu=CAT.gpu("h200"))
-    assert eight.components["optimizer_states"] == pytest.approx(2 * N, rel=0.01)
+    # two uint8 states + one fp32 absmax per 256-value block of each (bitsandbytes' blockwise states)
+    assert eight.components["optimizer_states"] == pytest.approx(N * (2 + 2 * 4 / 256), rel=1e-6)
 
 
 def test_paged_states_are_reported_apart():
     m = mem(plan(method="full", optimizer="paged-adamw-8bit", master_weights=False), gpu=CAT.gpu("h200"))
-    assert m.components["optimizer_states"] == 0 and m.paged_bytes == pytest.approx(2 * L7.param_count, rel=0.01)
+    assert m.components["optimizer_states"] == 0
+    assert m.paged_bytes == pytest.approx(L7.param_count * (2 + 2 * 4 / 256), rel=1e-6)
 
 
 def test_activations_grow_with_tokens_and_checkpointing_cuts_them():
@@ -93,8 +95,9 @@ def test_eager_attention_adds_the_s_squared_term_only():
 
 
 def test_logits_peak_with_fp32_upcast():
+    # the loss backward holds the fp32 log-softmax output, its gradient and the logits' gradient
     p = plan(micro_batch=2, seq_len=1024)
-    assert EST.logits_bytes(L7, p) == 2 * 1024 * 32000 * (2 + 12)
+    assert EST.logits_bytes(L7, p) == 2 * 1024 * 32000 * 12
     big_vocab = EST.logits_bytes(resolve_model("llama-3-8b"), p)
     assert big_vocab / EST.logits_bytes(L7, p) == pytest.approx(128256 / 32000)
 

@@ -459,6 +459,10 @@ class ModelOut(BaseModel):
     lm_head_bias: bool
     num_decoder_layers: int | None
     relative_attention_num_buckets: int
+    hidden_act: str = Field(description="activation as transformers runs it (gelu_new saves four tensors)")
+    sdpa: bool = Field(description="false where transformers has no SDPA path (Gemma-2): eager attention")
+    dropout: float = Field(description="dropout transformers keeps on in training (GPT-2, T5)")
+    keep_fp32_modules: list[str] = Field(description="modules bitsandbytes leaves unquantised (T5's wo)")
     lora_module_names: list[str] = Field(description="peft target module names of this architecture")
     source: str
     assumed: bool

@@ -42,6 +42,7 @@ def _norm_gpu_key(name: str) -> str:
 def _model_from_row(row: dict[str, Any]) -> ModelSpec:
     row = dict(row)
     row["aliases"] = tuple(row.get("aliases", ()))
+    row["keep_fp32_modules"] = tuple(row.get("keep_fp32_modules", ()))
     return ModelSpec(**row)
 
 
@@ -286,7 +287,10 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
         source="config.json",
         note=note,
     )
+    act = _first(cfg, "hidden_act", "activation_function", default="silu")
+    kw["hidden_act"] = str(act)
     if family == "llama":
+        kw["sdpa"] = mtype != "gemma2"  # Gemma-2's soft-capped attention has no SDPA path in transformers
         kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", mtype in ("gemma", "gemma2")))
         kw["attention_bias"] = bool(cfg.get("attention_bias", mtype == "qwen2"))
         kw["mlp_bias"] = bool(cfg.get("mlp_bias", False))
@@ -305,6 +309,7 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
             mlp_bias=True,
             norm="layernorm",
             learned_positions=True,
+            dropout=float(cfg.get("resid_pdrop", 0.1)),
         )
     elif family == "phi":
         kw.update(
@@ -327,6 +332,10 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     elif family == "t5":
         ff = str(cfg.get("feed_forward_proj", "relu"))
         kw.update(
+            # transformers maps "gated-gelu" to gelu_new (T5 v1.1, Flan-T5)
+            hidden_act="gelu_new" if ff == "gated-gelu" else ff.split("-")[-1],
+            dropout=float(cfg.get("dropout_rate", 0.1)),
+            keep_fp32_modules=("wo",),
             gated_mlp=ff.startswith("gated"),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
             num_decoder_layers=int(cfg.get("num_decoder_layers") or layers),

@@ -36,7 +36,7 @@ from advisor.units import DTYPE_BYTES, MIB
 
 NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (values per absmax)
 DQ_BLOCK = 256  # double quantisation: absmax values per second-level fp32 constant
-BNB8_BLOCK = 2048  # 8-bit optimiser blocksize
+BNB8_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimiser states (optim/optimizer.py)
 
 
 @dataclass(frozen=True)
@@ -158,19 +158,19 @@ class AnalyticalEstimator:
         shard = n if plan.sharding == "fsdp" else 1
         N = model.param_count
         n_lin = model.linear_weight_params
-        n_other = N - n_lin
+        n_quant = model.quantized_weight_params  # NF4 under qlora; the rest stays unquantised
         adapter_params, groups = self.adapters(model, plan)
         tokens = plan.micro_batch * plan.seq_len
 
         # weights ------------------------------------------------------------------------------
         autocast_copies = 0
         if plan.method == "qlora":
-            absmax = n_lin / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if plan.double_quant else n_lin / NF4_BLOCK * 4
+            absmax = n_quant / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if plan.double_quant else n_quant / NF4_BLOCK * 4
             other_bytes = 4 if _upcast(plan) else e
-            weights = n_lin * 0.5 + absmax + n_other * other_bytes
+            weights = n_quant * 0.5 + absmax + (N - n_quant) * other_bytes
         elif plan.method == "full" and plan.master_weights and e < 4:
             weights = 4 * N
-            autocast_copies = e * n_lin  # half copies autocast makes and backward keeps
+            autocast_copies = e * n_lin  # half copies autocast caches in forward; backward keeps them
         else:
             weights = e * N
         weights = weights / shard
@@ -179,7 +179,6 @@ class AnalyticalEstimator:
             per_block = max((sum(lin.params for lin in b.linears) for b in model.blocks), default=0)
             gathered_bytes = 0.5 if plan.method == "qlora" else e
             weights += 2 * per_block * gathered_bytes
-        weights += autocast_copies
 
         # trainable state --------------------------------------------------------------------------
         paged = 0.0
@@ -193,7 +192,7 @@ class AnalyticalEstimator:
             grad_bytes = param_bytes
         if plan.optimizer in ("adamw", "paged-adamw-32bit"):
             opt_per_param = 2 * param_bytes
-        else:  # 8-bit: two uint8 states + fp32 absmax per 2048-block for each
+        else:  # 8-bit: two uint8 states + an fp32 absmax per block of each
             opt_per_param = 2 + 2 * 4 / BNB8_BLOCK
         opt_bytes = trainable * opt_per_param / shard
         if plan.optimizer.startswith("paged"):
@@ -205,29 +204,35 @@ class AnalyticalEstimator:
             grads *= 2  # DDP's reducer keeps flat bucket copies of the gradients
 
         # activations ------------------------------------------------------------------------------
-        act = self.activation_bytes(model, plan, groups, cpu) * k.activation_scale
+        kept, recomputed = self.activation_parts(model, plan, groups, cpu)
+        act = kept * k.activation_scale
+        block = recomputed * k.activation_scale
         logits = self.logits_bytes(model, plan) * k.logits_scale
         quant_tmp = 0
         if plan.method == "qlora":
             largest = max(lin.weight_params for b in model.blocks for lin in b.linears)
             quant_tmp = largest * e  # one dequantised weight at a time (forward or backward)
-        backward_transient = tokens * e * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
-
+        e_act = 4 if (plan.method == "qlora" and _upcast(plan)) else e
+        backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
         static = weights + adapters + opt_bytes + k.fixed_allocated_bytes
         # gradient accumulation keeps the previous micro-steps' gradients alive through backward
         accumulated = grads if plan.grad_accum > 1 else 0
-        phase_a = static + accumulated + act + logits + quant_tmp + backward_transient
+        # the loss backward (logits' gradients) is over before the last block is recomputed and
+        # back-propagated: the two are not alive together
+        backward_head = max(logits, block + backward_transient)
+        phase_a = static + autocast_copies + accumulated + act + backward_head + quant_tmp
         phase_b = static + grads
         allocated = max(phase_a, phase_b)
         peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
         in_fb = peak_phase == "forward/backward"
+        logits_win = logits >= block + backward_transient
         components = {
-            "weights": int(weights),
+            "weights": int(weights + (autocast_copies if in_fb else 0)),
             "adapters": int(adapters),
             "gradients": int(grads if (not in_fb or plan.grad_accum > 1) else 0),
             "optimizer_states": int(opt_bytes),
-            "activations": int(act + backward_transient if in_fb else 0),
-            "logits": int(logits if in_fb else 0),
+            "activations": int(act + (0 if logits_win else block + backward_transient) if in_fb else 0),
+            "logits": int(logits if in_fb and logits_win else 0),
             "quant_temporaries": int(quant_tmp if in_fb else 0),
         }
         if autocast_copies:
@@ -242,7 +247,7 @@ class AnalyticalEstimator:
         passes = 3 if plan.grad_checkpointing else 2
         quant_traffic = 0.0
         if plan.method == "qlora":
-            quant_traffic = passes * n_lin * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
+            quant_traffic = passes * n_quant * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
         full_act = (
             act
             if not plan.grad_checkpointing
@@ -258,7 +263,7 @@ class AnalyticalEstimator:
             if plan.sharding == "ddp":
                 comm_bytes = 2 * frac * grad_b
             else:
-                wbytes = n_lin * 0.5 if plan.method == "qlora" else N * e
+                wbytes = n_quant * 0.5 if plan.method == "qlora" else N * e
                 comm_bytes = passes * frac * wbytes + frac * grad_b
         if plan.optimizer.startswith("paged") and plan.method == "full":
             notes.append("full fine-tuning with paged states pages them over PCIe when memory is short: slower")
@@ -280,7 +285,9 @@ class AnalyticalEstimator:
                 "gradients": grads,
                 "accumulated_gradients": accumulated,
                 "activations": act,
+                "recomputed_block": block,
                 "backward_transient": backward_transient,
+                "autocast_copies": autocast_copies,
                 "logits": logits,
                 "quant_temporaries": quant_tmp,
                 "fixed_allocated": k.fixed_allocated_bytes,
@@ -299,29 +306,38 @@ class AnalyticalEstimator:
         return dict(self.counts(model, plan, cpu).terms)
 
     def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None, cpu: bool = False) -> float:
-        """Bytes autograd keeps between forward and backward, for one GPU's micro-batch."""
+        """Bytes autograd keeps between forward and backward, for one GPU's micro-batch (with
+        checkpointing: the blocks' inputs plus the one block recomputed during backward)."""
+        kept, recomputed = self.activation_parts(model, plan, groups, cpu)
+        return kept + recomputed
+
+    def activation_parts(
+        self, model: ModelSpec, plan: TrainingPlan, groups=None, cpu: bool = False
+    ) -> tuple[float, float]:
+        """(kept through backward, recomputed block): checkpointing keeps each block's input and rebuilds
+        one block at a time; without it every block's saved tensors are kept and nothing is rebuilt."""
         if groups is None:
             _, groups = self.adapters(model, plan)
         e = DTYPE_BYTES[plan.dtype]
+        if plan.method == "qlora" and _upcast(plan):
+            # fp32 embeddings make the residual stream fp32 and Linear4bit returns its input's dtype:
+            # every activation of the block is fp32
+            e = 4
         b, s = plan.micro_batch, plan.seq_len
         tokens = b * s
         targeted = {b_.kind: lins for b_, lins in groups}
-        # the residual stream is fp32 under QLoRA's kbit upcast (fp32 embeddings promote it)
-        residual = 4 if (plan.method == "qlora" and _upcast(plan)) else e
-        total = 0.0
+        kept = 0.0
         largest_block = 0.0
         for blk in model.blocks:
             per_tok = self._block_bytes_per_token(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu)
             largest_block = max(largest_block, per_tok * tokens)
             if plan.grad_checkpointing:
-                total += blk.count * residual * model.hidden_size * tokens
+                kept += blk.count * e * model.hidden_size * tokens
             else:
-                total += blk.count * per_tok * tokens
-        if plan.grad_checkpointing:
-            total += largest_block  # one block recomputed during backward
+                kept += blk.count * per_tok * tokens
         # final norm (fp32 upcast + output) and the embedding output when it requires grad
-        total += tokens * model.hidden_size * (4 + e)
-        return total
+        kept += tokens * model.hidden_size * (4 + e)
+        return kept, (largest_block if plan.grad_checkpointing else 0.0)
 
     def _block_bytes_per_token(
         self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int, cpu: bool = False
@@ -330,18 +346,33 @@ class AnalyticalEstimator:
         q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
         n_attn = 2 if blk.kind == "cross_decoder" else 1
         n_norms = {"encoder": 2, "cross_decoder": 3}.get(blk.kind, model.norms_per_layer)
-        eager = plan.attention == "eager" or model.family == "t5"  # HF T5 has no SDPA path (position bias)
+        # transformers' implementation details (other stacks run their own model code)
+        hf = plan.framework == "hf"
+        eager = plan.attention == "eager" or (hf and not model.sdpa)  # Gemma-2 has no SDPA path in transformers
         # frozen base: norms, attention tensors for backward, MLP activation inputs
         if model.norm == "rmsnorm":
             norm_bytes = 4 * h  # fp32 upcast of the input is saved
         else:
             norm_bytes = e * h + 8  # input + fp32 mean/rstd
+        if model.family == "gpt_neox":
+            # parallel residual: both LayerNorms read the same input, saved once
+            norm_total = norm_bytes + (n_norms - 1) * 8
+        else:
+            norm_total = n_norms * norm_bytes
         kv_saved = q if (eager and kv < q) else kv  # eager repeats k/v to all heads
         attn = 2 * e * q + 2 * e * kv_saved
         if eager:
             attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
-        mlp_saved = 3 if model.gated_mlp else 1
-        per_tok = n_norms * norm_bytes + n_attn * attn + mlp_saved * e * i
+        if hf and model.family in ("phi3", "gpt_neox"):
+            attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
+        # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
+        self_attn_bias = e * nh * s if model.family == "t5" else 0
+        # gelu_new is a Python composite in transformers (x^3, tanh, sums, products): four saved tensors
+        mlp_saved = (3 if model.gated_mlp else 1) + (3 if hf and model.hidden_act == "gelu_new" else 0)
+        per_tok = norm_total + n_attn * attn + self_attn_bias + mlp_saved * e * i
+        if model.dropout > 0:
+            # 1-byte masks on each residual branch (and T5's inside the feed-forward)
+            per_tok += (n_attn + 1) * h + (i if model.family == "t5" else 0)
         if plan.method == "full":
             # inputs of every linear are saved for the weight gradients (+ normalised outputs)
             per_tok += e * (n_attn * (h + q) + h + i + h)
@@ -367,7 +398,9 @@ class AnalyticalEstimator:
         return per_tok
 
     def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
-        """Logits in the compute dtype, the fp32 upcast for the loss, log-softmax and its gradients."""
+        """The loss's share of the backward peak. The Trainer drops the model output after the loss, so at
+        the loss backward what is alive is the fp32 log-softmax output, its gradient and the logits'
+        gradient: 12 bytes per token per vocabulary entry, whatever the compute dtype."""
         e = DTYPE_BYTES[plan.dtype]
         tokens = plan.micro_batch * plan.seq_len
         if plan.chunked_loss:
@@ -375,8 +408,6 @@ class AnalyticalEstimator:
             # log-softmax stays saved for backward (fp32 where the chunk is upcast, as in torchtune)
             saved = e if plan.framework == "litgpt" else 4
             return tokens * model.vocab_size * (2 * e + saved)
-        if e < 4:
-            return tokens * model.vocab_size * (e + 12)
         return tokens * model.vocab_size * 12
 
     # ---- speed ------------------------------------------------------------------------------------
