@@ -81,6 +81,7 @@ class ModelSpec:
     sdpa: bool = True
     dropout: float = 0.0
     keep_fp32_modules: tuple[str, ...] = ()
+    softcapping: bool = False  # Gemma-2: tanh soft-capping of attention scores and of the final logits
     relative_attention_num_buckets: int = 32  # t5 only
     hf_id: str | None = None
     aliases: tuple[str, ...] = ()

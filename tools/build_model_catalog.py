@@ -638,15 +638,16 @@ CLOSED = {
 # How transformers runs each model, beyond the architecture numbers: the activation from config.json
 # (`hidden_act`, `activation_function`, `feed_forward_proj`: "gated-gelu" runs gelu_new), dropout kept
 # on in training (`resid_pdrop`, `dropout_rate`), Gemma-2's missing SDPA path (`_supports_sdpa = False`
-# in transformers' Gemma2 model: soft-capped logits) and T5's `_keep_in_fp32_modules = ["wo"]`.
+# in transformers' Gemma2 model: soft-capped logits, `attn_logit_softcapping`/`final_logit_softcapping`)
+# and T5's `_keep_in_fp32_modules = ["wo"]`.
 GELU_NEW_DROPOUT = dict(hidden_act="gelu_new", dropout=0.1)
 T5_RUNTIME = dict(dropout=0.1, keep_fp32_modules=["wo"])
 RUNTIME = {
     "gemma-2b": dict(hidden_act="gelu_pytorch_tanh"),
     "gemma-7b": dict(hidden_act="gelu_pytorch_tanh"),
-    "gemma-2-2b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False),
-    "gemma-2-9b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False),
-    "gemma-2-27b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False),
+    "gemma-2-2b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False, softcapping=True),
+    "gemma-2-9b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False, softcapping=True),
+    "gemma-2-27b": dict(hidden_act="gelu_pytorch_tanh", sdpa=False, softcapping=True),
     "phi-1.5": dict(hidden_act="gelu_new"),
     "phi-2": dict(hidden_act="gelu_new"),
     "stablelm-base-alpha-3b": dict(hidden_act="gelu"),

@@ -291,6 +291,7 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     kw["hidden_act"] = str(act)
     if family == "llama":
         kw["sdpa"] = mtype != "gemma2"  # Gemma-2's soft-capped attention has no SDPA path in transformers
+        kw["softcapping"] = bool(cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"))
         kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", mtype in ("gemma", "gemma2")))
         kw["attention_bias"] = bool(cfg.get("attention_bias", mtype == "qwen2"))
         kw["mlp_bias"] = bool(cfg.get("mlp_bias", False))

@@ -222,6 +222,10 @@ class AnalyticalEstimator:
         backward_head = max(logits, block + backward_transient)
         phase_a = static + autocast_copies + accumulated + act + backward_head + quant_tmp
         phase_b = static + grads
+        if plan.method == "full" and model.tie_word_embeddings:
+            # the tied matrix gets a dense gradient from the embedding lookup and one from the head,
+            # summed last in backward, when every other gradient already exists
+            phase_b += 2 * grad_bytes * model.vocab_size * model.hidden_size / shard
         allocated = max(phase_a, phase_b)
         peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
         in_fb = peak_phase == "forward/backward"
@@ -363,6 +367,8 @@ class AnalyticalEstimator:
         attn = 2 * e * q + 2 * e * kv_saved
         if eager:
             attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
+            if hf and model.softcapping:
+                attn += e * nh * s  # tanh soft-capping keeps its output for backward
         if hf and model.family in ("phi3", "gpt_neox"):
             attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
         # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
@@ -408,7 +414,11 @@ class AnalyticalEstimator:
             # log-softmax stays saved for backward (fp32 where the chunk is upcast, as in torchtune)
             saved = e if plan.framework == "litgpt" else 4
             return tokens * model.vocab_size * (2 * e + saved)
-        return tokens * model.vocab_size * 12
+        capped = 0
+        if model.softcapping:
+            # final-logit soft-capping keeps tanh's output (fp32 logits under QLoRA's kbit upcast)
+            capped = 4 if (plan.method == "qlora" and _upcast(plan)) or e == 4 else e
+        return tokens * model.vocab_size * (12 + capped)
 
     # ---- speed ------------------------------------------------------------------------------------
     def flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapter_params: int | None = None) -> float:
