@@ -463,6 +463,7 @@ class ModelOut(BaseModel):
     sdpa: bool = Field(description="false where transformers has no SDPA path (Gemma-2): eager attention")
     dropout: float = Field(description="dropout transformers keeps on in training (GPT-2, T5)")
     keep_fp32_modules: list[str] = Field(description="modules bitsandbytes leaves unquantised (T5's wo)")
+    softcapping: bool = Field(description="Gemma-2's tanh soft-capping of attention scores and final logits")
     lora_module_names: list[str] = Field(description="peft target module names of this architecture")
     source: str
     assumed: bool
