@@ -7,6 +7,7 @@ naming the field, nothing feasible -> 409. Request validation lists every bad fi
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -247,17 +248,28 @@ def errors_as_json(doc: dict[str, Any]) -> dict[str, Any]:
     """Document every ErrorResponse as application/json, which is what the handlers above send.
 
     FastAPI files a `responses=` model under the route's own media type, so a route answering
-    text/plain on success (e.g. job logs) would claim its errors are text/plain too."""
+    text/plain on success (e.g. job logs) would claim its errors are text/plain too; and it documents
+    its own HTTPValidationError for 422 on every route with parameters, where our handler sends an
+    ErrorResponse."""
     ref = "#/components/schemas/ErrorResponse"
     for ops in doc.get("paths", {}).values():
         for op in ops.values():
             for status, response in op.get("responses", {}).items():
                 content = response.get("content", {})
+                for body in content.values():
+                    if body.get("schema", {}).get("$ref") == "#/components/schemas/HTTPValidationError":
+                        body["schema"]["$ref"] = ref
+                        response["description"] = "invalid input; `errors` names every bad field"
                 if not status.isdigit() or int(status) < 400 or "application/json" in content:
                     continue
                 for media_type, body in list(content.items()):
                     if body.get("schema", {}).get("$ref") == ref:
                         content["application/json"] = content.pop(media_type)
+    schemas = doc.get("components", {}).get("schemas", {})
+    if "HTTPValidationError" in schemas and "#/components/schemas/HTTPValidationError" not in json.dumps(doc["paths"]):
+        schemas.pop("HTTPValidationError")
+        if "#/components/schemas/ValidationError" not in json.dumps(schemas):
+            schemas.pop("ValidationError", None)
     return doc
 
 

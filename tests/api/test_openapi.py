@@ -23,6 +23,21 @@ OPERATION_IDS = {
     ("get", "/healthz"): "healthz",
     ("get", "/readyz"): "readyz",
     ("get", "/metrics"): "metrics",
+    ("post", "/v1/files"): "createFile",
+    ("get", "/v1/files"): "listFiles",
+    ("get", "/v1/files/{file_id}"): "retrieveFile",
+    ("delete", "/v1/files/{file_id}"): "deleteFile",
+    ("get", "/v1/files/{file_id}/content"): "downloadFile",
+    ("post", "/v1/fine_tuning/jobs"): "createFineTuningJob",
+    ("get", "/v1/fine_tuning/jobs"): "listFineTuningJobs",
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"): "retrieveFineTuningJob",
+    ("post", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): "cancelFineTuningJob",
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): "listFineTuningEvents",
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): "listFineTuningCheckpoints",
+    ("get", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/logs"): "fineTuningJobLogs",
+    ("get", "/v1/calibrations"): "listCalibrations",
+    ("post", "/v1/calibrations"): "startCalibration",
+    ("get", "/v1/calibrations/{calibration_id}"): "getCalibration",
 }
 
 
