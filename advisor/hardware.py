@@ -49,11 +49,7 @@ def match_catalog(name: str, memory_mib: float, catalog: Catalog) -> GpuSpec:
     except UnknownGpuError:
         key = _norm_gpu_key(name)
         gib = memory_mib / 1024
-        close = [
-            g
-            for g in catalog.gpus
-            if abs(g.memory_gib - gib) / g.memory_gib < 0.06 and _model_token(g.id) in key
-        ]
+        close = [g for g in catalog.gpus if abs(g.memory_gib - gib) / g.memory_gib < 0.06 and _model_token(g.id) in key]
         if "pcie" in key:
             close = [g for g in close if "pcie" in g.id] or close
         else:
