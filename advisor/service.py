@@ -179,7 +179,10 @@ class AdvisorService:
         if plan.dtype == "bf16" and not gpu.bf16_supported:
             raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
         if source == "simulated":
-            est = self.simulated().estimate(model, gpu, plan)
+            try:
+                est = self.simulated().estimate(model, gpu, plan)
+            except (RuntimeError, TimeoutError) as exc:
+                raise InvalidInputError(f"{exc}; the analytical source answers at once", field="source") from exc
         else:
             estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
             est = estimator.estimate(model, gpu, plan)

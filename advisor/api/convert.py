@@ -75,6 +75,8 @@ def to_recommend_request(body: RecommendRequest) -> tuple[CoreRecommendRequest, 
         dtype=body.dtype,
         convergence=dict(body.convergence) if body.convergence else None,
         limit=body.limit,
+        simulate_top=body.simulate_top,
+        simulate_budget_s=body.simulate_budget_s,
     )
     return req, stated
 

@@ -21,7 +21,7 @@ Attention = Literal["sdpa", "flash", "eager"]
 Sharding = Literal["none", "ddp", "fsdp"]
 Framework = Literal["hf", "litgpt", "torchtune"]
 Objective = Literal["cost", "time", "fit"]
-EstimateSource = Literal["auto", "analytical"]
+EstimateSource = Literal["auto", "analytical", "simulated"]
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9 ()+,._:@-]*"
 #: A catalog name, alias, Hugging Face id (optionally as a huggingface.co URL) or a size like "13B".
@@ -208,6 +208,28 @@ class RecommendRequest(_Strict):
         None, description="optimiser steps relative to full fine-tuning, per method (default qlora 1.25)"
     )
     limit: int = Field(10, ge=1, le=100, description="ranked plans to return at most")
+    simulate_top: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="trace this many of the top plans under FakeTensorMode (train extra; off by default)",
+    )
+    simulate_budget_s: float = Field(
+        120.0, gt=0, le=3600, allow_inf_nan=False, description="wall-clock budget for all traces together"
+    )
+
+
+class SimulationOut(BaseModel):
+    rank: int
+    plan_id: str
+    analytical_peak_memory_gib: float
+    peak_memory_gib: float | None = None
+    allocated_peak_gib: float | None = None
+    fits: bool | None = None
+    peak_phase: str | None = None
+    phases_gib: dict[str, float] | None = None
+    skipped: str | None = Field(None, description="why this plan was not traced (budget spent, unsupported plan)")
+    model_config = {"extra": "allow"}
 
 
 class PlanIn(_Strict):
@@ -268,7 +290,11 @@ class EstimateRequest(_Strict):
     claimed_memory_gib: float | None = Field(
         None, gt=0, le=1e6, allow_inf_nan=False, description="a published peak-memory claim to check"
     )
-    source: EstimateSource = Field("auto", description="auto: calibrated where a profile matches, else analytical")
+    source: EstimateSource = Field(
+        "auto",
+        description="auto: calibrated where a profile matches, else analytical; simulated: one training step "
+        "traced under FakeTensorMode (needs the train extra on the server; seconds to a minute, cached)",
+    )
 
 
 # ---- responses -------------------------------------------------------------------------------------
@@ -384,6 +410,7 @@ class RecommendResponse(BaseModel):
     candidates_feasible: int
     assumptions: list[str] = Field(description="defaults assumed for what the request left out")
     notes: list[str]
+    simulations: list[SimulationOut] | None = Field(None, description="only when simulate_top > 0")
 
 
 class ClaimCheck(BaseModel):

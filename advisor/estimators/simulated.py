@@ -527,7 +527,11 @@ def _trace_in_subprocess(config: dict, plan: TrainingPlan, targets: list[str], t
     try:
         if not parent.poll(timeout_s):
             raise TimeoutError(f"simulation did not finish within {timeout_s:.0f} s")
-        status, payload = parent.recv()
+        try:
+            status, payload = parent.recv()
+        except EOFError:  # the child died before answering (killed, out of memory, failed to start)
+            proc.join(5)
+            raise RuntimeError(f"simulation process ended without a result (exit code {proc.exitcode})") from None
     finally:
         if proc.is_alive():
             proc.kill()
