@@ -228,6 +228,11 @@ def design(
                     continue
                 chosen.append(plan)
                 seen_methods.add((method, ckpt))
+        if "full" in methods:
+            # the fewest tokens: the optimiser step (all gradients alive) may hold the peak, which the fit needs
+            step = _plan("full", device, min(b.seq_lens), 1, False, ADAPTERS[0], "adamw")
+            if step not in chosen:
+                chosen.append(step)
         if gpu:
             chosen = _with_fill_trials(chosen, estimator, spec, device, b)
         for plan in chosen:

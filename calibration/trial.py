@@ -114,6 +114,8 @@ def classify(exc: BaseException) -> str:
     text = str(exc).lower()
     if name == "OutOfMemoryError" or any(m in text for m in _OOM_MARKERS):
         return OOM
+    if isinstance(exc, SystemError) and "without exception set" in text:
+        return OOM  # C code whose malloc failed under an address-space cap, without raising MemoryError
     return ERROR
 
 

@@ -14,7 +14,7 @@ Memory (allocated peak, bytes); ``f`` is the model family, ``L`` its layer count
     no checkpoint = static + b[f]*blocks + a[f]*scores + t*tail + l*logits + q*quant + x*transient + d*grads + c
     checkpoint    = static + r*residuals + d*grads + c
                     + max(t*tail + l*logits,  k[f]*block + a[f]*scores/L + q*quant + x*transient)
-    optimizer     = weights + adapters + optimizer states + gradients + c
+    optimizer     = weights + adapters + optimizer states + g*gradients + c   (g >= 1: the step's temporaries)
     peak          = max(the forward/backward phase, the optimizer phase)
 
 ``blocks`` are the saved activations of all blocks, ``block`` one block's (recomputed under
@@ -193,7 +193,8 @@ def memory_prediction(coef: dict[str, Any], f: Features) -> tuple[float, str, di
         }
     fixed = float(k["fixed_bytes"])
     phase_a = f.static + sum(parts.values()) + fixed
-    phase_b = f.optimizer_static + m["gradients"] + fixed
+    g = float((coef.get("optimizer_step") or {}).get("gradients", 1.0))
+    phase_b = f.optimizer_static + g * m["gradients"] + fixed
     if phase_a >= phase_b:
         return phase_a, "forward/backward", parts
     return phase_b, "optimizer step", {}

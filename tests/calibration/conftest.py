@@ -64,14 +64,15 @@ def tiny_trials(device_id: str) -> list:
                 )
             )
     lora = TrainingPlan(gpu_id=device_id, dtype="fp32", method="lora", micro_batch=1, seq_len=32)
+    full = TrainingPlan(gpu_id=device_id, dtype="fp32", method="full", micro_batch=1, seq_len=32)
     out.append(
         TrialSpec(
             id=OOM_ID,
             group="llama-h32-l2-v256",
-            arch=scaled_config("llama", 32, 2, 256, 16),
-            plan=lora.to_dict(),
+            arch=scaled_config("llama", 256, 2, 8192, 64),  # 4M parameters: 16 MiB of weights, 64 MiB to train
+            plan=full.to_dict(),
             threads=1,
-            memory_limit_bytes=256 * 1024,  # the model and its optimiser need more than this
+            memory_limit_bytes=48 * 2**20,  # room for the interpreter's own needs, not for the training state
             timeout_s=120,
         )
     )
