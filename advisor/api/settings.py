@@ -46,6 +46,9 @@ class Settings(BaseSettings):
         default_factory=list, description="accepted Bearer keys, comma-separated; never logged"
     )
     lock_advice: bool = Field(False, description="require an API key for the advice endpoints too")
+    allow_simulation: bool = Field(
+        True, description="serve source=simulated and simulate_top (CPU-heavy traces; needs the train extra)"
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, le=1_073_741_824, description="larger bodies get 413")
     log_level: str = Field("info", pattern=r"^(?i:debug|info|warning|error|critical)$")
     access_log: bool = Field(True, description="one JSON line per request on the `advisor.access` logger")

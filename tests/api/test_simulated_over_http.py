@@ -59,3 +59,15 @@ def test_recommend_simulates_top_plans_within_bounds(client):
     assert sims[0]["skipped"] or sims[0]["peak_memory_gib"] > 0
     bad = client.post("/v1/recommend", json={"model": TINY, "gpu": "a100-80gb", "simulate_top": 50})
     assert bad.status_code == 422 and bad.json()["field"] == "simulate_top"
+
+
+def test_simulation_can_be_switched_off(tmp_path):
+    from advisor.api.settings import Settings
+
+    off = TestClient(create_app(Settings(data_dir=tmp_path, allow_simulation=False)))
+    r = off.post(
+        "/v1/estimate", json={"model": TINY, "gpu": "a100-80gb", "plan": {"method": "lora"}, "source": "simulated"}
+    )
+    assert r.status_code == 422 and r.json()["field"] == "source"
+    r = off.post("/v1/recommend", json={"model": TINY, "gpu": "a100-80gb", "simulate_top": 1})
+    assert r.status_code == 422 and r.json()["field"] == "simulate_top"

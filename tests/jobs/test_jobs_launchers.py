@@ -78,7 +78,8 @@ def test_ray_launcher_maps_an_unreachable_cluster_to_a_launch_error(tmp_path: Pa
 def stubborn_python(tmp_path: Path) -> Path:
     """An executable that takes the training argv, ignores SIGTERM and sleeps (a hung training process)."""
     p = tmp_path / "stubborn-python"
-    p.write_text("#!/bin/sh\ntrap '' TERM\nsleep 60 &\nwait\nsleep 60\n")
+    # writes <itself>.ready once SIGTERM is ignored, so a test never signals it before the trap is set
+    p.write_text("#!/bin/sh\ntrap '' TERM\ntouch \"$0.ready\"\nsleep 60 &\nwait\nsleep 60\n")
     p.chmod(0o755)
     return p
 
@@ -128,6 +129,11 @@ def test_slots_queue_and_cancel_escalates_to_sigkill(tmp_path: Path, stubborn_py
         assert first["status"] == S.RUNNING and second["status"] == S.QUEUED  # one slot
         pid = first["handle"]["pid"]
         assert proc_start_ticks(pid) == first["handle"]["start_ticks"]
+        ready = Path(f"{stubborn_python}.ready")
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the stubborn process never set its SIGTERM trap"
 
         assert m.store.update_job(first["id"], expect=[S.RUNNING], status=S.CANCELLING, cancel_requested=True)
         m.tick()  # SIGTERM: ignored

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from advisor.api.convert import model_arg, to_plan, to_recommend_request, to_workload
-from advisor.api.deps import Service
+from advisor.api.deps import AppSettings, Service
 from advisor.api.errors import ApiError, error_responses
 from advisor.api.schemas import EstimateRequest, EstimateResponse, RecommendRequest, RecommendResponse
 
@@ -22,11 +22,13 @@ router = APIRouter(prefix="/v1", tags=["advice"])
     response_model=RecommendResponse,
     responses=error_responses(404, 409, 413, 422),
 )
-def recommend(body: RecommendRequest, svc: Service) -> dict[str, Any]:
+def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> dict[str, Any]:
     """Every candidate plan (method x adapter shape x micro-batch x checkpointing x optimiser x GPUs) is
     estimated; feasible ones come back ranked by the objective with their memory breakdown, speed,
     hours, cost, estimate source and reason; rejected groups come back with what to change.
     Each plan has a stable `id` and can be posted back to /v1/estimate as is."""
+    if body.simulate_top and not settings.allow_simulation:
+        raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="simulate_top")
     req, stated = to_recommend_request(body)
     result = svc.recommend(req).to_dict()
     result["assumptions"] = result["assumptions"] + stated
@@ -40,8 +42,10 @@ def recommend(body: RecommendRequest, svc: Service) -> dict[str, Any]:
     response_model=EstimateResponse,
     responses=error_responses(404, 413, 422),
 )
-def estimate(body: EstimateRequest, svc: Service) -> dict[str, Any]:
+def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> dict[str, Any]:
     """One fully specified plan (e.g. one from /v1/recommend, posted back unchanged) -> the same estimate."""
+    if body.source == "simulated" and not settings.allow_simulation:
+        raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="source")
     gpu_name = body.gpu or body.plan.gpu_id
     if gpu_name is None:
         raise ApiError(422, "invalid_input", "name the GPU: `gpu`, or `plan.gpu_id`", field="gpu")
