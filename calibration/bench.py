@@ -309,6 +309,50 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             "analytical": _summary(predict(sc.results, ana, other)),
             "contention": _contention(sc.results),
         }
+    if args.real_size:
+        from calibration.design import catalog_config
+
+        name, mtype = args.real_size.split(":") if ":" in args.real_size else (args.real_size, "llama")
+        cfg = catalog_config(name, mtype)
+        real = []
+        for ckpt in (True, False):
+            plan = TrainingPlan(
+                method="lora",
+                gpu_id=gpu.id,
+                dtype=gpu.default_dtype(),
+                micro_batch=1,
+                seq_len=512,
+                grad_checkpointing=ckpt,
+            )
+            real.append(
+                TrialSpec(
+                    id=f"real-size/{name}/lora-s512-b1-{'ckpt' if ckpt else 'nockpt'}",
+                    group=f"real-size-{name}",
+                    arch=cfg,
+                    plan=plan.to_dict(),
+                    device=dev,
+                    threads=args.threads,
+                    timed_steps=3,
+                    timeout_s=1800,
+                    max_timing_s=120,
+                )
+            )
+        rs = run_design(real, work / "real-size", meta={"device": gpu.to_dict()}, progress=True)
+        cal_r, ana_r = predict(rs.results, cal, gpu), predict(rs.results, ana, gpu)
+        out["real_size"] = {
+            "model": name,
+            "trials": [
+                {
+                    **c,
+                    "analytical_memory_error_pct": a["memory_error_pct"],
+                    "analytical_step_time_error_pct": a["step_time_error_pct"],
+                }
+                for c, a in zip(cal_r, ana_r, strict=True)
+            ],
+            "failed": [
+                {"trial_id": r.trial_id, "status": r.status, "error": r.error} for r in rs.results if r.status != "ok"
+            ],
+        }
     out["scaled_rule_on_published_pairs"] = published_scaled_check()
     out["machine"]["load_average_end"] = load_average()
     return out, res
@@ -387,6 +431,27 @@ def markdown(r: dict[str, Any]) -> str:
             f"contention {json.dumps(s['contention'])}.",
             "",
         ]
+    if "real_size" in r:
+        lines += [
+            f"**A full-size model** ({r['real_size']['model']}, random-initialised, far outside the fitted range):",
+            "",
+        ]
+        lines += [
+            "| trial | measured | memory: calibrated / analytical | step time: calibrated / analytical |",
+            "|---|---|---|---|",
+        ]
+        for t in r["real_size"]["trials"]:
+            lines.append(
+                f"| `{t['trial_id']}` | {t['measured_memory_bytes'] / 2**30:.2f} GiB, {t['measured_step_time_s']:.2f} s | "
+                f"{t['memory_error_pct']:+.1f}% / {t['analytical_memory_error_pct']:+.1f}% | "
+                + (
+                    "disturbed"
+                    if t["step_time_error_pct"] is None
+                    else f"{t['step_time_error_pct']:+.1f}% / {t['analytical_step_time_error_pct']:+.1f}%"
+                )
+                + " |"
+            )
+        lines.append("")
     for p in r.get("scaled_rule_on_published_pairs", []):
         lines += [
             f"**Scaled rule on a published pair**: {p['model']} {p['plan']['method']} from {p['source_gpu']} to "
@@ -406,6 +471,7 @@ def main() -> None:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--name", default=None, help="results file stem (default: calibration_<cpu|gpu id>)")
     p.add_argument("--skip-scaled", action="store_true")
+    p.add_argument("--real-size", default=None, help="also train a catalog model at full size, e.g. qwen2.5-0.5b:qwen2")
     args = p.parse_args()
     out, res = run(args)
     results = Path(args.results)
@@ -416,7 +482,10 @@ def main() -> None:
     (results / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
     (results / f"{stem}.md").write_text(markdown(out))
     shutil.copy(res.out_dir / "profile.json", results / f"{stem}_profile.json")
-    shutil.copy(res.out_dir / "report.md", results / f"{stem}_report.md")
+    report = (res.out_dir / "report.md").read_text()
+    for png in ("memory_predicted_vs_measured.png", "step_time_predicted_vs_measured.png"):
+        report = report.replace(f"]({png})", f"]({stem}_{png})")
+    (results / f"{stem}_report.md").write_text(report)
     for png in ("memory_predicted_vs_measured.png", "step_time_predicted_vs_measured.png"):
         shutil.copy(res.out_dir / png, results / f"{stem}_{png}")
     print(markdown(out))

@@ -18,6 +18,8 @@ from calibration.trial import TrialResult, TrialSpec
 
 #: (trial result, trials done, trials in this run) after each trial
 ProgressCallback = Callable[[TrialResult, int, int], None]
+#: (stage, trial id or None, index, count) before each trial and when fitting starts
+StageCallback = Callable[[str, str | None, int, int], None]
 
 
 @dataclass
@@ -55,6 +57,7 @@ def calibrate(
     extra_trials: list[TrialSpec] | None = None,
     progress: bool = True,
     on_result: ProgressCallback | None = None,
+    on_stage: StageCallback | None = None,
     install: bool = True,
     command: str | None = None,
 ) -> CalibrationResult:
@@ -83,7 +86,9 @@ def calibrate(
         "threads": raw.get("threads") if gpu.gpu_class == "cpu" else None,
         "command": command,
     }
-    summary = run_design(trials, out, meta=meta, progress=progress, on_result=on_result)
+    summary = run_design(trials, out, meta=meta, progress=progress, on_result=on_result, on_stage=on_stage)
+    if on_stage is not None:
+        on_stage("fitting", None, 0, 0)
     if gpu.gpu_class == "cpu":  # measured again now that the trials are done; the faster figures are kept
         again, raw_end = describe(dev, threads)
         update_meta(out, {"device": best_of(gpu, again).to_dict(), "device_raw_end": raw_end})

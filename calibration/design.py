@@ -177,6 +177,23 @@ def scaled_config(family: str, hidden: int, layers: int, vocab: int, head_dim: i
     }
 
 
+def catalog_config(name: str, model_type: str) -> dict[str, Any]:
+    """A HF config dict of a catalog model (Llama-format families): a full-size random-initialised check."""
+    m = default_catalog().model(name)
+    return {
+        "model_type": model_type,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.intermediate_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.head_size,
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_position_embeddings,
+        "tie_word_embeddings": m.tie_word_embeddings,
+    }
+
+
 # ---- trials ----------------------------------------------------------------------------------------
 def _plan(method: str, device: GpuSpec, seq: int, mb: int, ckpt: bool, adapter, optimizer: str) -> TrainingPlan:
     r, targets = adapter if method != "full" else (16, (ALL_LINEAR,))  # no adapter: one canonical plan

@@ -350,8 +350,11 @@ def run_design(
     progress: bool = True,
     on_result: Callable[[TrialResult, int, int], None] | None = None,
     retry_disturbed: bool = True,
+    on_stage: Callable[[str, str | None, int, int], None] | None = None,
 ) -> RunSummary:
-    """Run every trial not yet in out_dir/measurements.jsonl; return this run's results."""
+    """Run every trial not yet in out_dir/measurements.jsonl; return this run's results.
+
+    on_stage(stage, trial id, index, count) is called before each trial; on_result after it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MEASUREMENTS
@@ -371,6 +374,8 @@ def run_design(
     try:
         for i, spec in enumerate(todo):
             bar.start(spec.id)
+            if on_stage is not None:
+                on_stage("trials", spec.id, i, len(todo))
             if server is None or not server.alive():
                 server = TrialServer(out / "logs" / "server.log")
             result = run_isolated(spec, out, server)
@@ -385,7 +390,9 @@ def run_design(
             redo = [t for t in todo if t.id in again]
             if redo and progress:
                 sys.stderr.write(f"re-measuring {len(redo)} trial(s) whose timing other processes disturbed\n")
-            for spec in redo:
+            for j, spec in enumerate(redo):
+                if on_stage is not None:
+                    on_stage("re-measuring disturbed timings", spec.id, j, len(redo))
                 if server is None or not server.alive():
                     server = TrialServer(out / "logs" / "server.log")
                 result = run_isolated(spec, out, server)

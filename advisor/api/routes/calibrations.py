@@ -40,6 +40,9 @@ class CalibrationRequest(BaseModel):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the GPU when one is visible")
     budget: Literal["quick", "standard", "thorough"] = Field("quick", description="how many trials")
     max_trials: int | None = Field(None, ge=2, le=10_000, description="run at most this many trials of the design")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU: torch threads per trial (1 is robust on a shared machine)"
+    )
 
 
 class HeldOutErrors(BaseModel):
@@ -68,9 +71,10 @@ class CalibrationRun(BaseModel):
     budget: str
     created_at: str
     finished_at: str | None = None
+    stage: str | None = Field(None, description="trials | re-measuring disturbed timings | fitting")
     trials_done: int = 0
     trials_total: int | None = None
-    current_trial: str | None = None
+    current_trial: str | None = Field(None, description="the trial running now")
     seconds_left: float | None = Field(None, description="estimate from the trials done so far")
     error: str | None = None
     profile: ProfileSummary | None = Field(None, description="the fitted profile, once succeeded")
@@ -94,8 +98,10 @@ class _Run:
     device: str
     budget: str
     max_trials: int | None
+    threads: int | None
     created_at: str
     status: str = "queued"
+    stage: str | None = None
     finished_at: str | None = None
     trials_done: int = 0
     trials_total: int | None = None
@@ -116,6 +122,7 @@ class _Run:
             "budget": self.budget,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
+            "stage": self.stage,
             "trials_done": self.trials_done,
             "trials_total": self.trials_total,
             "current_trial": self.current_trial,
@@ -155,6 +162,7 @@ class Calibrations:
                 device=req.device,
                 budget=req.budget,
                 max_trials=req.max_trials,
+                threads=req.threads,
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             )
             self.runs[run.id] = run
@@ -166,7 +174,12 @@ class Calibrations:
         run.started = time.monotonic()
 
         def progress(result, done: int, total: int) -> None:
-            run.trials_done, run.trials_total, run.current_trial = done, total, result.trial_id
+            run.trials_done, run.trials_total = done, total
+
+        def stage(name: str, trial: str | None, index: int, count: int) -> None:
+            run.stage, run.current_trial = name, trial
+            if name == "trials":
+                run.trials_total = count
 
         try:
             from calibration.calibrate import calibrate
@@ -177,8 +190,10 @@ class Calibrations:
                 out_dir=self.data_dir / "calibrations" / run.id,
                 data_dir=self.data_dir,
                 max_trials=run.max_trials,
+                threads=run.threads,
                 progress=False,
                 on_result=progress,
+                on_stage=stage,
                 command=f"POST /v1/calibrations {run.budget} {run.device}",
             )
             run.profile = result.profile
@@ -191,7 +206,7 @@ class Calibrations:
             run.status = "failed"
             run.error = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc().splitlines(True)[-4:])
         run.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        run.current_trial = None
+        run.current_trial = run.stage = None
 
     def _adopt(self, profile: Profile) -> None:
         """Estimates use the new profile at once; a calibrated CPU becomes a device the catalog knows."""
