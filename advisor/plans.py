@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from advisor.errors import InvalidInputError
 from advisor.specs import ROLES, GpuSpec, ModelSpec
@@ -229,7 +229,3 @@ def enumerate_plans(
                                         lora_alpha=2 * (r or 16),
                                         lora_targets=targets or (ALL_LINEAR,),
                                     )
-
-
-def with_gpu(plan: TrainingPlan, gpu: GpuSpec) -> TrainingPlan:
-    return replace(plan, gpu_id=gpu.id)

@@ -11,7 +11,6 @@ from typing import Any
 from advisor.catalog import Catalog, default_catalog, model_from_config, resolve_model
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.base import Estimate
 from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
@@ -216,9 +215,6 @@ class AdvisorService:
             self._tables.clear()
         self._tables[key] = (model, table)
         return table
-
-    def estimate_one(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
-        return self.estimator_for(gpu).estimate(model, gpu, plan)
 
     # ---- recommend --------------------------------------------------------------------------------
     def recommend(self, req: RecommendRequest) -> RecommendResult:
