@@ -8,7 +8,7 @@ from advisor.specs import GpuSpec, Workload
 
 #: Optimiser steps a method needs relative to full fine-tuning to reach the same quality.
 #: QLoRA "may require 20-30% more training steps" is a claim of the source study
-#: (shared/reference/lora-vs-qlora-study.txt, "Convergence Analysis"); we take the midpoint.
+#: (LoRA vs QLoRA benchmarking study, "Convergence Analysis"); we take the midpoint.
 #: LoRA is taken as step-for-step equal to full fine-tuning. Override per request.
 DEFAULT_CONVERGENCE = {"full": 1.0, "lora": 1.0, "qlora": 1.25}
 

@@ -1,6 +1,7 @@
 """The source study's use-case rules and hardware claims, checked against physics.
 
-shared/reference/lora-vs-qlora-study.txt is what users expect the advisor to say. Its rules are
+The LoRA vs QLoRA benchmarking study (vendored as reference/lora-vs-qlora-study.txt; it has no title
+line, so answers cite it by what it is, never by a path) is what users expect the advisor to say. Its rules are
 reproduced where the memory model agrees; its numbers are each checked, and the impossible ones
 are reported with the breakdown that refutes them.
 """
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 from advisor.specs import ModelSpec
 from advisor.units import GIB
 
-STUDY = "lora-vs-qlora-study (shared/reference)"
+#: How answers cite the study: by name, not by where a copy of it lives.
+STUDY = "LoRA vs QLoRA benchmarking study"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Reads ../shared/data/published_measurements.csv into comparable cases.
+"""Reads reference/published_measurements.csv (vendored; see reference/README.md) into comparable cases.
 
 A row becomes a `Case` (a model from our catalog, a TrainingPlan in the row's stack, the statistic
 the source printed, in its unit) when it states enough of its set-up; otherwise it is kept with the
@@ -19,7 +19,7 @@ from advisor.plans import TrainingPlan
 from advisor.specs import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-CSV = ROOT.parent / "shared" / "data" / "published_measurements.csv"
+CSV = ROOT / "reference" / "published_measurements.csv"
 
 GPU_MAP = {
     "rtx 4090": "rtx-4090",

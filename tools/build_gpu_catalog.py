@@ -1,4 +1,4 @@
-"""Writes advisor/catalog/data/gpus.json from ../shared/data/gpu_catalog_research.csv plus the few
+"""Writes advisor/catalog/data/gpus.json from reference/gpu_catalog_research.csv plus the few
 fields the research table lacks (usable memory as the driver reports it, FP32 non-tensor TFLOP/s,
 peer interconnect). Every figure keeps its source in the output file.
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 RECORDED = "2026-11-25"
 ROOT = Path(__file__).resolve().parents[1]
-RESEARCH = ROOT.parent / "shared" / "data" / "gpu_catalog_research.csv"
+RESEARCH = ROOT / "reference" / "gpu_catalog_research.csv"
 
 # id, research-row name, display name, class, usable MiB (nvidia-smi / rocm-smi total), fp32 TFLOP/s,
 # peer GB/s, aliases. Usable memory: NVIDIA datasheets give GB; the driver shows the MiB below
@@ -93,8 +93,8 @@ def main() -> None:
                 "interconnect_gbps": float(peer),
                 "price_usd_per_hour": float(r["price_usd_per_gpu_hr"]),
                 "price_date": RECORDED,
-                "price_source": f"{r['price_basis']} [{r['price_source']}] via shared/data/gpu_catalog_research.csv",
-                "spec_source": f"{r['spec_source']} via shared/data/gpu_catalog_research.csv; usable memory {mib} MiB "
+                "price_source": f"{r['price_basis']} [{r['price_source']}] via reference/gpu_catalog_research.csv",
+                "spec_source": f"{r['spec_source']} via reference/gpu_catalog_research.csv; usable memory {mib} MiB "
                 "as the driver reports the board; FP32 non-tensor and peer bandwidth from the vendor datasheet",
                 "note": r["notes"],
             }
