@@ -1,45 +1,17 @@
-"""'The GPU in this box': detect local NVIDIA GPUs with nvidia-smi and match them to the catalog.
-
-An edge module (it runs a subprocess); the pure core only sees the resulting GpuSpec.
-"""
+"""'The GPU in this box': local NVIDIA GPUs (``advisor.devices``' nvidia-smi probe) matched to the catalog."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from dataclasses import replace
 
 from advisor.catalog import Catalog, _norm_gpu_key
+from advisor.devices import query_nvidia_smi
 from advisor.errors import UnknownGpuError
 from advisor.specs import GpuSpec
 
 LOCAL_NAMES = ("local", "auto", "this", "here")
-
-
-def query_nvidia_smi(timeout_s: float = 10.0) -> list[tuple[str, float]]:
-    """(name, total memory in MiB) for every visible NVIDIA GPU; empty when there is none."""
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return []
-    try:
-        out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in out.strip().splitlines():
-        name, _, mem = line.rpartition(",")
-        try:
-            gpus.append((name.strip(), float(mem)))
-        except ValueError:
-            continue
-    return gpus
+__all__ = ["LOCAL_NAMES", "local_gpus", "match_catalog", "query_nvidia_smi"]
 
 
 def match_catalog(name: str, memory_mib: float, catalog: Catalog) -> GpuSpec:

@@ -6,81 +6,22 @@ knob visible in one place.
 
 The fit check needs the target device as a GpuSpec. A GPU machine names its catalog GPU
 (``ADVISOR_JOB_GPU``, or ``auto``: nvidia-smi's name matched against the catalog). A CPU-only
-machine trains on the host CPU: its memory comes from /proc/meminfo and its peak rate from core
-count x clock x 32 fp32 FLOP/cycle (AVX2 FMA) -- a rough prior, stated in the spec's note.
+machine trains on the host CPU (``advisor.devices.host_cpu_spec``: a rough prior, stated in the spec's note).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from advisor.catalog import Catalog
+from advisor.devices import HOST_CPU_ID, host_cpu_spec, nvidia_gpus
 from advisor.errors import AdvisorError, InvalidInputError
 from advisor.specs import GpuSpec
 
-HOST_CPU_ID = "cpu"
-
-
-def _meminfo_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _cpu_mhz() -> float:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("cpu mhz"):
-                    return float(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return 2000.0
-
-
-def host_cpu_spec() -> GpuSpec:
-    """The host CPU as a device the estimators understand (gpu_class cpu: fp32, no CUDA context)."""
-    cores = os.cpu_count() or 1
-    tflops = cores * _cpu_mhz() * 1e6 * 32 / 1e12
-    mem = _meminfo_bytes()
-    return GpuSpec(
-        id=HOST_CPU_ID,
-        name=f"host CPU ({cores} cores)",
-        memory_gib=mem / 2**30,
-        memory_gb=mem / 1e9,
-        bf16_tflops=None,
-        fp16_tflops=tflops,
-        fp32_tflops=tflops,
-        memory_bandwidth_gbps=20.0,
-        bf16_supported=False,
-        price_usd_per_hour=None,
-        gpu_class="cpu",
-        note="rough prior: memory from /proc/meminfo, peak = cores x clock x 32 FLOP/cycle, 20 GB/s assumed",
-    )
-
-
-def nvidia_gpus() -> list[str]:
-    """Names of the visible NVIDIA GPUs (nvidia-smi), [] when there is none."""
-    smi = shutil.which("nvidia-smi")
-    if not smi:
-        return []
-    try:
-        out = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True
-        ).stdout
-    except (subprocess.SubprocessError, OSError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+__all__ = ["HOST_CPU_ID", "JobsConfig", "host_cpu_spec", "nvidia_gpus"]
 
 
 def _split_paths(value: Any) -> list[Path]:
