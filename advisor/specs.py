@@ -10,48 +10,14 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 from advisor.errors import InvalidInputError
+from advisor.families import FAMILIES as _FAMILY_REGISTRY
+from advisor.families import Family, get_family
+from advisor.families.layout import ROLES, Block, Linear
 
-#: Families and what they mean for the module layout.
-#: llama: pre-norm decoder, RoPE, separate q/k/v/o, gated (SwiGLU/GeGLU) or plain MLP (Llama, Mistral,
-#:        Qwen2, Gemma, ... any "Llama-format" config); phi3: the same with fused qkv_proj/gate_up_proj;
-#: gpt2: learned positions, fused c_attn, plain GELU MLP, biases everywhere, LayerNorm;
-#: phi:  parallel attention+MLP with one LayerNorm (phi-1.5, phi-2), biases;
-#: gpt_neox: parallel residual, fused query_key_value, two LayerNorms, biases (StableLM-alpha, Pythia);
-#: t5:   encoder-decoder with relative position buckets, RMS-style LayerNorm, no biases.
-FAMILIES = ("llama", "phi3", "gpt2", "phi", "gpt_neox", "t5")
+__all__ = ["FAMILIES", "ROLES", "Block", "GpuSpec", "Linear", "ModelSpec", "Workload"]
 
-#: Generic LoRA target roles; each family maps them to its real module names.
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One nn.Linear (or Conv1D) inside a block: peft target name, roles it serves, shape."""
-
-    name: str
-    roles: tuple[str, ...]
-    in_features: int
-    out_features: int
-    bias: bool
-
-    @property
-    def weight_params(self) -> int:
-        return self.in_features * self.out_features
-
-    @property
-    def params(self) -> int:
-        return self.weight_params + (self.out_features if self.bias else 0)
-
-
-@dataclass(frozen=True)
-class Block:
-    """`count` identical transformer blocks (a decoder stack, or T5's encoder / decoder stacks)."""
-
-    kind: str  # "decoder", "encoder", "cross_decoder"
-    count: int
-    linears: tuple[Linear, ...]
-    norm_params: int  # per block
-    extra_params: int = 0  # per stack (e.g. T5 relative attention bias, once per stack)
+#: Registered family names (advisor.families holds each family's layout, config mapping and quirks).
+FAMILIES = tuple(_FAMILY_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -92,7 +58,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.family not in FAMILIES:
+        fam = _FAMILY_REGISTRY.get(self.family)
+        if fam is None:
             errors.append(f"family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
         for name in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
             if int(getattr(self, name)) <= 0:
@@ -102,12 +69,22 @@ class ModelSpec:
             errors.append("num_key_value_heads must divide num_attention_heads")
         if self.norm not in ("rmsnorm", "layernorm"):
             errors.append("norm must be rmsnorm or layernorm")
-        if self.family != "t5" and self.head_dim is None and self.hidden_size % self.num_attention_heads:
+        if (
+            fam is not None
+            and not fam.encoder_decoder
+            and self.head_dim is None
+            and self.hidden_size % self.num_attention_heads
+        ):
             errors.append("hidden_size must be a multiple of num_attention_heads (or give head_dim)")
         if errors:
             raise InvalidInputError(f"invalid model spec {self.name!r}: " + "; ".join(errors), field="model")
 
     # ---- derived architecture numbers -------------------------------------------------------
+    @property
+    def family_spec(self) -> Family:
+        """The registered family: layout, config mapping and quirks."""
+        return get_family(self.family)
+
     @property
     def kv_heads(self) -> int:
         return self.num_key_value_heads or self.num_attention_heads
@@ -126,90 +103,20 @@ class ModelSpec:
 
     @property
     def is_encoder_decoder(self) -> bool:
-        return self.family == "t5"
+        return self.family_spec.encoder_decoder
 
     @cached_property
     def total_layers(self) -> int:
         return self.num_layers + (self.num_decoder_layers or self.num_layers if self.is_encoder_decoder else 0)
 
-    def _norm_params(self, count: int) -> int:
+    def norm_params(self, count: int) -> int:
+        """Parameters of `count` norms (weight, plus bias for LayerNorm)."""
         return count * self.hidden_size * (2 if self.norm == "layernorm" else 1)
-
-    def _attention(self, prefix: str = "") -> list[Linear]:
-        h, q, kv, ab = self.hidden_size, self.q_dim, self.kv_dim, self.attention_bias
-        f = self.family
-        if f == "gpt2":
-            return [Linear("c_attn", ("q", "k", "v"), h, 3 * h, True), Linear("c_proj", ("o",), h, h, True)]
-        if f == "gpt_neox":
-            return [
-                Linear("query_key_value", ("q", "k", "v"), h, q + 2 * kv, True),
-                Linear("dense", ("o",), q, h, True),
-            ]
-        if f == "phi3":
-            return [Linear("qkv_proj", ("q", "k", "v"), h, q + 2 * kv, ab), Linear("o_proj", ("o",), q, h, False)]
-        if f == "t5":
-            return [
-                Linear(prefix + "q", ("q",), h, q, False),
-                Linear(prefix + "k", ("k",), h, q, False),
-                Linear(prefix + "v", ("v",), h, q, False),
-                Linear(prefix + "o", ("o",), q, h, False),
-            ]
-        out_name, out_bias = ("dense", True) if f == "phi" else ("o_proj", False)
-        return [
-            Linear("q_proj", ("q",), h, q, ab),
-            Linear("k_proj", ("k",), h, kv, ab),
-            Linear("v_proj", ("v",), h, kv, ab),
-            Linear(out_name, ("o",), q, h, out_bias),
-        ]
-
-    def _mlp(self) -> list[Linear]:
-        h, i, mb = self.hidden_size, self.intermediate_size, self.mlp_bias
-        f = self.family
-        if f == "gpt2":
-            return [Linear("c_fc", ("up",), h, i, True), Linear("c_proj", ("down",), i, h, True)]
-        if f == "phi":
-            return [Linear("fc1", ("up",), h, i, True), Linear("fc2", ("down",), i, h, True)]
-        if f == "gpt_neox":
-            return [Linear("dense_h_to_4h", ("up",), h, i, True), Linear("dense_4h_to_h", ("down",), i, h, True)]
-        if f == "phi3":
-            return [Linear("gate_up_proj", ("gate", "up"), h, 2 * i, mb), Linear("down_proj", ("down",), i, h, mb)]
-        if f == "t5":
-            if self.gated_mlp:
-                return [
-                    Linear("wi_0", ("gate",), h, i, False),
-                    Linear("wi_1", ("up",), h, i, False),
-                    Linear("wo", ("down",), i, h, False),
-                ]
-            return [Linear("wi", ("up",), h, i, False), Linear("wo", ("down",), i, h, False)]
-        if self.gated_mlp:
-            return [
-                Linear("gate_proj", ("gate",), h, i, mb),
-                Linear("up_proj", ("up",), h, i, mb),
-                Linear("down_proj", ("down",), i, h, mb),
-            ]
-        return [Linear("up_proj", ("up",), h, i, mb), Linear("down_proj", ("down",), i, h, mb)]
 
     @cached_property
     def blocks(self) -> tuple[Block, ...]:
-        if self.is_encoder_decoder:
-            rel = self.relative_attention_num_buckets * self.num_attention_heads
-            enc = Block("encoder", self.num_layers, tuple(self._attention() + self._mlp()), self._norm_params(2), rel)
-            dec = Block(
-                "cross_decoder",
-                self.num_decoder_layers or self.num_layers,
-                tuple(self._attention() + self._attention("cross.") + self._mlp()),
-                self._norm_params(3),
-                rel,
-            )
-            return (enc, dec)
-        return (
-            Block(
-                "decoder",
-                self.num_layers,
-                tuple(self._attention() + self._mlp()),
-                self._norm_params(self.norms_per_layer),
-            ),
-        )
+        """The block stacks and their linears, as the family lays them out."""
+        return self.family_spec.blocks(self)
 
     @cached_property
     def embedding_params(self) -> int:
@@ -225,7 +132,7 @@ class ModelSpec:
     @cached_property
     def final_norm_params(self) -> int:
         stacks = 2 if self.is_encoder_decoder else 1
-        return self._norm_params(stacks)
+        return self.norm_params(stacks)
 
     @cached_property
     def linear_params(self) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import ClosedModelError, InvalidInputError, UnknownGpuError, UnknownModelError
+from advisor.families import family_for_model_type, get_family
 from advisor.specs import GpuSpec, ModelSpec
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -213,27 +214,6 @@ def build_catalog(gpu_files: Iterable[str | Path] = (), price_file: str | Path |
 
 
 # ---- models from config.json or size -----------------------------------------------------------
-_FAMILY_BY_TYPE = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "qwen3": "llama",
-    "gemma": "llama",
-    "gemma2": "llama",
-    "olmo": "llama",
-    "olmo2": "llama",
-    "yi": "llama",
-    "internlm2": "llama",
-    "granite": "llama",
-    "cohere": "llama",
-    "phi3": "phi3",
-    "phi": "phi",
-    "gpt2": "gpt2",
-    "gpt_neox": "gpt_neox",
-    "t5": "t5",
-    "mt5": "t5",
-    "umt5": "t5",
-}
 _UNSUPPORTED_TYPES = {
     "mixtral": "mixture-of-experts models are not modelled yet",
     "qwen2_moe": "mixture-of-experts models are not modelled yet",
@@ -242,112 +222,20 @@ _UNSUPPORTED_TYPES = {
 }
 
 
-def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if cfg.get(k) is not None:
-            return cfg[k]
-    return default
-
-
 def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json dict (any Llama-format config, GPT-2, NeoX, Phi, T5)."""
+    """A ModelSpec from a Hugging Face config.json dict (any Llama-format config, GPT-2, NeoX, Phi, T5).
+
+    The family that claims the config's ``model_type`` (advisor.families) reads it, with the
+    transformers config class defaults for missing keys; an unknown type is read as Llama-format."""
     mtype = str(cfg.get("model_type", "llama")).lower()
     if mtype in _UNSUPPORTED_TYPES:
         raise InvalidInputError(f"model_type {mtype!r}: {_UNSUPPORTED_TYPES[mtype]}", field="model")
-    family = _FAMILY_BY_TYPE.get(mtype, "llama")
-    note = "" if mtype in _FAMILY_BY_TYPE else f"model_type {mtype!r} read as a Llama-format config"
-    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
-    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _first(cfg, "num_attention_heads", "n_head", "num_heads")
-    vocab = _first(cfg, "vocab_size")
-    missing = [
-        k
-        for k, v in (
-            ("hidden_size", hidden),
-            ("num_hidden_layers", layers),
-            ("num_attention_heads", heads),
-            ("vocab_size", vocab),
-        )
-        if v is None
-    ]
-    if missing:
-        raise InvalidInputError(f"config.json lacks {', '.join(missing)}", field="model")
-    inter = _first(cfg, "intermediate_size", "n_inner", "d_ff", default=None) or 4 * int(hidden)
-    kw: dict[str, Any] = dict(
-        name=name,
-        family=family,
-        num_layers=int(layers),
-        hidden_size=int(hidden),
-        intermediate_size=int(inter),
-        num_attention_heads=int(heads),
-        vocab_size=int(vocab),
-        num_key_value_heads=_first(cfg, "num_key_value_heads"),
-        head_dim=_first(cfg, "head_dim", "d_kv"),
-        max_position_embeddings=int(_first(cfg, "max_position_embeddings", "n_positions", "n_ctx", default=2048)),
-        source="config.json",
-        note=note,
-    )
-    act = _first(cfg, "hidden_act", "activation_function", default="silu")
-    kw["hidden_act"] = str(act)
-    if family == "llama":
-        kw["sdpa"] = mtype != "gemma2"  # Gemma-2's soft-capped attention has no SDPA path in transformers
-        kw["softcapping"] = bool(cfg.get("attn_logit_softcapping") or cfg.get("final_logit_softcapping"))
-        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", mtype in ("gemma", "gemma2")))
-        kw["attention_bias"] = bool(cfg.get("attention_bias", mtype == "qwen2"))
-        kw["mlp_bias"] = bool(cfg.get("mlp_bias", False))
-        kw["norms_per_layer"] = 4 if mtype == "gemma2" else 2
-        if kw["head_dim"] is None and int(hidden) % int(heads):
-            raise InvalidInputError(
-                "hidden_size is not a multiple of num_attention_heads and no head_dim given", field="model"
-            )
-    elif family == "phi3":
-        kw["tie_word_embeddings"] = bool(cfg.get("tie_word_embeddings", False))
-    elif family == "gpt2":
-        kw.update(
-            tie_word_embeddings=True,
-            gated_mlp=False,
-            attention_bias=True,
-            mlp_bias=True,
-            norm="layernorm",
-            learned_positions=True,
-            dropout=float(cfg.get("resid_pdrop", 0.1)),
-        )
-    elif family == "phi":
-        kw.update(
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            gated_mlp=False,
-            attention_bias=True,
-            mlp_bias=True,
-            norm="layernorm",
-            norms_per_layer=1,
-            lm_head_bias=True,
-        )
-    elif family == "gpt_neox":
-        kw.update(
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            gated_mlp=False,
-            attention_bias=bool(cfg.get("attention_bias", True)),
-            mlp_bias=True,
-            norm="layernorm",
-        )
-    elif family == "t5":
-        ff = str(cfg.get("feed_forward_proj", "relu"))
-        kw.update(
-            # transformers maps "gated-gelu" to gelu_new (T5 v1.1, Flan-T5)
-            hidden_act="gelu_new" if ff == "gated-gelu" else ff.split("-")[-1],
-            dropout=float(cfg.get("dropout_rate", 0.1)),
-            keep_fp32_modules=("wo",),
-            gated_mlp=ff.startswith("gated"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-            num_decoder_layers=int(cfg.get("num_decoder_layers") or layers),
-            relative_attention_num_buckets=int(cfg.get("relative_attention_num_buckets", 32)),
-            head_dim=int(cfg.get("d_kv", int(hidden) // int(heads))),
-        )
-    if kw["num_key_value_heads"] is not None:
-        kw["num_key_value_heads"] = int(kw["num_key_value_heads"])
-    if kw["head_dim"] is not None:
-        kw["head_dim"] = int(kw["head_dim"])
-    return ModelSpec(**kw)
+    family = family_for_model_type(mtype)
+    note = ""
+    if family is None:
+        family = get_family("llama")
+        note = f"model_type {mtype!r} read as a Llama-format config"
+    return ModelSpec(name=name, source="config.json", note=note, **family.spec_fields(cfg, mtype))
 
 
 def model_from_config_path(path: str | Path) -> ModelSpec:
