@@ -199,9 +199,9 @@ def published_scaled_check() -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
+    from advisor.stack.device import describe, resolve_device
     from calibration.calibrate import calibrate
     from calibration.design import design
-    from calibration.device import describe, resolve_device
     from calibration.runner import load_average, run_design
 
     work = Path(args.work)

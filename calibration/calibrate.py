@@ -60,10 +60,15 @@ def calibrate(
     on_stage: StageCallback | None = None,
     install: bool = True,
     command: str | None = None,
+    with_jobs: bool = False,
 ) -> CalibrationResult:
-    """Measure, fit and (by default) install a profile in <data_dir>/profiles. Measurements are kept in out_dir."""
+    """Measure, fit and (by default) install a profile in <data_dir>/profiles. Measurements are kept in out_dir.
+
+    `with_jobs`: finished jobs' measurements from the service's job store (``calibration.feedback``) join
+    the fit where they are comparable (same device, same meter)."""
+    from advisor.stack.device import best_of, describe, resolve_device, software_versions
     from calibration.design import design
-    from calibration.device import best_of, describe, resolve_device, software_versions
+    from calibration.feedback import read_job_feedback
     from calibration.fit import write_fit
     from calibration.report import write_report
     from calibration.runner import run_design, update_meta
@@ -92,7 +97,8 @@ def calibrate(
     if gpu.gpu_class == "cpu":  # measured again now that the trials are done; the faster figures are kept
         again, raw_end = describe(dev, threads)
         update_meta(out, {"device": best_of(gpu, again).to_dict(), "device_raw_end": raw_end})
-    profile = write_fit(out, command=command)
+    jobs = read_job_feedback(data_dir=data_dir) if with_jobs else None
+    profile = write_fit(out, command=command, jobs=jobs)
     report = write_report(out)
     installed = ProfileStore(data / PROFILE_SUBDIR).save(profile) if install else None
     return CalibrationResult(

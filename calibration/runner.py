@@ -46,8 +46,8 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
     "transformers.models.gpt2.modeling_gpt2",
-    "calibration.build",
-    "calibration.meters",
+    "advisor.stack.build",
+    "advisor.stack.meters",
     "calibration.trial",
 ]
 #: quiet, offline children: nothing is downloaded, no progress bars in the logs

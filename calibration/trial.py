@@ -5,7 +5,7 @@ measurement (``status: oom | error``), not the end of the calibration run. The r
 trial in a fresh child process (see ``runner.py``); this module is what that child runs, top to
 bottom like a recipe:
 
-1. build the model and optimiser with ``calibration.build`` (the code real jobs use);
+1. build the model and optimiser with ``advisor.stack.build`` (the code real jobs use);
 2. warm-up steps (optimiser states appear, kernels and caches warm);
 3. memory: the peak over one steady-state step (CUDA allocator statistics, or the live-tensor
    meter on the CPU, which is left off while timing because it slows every op);
@@ -24,17 +24,29 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-OK, OOM, ERROR = "ok", "oom", "error"
+from advisor.stack.outcomes import ERROR, OK, OOM, TrialResult, classify
+
+__all__ = [
+    "ERROR",
+    "OK",
+    "OOM",
+    "TrialResult",
+    "TrialSpec",
+    "child_main",
+    "classify",
+    "run_trial",
+    "timing_disturbed",
+]
+
 QUIET_SPREAD = 1.25
 #: a step time measured while other processes took more than this share of the CPU, or whose quiet
 #: window still spread more than MAX_SPREAD, describes the neighbours rather than the device
 MAX_CONTENTION = 0.25
 MAX_SPREAD = 1.5
-_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory", "std::bad_alloc")
 
 
 @dataclass(frozen=True)
@@ -66,36 +78,6 @@ class TrialSpec:
         return cls(**d)
 
 
-@dataclass
-class TrialResult:
-    trial_id: str
-    group: str
-    status: str  # ok | oom | error
-    arch: dict[str, Any]
-    plan: dict[str, Any]
-    device: str
-    error: str | None = None
-    memory: dict[str, Any] | None = None  # meters.MemoryReading.to_dict()
-    step_time_s: float | None = None  # median of the timed steps
-    step_times_s: list[float] = field(default_factory=list)  # every timed step, in order (step_time_meter)
-    step_wall_times_s: list[float] = field(default_factory=list)  # the same steps on the wall clock
-    step_time_meter: str | None = None  # wall | cuda_synchronized_wall | process_cpu_time (1-thread CPU)
-    timing_spread: float | None = None  # max / min over the steps the median was taken from
-    cpu_contention: float | None = None  # share of this trial's cores other processes took while timing
-    warmup_steps: int = 0
-    timed_steps: int = 0
-    threads: int | None = None
-    build_s: float | None = None
-    wall_s: float | None = None
-    trainable_params: int | None = None
-    lora_modules: list[str] = field(default_factory=list)
-    loss: float | None = None
-    started_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def timing_disturbed(result: dict[str, Any]) -> bool:
     """True when a measured step time is not usable (see MAX_CONTENTION, MAX_SPREAD); process CPU time
     (single-threaded CPU trials) is not stretched by neighbours, so only its spread counts."""
@@ -104,19 +86,6 @@ def timing_disturbed(result: dict[str, Any]) -> bool:
         contention = None
     spread = result.get("timing_spread")
     return (contention is not None and contention > MAX_CONTENTION) or (spread is not None and spread > MAX_SPREAD)
-
-
-def classify(exc: BaseException) -> str:
-    """oom when the allocator (CUDA or the CPU's malloc) ran out, else error."""
-    if isinstance(exc, MemoryError):
-        return OOM
-    name = type(exc).__name__
-    text = str(exc).lower()
-    if name == "OutOfMemoryError" or any(m in text for m in _OOM_MARKERS):
-        return OOM
-    if isinstance(exc, SystemError) and "without exception set" in text:
-        return OOM  # C code whose malloc failed under an address-space cap, without raising MemoryError
-    return ERROR
 
 
 def _limit_address_space(extra_bytes: int) -> None:
@@ -163,9 +132,10 @@ def run_trial(spec: TrialSpec) -> TrialResult:
 def _measure(spec: TrialSpec, res: TrialResult) -> None:
     import torch
 
+    from advisor.methods import get_method
     from advisor.plans import TrainingPlan
-    from calibration import meters
-    from calibration.build import build
+    from advisor.stack import meters
+    from advisor.stack.build import build
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
@@ -185,7 +155,9 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
     gen = torch.Generator().manual_seed(spec.seed)
 
     # 1. build (under the CPU meter, so every weight and quantisation constant is counted)
-    source = _cached_weights(spec, plan, device) if plan.method == "qlora" and spec.weights_cache else spec.arch
+    source = (
+        _cached_weights(spec, plan, device) if get_method(plan.method).quantized and spec.weights_cache else spec.arch
+    )
     meter = None if cuda else meters.LiveTensorMeter()
     t0 = time.perf_counter()
     if meter is not None:
@@ -256,7 +228,7 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
 
 def _cached_weights(spec: TrialSpec, plan, device) -> Path:
     """QLoRA loads through from_pretrained: one random checkpoint per architecture and dtype, reused."""
-    from calibration.build import TORCH_DTYPES, load_config, save_random_model
+    from advisor.stack.build import TORCH_DTYPES, load_config, save_random_model
 
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in spec.group)
     path = Path(spec.weights_cache) / f"{safe}-{plan.dtype}"

@@ -97,7 +97,7 @@ def tiny_llama_config(vocab_size: int, **overrides: Any) -> Any:
 
 def save_tiny_model(path: Path, seed: int = 0, chat_template: bool = True, **config: Any) -> Path:
     """config.json + model.safetensors (random, fp32) + tokenizer files in `path`."""
-    from calibration.build import save_random_model
+    from advisor.stack.build import save_random_model
 
     tok = build_tokenizer(chat_template)
     cfg = tiny_llama_config(len(tok), **config)

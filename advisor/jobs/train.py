@@ -7,9 +7,9 @@ server can die and come back without losing the job:
     checkpoints/       step-NNNNNN/ (adapter or model + tokenizer), the last `keep_checkpoints` kept
     output/            the final adapter (adapter_model.safetensors + adapter_config.json) or model, and tokenizer
     result.json        status (succeeded | failed | cancelled), error {code, message}, what was measured
-    measurement.json   the run as a calibration record (calibration.trial.TrialResult's shape)
+    measurement.json   the run as a calibration record (advisor.stack.outcomes.TrialResult)
 
-The model is built by ``calibration.build`` (the code calibration trials measure), so a job trains
+The model is built by ``advisor.stack.build`` (the code calibration trials measure), so a job trains
 exactly what was estimated and calibrated: peft LoRA, bitsandbytes NF4 with double quantisation and
 ``prepare_model_for_kbit_training`` for QLoRA, activation checkpointing, the plan's optimiser.
 Under ``accelerate launch`` (WORLD_SIZE > 1) each process builds a one-device replica and accelerate
@@ -38,6 +38,7 @@ from typing import Any
 from advisor.jobs import data as D
 from advisor.jobs.files import read_examples
 from advisor.jobs.spec import JobSpec
+from advisor.stack.outcomes import CPU_RSS_METER
 
 EVENTS, RESULT, MEASUREMENT, OUTPUT, CHECKPOINTS = (
     "events.jsonl",
@@ -46,7 +47,6 @@ EVENTS, RESULT, MEASUREMENT, OUTPUT, CHECKPOINTS = (
     "output",
     "checkpoints",
 )
-CPU_RSS_METER = "cpu:rss_peak_bytes"
 MAX_VALID_BLOCKS = 32
 EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
 
@@ -137,7 +137,7 @@ class Run:
         except Failure as f:
             error = {"code": f.code, "message": str(f)[:2000]}
         except BaseException as exc:  # every crash becomes a result with a code, never a silent exit
-            from calibration.trial import OOM, classify
+            from advisor.stack.outcomes import OOM, classify
 
             code = "oom" if classify(exc) == OOM else self.phase
             error = {"code": code, "message": f"{type(exc).__name__}: {str(exc)[:1500]}"}
@@ -194,7 +194,7 @@ class Run:
         if limit := os.environ.get("ADVISOR_TRAIN_MEMORY_LIMIT_BYTES"):
             import peft  # noqa: F401
 
-            import calibration.build  # noqa: F401  (the libraries load before the cap: it is for the model)
+            import advisor.stack.build  # noqa: F401  (the libraries load before the cap: it is for the model)
 
             _limit_address_space(int(limit))
         built = self._build(model_dir)
@@ -271,7 +271,7 @@ class Run:
         return train, valid
 
     def _build(self, model_dir: Path) -> Any:
-        from calibration.build import build
+        from advisor.stack.build import build
 
         plan = replace(self.spec.plan, num_gpus=1, sharding="none")  # one replica per process
         t = time.perf_counter()
@@ -441,7 +441,7 @@ class Run:
 
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        from calibration.meters import rss_peak_bytes
+        from advisor.stack.outcomes import rss_peak_bytes
 
         return rss_peak_bytes()
 
@@ -484,8 +484,15 @@ class Run:
     def _write_measurement(self, status: str, error: dict[str, Any] | None, measured: dict[str, Any]) -> None:
         import torch
 
-        from calibration.meters import CUDA_ALLOCATED_METER, MemoryReading, rss_peak_bytes
-        from calibration.trial import ERROR, OK, OOM, TrialResult
+        from advisor.stack.outcomes import (
+            CUDA_ALLOCATED_METER,
+            ERROR,
+            OK,
+            OOM,
+            MemoryReading,
+            TrialResult,
+            rss_peak_bytes,
+        )
 
         cuda = self.device.type == "cuda"
         reading = MemoryReading(

@@ -85,7 +85,7 @@ def tiny_trials(device_id: str) -> list:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
-    from calibration.device import describe, software_versions
+    from advisor.stack.device import describe, software_versions
     from calibration.runner import run_design
 
     device, raw = describe("cpu", threads=1)

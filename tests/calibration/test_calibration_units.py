@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.needs_torch, pytest.mark.slow]
 def test_meter_counts_each_storage_once_and_frees_it():
     import torch
 
-    from calibration.meters import LiveTensorMeter
+    from advisor.stack.meters import LiveTensorMeter
 
     m = LiveTensorMeter()
     with m:
@@ -44,7 +44,7 @@ def tiny(model_type: str = "llama") -> dict:
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2"])
 def test_builder_wraps_the_plans_targets_with_lora(model_type):
-    from calibration.build import build
+    from advisor.stack.build import build
 
     plan = TrainingPlan(method="lora", gpu_id="cpu", dtype="fp32", lora_r=4, lora_targets=("q", "v"), seq_len=16)
     built = build(tiny(model_type), plan)
@@ -60,7 +60,7 @@ def test_builder_qlora_is_nf4_double_quant_with_fp32_upcast_and_checkpointing():
     import bitsandbytes as bnb
     import torch
 
-    from calibration.build import build
+    from advisor.stack.build import build
 
     plan = TrainingPlan(method="qlora", gpu_id="cpu", dtype="fp32", lora_r=4, seq_len=16, grad_checkpointing=True)
     built = build(tiny(), plan)
@@ -78,7 +78,7 @@ def test_builder_full_fine_tuning_and_optimizers():
     import bitsandbytes as bnb
     import torch
 
-    from calibration.build import build
+    from advisor.stack.build import build
 
     plan = TrainingPlan(method="full", gpu_id="cpu", dtype="fp32", optimizer="adamw-8bit", seq_len=16)
     built = build(tiny(), plan)
@@ -91,7 +91,7 @@ def test_builder_full_fine_tuning_and_optimizers():
 
 def test_builder_rejects_sharded_plans():
     from advisor.errors import InvalidInputError
-    from calibration.build import build
+    from advisor.stack.build import build
 
     plan = TrainingPlan(method="lora", gpu_id="cpu", dtype="fp32", num_gpus=2, sharding="ddp")
     with pytest.raises(InvalidInputError) as err:
@@ -150,7 +150,7 @@ def test_gpu_design_reaches_a_real_fraction_of_the_card():
 
 
 def test_trial_failures_are_classified():
-    from calibration.trial import ERROR, OOM, classify
+    from advisor.stack.outcomes import ERROR, OOM, classify
 
     assert classify(MemoryError()) == OOM
     assert classify(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")) == OOM
