@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from advisor.methods import METHODS
 from advisor.specs import GpuSpec, Workload
 
 #: Optimiser steps a method needs relative to full fine-tuning to reach the same quality.
 #: QLoRA "may require 20-30% more training steps" is a claim of the source study
 #: (LoRA vs QLoRA benchmarking study, "Convergence Analysis"); we take the midpoint.
-#: LoRA is taken as step-for-step equal to full fine-tuning. Override per request.
-DEFAULT_CONVERGENCE = {"full": 1.0, "lora": 1.0, "qlora": 1.25}
+#: LoRA is taken as step-for-step equal to full fine-tuning. Override per request. Each method's own
+#: module holds its factor (advisor.methods); a request's dict overrides the methods it names.
+DEFAULT_CONVERGENCE = {name: m.convergence for name, m in METHODS.items()}
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def estimate_cost(
     workload: Workload,
     convergence: dict[str, float] | None = None,
 ) -> CostEstimate:
-    factor = (convergence or DEFAULT_CONVERGENCE).get(method, 1.0)
+    factor = (convergence or {}).get(method, DEFAULT_CONVERGENCE[method])
     seconds = workload.total_tokens * factor / tokens_per_s
     hours = seconds / 3600
     gpu_hours = hours * num_gpus

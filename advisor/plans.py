@@ -1,17 +1,32 @@
-"""TrainingPlan (one concrete way to run the fine-tune) and the enumeration of candidates."""
+"""TrainingPlan (one concrete way to run the fine-tune): its field table, defaults, validation, id, and
+the enumeration of candidates.
+
+The dataclass below *is* the plan field table: each field carries its type and default, and in its
+``metadata`` its unit, allowed values or bounds, CLI flag, whether the API exposes it, whether the
+GPU-independent part of an estimate depends on it (``shape``) and its doc. Everything else derives
+from it: validation (``__post_init__``), the estimator cache key (``shape_key``), the CLI flags
+(``advisor.cli``), the API's ``PlanIn`` schema (``advisor.api.schemas``) and the plan id. Defaults
+that depend on the GPU or the method (dtype, sharding, lora_alpha) are resolved in one place,
+``make_plan``. The id encodes the plan itself, so a job can be launched from a ``plan_id`` of
+``/v1/recommend`` without searching for it again.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import base64
 import json
+import re
+import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
+from typing import Any
 
 from advisor.errors import InvalidInputError
+from advisor.methods import ALL_LINEAR, DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.specs import ROLES, GpuSpec, ModelSpec
 from advisor.units import DTYPES
 
-METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit")
 ATTENTIONS = ("sdpa", "flash", "eager")
 SHARDINGS = ("none", "ddp", "fsdp")
@@ -21,108 +36,79 @@ SHARDINGS = ("none", "ddp", "fsdp")
 #: model dtype; litgpt's bitsandbytes layers compute in bnb's default fp32 and (bitsandbytes of 2023)
 #: keep each quantised layer's fp32 input for backward.
 FRAMEWORKS = ("hf", "litgpt", "torchtune")
-ALL_LINEAR = "all-linear"
+METHODS = METHOD_NAMES  # re-exported: the method registry is advisor.methods
+
+
+def _f(default: Any, doc: str, *, unit: str = "", choices: tuple = (), bounds: tuple | None = None,
+       cli: bool = True, api: bool = True, shape: bool = True, resolved: str = "", **kw: Any) -> Any:
+    """A plan field with its table entry. bounds = (low, high, high_inclusive); resolved = how make_plan
+    fills it when left out (the dataclass default is then only what a bare TrainingPlan(...) gets)."""
+    meta = {"doc": doc, "unit": unit, "choices": choices, "bounds": bounds, "cli": cli, "api": api,
+            "shape": shape, "resolved": resolved}
+    if isinstance(default, tuple):
+        return field(default=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    method: str
-    gpu_id: str
-    dtype: str = "bf16"  # compute dtype (and storage dtype of unquantised base weights)
-    micro_batch: int = 1
-    seq_len: int = 2048
-    grad_checkpointing: bool = True
-    optimizer: str = "adamw"
-    num_gpus: int = 1
-    sharding: str = "none"
-    attention: str = "sdpa"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
-    # full fine-tuning under mixed precision keeps fp32 master weights (AMP, the HF Trainer default);
-    # False = "pure" half-precision training (params, grads and AdamW states in the half dtype).
-    master_weights: bool = True
-    # QLoRA: bitsandbytes NF4 with double quantisation (quantised absmax); the unquantised modules
-    # (embeddings, lm_head, norms) are cast to fp32 by peft's prepare_model_for_kbit_training.
-    double_quant: bool = True
-    kbit_upcast: bool = True
-    grad_accum: int = 1
-    framework: str = "hf"
-    # loss over vocabulary chunks (litgpt, torchtune CEWithChunkedOutputLoss): no full fp32 logits copy
-    chunked_loss: bool = False
-    notes: tuple[str, ...] = field(default=(), compare=False)
+    method: str = field(metadata={"doc": "training method (advisor.methods)", "unit": "", "choices": METHOD_NAMES,
+                                  "bounds": None, "cli": True, "api": True, "shape": True, "resolved": ""})
+    gpu_id: str = field(metadata={"doc": "catalog GPU the plan runs on", "unit": "", "choices": (), "bounds": None,
+                                  "cli": False, "api": True, "shape": False, "resolved": "the request's gpu"})
+    dtype: str = _f("bf16", "compute dtype (and storage dtype of unquantised base weights)", choices=DTYPES,
+                    resolved="bf16 where the GPU has it, else fp16 (fp32 on a CPU)")
+    micro_batch: int = _f(1, "sequences per GPU per forward/backward", unit="sequences", bounds=(1, 4096, True))
+    seq_len: int = _f(2048, "tokens per sequence", unit="tokens", bounds=(1, 1_048_576, True))
+    grad_checkpointing: bool = _f(True, "recompute each block in backward instead of keeping its activations")
+    optimizer: str = _f("adamw", "optimiser (8-bit and paged ones are bitsandbytes')", choices=OPTIMIZERS)
+    num_gpus: int = _f(1, "GPUs training together", unit="GPUs", bounds=(1, 1024, True))
+    sharding: str = _f("none", "how several GPUs share the model", choices=SHARDINGS,
+                       resolved="none on 1 GPU; else the method's default (fsdp for full, ddp for adapters)")
+    attention: str = _f("sdpa", "attention kernel", choices=ATTENTIONS)
+    lora_r: int = _f(16, "adapter rank", bounds=(1, 4096, True))
+    lora_alpha: int = _f(32, "adapter scaling numerator (scale = alpha / r)", bounds=(1, 65536, True),
+                         resolved="2 x lora_r")
+    lora_dropout: float = _f(0.05, "dropout on the adapter input", bounds=(0.0, 1.0, False))
+    lora_targets: tuple[str, ...] = _f((ALL_LINEAR,), "adapted modules: all-linear, roles (q,k,v,o,gate,up,down) "
+                                       "or module names")
+    #: full fine-tuning under mixed precision keeps fp32 master weights (AMP, the HF Trainer default);
+    #: False = "pure" half-precision training (params, grads and AdamW states in the half dtype).
+    master_weights: bool = _f(True, "full: fp32 master weights under mixed precision (False: pure half precision)")
+    #: QLoRA: bitsandbytes NF4 with double quantisation (quantised absmax); the unquantised modules
+    #: (embeddings, lm_head, norms) are cast to fp32 by peft's prepare_model_for_kbit_training.
+    double_quant: bool = _f(True, "qlora: quantise the NF4 absmax constants again")
+    kbit_upcast: bool = _f(True, "qlora: prepare_model_for_kbit_training casts the unquantised modules to fp32")
+    grad_accum: int = _f(1, "micro-steps per optimiser step", unit="micro-steps", bounds=(1, 65536, True))
+    framework: str = _f("hf", "training stack whose memory behaviour is modelled", choices=FRAMEWORKS)
+    #: loss over vocabulary chunks (litgpt, torchtune CEWithChunkedOutputLoss): no full fp32 logits copy
+    chunked_loss: bool = _f(False, "loss over vocabulary chunks (no full fp32 logits copy)")
+    notes: tuple[str, ...] = _f((), "free-text notes carried with the plan", cli=False, shape=False, compare=False)
 
     def __post_init__(self) -> None:
-        errs: list[tuple[str, str]] = []
-        if self.method not in METHODS:
-            errs.append(("method", f"must be one of {', '.join(METHODS)}"))
-        if self.dtype not in DTYPES:
-            errs.append(("dtype", f"must be one of {', '.join(DTYPES)}"))
-        if self.optimizer not in OPTIMIZERS:
-            errs.append(("optimizer", f"must be one of {', '.join(OPTIMIZERS)}"))
-        if self.attention not in ATTENTIONS:
-            errs.append(("attention", f"must be one of {', '.join(ATTENTIONS)}"))
-        if self.framework not in FRAMEWORKS:
-            errs.append(("framework", f"must be one of {', '.join(FRAMEWORKS)}"))
-        if self.sharding not in SHARDINGS:
-            errs.append(("sharding", f"must be one of {', '.join(SHARDINGS)}"))
-        if not 1 <= self.micro_batch <= 4096:
-            errs.append(("micro_batch", "must be between 1 and 4096"))
-        if not 1 <= self.seq_len <= 1_048_576:
-            errs.append(("seq_len", "must be between 1 and 1048576"))
-        if not 1 <= self.num_gpus <= 1024:
-            errs.append(("num_gpus", "must be between 1 and 1024"))
-        if self.num_gpus == 1 and self.sharding != "none":
-            errs.append(("sharding", "needs num_gpus > 1"))
-        if self.num_gpus > 1 and self.sharding == "none":
-            errs.append(("sharding", "num_gpus > 1 needs ddp or fsdp"))
-        if self.method != "full" and not 1 <= self.lora_r <= 4096:
-            errs.append(("lora_r", "must be between 1 and 4096"))
-        if not 0 <= self.lora_dropout < 1:
-            errs.append(("lora_dropout", "must be in [0, 1)"))
-        if not 1 <= self.grad_accum <= 65536:
-            errs.append(("grad_accum", "must be between 1 and 65536"))
-        if self.method == "full" and self.optimizer.startswith("paged") and self.sharding == "fsdp":
-            errs.append(("optimizer", "paged optimisers do not combine with FSDP sharding"))
+        errs = validation_errors(self)
         if errs:
             field_, _msg = errs[0]
             raise InvalidInputError("; ".join(f"{f}: {m}" for f, m in errs), field=field_)
 
     @property
     def shape_key(self) -> tuple:
-        """Every field but the GPU: what the GPU-independent part of an estimate depends on."""
-        return (
-            self.method,
-            self.dtype,
-            self.micro_batch,
-            self.seq_len,
-            self.grad_checkpointing,
-            self.optimizer,
-            self.num_gpus,
-            self.sharding,
-            self.attention,
-            self.lora_r,
-            self.lora_alpha,
-            self.lora_dropout,
-            self.lora_targets,
-            self.master_weights,
-            self.double_quant,
-            self.kbit_upcast,
-            self.grad_accum,
-        )
+        """Every field the GPU-independent part of an estimate depends on (all but gpu_id and notes)."""
+        return tuple(getattr(self, name) for name in SHAPE_FIELDS)
 
     @property
     def id(self) -> str:
-        """Stable id: the same plan always gets the same id (posted back later to launch a job)."""
-        d = asdict(self)
-        d.pop("notes")
-        blob = json.dumps(d, sort_keys=True, default=list)
-        return "plan_" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """The plan itself, encoded: the same plan always gets the same id, and decode_plan_id(id) == plan."""
+        return encode_plan_id(self)
 
     @property
     def tokens_per_micro_step(self) -> int:
         return self.micro_batch * self.seq_len
+
+    @property
+    def spec(self):
+        """The plan's method (advisor.methods.Method)."""
+        return get_method(self.method)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,6 +125,133 @@ class TrainingPlan:
         if "notes" in d:
             d["notes"] = tuple(d["notes"])
         return cls(**d)
+
+
+#: the plan field table, in declaration order
+PLAN_FIELDS = fields(TrainingPlan)
+SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS if f.metadata["shape"])
+
+
+def field_default(name: str) -> Any:
+    f = TrainingPlan.__dataclass_fields__[name]
+    return f.default if f.default is not MISSING else MISSING
+
+
+def validation_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
+    """(field, message) for every value out of the table's choices/bounds, then the cross-field rules."""
+    errs: list[tuple[str, str]] = []
+    for f in PLAN_FIELDS:
+        v = getattr(plan, f.name)
+        choices, bounds = f.metadata["choices"], f.metadata["bounds"]
+        if choices and v not in choices:
+            errs.append((f.name, f"must be one of {', '.join(choices)}"))
+        elif bounds is not None:
+            lo, hi, incl = bounds
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi if incl else lo <= v < hi):
+                errs.append((f.name, f"must be between {lo} and {hi}" if incl else f"must be in [{lo}, {hi})"))
+    if errs:
+        return errs
+    if plan.num_gpus == 1 and plan.sharding != "none":
+        errs.append(("sharding", "needs num_gpus > 1"))
+    if plan.num_gpus > 1 and plan.sharding == "none":
+        errs.append(("sharding", "num_gpus > 1 needs ddp or fsdp"))
+    errs.extend(get_method(plan.method).validate(plan))
+    return errs
+
+
+def make_plan(method: str, gpu: GpuSpec | str, **given: Any) -> TrainingPlan:
+    """A plan from the fields a user gave (None = not given); the one home of the resolved defaults:
+    dtype from the GPU, sharding from the method and the GPU count, lora_alpha = 2 x lora_r."""
+    m = get_method(method)
+    gpu_id = gpu if isinstance(gpu, str) else gpu.id
+    kw = {k: v for k, v in given.items() if v is not None}
+    unknown = set(kw) - {f.name for f in PLAN_FIELDS}
+    if unknown:
+        raise InvalidInputError(f"unknown plan field(s): {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
+    if "dtype" not in kw and not isinstance(gpu, str):
+        kw["dtype"] = gpu.default_dtype()
+    n = kw.get("num_gpus", 1)
+    if "sharding" not in kw:
+        kw["sharding"] = "none" if n == 1 else m.default_sharding
+    if "lora_alpha" not in kw:
+        kw["lora_alpha"] = 2 * kw.get("lora_r", field_default("lora_r"))
+    if "lora_targets" in kw:
+        kw["lora_targets"] = tuple(kw["lora_targets"])
+    if "notes" in kw:
+        kw["notes"] = tuple(kw["notes"])
+    kw.pop("gpu_id", None)
+    return TrainingPlan(method=method, gpu_id=gpu_id, **kw)
+
+
+# ---- plan ids that decode ------------------------------------------------------------------------
+#: bump when a field's meaning changes: ids of another version are refused with a clear error
+PLAN_ID_VERSION = 2
+_ID_RE = re.compile(r"^plan_v(\d+)\.([A-Za-z0-9_-]+)$")
+_OLD_ID_RE = re.compile(r"^plan_[0-9a-f]{16}$")
+
+
+class PlanIdError(InvalidInputError):
+    """A plan id that does not decode to a plan of this version (``stale`` for ids of older versions)."""
+
+    def __init__(self, message: str, *, field: str = "plan_id", stale: bool = False):
+        super().__init__(message, field=field)
+        self.stale = stale
+
+
+def encode_plan_id(plan: TrainingPlan) -> str:
+    """``plan_v<version>.<base64url(zlib(json of the fields that differ from their default))>``."""
+    d: dict[str, Any] = {"method": plan.method, "gpu_id": plan.gpu_id}
+    for f in PLAN_FIELDS:
+        if f.name in d or f.name == "notes":
+            continue
+        v = getattr(plan, f.name)
+        if v != f.default:
+            d[f.name] = list(v) if isinstance(v, tuple) else v
+    return _encode(json.dumps(d, sort_keys=True, separators=(",", ":")))
+
+
+@cache
+def _encode(blob: str) -> str:
+    raw = zlib.compress(blob.encode(), 9)
+    return f"plan_v{PLAN_ID_VERSION}." + base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_plan_id(plan_id: str, field_name: str = "plan_id") -> TrainingPlan:
+    """The plan an id was made from. Ids of other versions and malformed ids raise PlanIdError."""
+    text = plan_id.strip() if isinstance(plan_id, str) else ""
+    if _OLD_ID_RE.match(text):
+        raise PlanIdError(
+            f"plan id {text!r} comes from an older version of the advisor (a hash, not the plan): ask "
+            "/v1/recommend again for a current id, or post the plan object itself",
+            field=field_name,
+            stale=True,
+        )
+    m = _ID_RE.match(text)
+    if not m:
+        raise PlanIdError(f"{text!r} is not a plan id (plan_v{PLAN_ID_VERSION}.…)", field=field_name)
+    if int(m.group(1)) != PLAN_ID_VERSION:
+        raise PlanIdError(
+            f"plan id of version {m.group(1)}; this advisor reads version {PLAN_ID_VERSION}: ask /v1/recommend "
+            "again for a current id",
+            field=field_name,
+            stale=True,
+        )
+    try:
+        payload = m.group(2)
+        raw = zlib.decompress(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)), bufsize=4096)
+        d = json.loads(raw[:65536])
+        if not isinstance(d, dict):
+            raise ValueError("not an object")
+    except (ValueError, zlib.error) as exc:
+        raise PlanIdError(f"plan id {text[:40]!r}… does not decode ({exc})", field=field_name) from None
+    known = {f.name for f in PLAN_FIELDS}
+    unknown = set(d) - known
+    if unknown:
+        raise PlanIdError(f"plan id names unknown fields {sorted(unknown)}", field=field_name)
+    try:
+        return TrainingPlan.from_dict(d)
+    except (InvalidInputError, TypeError) as exc:
+        raise PlanIdError(f"plan id decodes to an invalid plan: {exc}", field=field_name) from None
 
 
 def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
@@ -178,39 +291,30 @@ def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
 # ---- enumeration -----------------------------------------------------------------------------------
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GPU_COUNTS = (1, 2, 4, 8)
-#: (rank, targets): the adapter shapes users pick most; rank barely moves memory, targets do.
-LORA_SHAPES = ((8, ("q", "v")), (16, (ALL_LINEAR,)), (64, (ALL_LINEAR,)))
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_SEARCH
     micro_batches: tuple[int, ...] = MICRO_BATCHES
     gpu_counts: tuple[int, ...] = GPU_COUNTS
-    lora_shapes: tuple[tuple[int, tuple[str, ...]], ...] = LORA_SHAPES
     checkpointing: tuple[bool, ...] = (True, False)
-    full_optimizers: tuple[str, ...] = ("adamw", "adamw-8bit", "paged-adamw-8bit")
-    adapter_optimizers: tuple[str, ...] = ("adamw", "paged-adamw-8bit")
 
 
 def enumerate_plans(
     gpus: Iterable[GpuSpec], seq_len: int, space: SearchSpace = SearchSpace(), dtype: str | None = None
 ) -> Iterator[TrainingPlan]:
-    """Every candidate plan: method x adapter shape x micro-batch x checkpointing x optimiser x GPUs."""
+    """Every candidate plan: method x adapter shape x micro-batch x checkpointing x optimiser x GPUs
+    (each method brings its own adapter shapes and optimisers)."""
     for gpu in gpus:
         dt = dtype or gpu.default_dtype()
         for n in space.gpu_counts:
             shardings = ("none",) if n == 1 else ("ddp", "fsdp")
             for method in space.methods:
-                if method == "full":
-                    shapes = ((0, ()),)
-                    opts = space.full_optimizers
-                else:
-                    shapes = space.lora_shapes
-                    opts = space.adapter_optimizers
+                m = get_method(method)
                 for sharding in shardings:
-                    for r, targets in shapes:
-                        for opt in opts:
+                    for r, targets in m.search_shapes:
+                        for opt in m.search_optimizers:
                             if sharding == "fsdp" and opt.startswith("paged"):
                                 continue
                             for ckpt in space.checkpointing:

@@ -10,7 +10,8 @@ from advisor.cost import DEFAULT_CONVERGENCE, CostEstimate, estimate_cost
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate
-from advisor.plans import METHODS, TrainingPlan
+from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
+from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.units import GIB
 
@@ -23,7 +24,7 @@ class Constraints:
     max_budget_usd: float | None = None
     deadline_hours: float | None = None
     max_gpus: int = 8
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_SEARCH
 
     def __post_init__(self) -> None:
         if self.max_budget_usd is not None and not self.max_budget_usd > 0:
@@ -32,9 +33,9 @@ class Constraints:
             raise InvalidInputError("deadline_hours must be positive", field="deadline_hours")
         if not 1 <= self.max_gpus <= 1024:
             raise InvalidInputError("max_gpus must be between 1 and 1024", field="max_gpus")
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in METHOD_NAMES]
         if bad or not self.methods:
-            raise InvalidInputError(f"methods must be a non-empty subset of {', '.join(METHODS)}", field="methods")
+            raise InvalidInputError(f"methods must be a non-empty subset of {', '.join(METHOD_NAMES)}", field="methods")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ class Recommendation:
 
 
 def _group(plan: TrainingPlan, with_gpu: bool = True) -> str:
-    shape = "" if plan.method == "full" else f" r={plan.lora_r} {','.join(plan.lora_targets)}"
+    shape = f" r={plan.lora_r} {','.join(plan.lora_targets)}" if get_method(plan.method).adapter else ""
     where = f"{plan.num_gpus}x {plan.gpu_id}" if with_gpu else f"{plan.num_gpus} GPU{'s' if plan.num_gpus > 1 else ''}"
     return f"{plan.method}{shape} on {where}" + (f" ({plan.sharding})" if plan.num_gpus > 1 else "")
 
@@ -133,7 +134,7 @@ class PlanTable:
     passes: np.ndarray
     tokens: np.ndarray
     ngpu: np.ndarray
-    method: np.ndarray  # index into METHODS
+    method: np.ndarray  # index into METHOD_NAMES
     group: np.ndarray  # index into group_names
     group_names: list[str]
 
@@ -152,7 +153,7 @@ def build_table(estimator: AnalyticalEstimator, model: ModelSpec, shapes: list[T
         passes=np.array([c.passes for c in counts], dtype=float),
         tokens=np.array([p.micro_batch * p.seq_len for p in shapes], dtype=float),
         ngpu=np.array([p.num_gpus for p in shapes], dtype=float),
-        method=np.array([METHODS.index(p.method) for p in shapes]),
+        method=np.array([METHOD_NAMES.index(p.method) for p in shapes]),
         group=np.array(group),
         group_names=list(names),
     )
@@ -182,8 +183,8 @@ def search(
     estimator (calibrated where a profile matches it) and the table of counts built with it."""
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"objective must be one of {', '.join(OBJECTIVES)}", field="objective")
-    factors = convergence or DEFAULT_CONVERGENCE
-    conv = np.array([factors.get(m, 1.0) for m in METHODS])
+    factors = {**DEFAULT_CONVERGENCE, **(convergence or {})}
+    conv = np.array([factors[m] for m in METHOD_NAMES])
     best: list[tuple[tuple, int, int]] = []  # (sort key, table number, row)
     closest: dict[str, dict[str, tuple[float, int, int]]] = {"memory": {}, "deadline": {}, "budget": {}}
     feasible_groups: set[str] = set()
@@ -219,7 +220,7 @@ def search(
         for name, count in zip(*np.unique(t.group, return_counts=True), strict=True):
             group_size[t.group_names[name]] = group_size.get(t.group_names[name], 0) + int(count)
         single = t.ngpu == 1
-        for mi, m in enumerate(METHODS):
+        for mi, m in enumerate(METHOD_NAMES):
             sel = single & (t.method == mi)
             if sel.any():
                 smallest[m] = min(smallest.get(m, np.inf), float(total[sel].min()))
@@ -263,11 +264,8 @@ def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_
             f"but {c.gpu.name} has {m.device_bytes / GIB:.1f} GiB{where}"
         )
         short = m.device_total_bytes - m.device_bytes
-        fixes = []
-        if p.method == "full":
-            fixes.append("use lora or qlora (frozen base weights, no full optimiser states)")
-        elif p.method == "lora":
-            fixes.append("use qlora (4-bit base weights)")
+        lighter = get_method(p.method).lighter
+        fixes = [lighter] if lighter else []
         if m.components.get("weights", 0) > m.device_bytes * 0.6 and p.num_gpus < k.max_gpus:
             fixes.append(f"shard over {min(k.max_gpus, max(2, p.num_gpus * 2))}+ GPUs with fsdp")
         if not p.grad_checkpointing:

@@ -47,7 +47,7 @@ def test_recommend_table(capsys):
          "--lora-targets"),
         (["estimate", "--model", "llama-2-7b", "--gpu", "t4", "--method", "lora", "--dtype", "bf16"], "--dtype"),
         (["recommend", "--model", "llama-2-7b", "--objective", "fit"], "--gpu"),
-        (["recommend", "--model", "llama-2-7b", "--methods", "dora"], "--methods"),
+        (["recommend", "--model", "llama-2-7b", "--methods", "adalora"], "--methods"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):

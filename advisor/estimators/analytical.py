@@ -30,12 +30,13 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate
+from advisor.methods import get_method
+from advisor.methods.base import DQ_BLOCK, NF4_BLOCK
 from advisor.plans import TrainingPlan, resolve_targets
 from advisor.specs import Block, GpuSpec, ModelSpec
 from advisor.units import DTYPE_BYTES, MIB
 
-NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (values per absmax)
-DQ_BLOCK = 256  # double quantisation: absmax values per second-level fp32 constant
+__all__ = ["DQ_BLOCK", "NF4_BLOCK", "AnalyticalEstimator", "Coefficients"]
 BNB8_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimiser states (optim/optimizer.py)
 
 
@@ -105,15 +106,16 @@ class AnalyticalEstimator:
 
     # ---- adapters ---------------------------------------------------------------------------
     def adapters(self, model: ModelSpec, plan: TrainingPlan) -> tuple[int, list[tuple[Block, list]]]:
-        """LoRA parameter count and, per block group, the targeted linears."""
-        if plan.method == "full":
+        """Adapter parameter count and, per block group, the adapted linears (the method counts each)."""
+        m = get_method(plan.method)
+        if not m.adapter:
             return 0, []
         names = resolve_targets(model, plan.lora_targets)
         total = 0
         groups = []
         for b in model.blocks:
             lins = [lin for lin in b.linears if lin.name in names]
-            total += b.count * sum(plan.lora_r * (lin.in_features + lin.out_features) for lin in lins)
+            total += b.count * sum(m.adapter_params(lin, plan.lora_r) for lin in lins)
             groups.append((b, lins))
         return total, groups
 
@@ -153,43 +155,27 @@ class AnalyticalEstimator:
     def _compute_counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
         notes: list[str] = []
         k = self.k
+        m = get_method(plan.method)
         e = DTYPE_BYTES[plan.dtype]
         n = plan.num_gpus
         shard = n if plan.sharding == "fsdp" else 1
-        N = model.param_count
-        n_lin = model.linear_weight_params
-        n_quant = model.quantized_weight_params  # NF4 under qlora; the rest stays unquantised
         adapter_params, groups = self.adapters(model, plan)
         tokens = plan.micro_batch * plan.seq_len
 
         # weights ------------------------------------------------------------------------------
-        autocast_copies = 0
-        if plan.method == "qlora":
-            absmax = n_quant / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if plan.double_quant else n_quant / NF4_BLOCK * 4
-            other_bytes = 4 if _upcast(plan) else e
-            weights = n_quant * 0.5 + absmax + (N - n_quant) * other_bytes
-        elif plan.method == "full" and plan.master_weights and e < 4:
-            weights = 4 * N
-            autocast_copies = e * n_lin  # half copies autocast caches in forward; backward keeps them
-        else:
-            weights = e * N
+        # (autocast_copies: the half copies autocast caches in forward under AMP; backward keeps them)
+        weights, autocast_copies = m.weight_bytes(model, plan, e)
         weights = weights / shard
         if plan.sharding == "fsdp":
             # FSDP gathers one block's (and prefetches the next block's) full weights
             per_block = max((sum(lin.params for lin in b.linears) for b in model.blocks), default=0)
-            gathered_bytes = 0.5 if plan.method == "qlora" else e
-            weights += 2 * per_block * gathered_bytes
+            weights += 2 * per_block * m.gathered_bytes_per_param(e)
 
         # trainable state --------------------------------------------------------------------------
         paged = 0.0
-        if plan.method == "full":
-            trainable = N
-            param_bytes = 4 if (plan.master_weights or e == 4) else e
-            grad_bytes = param_bytes
-        else:
-            trainable = adapter_params
-            param_bytes = _adapter_bytes(plan, e)
-            grad_bytes = param_bytes
+        trainable = m.trainable_params(model, adapter_params)
+        param_bytes = m.state_bytes_per_param(plan, e)
+        grad_bytes = param_bytes
         if plan.optimizer in ("adamw", "paged-adamw-32bit"):
             opt_per_param = 2 * param_bytes
         else:  # 8-bit: two uint8 states + an fp32 absmax per block of each
@@ -199,20 +185,18 @@ class AnalyticalEstimator:
             paged, opt_bytes = opt_bytes, 0.0
             notes.append("paged optimiser states live in CUDA unified memory and can spill to host RAM under pressure")
         grads = trainable * grad_bytes / shard
-        adapters = adapter_params * param_bytes / shard if plan.method != "full" else 0
-        if plan.sharding == "ddp" and plan.method == "full":
-            grads *= 2  # DDP's reducer keeps flat bucket copies of the gradients
+        adapters = adapter_params * param_bytes / shard if m.adapter else 0
+        if plan.sharding == "ddp":
+            grads *= m.ddp_gradient_copies()  # DDP's reducer keeps flat bucket copies of full gradients
 
         # activations ------------------------------------------------------------------------------
         kept, recomputed = self.activation_parts(model, plan, groups, cpu)
         act = kept * k.activation_scale
         block = recomputed * k.activation_scale
         logits = self.logits_bytes(model, plan) * k.logits_scale
-        quant_tmp = 0
-        if plan.method == "qlora":
-            largest = max(lin.weight_params for b in model.blocks for lin in b.linears)
-            quant_tmp = largest * e  # one dequantised weight at a time (forward or backward)
-        e_act = 4 if (plan.method == "qlora" and _upcast(plan)) else e
+        adapted = [lin for _, lins in groups for lin in lins]
+        quant_tmp = m.temporaries(model, plan, adapted, e)
+        e_act = m.activation_bytes_per_element(plan, e)
         backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
         static = weights + adapters + opt_bytes + k.fixed_allocated_bytes
         # gradient accumulation keeps the previous micro-steps' gradients alive through backward
@@ -222,10 +206,7 @@ class AnalyticalEstimator:
         backward_head = max(logits, block + backward_transient)
         phase_a = static + autocast_copies + accumulated + act + backward_head + quant_tmp
         phase_b = static + grads
-        if plan.method == "full" and model.tie_word_embeddings:
-            # the tied matrix gets a dense gradient from the embedding lookup and one from the head,
-            # summed last in backward, when every other gradient already exists
-            phase_b += 2 * grad_bytes * model.vocab_size * model.hidden_size / shard
+        phase_b += m.extra_optimizer_phase_bytes(model, plan, grad_bytes) / shard
         allocated = max(phase_a, phase_b)
         peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
         in_fb = peak_phase == "forward/backward"
@@ -243,15 +224,12 @@ class AnalyticalEstimator:
             notes.append(
                 "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
             )
-        if plan.method == "qlora" and _upcast(plan):
-            notes.append("QLoRA: embeddings, lm_head and norms are fp32 after prepare_model_for_kbit_training")
+        notes.extend(n for n in m.notes(plan) if n not in notes)
 
         # speed counts (GPU-independent) -----------------------------------------------------------
-        fpt = self.flops_per_token(model, plan, adapter_params)
+        fpt = self.flops_per_token(model, plan, adapter_params, adapted)
         passes = 3 if plan.grad_checkpointing else 2
-        quant_traffic = 0.0
-        if plan.method == "qlora":
-            quant_traffic = passes * n_quant * (0.5 + 2 * e)  # read NF4, write and re-read the dequantised weight
+        quant_traffic = m.dequant_traffic_bytes(model, plan, passes, e)
         full_act = (
             act
             if not plan.grad_checkpointing
@@ -267,10 +245,7 @@ class AnalyticalEstimator:
             if plan.sharding == "ddp":
                 comm_bytes = 2 * frac * grad_b
             else:
-                wbytes = n_quant * 0.5 if plan.method == "qlora" else N * e
-                comm_bytes = passes * frac * wbytes + frac * grad_b
-        if plan.optimizer.startswith("paged") and plan.method == "full":
-            notes.append("full fine-tuning with paged states pages them over PCIe when memory is short: slower")
+                comm_bytes = passes * frac * m.communicated_weight_bytes(model, e) + frac * grad_b
         return _Counts(
             components=components,
             allocated=allocated,
@@ -322,30 +297,30 @@ class AnalyticalEstimator:
         one block at a time; without it every block's saved tensors are kept and nothing is rebuilt."""
         if groups is None:
             _, groups = self.adapters(model, plan)
-        e = DTYPE_BYTES[plan.dtype]
-        if plan.method == "qlora" and _upcast(plan):
-            # fp32 embeddings make the residual stream fp32 and Linear4bit returns its input's dtype:
-            # every activation of the block is fp32
-            e = 4
+        # QLoRA: fp32 embeddings make the residual stream fp32 and Linear4bit returns its input's dtype:
+        # every activation of the block is fp32
+        e = get_method(plan.method).activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
         b, s = plan.micro_batch, plan.seq_len
         tokens = b * s
         targeted = {b_.kind: lins for b_, lins in groups}
         kept = 0.0
         largest_block = 0.0
         for blk in model.blocks:
-            per_tok = self._block_bytes_per_token(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu)
-            largest_block = max(largest_block, per_tok * tokens)
+            per_tok, const = self._block_bytes(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu)
+            largest_block = max(largest_block, per_tok * tokens + const)
             if plan.grad_checkpointing:
                 kept += blk.count * e * model.hidden_size * tokens
             else:
-                kept += blk.count * per_tok * tokens
+                kept += blk.count * (per_tok * tokens + const)
         # final norm (fp32 upcast + output) and the embedding output when it requires grad
         kept += tokens * model.hidden_size * (4 + e)
         return kept, (largest_block if plan.grad_checkpointing else 0.0)
 
-    def _block_bytes_per_token(
+    def _block_bytes(
         self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int, cpu: bool = False
-    ) -> float:
+    ) -> tuple[float, float]:
+        """(bytes per token, bytes independent of the tokens) one block saves for backward."""
+        m = get_method(plan.method)
         h, i = model.hidden_size, model.intermediate_size
         q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
         n_attn = 2 if blk.kind == "cross_decoder" else 1
@@ -379,14 +354,15 @@ class AnalyticalEstimator:
         if model.dropout > 0:
             # 1-byte masks on each residual branch (and T5's inside the feed-forward)
             per_tok += (n_attn + 1) * h + (i if model.family == "t5" else 0)
-        if plan.method == "full":
-            # inputs of every linear are saved for the weight gradients (+ normalised outputs)
-            per_tok += e * (n_attn * (h + q) + h + i + h)
-        else:
-            a = _adapter_bytes(plan, e)
+        per_tok += m.block_saved_bytes(model, plan, n_attn, e)
+        const = 0.0
+        if m.adapter:
+            a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
             seen_inputs: set[tuple[str, int]] = set()
             for lin in lora_lins:
                 per_tok += a * plan.lora_r  # lora_A output
+                per_tok += m.adapted_layer_saved_bytes(lin, plan, e, a)
+                const += m.adapted_layer_saved_constant(lin, plan, e, a)
                 if plan.lora_dropout > 0:
                     # dropout mask (bool on CUDA; a float noise tensor in torch's CPU path) + dropout output
                     per_tok += ((a if cpu else 1) + a) * lin.in_features
@@ -397,11 +373,7 @@ class AnalyticalEstimator:
                     if key not in seen_inputs and "o" not in lin.roles:
                         seen_inputs.add(key)
                         per_tok += 4 * lin.in_features
-            if plan.method == "qlora" and plan.framework == "litgpt":
-                # bitsandbytes' 2023 MatMul4Bit saved its input A, cast to bnb's default fp32 compute dtype
-                parallel = model.family in ("phi", "gpt_neox")
-                per_tok += 4 * (n_attn * (h + q) + (0 if parallel else h) + i)
-        return per_tok
+        return per_tok, const
 
     def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
         """The loss's share of the backward peak. The Trainer drops the model output after the loss, so at
@@ -417,13 +389,17 @@ class AnalyticalEstimator:
         capped = 0
         if model.softcapping:
             # final-logit soft-capping keeps tanh's output (fp32 logits under QLoRA's kbit upcast)
-            capped = 4 if (plan.method == "qlora" and _upcast(plan)) or e == 4 else e
+            capped = get_method(plan.method).activation_bytes_per_element(plan, e)
         return tokens * model.vocab_size * (12 + capped)
 
     # ---- speed ------------------------------------------------------------------------------------
-    def flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapter_params: int | None = None) -> float:
-        if adapter_params is None:
-            adapter_params, _ = self.adapters(model, plan)
+    def flops_per_token(
+        self, model: ModelSpec, plan: TrainingPlan, adapter_params: int | None = None, adapted: list | None = None
+    ) -> float:
+        m = get_method(plan.method)
+        if adapter_params is None or adapted is None:
+            adapter_params, groups = self.adapters(model, plan)
+            adapted = [lin for _, lins in groups for lin in lins]
         lin = 2 * (model.linear_weight_params + model.vocab_size * model.hidden_size)
         s = plan.seq_len
         attn = 0.0
@@ -433,13 +409,9 @@ class AnalyticalEstimator:
             if blk.kind == "cross_decoder":
                 per_layer += 4 * s * model.q_dim
             attn += blk.count * per_layer
-        if plan.method == "full":
-            f = 3 * lin + 3 * attn
-        else:
-            f = 2 * lin + 3 * attn + 6 * adapter_params
-        if plan.grad_checkpointing:
-            f += lin + attn + 2 * adapter_params
-        return f
+        f = m.flops_per_token(lin, attn, adapter_params, plan.grad_checkpointing)
+        f += m.extra_flops_per_token(model, plan, adapted)
+        return f + m.extra_flops_per_step(model, plan, adapted) / (plan.micro_batch * plan.seq_len)
 
     def speed(
         self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
@@ -503,16 +475,6 @@ class AnalyticalEstimator:
 
 def _on_cpu(gpu: GpuSpec) -> bool:
     return gpu.gpu_class == "cpu"
-
-
-def _adapter_bytes(plan: TrainingPlan, e: int) -> int:
-    """peft upcasts adapter weights to fp32; litgpt/torchtune keep them in the model dtype."""
-    return 4 if plan.framework == "hf" else e
-
-
-def _upcast(plan: TrainingPlan) -> bool:
-    """prepare_model_for_kbit_training casts non-quantised params to fp32 (hf stack only)."""
-    return plan.kbit_upcast and plan.framework == "hf"
 
 
 def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:

@@ -1,0 +1,159 @@
+"""What a training method is, as data plus the few terms only it knows.
+
+A method (full fine-tuning, LoRA, QLoRA, DoRA) is one frozen ``Method`` instance in its own module.
+Everything else asks the method instead of comparing ``plan.method`` with a string: the plan's
+validation, the search space, the analytical memory and FLOP terms, the convergence factor, the
+"To fix" hints, and how peft / bitsandbytes build it. Adding a method = one module here, registered
+in ``advisor/methods/__init__.py``, plus its tests (see docs/architecture.md).
+
+The memory/FLOP hooks take and return plain numbers (bytes, parameters, FLOPs), so the analytical
+estimator stays the one place that combines them into phases, and this package imports no numpy,
+no torch and nothing of the estimators.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # typing only: plans imports this package
+    from advisor.plans import TrainingPlan
+    from advisor.specs import Linear, ModelSpec
+
+ALL_LINEAR = "all-linear"
+#: (rank, targets): the adapter shapes users pick most; rank barely moves memory, targets do.
+LORA_SHAPES: tuple[tuple[int, tuple[str, ...]], ...] = ((8, ("q", "v")), (16, (ALL_LINEAR,)), (64, (ALL_LINEAR,)))
+NF4_BLOCK = 64  # bitsandbytes 4-bit blocksize (values per absmax)
+DQ_BLOCK = 256  # double quantisation: absmax values per second-level fp32 constant
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method. Subclasses override the hooks whose physics differs."""
+
+    name: str
+    summary: str
+    #: LoRA-style adapters (rank, alpha, dropout, targets are meaningful); False: every weight trains
+    adapter: bool = True
+    #: base linears stored as bitsandbytes NF4
+    quantized: bool = False
+    #: weight-decomposed adapters (peft use_dora): a trainable magnitude per output feature
+    dora: bool = False
+    #: optimiser steps relative to full fine-tuning for the same quality (cost model; overridable per request)
+    convergence: float = 1.0
+    #: the learning rate a job starts from when the request names none
+    learning_rate: float = 2e-4
+    #: sharding a multi-GPU plan gets when none is named
+    default_sharding: str = "ddp"
+    #: optimisers the recommend search tries
+    search_optimizers: tuple[str, ...] = ("adamw", "paged-adamw-8bit")
+    #: adapter shapes the recommend search tries ((0, ()) for no adapter)
+    search_shapes: tuple[tuple[int, tuple[str, ...]], ...] = LORA_SHAPES
+    #: whether the recommend search includes it when the request names no methods
+    searched_by_default: bool = True
+    #: first "To fix" hint when a plan of this method does not fit (None: nothing cheaper to suggest)
+    lighter: str | None = None
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self, plan: TrainingPlan) -> list[tuple[str, str]]:
+        """(field, message) for each field value this method cannot run."""
+        errs: list[tuple[str, str]] = []
+        if self.adapter and not 1 <= plan.lora_r <= 4096:
+            errs.append(("lora_r", "must be between 1 and 4096"))
+        return errs
+
+    # ---- memory terms (bytes per GPU before sharding; the estimator shards and combines) ----------
+    def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
+        """(stored weights, half-precision copies autocast keeps for backward)."""
+        return e * model.param_count, 0.0
+
+    def gathered_bytes_per_param(self, e: int) -> float:
+        """Bytes per parameter FSDP all-gathers (one block at a time; all of them once per pass)."""
+        return e
+
+    def trainable_params(self, model: ModelSpec, adapter_params: int) -> int:
+        return adapter_params
+
+    def state_bytes_per_param(self, plan: TrainingPlan, e: int) -> int:
+        """Bytes per trainable parameter and per gradient: peft keeps adapters in fp32 (hf stack),
+        litgpt / torchtune in the model dtype."""
+        return 4 if plan.framework == "hf" else e
+
+    def adapter_params(self, lin: Linear, r: int) -> int:
+        """Trainable parameters an adapted linear adds."""
+        return r * (lin.in_features + lin.out_features)
+
+    def activation_bytes_per_element(self, plan: TrainingPlan, e: int) -> int:
+        """Bytes per element of the blocks' activations (QLoRA's fp32 upcast makes them 4)."""
+        return e
+
+    def block_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, n_attn: int, e: int) -> float:
+        """Bytes per token per block the method saves beyond the frozen structural count and the adapters."""
+        return 0.0
+
+    def adapted_layer_saved_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        """Extra bytes per token an adapted linear saves beyond LoRA's own."""
+        return 0.0
+
+    def adapted_layer_saved_constant(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        """Bytes an adapted linear saves for backward that do not scale with the tokens."""
+        return 0.0
+
+    def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """Short-lived bytes one layer at a time allocates in forward/backward (dequantised weights...)."""
+        return 0.0
+
+    def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
+        """Gradient bytes alive at the optimiser step beyond the trainable parameters' own."""
+        return 0.0
+
+    def ddp_gradient_copies(self) -> int:
+        """Gradient copies under DDP (its reducer keeps flat buckets of the trainable gradients)."""
+        return 1
+
+    # ---- speed terms ----------------------------------------------------------------------------
+    def flops_per_token(self, linear_flops: float, attn_flops: float, adapter_params: int, ckpt: bool) -> float:
+        """Training FLOPs per token: forward 2N, backward 2N more for the input gradients and (only where
+        the weights train) 2N for the weight gradients; checkpointing repeats the forward."""
+        f = 2 * linear_flops + 3 * attn_flops + 6 * adapter_params
+        if ckpt:
+            f += linear_flops + attn_flops + 2 * adapter_params
+        return f
+
+    def extra_flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        """Per-token FLOPs beyond the dense count."""
+        return 0.0
+
+    def extra_flops_per_step(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        """FLOPs per micro-step that do not scale with the tokens."""
+        return 0.0
+
+    def dequant_traffic_bytes(self, model: ModelSpec, plan: TrainingPlan, passes: int, e: int) -> float:
+        """Bytes moved per micro-step to dequantise weights."""
+        return 0.0
+
+    def communicated_weight_bytes(self, model: ModelSpec, e: int) -> float:
+        """Bytes FSDP all-gathers per pass."""
+        return model.param_count * e
+
+    # ---- the real stack ------------------------------------------------------------------------
+    def peft_config(self, plan: TrainingPlan, target_modules: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
+        """Keyword arguments of peft's LoraConfig, or None for no adapters."""
+        if not self.adapter:
+            return None
+        return {
+            "r": plan.lora_r,
+            "lora_alpha": plan.lora_alpha,
+            "lora_dropout": plan.lora_dropout,
+            "target_modules": list(target_modules),
+            "use_dora": self.dora,
+            "bias": "none",
+            "task_type": "CAUSAL_LM",
+        }
+
+    def quantization(self, plan: TrainingPlan) -> dict[str, Any] | None:
+        """bitsandbytes 4-bit settings (BitsAndBytesConfig keyword arguments), or None."""
+        return None
+
+    def notes(self, plan: TrainingPlan) -> list[str]:
+        return []

@@ -1,0 +1,85 @@
+"""DoRA (peft ``use_dora=True``): LoRA with the weight decomposed into a trainable magnitude per output
+feature and a direction (Liu et al. 2024, arXiv 2402.09353), unquantised base weights.
+
+What peft 0.17-0.21 does per adapted linear in a training step (``DoraLinearVariant.forward`` and
+``DoraLinearLayer.forward``), and what it costs beyond LoRA:
+
+* the magnitude vector: ``out_features`` trainable fp32 parameters (+ gradient + AdamW states);
+* ``lora_weight = lora_B(lora_A(eye(in)))``: an ``in x in`` identity, its ``in x r`` image and the
+  ``out x in`` product, every forward (and again when checkpointing recomputes the block); the
+  weight norm ``||W + s * lora_weight||`` adds the base weight cast to the adapter dtype (when it
+  differs), the scaled product and the sum, all ``out x in``: short-lived, one layer at a time;
+* the weight norm is detached (paper, section 4.3): no gradient flows through it;
+* the output ``(m/||.|| - 1) * base + m/||.|| * lora`` keeps ``base`` (``out`` per token) and the
+  LoRA output (``out`` per token, adapter dtype) for the magnitude's gradient;
+* with dropout in training, peft cannot reuse the base layer's output: it runs
+  ``F.linear(dropout(x), W.to(x.dtype))`` once more (2 x in x out FLOPs per token forward, as many
+  backward) and autograd keeps that cast weight (``out x in``, adapter dtype) until backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from advisor.methods.base import Method
+
+if TYPE_CHECKING:
+    from advisor.plans import TrainingPlan
+    from advisor.specs import Linear, ModelSpec
+
+
+@dataclass(frozen=True)
+class DoRA(Method):
+    def adapter_params(self, lin: Linear, r: int) -> int:
+        return r * (lin.in_features + lin.out_features) + lin.out_features
+
+    def adapted_layer_saved_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        base = a if plan.lora_dropout > 0 else e
+        return lin.out_features * (base + a)
+
+    def adapted_layer_saved_constant(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        """Bytes an adapted layer saves independent of the tokens: the cast weight of the dropout path."""
+        if plan.lora_dropout > 0 and a != e:
+            return lin.weight_params * a
+        return 0.0
+
+    def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        a = self.state_bytes_per_param(plan, e)
+        cast = 1 if a != e else 0
+        return max(
+            (
+                lin.in_features * (lin.in_features + plan.lora_r) * a + (3 + cast) * lin.weight_params * a
+                for lin in adapted
+            ),
+            default=0.0,
+        )
+
+    def extra_flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        per_token = 0.0
+        if plan.lora_dropout > 0:  # the second base matmul: forward, and the input gradient in backward
+            per_token += sum(4 * lin.weight_params for lin in adapted)
+            if plan.grad_checkpointing:
+                per_token += sum(2 * lin.weight_params for lin in adapted)
+        return per_token
+
+    def extra_flops_per_step(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        """FLOPs per micro-step that do not scale with tokens: lora_weight from the identity and the norm."""
+        forwards = 2 if plan.grad_checkpointing else 1
+        return forwards * sum(
+            2 * lin.in_features * lin.in_features * plan.lora_r
+            + 2 * lin.in_features * plan.lora_r * lin.out_features
+            + 3 * lin.weight_params
+            for lin in adapted
+        )
+
+
+METHOD = DoRA(
+    name="dora",
+    summary="LoRA with a trainable magnitude per output feature (peft use_dora), unquantised base",
+    dora=True,
+    # not in the default search: it costs more memory and time than LoRA for the same adapter, and the
+    # convergence benefit is task-dependent; name it in constraints.methods to compare it
+    searched_by_default=False,
+    lighter="use qlora (4-bit base weights), or plain lora (no magnitude vectors or weight-norm temporaries)",
+)

@@ -1,0 +1,71 @@
+"""Full fine-tuning: every weight trains; under AMP fp32 master weights and half copies for compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from advisor.methods.base import Method
+
+if TYPE_CHECKING:
+    from advisor.plans import TrainingPlan
+    from advisor.specs import ModelSpec
+
+
+@dataclass(frozen=True)
+class FullFineTuning(Method):
+    def validate(self, plan: TrainingPlan) -> list[tuple[str, str]]:
+        errs = []
+        if plan.optimizer.startswith("paged") and plan.sharding == "fsdp":
+            errs.append(("optimizer", "paged optimisers do not combine with FSDP sharding"))
+        return errs
+
+    def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
+        if plan.master_weights and e < 4:
+            # fp32 master weights; autocast caches half copies of the linears in forward for backward
+            return 4 * model.param_count, e * model.linear_weight_params
+        return e * model.param_count, 0.0
+
+    def trainable_params(self, model: ModelSpec, adapter_params: int) -> int:
+        return model.param_count
+
+    def state_bytes_per_param(self, plan: TrainingPlan, e: int) -> int:
+        return 4 if (plan.master_weights or e == 4) else e
+
+    def block_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, n_attn: int, e: int) -> float:
+        # inputs of every linear are saved for the weight gradients (+ normalised outputs)
+        h, q, i = model.hidden_size, model.q_dim, model.intermediate_size
+        return e * (n_attn * (h + q) + h + i + h)
+
+    def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
+        if model.tie_word_embeddings:
+            # the tied matrix gets a dense gradient from the embedding lookup and one from the head,
+            # summed last in backward, when every other gradient already exists
+            return 2 * grad_bytes * model.vocab_size * model.hidden_size
+        return 0.0
+
+    def ddp_gradient_copies(self) -> int:
+        return 2
+
+    def flops_per_token(self, linear_flops: float, attn_flops: float, adapter_params: int, ckpt: bool) -> float:
+        f = 3 * linear_flops + 3 * attn_flops
+        if ckpt:
+            f += linear_flops + attn_flops
+        return f
+
+    def notes(self, plan: TrainingPlan) -> list[str]:
+        if plan.optimizer.startswith("paged"):
+            return ["full fine-tuning with paged states pages them over PCIe when memory is short: slower"]
+        return []
+
+
+METHOD = FullFineTuning(
+    name="full",
+    summary="every weight trains (AdamW states for all of them)",
+    adapter=False,
+    learning_rate=2e-5,
+    default_sharding="fsdp",
+    search_optimizers=("adamw", "adamw-8bit", "paged-adamw-8bit"),
+    search_shapes=((0, ()),),
+    lighter="use lora or qlora (frozen base weights, no full optimiser states)",
+)

@@ -1,0 +1,84 @@
+"""QLoRA: bitsandbytes NF4 base weights (double quantisation), LoRA adapters on top.
+
+Under transformers' ``prepare_model_for_kbit_training`` the non-quantised modules (embeddings,
+lm_head, norms) are cast to fp32, so the residual stream and every activation of a block are fp32
+(Linear4bit returns its input's dtype); each linear dequantises its weight to the compute dtype
+for one matmul at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from advisor.methods.base import DQ_BLOCK, NF4_BLOCK, Method
+
+if TYPE_CHECKING:
+    from advisor.plans import TrainingPlan
+    from advisor.specs import Linear, ModelSpec
+
+
+def upcast(plan: TrainingPlan) -> bool:
+    """prepare_model_for_kbit_training casts non-quantised params to fp32 (hf stack only)."""
+    return plan.kbit_upcast and plan.framework == "hf"
+
+
+def nf4_bytes(model: ModelSpec, double_quant: bool) -> float:
+    """NF4 packed weights plus their absmax constants (quantised again under double quantisation)."""
+    n = model.quantized_weight_params
+    absmax = n / NF4_BLOCK * (1 + 4 / DQ_BLOCK) if double_quant else n / NF4_BLOCK * 4
+    return n * 0.5 + absmax
+
+
+@dataclass(frozen=True)
+class QLoRA(Method):
+    def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
+        other = 4 if upcast(plan) else e
+        return nf4_bytes(model, plan.double_quant) + (model.param_count - model.quantized_weight_params) * other, 0.0
+
+    def gathered_bytes_per_param(self, e: int) -> float:
+        return 0.5
+
+    def activation_bytes_per_element(self, plan: TrainingPlan, e: int) -> int:
+        return 4 if upcast(plan) else e
+
+    def block_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, n_attn: int, e: int) -> float:
+        if plan.framework != "litgpt":
+            return 0.0
+        # bitsandbytes' 2023 MatMul4Bit saved its input A, cast to bnb's default fp32 compute dtype
+        h, q, i = model.hidden_size, model.q_dim, model.intermediate_size
+        parallel = model.family in ("phi", "gpt_neox")
+        return 4 * (n_attn * (h + q) + (0 if parallel else h) + i)
+
+    def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        largest = max(lin.weight_params for b in model.blocks for lin in b.linears)
+        return largest * e  # one dequantised weight at a time (forward or backward)
+
+    def dequant_traffic_bytes(self, model: ModelSpec, plan: TrainingPlan, passes: int, e: int) -> float:
+        # read NF4, write and re-read the dequantised weight
+        return passes * model.quantized_weight_params * (0.5 + 2 * e)
+
+    def communicated_weight_bytes(self, model: ModelSpec, e: int) -> float:
+        return model.quantized_weight_params * 0.5
+
+    def quantization(self, plan: TrainingPlan) -> dict[str, Any] | None:
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": plan.double_quant,
+            "bnb_4bit_compute_dtype": plan.dtype,
+        }
+
+    def notes(self, plan: TrainingPlan) -> list[str]:
+        if upcast(plan):
+            return ["QLoRA: embeddings, lm_head and norms are fp32 after prepare_model_for_kbit_training"]
+        return []
+
+
+METHOD = QLoRA(
+    name="qlora",
+    summary="NF4 4-bit base weights (bitsandbytes, double quantisation), LoRA adapters",
+    quantized=True,
+    # "may require 20-30% more training steps" (the LoRA vs QLoRA study, "Convergence Analysis"): the midpoint
+    convergence=1.25,
+)
