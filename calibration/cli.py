@@ -2,6 +2,7 @@
 
     advisor calibrate [--device auto|cuda|cpu] [--budget quick|standard|thorough] [--out DIR]
     advisor calibrate --fit DIR        # refit DIR's measurements (after a killed or resumed run)
+    advisor calibrate --fit DIR --with-jobs   # refit DIR's trials plus finished jobs' measurements
     advisor calibrate --list           # installed profiles
 
 Importing this module imports neither torch nor scikit-learn (the advisor CLI imports it to build its
@@ -58,6 +59,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU: torch threads (default: torch's choice)")
     p.add_argument("--max-trials", type=_positive_int, default=None, help="run at most this many trials of the design")
     p.add_argument("--no-install", action="store_true", help="write the profile into the run directory only")
+    p.add_argument(
+        "--with-jobs",
+        action="store_true",
+        help="finished fine-tuning jobs' measurements (the service's job store: ADVISOR_DATABASE_URL, else "
+        "<data dir>/advisor.db) join the fit where they ran on this device with the trials' memory meter; "
+        "with --fit: refresh a profile from new jobs without rerunning trials",
+    )
     p.add_argument("--list", action="store_true", help="list the installed profiles and exit")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -113,7 +121,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         ) from exc
     if args.fit:
         run_dir = Path(args.fit).expanduser()
-        profile = write_fit(run_dir, command=command)
+        jobs = None
+        if args.with_jobs:
+            from calibration.feedback import read_job_feedback
+
+            jobs = read_job_feedback(data_dir=args.data_dir)
+        profile = write_fit(run_dir, command=command, jobs=jobs)
         report = write_report(run_dir)
         installed = None if args.no_install else store.save(profile)
         out_dir = run_dir
@@ -128,6 +141,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             progress=not args.json,
             install=not args.no_install,
             command=command,
+            with_jobs=args.with_jobs,
         )
         assert result.profile is not None
         profile, report, installed, out_dir = result.profile, result.report_path, result.profile_path, result.out_dir
@@ -139,6 +153,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     "run_dir": str(out_dir),
                     "report": str(report),
                     "installed": None if installed is None else str(installed),
+                    "job_measurements": profile.provenance.get("job_measurements", {}).get("summary"),
                 },
                 indent=1,
             )
@@ -146,6 +161,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return 0
     for line in _summary_lines(profile):
         print(line)
+    if args.with_jobs:
+        print("jobs: " + str(profile.provenance.get("job_measurements", {}).get("summary")))
     print(f"report: {report}")
     print(f"installed: {installed}" if installed else "not installed (--no-install)")
     return 0

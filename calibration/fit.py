@@ -12,7 +12,11 @@ Why this shape (the model itself is documented in ``advisor.estimators.calibrate
 * held-out error: leave one configuration group (architecture) out, fit on the rest, predict it;
   the analytical model is scored on the same trials beside it;
 * step times measured while other processes were busy (CPU contention > 25%, or a step spread
-  > 1.5x) are left out of the speed fit and counted in the profile's provenance.
+  > 1.5x) are left out of the speed fit and counted in the profile's provenance;
+* finished jobs' measurements (``calibration.feedback``) join as extra rows, each job model its own
+  group, when the job ran on this device and recorded the meter the profile is fitted on (a whole-
+  process RSS is not live-tensor bytes: such rows are skipped and counted, with the reason). The rows
+  used are kept in the run directory (``job_measurements.jsonl``), so the refit can be audited.
 
     python -m calibration.fit RUN_DIR        # writes RUN_DIR/profile.json and RUN_DIR/fit.json
 """
@@ -51,8 +55,12 @@ from advisor.estimators.calibrated import (
 from advisor.plans import TrainingPlan
 from advisor.profiles import FittedRange, HeldOut, Profile, range_inputs
 from advisor.specs import GpuSpec, ModelSpec
+from calibration.feedback import JobFeedback, fitted_meter, select_job_rows, summary_line
 from calibration.runner import MEASUREMENTS, RUN_META, read_measurements
 from calibration.trial import timing_disturbed
+
+#: the job rows a fit used (and skipped), written beside measurements.jsonl
+JOB_MEASUREMENTS = "job_measurements.jsonl"
 
 #: terms the analytical model does not have (its structure = these at 0, the others at 1)
 ZERO_PRIOR = ("fixed_bytes", "attention_scores", "gradients")
@@ -388,12 +396,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80]
 
 
-def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, list[Prediction]]:
-    """Fit the measurements of one run directory into a profile (not yet saved anywhere)."""
+def fit_run(
+    run_dir: str | Path, command: str | None = None, jobs: JobFeedback | None = None
+) -> tuple[Profile, list[Prediction]]:
+    """Fit the measurements of one run directory (plus, with `jobs`, finished jobs' measurements) into a
+    profile (not yet saved anywhere)."""
     d = Path(run_dir)
     meta, rows = load_run(d)
     gpu = device_of(meta)
-    trials = build_trials(rows, gpu)
+    job_used: list[dict[str, Any]] = []
+    job_skipped: list[dict[str, Any]] = []
+    if jobs is not None:
+        job_used, job_skipped = select_job_rows(jobs.rows, gpu.to_dict(), meta.get("threads"), _step_meter(rows))
+        jobs.used, jobs.skipped = job_used, job_skipped
+    trial_rows = build_trials(rows, gpu)
+    trials = trial_rows + build_trials(job_used, gpu)
     if len({t.group for t in trials}) < 2:
         raise InvalidInputError(
             f"{d} has {len(trials)} usable trials in {len({t.group for t in trials})} configuration group(s): "
@@ -430,9 +447,9 @@ def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, l
             "run_dir": str(d),
             "budget": meta.get("budget"),
             "trials": counts,
-            "trials_fitted_memory": len(trials),
-            "trials_fitted_step_time": sum(1 for t in trials if t.step_time),
-            "step_time_excluded_disturbed": sum(1 for t in trials if t.step_time is None),
+            "trials_fitted_memory": len(trial_rows),
+            "trials_fitted_step_time": sum(1 for t in trial_rows if t.step_time),
+            "step_time_excluded_disturbed": sum(1 for t in trial_rows if t.step_time is None),
             "measurements_sha256": digest,
             "run_started_at": meta.get("started_at"),
             "run_wall_s": meta.get("run_wall_s"),
@@ -440,9 +457,33 @@ def fit_run(run_dir: str | Path, command: str | None = None) -> tuple[Profile, l
             "load_average_end": meta.get("load_average_end"),
             "threads": meta.get("threads"),
             "fit": "sklearn LinearRegression(positive=True), weights 1/measured^2, leave-one-configuration-group-out",
+            "job_measurements": _job_provenance(jobs, job_used, job_skipped, gpu),
         },
     )
     return profile, preds
+
+
+def _job_provenance(
+    jobs: JobFeedback | None, used: list[dict[str, Any]], skipped: list[dict[str, Any]], gpu: GpuSpec
+) -> dict[str, Any]:
+    """How many finished jobs' measurements joined the fit, and why the others did not."""
+    if jobs is None:
+        return {"used": 0, "skipped": 0, "summary": "job measurements not read (advisor calibrate --with-jobs)"}
+    reasons: dict[str, int] = {}
+    for r in skipped:
+        reasons[r["skip"]] = reasons.get(r["skip"], 0) + 1
+    payload = json.dumps(used + skipped, sort_keys=True).encode()
+    return {
+        "used": len(used),
+        "used_step_time": sum(1 for r in used if r.get("step_time_s") is not None),
+        "skipped": len(skipped),
+        "skipped_reasons": reasons,
+        "meter": fitted_meter(gpu.gpu_class),
+        "store": jobs.source,
+        "job_ids": [r["job_id"] for r in used],
+        "rows_sha256": hashlib.sha256(payload).hexdigest(),
+        "summary": summary_line(used, skipped),
+    }
 
 
 STEP_METERS = {
@@ -481,13 +522,22 @@ def predictions_table(preds: list[Prediction], coef: dict[str, Any]) -> list[dic
     return rows
 
 
-def write_fit(run_dir: str | Path, command: str | None = None) -> Profile:
-    """fit_run + profile.json and fit.json (per-trial predictions) in the run directory."""
+def write_fit(run_dir: str | Path, command: str | None = None, jobs: JobFeedback | None = None) -> Profile:
+    """fit_run + profile.json and fit.json (per-trial predictions) in the run directory; with `jobs`, also
+    job_measurements.jsonl (every job row read, used or skipped with its reason)."""
     d = Path(run_dir)
-    profile, preds = fit_run(d, command)
+    profile, preds = fit_run(d, command, jobs)
     (d / "profile.json").write_text(json.dumps(profile.to_dict(), indent=1) + "\n")
     table = predictions_table(preds, profile.coefficients)
-    (d / "fit.json").write_text(json.dumps({"profile_id": profile.id, "trials": table}, indent=1) + "\n")
+    doc: dict[str, Any] = {"profile_id": profile.id, "trials": table}
+    job_prov = profile.provenance.get("job_measurements") or {}
+    if jobs is not None:
+        doc["job_measurements"] = job_prov.get("summary")
+        lines = [json.dumps({**r, "used": True}) for r in jobs.used] + [
+            json.dumps({**r, "used": False}) for r in jobs.skipped
+        ]
+        (d / JOB_MEASUREMENTS).write_text("".join(line + "\n" for line in lines))
+    (d / "fit.json").write_text(json.dumps(doc, indent=1) + "\n")
     return profile
 
 

@@ -306,6 +306,28 @@ class Store:
         with self.engine.begin() as c:
             return [dict(r) for r in c.execute(q).mappings()]
 
+    def finished_measurements(self, statuses: Sequence[str] = TERMINAL) -> list[dict[str, Any]]:
+        """Finished jobs that recorded a measurement (`measured` set), oldest first: what the calibration
+        fit reads back (``calibration.feedback``). Read-only.
+
+        `measured` is filtered here, not in SQL: a JSON column stores Python None as JSON ``null`` on some
+        backends and as SQL NULL on others."""
+        q = (
+            select(
+                jobs.c.id,
+                jobs.c.status,
+                jobs.c.model,
+                jobs.c.spec,
+                jobs.c.measured,
+                jobs.c.error,
+                jobs.c.finished_at,
+            )
+            .where(jobs.c.status.in_(tuple(statuses)))
+            .order_by(jobs.c.created_ns, jobs.c.id)
+        )
+        with self.engine.begin() as c:
+            return [dict(r) for r in c.execute(q).mappings() if r["measured"]]
+
     def update_job(self, job_id: str, expect: Iterable[str] | None = None, **values: Any) -> bool:
         """Set `values`; with `expect`, only while the job's status is one of them. True if it changed."""
         q = update(jobs).where(jobs.c.id == job_id)
