@@ -30,12 +30,21 @@ from pathlib import Path
 from typing import Any
 
 from advisor.jobs.store import Store
+from advisor.stack.outcomes import CPU_LIVE_METER, CPU_RSS_METER, CUDA_ALLOCATED_METER, CUDA_RESERVED_METER
+
+__all__ = [
+    "CPU_LIVE_METER",
+    "CPU_RSS_METER",
+    "CUDA_ALLOCATED_METER",
+    "CUDA_RESERVED_METER",
+    "JobFeedback",
+    "job_records",
+    "job_store_url",
+    "read_job_feedback",
+    "select_job_rows",
+]
 
 JOB_PREFIX = "job:"
-CPU_RSS_METER = "cpu:rss_peak_bytes"  # advisor.jobs.train.CPU_RSS_METER (not imported: that module is the torch edge)
-CPU_LIVE_METER = "cpu:torch_dispatch_live_storage_bytes"  # calibration.meters (imports torch)
-CUDA_ALLOCATED_METER = "cuda:max_memory_allocated"
-CUDA_RESERVED_METER = "cuda:max_memory_reserved"
 MEASUREMENT = "measurement.json"  # advisor.jobs.train.MEASUREMENT
 
 
