@@ -1,7 +1,9 @@
 """Shared state on ``app.state`` behind small ``Annotated`` aliases, and the readiness checks.
 
-Routers never import globals: they take ``svc: Service`` or ``settings: AppSettings`` as parameters,
-so every app built by ``create_app`` (one per test) is independent.
+Routers never import globals: they take ``svc: Service``, ``settings: AppSettings``, ``jobs: Jobs`` or
+``cal: CalibrationRuns`` as parameters, so every app built by ``create_app`` (one per test) is
+independent. ``Jobs`` and ``CalibrationRuns`` are the background state the app's lifespan creates
+(advisor.api.background); without a running lifespan they answer 503.
 
 Readiness is a list of named checks. A later issue that brings a store appends its own::
 
@@ -13,11 +15,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 
+from advisor.api.background import Calibrations
 from advisor.api.settings import Settings
+from advisor.jobs.errors import UnavailableError
+from advisor.jobs.service import JobService
 from advisor.service import AdvisorService
 
 #: A check returns (ok, one-line detail); raising counts as not ok with the exception as detail.
@@ -38,8 +43,26 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
+def _background(request: Request, name: str) -> Any:
+    state = getattr(request.app.state, name, None)
+    if state is None:
+        raise UnavailableError(f"the server's {name} are not running (its lifespan has not started)")
+    return state
+
+
+def get_jobs(request: Request) -> JobService:
+    """The started JobService; UnavailableError (503) while the data directory is missing."""
+    return _background(request, "jobs").get()
+
+
+def get_calibrations(request: Request) -> Calibrations:
+    return _background(request, "calibrations")
+
+
 Service = Annotated[AdvisorService, Depends(get_service)]
 AppSettings = Annotated[Settings, Depends(get_settings)]
+Jobs = Annotated[JobService, Depends(get_jobs)]
+CalibrationRuns = Annotated[Calibrations, Depends(get_calibrations)]
 
 
 def add_readiness_check(app: FastAPI, name: str, check: Check) -> None:

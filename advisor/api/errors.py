@@ -1,6 +1,11 @@
 """Errors -> HTTP, at one boundary: every error body is an ``ErrorResponse`` carrying the request id.
 
-AdvisorError subclasses map to status codes here and nowhere else (routes just let them raise):
+One exception handler (``handle_error``) answers every error type: the core's AdvisorErrors, the job
+layer's JobsErrors (their own status, code and extra body fields, e.g. `estimate`, `line`), request
+validation, the HTTP layer's ApiError and Starlette's HTTPException; ``problem_of`` is the one mapping.
+Routes never catch errors to answer them; they let them raise.
+
+AdvisorError subclasses map to status codes here and nowhere else:
 unknown model/GPU -> 404 with close-match suggestions, invalid input or a closed model -> 422
 naming the field, nothing feasible -> 409. Request validation lists every bad field at once.
 """
@@ -9,6 +14,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,6 +33,7 @@ from advisor.errors import (
     UnknownGpuError,
     UnknownModelError,
 )
+from advisor.jobs.errors import JobsError
 
 #: AdvisorError subclass -> (HTTP status, error code); the first match in order wins.
 STATUS_BY_ERROR: tuple[tuple[type[AdvisorError], int, str], ...] = (
@@ -79,21 +87,20 @@ HTTP_CODES = {
 }
 
 
-class ApiError(Exception):
-    """An error of the HTTP layer itself (auth, a plan id that does not match its plan, ...)."""
+@dataclass(frozen=True)
+class Problem:
+    """What any error answers: the status, headers and the fields of its ErrorResponse body.
 
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        detail: str,
-        *,
-        field: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ):
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.field = status, code, detail, field
-        self.headers = dict(headers or {})
+    `extra` keys join the body (a job error's `estimate`, a bad file's `line`)."""
+
+    status: int
+    code: str
+    detail: str
+    field: str | None = None
+    suggestions: Sequence[str] = ()
+    errors: Sequence[FieldError] = ()
+    headers: Mapping[str, str] = dataclass_field(default_factory=dict)
+    extra: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
 
 def request_id_of(request: Request) -> str | None:
@@ -110,6 +117,7 @@ def error_response(
     suggestions: Sequence[str] = (),
     errors: Iterable[FieldError] = (),
     headers: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
     body = ErrorResponse(
         code=code,
@@ -118,8 +126,9 @@ def error_response(
         suggestions=list(suggestions),
         errors=list(errors),
         request_id=request_id,
-    )
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=dict(headers or {}))
+    ).model_dump(mode="json")
+    body.update(extra or {})
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
 
 
 def api_field(field: str | None) -> str | None:
@@ -154,55 +163,46 @@ def validation_errors(errors: Iterable[Mapping[str, Any]]) -> list[FieldError]:
     return out
 
 
-async def _advisor_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AdvisorError)
-    status, code = 422, "invalid_input"
-    for cls, st, cd in STATUS_BY_ERROR:
-        if isinstance(exc, cls):
-            status, code = st, cd
-            break
+# ---- each error type -> its Problem ------------------------------------------------------------------------
+def _field_problem(status: int, code: str, detail: str, field: str | None, message: str, **more: Any) -> Problem:
+    """A Problem about one input field: `errors` names it (plus any `errors` given)."""
+    errors = [FieldError(field=field, message=message, type=code)] if field else []
+    errors += more.pop("errors", [])
+    return Problem(status, code, detail, field=field, errors=errors, **more)
+
+
+class ApiError(Exception):
+    """An error of the HTTP layer itself (auth, a plan id that does not match its plan, ...)."""
+
+    def __init__(
+        self, status: int, code: str, detail: str, *, field: str | None = None, headers: Mapping[str, str] | None = None
+    ):
+        super().__init__(detail)
+        self.problem = _field_problem(status, code, detail, field, detail, headers=dict(headers or {}))
+
+
+def _advisor_problem(exc: AdvisorError) -> Problem:
+    if isinstance(exc, JobsError):  # the job layer's errors carry their status and code; fields are API paths
+        return _field_problem(exc.status, exc.code, str(exc), exc.field, exc.message, extra=exc.extra)
+    status, code = next(((st, cd) for cls, st, cd in STATUS_BY_ERROR if isinstance(exc, cls)), (422, "invalid_input"))
     field = api_field(exc.field)
-    errors = [FieldError(field=field, message=exc.message, type=code)] if field else []
-    if isinstance(exc, NoFeasiblePlanError):
-        errors += [FieldError(field=field or "body", message=r, type=code) for r in exc.reasons]
-    return error_response(
-        request_id_of(request),
+    reasons = exc.reasons if isinstance(exc, NoFeasiblePlanError) else []
+    return _field_problem(
         status,
         code,
         str(exc),
-        field=field,
+        field,
+        exc.message,
         suggestions=exc.suggestions,
-        errors=errors,
+        errors=[FieldError(field=field or "body", message=r, type=code) for r in reasons],
     )
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
+def _validation_problem(exc: RequestValidationError) -> Problem:
     errors = validation_errors(exc.errors())
     fields = ", ".join(dict.fromkeys(e.field for e in errors))
     detail = f"invalid request: {fields}" if fields else "invalid request"
-    return error_response(
-        request_id_of(request),
-        422,
-        "invalid_input",
-        detail,
-        field=errors[0].field if errors else None,
-        errors=errors,
-    )
-
-
-async def _api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    errors = [FieldError(field=exc.field, message=exc.detail, type=exc.code)] if exc.field else []
-    return error_response(
-        request_id_of(request),
-        exc.status,
-        exc.code,
-        exc.detail,
-        field=exc.field,
-        errors=errors,
-        headers=exc.headers,
-    )
+    return Problem(422, "invalid_input", detail, field=errors[0].field if errors else None, errors=errors)
 
 
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
@@ -219,29 +219,55 @@ def _allowed_methods(request: Request) -> list[str]:
     return allowed
 
 
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
+def _http_problem(exc: StarletteHTTPException, request: Request) -> Problem:
     if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
         # FastAPI's "error parsing the body": a body that is not UTF-8 is invalid JSON like any other
         cause = exc.__cause__
-        error = FieldError(
-            field="body", message=f"not UTF-8 at byte {cause.start}: {cause.reason}", type="json_invalid"
-        )
-        return error_response(
-            request_id_of(request), 422, "invalid_input", "invalid request: body", field="body", errors=[error]
-        )
-    code = HTTP_CODES.get(exc.status_code, "http_error")
+        message = f"not UTF-8 at byte {cause.start}: {cause.reason}"
+        error = FieldError(field="body", message=message, type="json_invalid")
+        return Problem(422, "invalid_input", "invalid request: body", field="body", errors=[error])
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
-    return error_response(request_id_of(request), exc.status_code, code, str(exc.detail), headers=headers)
+    return Problem(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail), headers=headers)
+
+
+def problem_of(exc: Exception, request: Request) -> Problem:
+    """The one mapping of every handled error type to its answer."""
+    if isinstance(exc, AdvisorError):
+        return _advisor_problem(exc)
+    if isinstance(exc, RequestValidationError):
+        return _validation_problem(exc)
+    if isinstance(exc, ApiError):
+        return exc.problem
+    if isinstance(exc, StarletteHTTPException):
+        return _http_problem(exc, request)
+    raise TypeError(f"no error mapping for {type(exc).__name__}")  # pragma: no cover - see HANDLED
+
+
+#: the error types `handle_error` answers; anything else is a 500 (observability's middleware)
+HANDLED: tuple[type[Exception], ...] = (AdvisorError, RequestValidationError, ApiError, StarletteHTTPException)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    """The exception handler of every handled error type: its Problem as an ErrorResponse."""
+    p = problem_of(exc, request)
+    return error_response(
+        request_id_of(request),
+        p.status,
+        p.code,
+        p.detail,
+        field=p.field,
+        suggestions=p.suggestions,
+        errors=p.errors,
+        headers=p.headers,
+        extra=p.extra,
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(AdvisorError, _advisor_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for error_type in HANDLED:
+        app.add_exception_handler(error_type, handle_error)
 
 
 def errors_as_json(doc: dict[str, Any]) -> dict[str, Any]:

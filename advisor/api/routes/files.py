@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel
 
 from advisor.api.auth import ApiKey, require_api_key
+from advisor.api.deps import Jobs
 from advisor.api.errors import error_responses
-from advisor.api.routes.fine_tuning import Jobs, jobs_error
+from advisor.api.routes.listing import list_model, page_of
 from advisor.jobs import objects
-from advisor.jobs.errors import JobsError
 
 router = APIRouter(
     prefix="/v1", tags=["files"], dependencies=[Depends(require_api_key)], responses=error_responses(401)
@@ -41,12 +41,7 @@ class FileObject(BaseModel):
     format: str | None = None
 
 
-class FileList(BaseModel):
-    object: Literal["list"]
-    data: list[FileObject]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+FileList = list_model("FileList", FileObject)
 
 
 class FileDeleted(BaseModel):
@@ -63,17 +58,12 @@ class FileDeleted(BaseModel):
     responses={**error_responses(400, 413, 422), 400: {"description": "invalid file: `line` names the first bad line"}},
 )
 def create_file(
-    request: Request,
     caller: ApiKey,
     jobs: Jobs,
     file: Annotated[UploadFile, File(description="JSONL: chat ({messages}) or prompt/completion")],
     purpose: Annotated[str, Form(max_length=64, description="fine-tune")],
 ) -> Any:
-    try:
-        row = jobs.upload(caller.key_id, file.filename or "upload.jsonl", purpose, file.file)
-    except JobsError as exc:
-        return jobs_error(request, exc)
-    return objects.file_object(row)
+    return objects.file_object(jobs.upload(caller.key_id, file.filename or "upload.jsonl", purpose, file.file))
 
 
 @router.get("/files", operation_id="listFiles", summary="Your files, newest first", response_model=FileList)
@@ -85,8 +75,8 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     order: Literal["asc", "desc"] = "desc",
 ) -> Any:
-    rows, more = jobs.store.list_files(caller.key_id, purpose=purpose, after=after, limit=limit, order=order)
-    return objects.page([objects.file_object(r) for r in rows], more)
+    listing = jobs.store.list_files(caller.key_id, purpose=purpose, after=after, limit=limit, order=order)
+    return page_of(listing, objects.file_object)
 
 
 @router.get(
@@ -96,11 +86,8 @@ def list_files(
     response_model=FileObject,
     responses=error_responses(404),
 )
-def get_file(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
-    try:
-        return objects.file_object(jobs.file(caller.key_id, file_id))
-    except JobsError as exc:
-        return jobs_error(request, exc)
+def get_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
+    return objects.file_object(jobs.file(caller.key_id, file_id))
 
 
 @router.get(
@@ -110,11 +97,8 @@ def get_file(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> A
     response_class=FileResponse,
     responses={**error_responses(404), 200: {"content": {"application/octet-stream": {}}}},
 )
-def file_content(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
-    try:
-        row = jobs.file(caller.key_id, file_id)
-    except JobsError as exc:
-        return jobs_error(request, exc)
+def file_content(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
+    row = jobs.file(caller.key_id, file_id)
     return FileResponse(row["path"], filename=row["filename"], media_type="application/octet-stream")
 
 
@@ -125,9 +109,5 @@ def file_content(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) 
     response_model=FileDeleted,
     responses=error_responses(404, 409),
 )
-def delete_file(file_id: FileId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
-    try:
-        row = jobs.delete_file(caller.key_id, file_id)
-    except JobsError as exc:
-        return jobs_error(request, exc)
-    return {"id": row["id"], "object": "file", "deleted": True}
+def delete_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
+    return {"id": jobs.delete_file(caller.key_id, file_id)["id"], "object": "file", "deleted": True}

@@ -5,127 +5,25 @@ micro_batch_size, num_gpus, sharding, seq_len, packing, chat_format, checkpoint_
 ``plan_id`` or ``plan`` from /v1/recommend, ``force`` (start a plan the estimator says will not fit),
 and on the job object ``estimate`` (predicted at launch) beside ``measured``.
 
-This module also holds the app-state glue of the job layer (config, store, reconciler) that
-``/v1/files`` shares: built and started by this router's lifespan (or by the first request), never
-at import or in ``create_app``, so exporting the OpenAPI document touches no disk.
+The job layer itself (store, reconciler) is background state of the app's lifespan
+(advisor.api.background); routes get it as ``jobs: Jobs`` and let its errors raise to the app's handler.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from advisor.api.auth import ApiKey, require_api_key
-from advisor.api.deps import add_readiness_check, set_body_limit
-from advisor.api.errors import ApiError, error_responses, request_id_of
+from advisor.api.deps import Jobs
+from advisor.api.errors import error_responses
+from advisor.api.routes.listing import Cursor, list_model, page_of
 from advisor.api.schemas import ErrorResponse, LoraTarget, Optimizer, PlanOut
 from advisor.jobs import objects
-from advisor.jobs.config import JobsConfig
-from advisor.jobs.errors import FileValidationError, JobsError, UnavailableError
-from advisor.jobs.manager import JobManager
-from advisor.jobs.service import JobRequest, JobService, LoraParams, MethodParams
-from advisor.jobs.store import Store
-
-# ---- app state ------------------------------------------------------------------------------------------
-_lock = threading.Lock()
-MULTIPART_SLACK = 1 << 20
-
-
-def jobs_state(app: FastAPI) -> JobService:
-    """The app's JobService, built and started on first use (idempotent, thread-safe).
-
-    Raises UnavailableError while the data directory does not exist: creating it is `advisor serve`'s
-    job (and /readyz says it is missing), not a side effect of building or starting the app."""
-    svc: JobService | None = getattr(app.state, "jobs", None)
-    if svc is not None and svc.manager.started:
-        return svc
-    with _lock:
-        _register_check(app)
-        svc = getattr(app.state, "jobs", None)
-        if svc is None:
-            cfg = JobsConfig.from_settings(app.state.settings, app.state.service.catalog)
-            store = Store(cfg.database_url) if cfg.data_dir.is_dir() else None
-            if store is None:
-                raise UnavailableError(f"the data directory {cfg.data_dir} does not exist", field="data_dir")
-            svc = JobService(cfg, store, app.state.service, JobManager(cfg, store))
-            app.state.jobs = svc
-        if not svc.manager.started:
-            svc.manager.start()
-    return svc
-
-
-def _register_check(app: FastAPI) -> None:
-    """The `job_store` readiness check, and the upload body limit of /v1/files (the training file
-    limit plus room for the multipart envelope) in place of the service-wide one."""
-    if not any(c.name == "job_store" for c in app.state.readiness):
-        add_readiness_check(app, "job_store", lambda: _store_check(app))
-    limits = getattr(app.state, "body_limits", None)
-    if limits is not None and "/v1/files" not in limits:
-        set_body_limit(app, "/v1/files", int(app.state.settings.max_file_bytes) + MULTIPART_SLACK)
-
-
-def _store_check(app: FastAPI) -> tuple[bool, str]:
-    try:
-        svc = jobs_state(app)
-    except JobsError as exc:
-        return False, f"job store not started: {exc}"
-    ok, detail = svc.store.ping()
-    if svc.manager.last_error:
-        return False, f"{detail}; reconciler: {svc.manager.last_error}"
-    return ok, detail + ("; reconciling" if svc.manager.leader else "; another process reconciles")
-
-
-def stop_jobs(app: FastAPI) -> None:
-    svc: JobService | None = getattr(app.state, "jobs", None)
-    if svc is not None:
-        svc.manager.stop()
-        svc.store.close()
-        app.state.jobs = None
-
-
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Start the reconciler with the server (a restart re-adopts running jobs at once); stop it after."""
-    try:
-        jobs_state(app)
-    except UnavailableError:  # /readyz says why; the first request after the fix starts it
-        with _lock:
-            _register_check(app)
-    try:
-        yield
-    finally:
-        stop_jobs(app)
-
-
-def get_jobs(request: Request) -> JobService:
-    try:
-        return jobs_state(request.app)
-    except JobsError as exc:
-        raise ApiError(exc.status, exc.code, str(exc), field=exc.field) from exc
-
-
-Jobs = Annotated[JobService, Depends(get_jobs)]
-
-
-def jobs_error(request: Request, exc: JobsError) -> JSONResponse:
-    """A JobsError as the service's ErrorResponse, with its extra fields (e.g. `estimate`, `line`)."""
-    body = ErrorResponse(
-        code=exc.code,
-        detail=str(exc),
-        field=exc.field,
-        errors=[{"field": exc.field, "message": exc.message, "type": exc.code}] if exc.field else [],
-        request_id=request_id_of(request),
-    ).model_dump(mode="json")
-    body.update(exc.extra)
-    if isinstance(exc, FileValidationError) and exc.line:
-        body["line"] = exc.line
-    return JSONResponse(body, status_code=exc.status)
+from advisor.jobs.service import JobRequest, LoraParams, MethodParams
 
 
 # ---- request and response bodies ---------------------------------------------------------------------------
@@ -134,7 +32,6 @@ class _Strict(BaseModel):
 
 
 JobId = Annotated[str, Path(max_length=64, description="a fine-tuning job id (ftjob-...)")]
-Cursor = Annotated[str | None, Query(max_length=64, description="the last id of the previous page")]
 
 
 def _auto_or_number(integer: bool, lo: float, hi: float, lo_open: bool = False) -> Any:
@@ -273,12 +170,7 @@ class FineTuningJob(BaseModel):
     progress: dict[str, Any] | None
 
 
-class JobList(BaseModel):
-    object: Literal["list"]
-    data: list[FineTuningJob]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+JobList = list_model("JobList", FineTuningJob)
 
 
 class JobEvent(BaseModel):
@@ -291,12 +183,7 @@ class JobEvent(BaseModel):
     type: Literal["message", "metrics"]
 
 
-class EventList(BaseModel):
-    object: Literal["list"]
-    data: list[JobEvent]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+EventList = list_model("EventList", JobEvent)
 
 
 class Checkpoint(BaseModel):
@@ -309,12 +196,7 @@ class Checkpoint(BaseModel):
     step_number: int
 
 
-class CheckpointList(BaseModel):
-    object: Literal["list"]
-    data: list[Checkpoint]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+CheckpointList = list_model("CheckpointList", Checkpoint)
 
 
 def to_request(body: JobCreate) -> JobRequest:
@@ -364,7 +246,6 @@ router = APIRouter(
     tags=["fine-tuning"],
     dependencies=[Depends(require_api_key)],
     responses=error_responses(401),
-    lifespan=lifespan,
 )
 
 _JOB_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -382,7 +263,6 @@ _JOB_ERRORS: dict[int | str, dict[str, Any]] = {
 )
 def create_job(
     body: JobCreate,
-    request: Request,
     response: Response,
     caller: ApiKey,
     jobs: Jobs,
@@ -392,10 +272,7 @@ def create_job(
     A plan the estimator says will not fit the deployment's device is refused with 409 and the
     breakdown (`estimate`), unless `force` is true. Repeating a request with the same
     `Idempotency-Key` returns the first job (header `Idempotent-Replayed: true`)."""
-    try:
-        row, created = jobs.create(to_request(body), caller.key_id, idempotency_key)
-    except JobsError as exc:
-        return jobs_error(request, exc)
+    row, created = jobs.create(to_request(body), caller.key_id, idempotency_key)
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
     return objects.job_object(row)
@@ -416,8 +293,8 @@ def list_jobs(
 ) -> Any:
     """Cursor pages as in OpenAI's API; `metadata[key]=value` query parameters filter on metadata."""
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
-    rows, more = jobs.store.list_jobs(caller.key_id, after=after, limit=limit, metadata_filter=meta or None)
-    return objects.page([objects.job_object(r) for r in rows], more)
+    listing = jobs.store.list_jobs(caller.key_id, after=after, limit=limit, metadata_filter=meta or None)
+    return page_of(listing, objects.job_object)
 
 
 @router.get(
@@ -427,11 +304,8 @@ def list_jobs(
     response_model=FineTuningJob,
     responses=error_responses(404),
 )
-def get_job(fine_tuning_job_id: JobId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
-    try:
-        return objects.job_object(jobs.job(caller.key_id, fine_tuning_job_id))
-    except JobsError as exc:
-        return jobs_error(request, exc)
+def get_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
+    return objects.job_object(jobs.job(caller.key_id, fine_tuning_job_id))
 
 
 @router.post(
@@ -441,13 +315,10 @@ def get_job(fine_tuning_job_id: JobId, request: Request, caller: ApiKey, jobs: J
     response_model=FineTuningJob,
     responses=error_responses(404, 409),
 )
-def cancel_job(fine_tuning_job_id: JobId, request: Request, caller: ApiKey, jobs: Jobs) -> Any:
+def cancel_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
     """A queued job is cancelled at once; a running one gets SIGTERM (SIGKILL after the grace period)
     and is `cancelling` until its process has ended."""
-    try:
-        return objects.job_object(jobs.cancel(caller.key_id, fine_tuning_job_id))
-    except JobsError as exc:
-        return jobs_error(request, exc)
+    return objects.job_object(jobs.cancel(caller.key_id, fine_tuning_job_id))
 
 
 @router.get(
@@ -459,19 +330,15 @@ def cancel_job(fine_tuning_job_id: JobId, request: Request, caller: ApiKey, jobs
 )
 def list_events(
     fine_tuning_job_id: JobId,
-    request: Request,
     caller: ApiKey,
     jobs: Jobs,
     after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
     order: Annotated[Literal["asc", "desc"], Query(description="desc (OpenAI's) or asc to follow a log")] = "desc",
 ) -> Any:
-    try:
-        jobs.job(caller.key_id, fine_tuning_job_id)
-    except JobsError as exc:
-        return jobs_error(request, exc)
-    rows, more = jobs.store.list_events(fine_tuning_job_id, after=after, limit=limit, order=order)
-    return objects.page([objects.event_object(r) for r in rows], more)
+    jobs.job(caller.key_id, fine_tuning_job_id)  # 404 unless the caller's
+    listing = jobs.store.list_events(fine_tuning_job_id, after=after, limit=limit, order=order)
+    return page_of(listing, objects.event_object)
 
 
 @router.get(
@@ -483,18 +350,14 @@ def list_events(
 )
 def list_checkpoints(
     fine_tuning_job_id: JobId,
-    request: Request,
     caller: ApiKey,
     jobs: Jobs,
     after: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> Any:
-    try:
-        job = jobs.job(caller.key_id, fine_tuning_job_id)
-    except JobsError as exc:
-        return jobs_error(request, exc)
-    rows, more = jobs.store.list_checkpoints(fine_tuning_job_id, after=after, limit=limit)
-    return objects.page([objects.checkpoint_object(r, job) for r in rows], more)
+    job = jobs.job(caller.key_id, fine_tuning_job_id)
+    listing = jobs.store.list_checkpoints(fine_tuning_job_id, after=after, limit=limit)
+    return page_of(listing, lambda row: objects.checkpoint_object(row, job))
 
 
 @router.get(
@@ -506,14 +369,9 @@ def list_checkpoints(
 )
 def job_logs(
     fine_tuning_job_id: JobId,
-    request: Request,
     caller: ApiKey,
     jobs: Jobs,
     max_chars: Annotated[int, Query(ge=1, le=1_000_000)] = 20_000,
 ) -> Any:
-    try:
-        job = jobs.job(caller.key_id, fine_tuning_job_id)
-    except JobsError as exc:
-        return jobs_error(request, exc)
-    handle = job.get("handle") or {}
+    handle = jobs.job(caller.key_id, fine_tuning_job_id).get("handle") or {}
     return PlainTextResponse(jobs.manager.launcher.log_tail(handle, max_chars) if handle else "")
