@@ -109,3 +109,41 @@ def test_async_client_in_process_and_over_loopback(server: str, tmp_path: Path) 
             assert (await live.health()).status == "ok"
 
     asyncio.run(run())
+
+
+def test_both_clients_share_one_request_builder_and_translator() -> None:
+    """The same call sends the same request from both clients, and the same answer parses (or raises) alike."""
+    import inspect
+
+    seen: list[tuple[str, str, bytes, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.raw_path.decode(), request.content, request.headers.get("authorization")))
+        if request.url.path == "/metrics":
+            return httpx.Response(502, text="bad gateway")
+        return httpx.Response(404, json={"code": "unknown_gpu", "detail": "no", "field": "gpu", "request_id": "r1"})
+
+    transport = httpx.MockTransport(answer)
+    sync = AdvisorClient(http_client=httpx.Client(base_url="http://x", transport=transport), api_key=KEY)
+    aio = AsyncAdvisorClient(http_client=httpx.AsyncClient(base_url="http://x", transport=transport), api_key=KEY)
+    errors = []
+    for call in (lambda c: c.gpu("rtx 4090"), lambda c: c.metrics()):
+        with pytest.raises(AdvisorAPIError) as exc:
+            call(sync)
+        errors.append(exc.value)
+
+        async def run(call=call) -> None:
+            with pytest.raises(AdvisorAPIError) as exc:
+                await call(aio)
+            errors.append(exc.value)
+
+        asyncio.run(run())
+    assert seen[0] == seen[1] == ("GET", "/v1/gpus/rtx%204090", b"", f"Bearer {KEY}")
+    assert [(e.status, e.code, e.field, e.request_id) for e in errors[:2]] == [(404, "unknown_gpu", "gpu", "r1")] * 2
+    assert [(e.status, e.code, e.detail) for e in errors[2:]] == [(502, "http_error", "bad gateway")] * 2
+    for name in ("recommend", "estimate", "gpu", "model", "ready"):
+        sync_method, async_method = getattr(AdvisorClient, name), getattr(AsyncAdvisorClient, name)
+        assert inspect.signature(sync_method) == inspect.signature(async_method)
+        assert inspect.iscoroutinefunction(async_method) and not inspect.iscoroutinefunction(sync_method)
+        assert sync_method.__doc__ and sync_method.__doc__ == async_method.__doc__
+    assert list(inspect.signature(AdvisorClient.recommend).parameters)[:3] == ["self", "model", "gpu"]
