@@ -14,26 +14,24 @@ from typing import Any, NoReturn
 from advisor.api import serve as serve_cli
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
-from advisor.plans import ALL_LINEAR, ATTENTIONS, METHODS, OPTIMIZERS, TrainingPlan
+from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
+from advisor.plans import PLAN_FIELDS, make_plan
 from advisor.recommend import OBJECTIVES, Constraints
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
 from advisor.units import DTYPES
 from calibration import cli as calibrate_cli
 
-#: error field -> the flag that sets it
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+#: error field -> the flag that sets it (every plan field's flag comes from the plan field table)
 FLAGS = {
+    **{f.name: _flag(f.name) for f in PLAN_FIELDS if f.metadata["cli"]},
     "model": "--model",
     "gpu": "--gpu",
-    "method": "--method",
-    "seq_len": "--seq-len",
-    "micro_batch": "--micro-batch",
-    "lora_r": "--lora-r",
-    "lora_targets": "--lora-targets",
-    "optimizer": "--optimizer",
-    "num_gpus": "--num-gpus",
-    "sharding": "--sharding",
-    "dtype": "--dtype",
     "dataset_tokens": "--dataset-tokens",
     "epochs": "--epochs",
     "objective": "--objective",
@@ -43,9 +41,6 @@ FLAGS = {
     "methods": "--methods",
     "gpu_file": "--gpu-file",
     "price_file": "--price-file",
-    "attention": "--attention",
-    "lora_dropout": "--lora-dropout",
-    "grad_accum": "--grad-accum",
     "source": "--source",
     **calibrate_cli.FLAGS,
 }
@@ -89,6 +84,48 @@ def _tokens(text: str) -> int:
     return int(v)
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(","))
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    """One flag per plan field of the plan field table (advisor.plans); left out = make_plan's default."""
+    for f in PLAN_FIELDS:
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        default = meta["resolved"] or (",".join(f.default) if isinstance(f.default, tuple) else f.default)
+        doc = f"{meta['doc']} (default: {default})"
+        if f.name == "method":
+            p.add_argument(_flag(f.name), required=True, choices=meta["choices"], help=meta["doc"])
+        elif isinstance(f.default, bool):
+            p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=doc)
+        elif meta["choices"]:
+            p.add_argument(_flag(f.name), choices=meta["choices"], default=None, help=doc)
+        elif isinstance(f.default, tuple):
+            p.add_argument(_flag(f.name), type=_csv, default=None, help=doc)
+        else:
+            p.add_argument(_flag(f.name), type=_bounded(type(f.default), meta["bounds"]), default=None, help=doc)
+
+
+def _bounded(kind: type, bounds: tuple | None) -> Callable[[str], Any]:
+    """An argparse type that checks the plan field table's bounds, so a bad value fails at parse time."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if bounds is not None:
+            lo, hi, incl = bounds
+            if not (lo <= v <= hi if incl else lo <= v < hi):
+                raise argparse.ArgumentTypeError(f"{text!r} must be in [{lo}, {hi}{']' if incl else ')'}")
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _catalog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-file", action="append", default=[], help="extra/overriding GPUs (JSON, same fields as the catalog)"
@@ -111,24 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="memory breakdown and speed of one plan")
     p.add_argument("--model", required=True, help="catalog name, HF id, path to config.json, or a size like 13B")
     p.add_argument("--gpu", required=True)
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--seq-len", type=_positive_int, default=2048)
-    p.add_argument("--micro-batch", type=_positive_int, default=1)
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--lora-r", type=_positive_int, default=16)
-    p.add_argument("--lora-alpha", type=_positive_int, default=None)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument(
-        "--lora-targets", default=ALL_LINEAR, help="all-linear, roles (q,k,v,o,gate,up,down) or module names"
-    )
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    p.add_argument("--num-gpus", type=_positive_int, default=1)
-    p.add_argument("--sharding", choices=("none", "ddp", "fsdp"), default=None)
-    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bf16 where the GPU has it, else fp16")
-    p.add_argument("--attention", choices=ATTENTIONS, default="sdpa")
-    p.add_argument("--no-master-weights", action="store_true", help="full: pure half precision (no fp32 master copy)")
-    p.add_argument("--no-double-quant", action="store_true")
-    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    _plan_args(p)
     p.add_argument("--claim-gib", type=_positive_float, default=None, help="check a published peak-memory claim")
     p.add_argument(
         "--source",
@@ -150,7 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-budget-usd", type=_positive_float, default=None)
     p.add_argument("--deadline-hours", type=_positive_float, default=None)
     p.add_argument("--max-gpus", type=_positive_int, default=8)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of full,lora,qlora")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_SEARCH),
+        help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default {','.join(DEFAULT_SEARCH)})",
+    )
     p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--limit", type=_positive_int, default=10)
     _catalog_args(p)
@@ -214,26 +238,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     svc = _service(args)
     model = svc.model(args.model)
     gpu = svc.gpu(args.gpu)
-    sharding = args.sharding or ("none" if args.num_gpus == 1 else "fsdp")
-    plan = TrainingPlan(
-        method=args.method,
-        gpu_id=gpu.id,
-        dtype=args.dtype or gpu.default_dtype(),
-        micro_batch=args.micro_batch,
-        seq_len=args.seq_len,
-        grad_checkpointing=args.grad_checkpointing,
-        optimizer=args.optimizer,
-        num_gpus=args.num_gpus,
-        sharding=sharding,
-        attention=args.attention,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha or 2 * args.lora_r,
-        lora_dropout=args.lora_dropout,
-        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",")),
-        master_weights=not args.no_master_weights,
-        double_quant=not args.no_double_quant,
-        grad_accum=args.grad_accum,
-    )
+    fields = {f.name: getattr(args, f.name) for f in PLAN_FIELDS if f.metadata["cli"] and f.name != "method"}
+    plan = make_plan(args.method, gpu, **fields)
     out = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -310,9 +316,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 p["rank"],
                 p["plan"]["method"],
                 f"{p['plan']['num_gpus']}x {p['gpu']['id']}",
-                ""
-                if p["plan"]["method"] == "full"
-                else f"r{p['plan']['lora_r']} {','.join(p['plan']['lora_targets'])}",
+                f"r{p['plan']['lora_r']} {','.join(p['plan']['lora_targets'])}"
+                if get_method(p["plan"]["method"]).adapter
+                else "",
                 p["plan"]["micro_batch"],
                 "on" if p["plan"]["grad_checkpointing"] else "off",
                 p["plan"]["optimizer"],

@@ -161,10 +161,11 @@ def validation_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
 
 def make_plan(method: str, gpu: GpuSpec | str, **given: Any) -> TrainingPlan:
     """A plan from the fields a user gave (None = not given); the one home of the resolved defaults:
-    dtype from the GPU, sharding from the method and the GPU count, lora_alpha = 2 x lora_r."""
+    dtype from the GPU, sharding from the method and the GPU count, lora_alpha = 2 x lora_r. `gpu_id`
+    among the fields names another GPU than the one whose default dtype is taken."""
     m = get_method(method)
-    gpu_id = gpu if isinstance(gpu, str) else gpu.id
     kw = {k: v for k, v in given.items() if v is not None}
+    gpu_id = kw.pop("gpu_id", None) or (gpu if isinstance(gpu, str) else gpu.id)
     unknown = set(kw) - {f.name for f in PLAN_FIELDS}
     if unknown:
         raise InvalidInputError(f"unknown plan field(s): {', '.join(sorted(unknown))}", field=sorted(unknown)[0])
@@ -179,7 +180,6 @@ def make_plan(method: str, gpu: GpuSpec | str, **given: Any) -> TrainingPlan:
         kw["lora_targets"] = tuple(kw["lora_targets"])
     if "notes" in kw:
         kw["notes"] = tuple(kw["notes"])
-    kw.pop("gpu_id", None)
     return TrainingPlan(method=method, gpu_id=gpu_id, **kw)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from advisor.api.errors import ApiError
 from advisor.api.schemas import ConstraintsIn, InlineModelConfig, PlanIn, RecommendRequest, WorkloadIn
 from advisor.errors import InvalidInputError
-from advisor.plans import TrainingPlan
+from advisor.plans import TrainingPlan, make_plan
 from advisor.recommend import Constraints
 from advisor.service import RecommendRequest as CoreRecommendRequest
 from advisor.specs import GpuSpec, Workload
@@ -82,31 +82,10 @@ def to_recommend_request(body: RecommendRequest) -> tuple[CoreRecommendRequest, 
 
 
 def to_plan(p: PlanIn, gpu: GpuSpec) -> TrainingPlan:
-    """A TrainingPlan on `gpu`; the defaults left open (dtype, sharding, alpha) follow the CLI's."""
+    """A TrainingPlan on `gpu`; the defaults left open (dtype, sharding, alpha) resolve in make_plan."""
+    given = p.model_dump(exclude={"id", "method"})
     try:
-        plan = TrainingPlan(
-            method=p.method,
-            gpu_id=p.gpu_id or gpu.id,
-            dtype=p.dtype or gpu.default_dtype(),
-            micro_batch=p.micro_batch,
-            seq_len=p.seq_len,
-            grad_checkpointing=p.grad_checkpointing,
-            optimizer=p.optimizer,
-            num_gpus=p.num_gpus,
-            sharding=p.sharding or ("none" if p.num_gpus == 1 else "fsdp"),
-            attention=p.attention,
-            lora_r=p.lora_r,
-            lora_alpha=p.lora_alpha or 2 * p.lora_r,
-            lora_dropout=p.lora_dropout,
-            lora_targets=tuple(p.lora_targets),
-            master_weights=p.master_weights,
-            double_quant=p.double_quant,
-            kbit_upcast=p.kbit_upcast,
-            grad_accum=p.grad_accum,
-            framework=p.framework,
-            chunked_loss=p.chunked_loss,
-            notes=tuple(p.notes),
-        )
+        plan = make_plan(p.method, gpu, **given)
     except InvalidInputError as exc:
         raise InvalidInputError(exc.message, field=f"plan.{exc.field}" if exc.field else "plan") from exc
     if p.id is not None and p.id != plan.id:

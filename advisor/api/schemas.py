@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model, model_validator
 
-Method = Literal["full", "lora", "qlora"]
-Dtype = Literal["fp32", "fp16", "bf16"]
-Optimizer = Literal["adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit"]
-Attention = Literal["sdpa", "flash", "eager"]
-Sharding = Literal["none", "ddp", "fsdp"]
-Framework = Literal["hf", "litgpt", "torchtune"]
+from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES
+from advisor.plans import ATTENTIONS, FRAMEWORKS, OPTIMIZERS, PLAN_FIELDS, SHARDINGS
+from advisor.units import DTYPES
+
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the method registry's names
+Dtype = Literal[DTYPES]  # type: ignore[valid-type]
+Optimizer = Literal[OPTIMIZERS]  # type: ignore[valid-type]
+Attention = Literal[ATTENTIONS]  # type: ignore[valid-type]
+Sharding = Literal[SHARDINGS]  # type: ignore[valid-type]
+Framework = Literal[FRAMEWORKS]  # type: ignore[valid-type]
 Objective = Literal["cost", "time", "fit"]
 EstimateSource = Literal["auto", "analytical", "simulated"]
 
@@ -173,7 +177,14 @@ class ConstraintsIn(_Strict):
     max_budget_usd: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)
     deadline_hours: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     max_gpus: int = Field(8, ge=1, le=1024, description="GPUs per plan at most (searched: 1, 2, 4, 8, 16, 32)")
-    methods: list[Method] = Field(default_factory=lambda: ["full", "lora", "qlora"], min_length=1, max_length=3)
+    methods: list[Method] = Field(
+        default_factory=lambda: list(DEFAULT_SEARCH),
+        min_length=1,
+        max_length=len(METHOD_NAMES),
+        description=f"methods to search (default: {', '.join(DEFAULT_SEARCH)}; also: "
+        + ", ".join(m for m in METHOD_NAMES if m not in DEFAULT_SEARCH)
+        + ")",
+    )
 
 
 class RecommendRequest(_Strict):
@@ -232,39 +243,60 @@ class SimulationOut(BaseModel):
     model_config = {"extra": "allow"}
 
 
-class PlanIn(_Strict):
-    """One concrete plan. A plan from a /v1/recommend response can be posted back as is."""
+def _plan_field(f: Any, for_input: bool) -> tuple[Any, Any]:
+    """(annotation, FieldInfo) of one plan field, from the plan field table (advisor.plans)."""
+    meta = f.metadata
+    doc = meta["doc"] + (f" ({meta['unit']})" if meta["unit"] else "")
+    resolved = for_input and bool(meta["resolved"])
+    if resolved:
+        doc += f"; default: {meta['resolved']}"
+    if f.name == "gpu_id":
+        ann: Any = GpuName if for_input else str
+    elif meta["choices"]:
+        ann = Literal[meta["choices"]]  # type: ignore[valid-type]
+    elif f.name == "lora_targets":
+        ann = list[LoraTarget] if for_input else list[str]
+    elif f.name == "notes":
+        ann = list[Annotated[str, StringConstraints(max_length=1000)]] if for_input else list[str]
+    else:
+        ann = type(f.default)
+    if not for_input:
+        return ann, Field(description=doc)
+    kw: dict[str, Any] = {"description": doc}
+    if meta["bounds"] is not None:
+        lo, hi, incl = meta["bounds"]
+        kw.update(ge=lo, le=hi) if incl else kw.update(ge=lo, lt=hi)
+        if isinstance(f.default, float):
+            kw["allow_inf_nan"] = False
+    if f.name == "lora_targets":
+        kw.update(default_factory=lambda: list(f.default), min_length=1, max_length=64)
+    elif f.name == "notes":
+        kw.update(default_factory=list, max_length=32)
+    elif resolved:
+        return ann | None, Field(None, **kw)
+    elif f.name == "method":
+        return ann, Field(**kw)
+    else:
+        kw["default"] = f.default
+    return ann, Field(**kw)
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={"examples": [{"method": "qlora", "micro_batch": 4, "seq_len": 2048, "lora_r": 16}]},
-    )
 
-    id: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        None, description="ignored on input except as a check: must match the other fields when given"
-    )
-    method: Method
-    gpu_id: GpuName | None = Field(None, description="default: the request's `gpu`")
-    dtype: Dtype | None = Field(None, description="default: bf16 where the GPU has it, else fp16")
-    micro_batch: int = Field(1, ge=1, le=4096)
-    seq_len: int = Field(2048, ge=1, le=1_048_576)
-    grad_checkpointing: bool = True
-    optimizer: Optimizer = "adamw"
-    num_gpus: int = Field(1, ge=1, le=1024)
-    sharding: Sharding | None = Field(None, description="default: none on 1 GPU, fsdp on several")
-    attention: Attention = "sdpa"
-    lora_r: int = Field(16, ge=1, le=4096)
-    lora_alpha: int | None = Field(None, ge=1, le=65536, description="default: 2 x lora_r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, allow_inf_nan=False)
-    lora_targets: list[LoraTarget] = Field(default_factory=lambda: ["all-linear"], min_length=1, max_length=64)
-    master_weights: bool = True
-    double_quant: bool = True
-    kbit_upcast: bool = True
-    grad_accum: int = Field(1, ge=1, le=65536)
-    framework: Framework = Field("hf", description="training stack whose memory behaviour is modelled")
-    chunked_loss: bool = Field(False, description="loss over vocabulary chunks (no full fp32 logits copy)")
-    notes: list[Annotated[str, StringConstraints(max_length=1000)]] = Field(default_factory=list, max_length=32)
+#: One concrete plan. A plan from a /v1/recommend response can be posted back as is. Built from the plan
+#: field table, so a new plan field reaches the API (and its OpenAPI schema) without editing this module.
+PlanIn = create_model(
+    "PlanIn",
+    __base__=_Strict,
+    __doc__="One concrete plan. A plan from a /v1/recommend response can be posted back as is.",
+    id=(
+        Annotated[str, StringConstraints(max_length=512)] | None,
+        Field(None, description="ignored on input except as a check: must match the other fields when given"),
+    ),
+    **{f.name: _plan_field(f, True) for f in PLAN_FIELDS},
+)
+PlanIn.model_config["json_schema_extra"] = {
+    "examples": [{"method": "qlora", "micro_batch": 4, "seq_len": 2048, "lora_r": 16}]
+}
+PlanIn.model_rebuild(force=True)
 
 
 class EstimateRequest(_Strict):
@@ -298,29 +330,17 @@ class EstimateRequest(_Strict):
 
 
 # ---- responses -------------------------------------------------------------------------------------
-class PlanOut(BaseModel):
-    id: str = Field(description="stable: the same plan always has the same id", examples=["plan_59401a6e332691ef"])
-    method: Method
-    gpu_id: str
-    dtype: Dtype
-    micro_batch: int
-    seq_len: int
-    grad_checkpointing: bool
-    optimizer: Optimizer
-    num_gpus: int
-    sharding: Sharding
-    attention: Attention
-    lora_r: int
-    lora_alpha: int
-    lora_dropout: float
-    lora_targets: list[str]
-    master_weights: bool
-    double_quant: bool
-    kbit_upcast: bool
-    grad_accum: int
-    framework: Framework
-    chunked_loss: bool
-    notes: list[str]
+PlanOut = create_model(
+    "PlanOut",
+    id=(
+        str,
+        Field(
+            description="the plan itself, encoded: decodes back to these fields (post it as plan_id to launch a job)",
+            examples=["plan_v2.eNqrVkovKI3PTFGyUioqqdA1MbA0UNJRyskvSowvSSxKTy0pVrKKVioEipUpxeoo5aaWZOSDFINUAAVzM5OL8uOTEkuSM5SsTGoB030ZBQ"],
+        ),
+    ),
+    **{f.name: _plan_field(f, False) for f in PLAN_FIELDS},
+)
 
 
 class TimeSplit(BaseModel):

@@ -29,13 +29,13 @@ from advisor.jobs.errors import ConflictError, JobsError, ModelSourceError, NotF
 from advisor.jobs.files import save_upload
 from advisor.jobs.manager import JobManager
 from advisor.jobs.spec import HF_ID, JobSpec, ModelSource, local_model_source, new_id, resolve_hyperparameters
-from advisor.plans import ALL_LINEAR, SearchSpace, TrainingPlan, enumerate_plans, resolve_targets
+from advisor.methods import METHOD_NAMES, get_method
+from advisor.plans import PlanIdError, TrainingPlan, decode_plan_id, make_plan, resolve_targets
 from advisor.service import AdvisorService
 from advisor.specs import GpuSpec, ModelSpec
 
 FINE_TUNE = "fine-tune"
 #: sequence lengths tried when re-deriving a plan id without one given (recommend's default first)
-PLAN_SEQ_LENS = (2048, 4096, 1024, 512, 8192, 256, 16384, 128, 32768)
 #: TrainingPlan field -> the request field a user set it with
 PLAN_FIELDS = {
     "method": "method.type",
@@ -329,50 +329,68 @@ class JobService:
         if req.plan is not None:
             return self._posted_plan(req.plan, gpu), req.plan.get("id"), ["plan: posted with the request"]
         if req.plan_id is not None:
-            plan = find_plan(req.plan_id, gpu, req.method.seq_len)
-            if plan is None:
-                raise NotFoundError(
-                    f"no plan {req.plan_id!r} for {gpu.id}: post the plan object itself (`plan`), or give "
-                    "method.seq_len as in the /v1/recommend request",
-                    field="plan_id",
-                )
-            return plan, req.plan_id, [f"plan {req.plan_id} from /v1/recommend"]
+            return self._plan_from_id(req, gpu), req.plan_id, [f"plan {req.plan_id} from /v1/recommend"]
         m = req.method
         method = {"supervised": "lora", None: "lora"}.get(m.type, m.type)
-        if method not in ("full", "lora", "qlora"):
-            raise JobsError(f"method.type {m.type!r} is not supported: use full, lora or qlora", field="method.type")
+        try:
+            spec = get_method(method)
+        except InvalidInputError:
+            raise JobsError(
+                f"method.type {m.type!r} is not supported: use supervised (= lora) or one of {', '.join(METHOD_NAMES)}",
+                field="method.type",
+            ) from None
         q = m.quantization or {}
-        if q and method != "qlora":
-            raise JobsError("quantization is for method qlora only", field="method.quantization")
+        if q and not spec.quantized:
+            raise JobsError("quantization is for quantised methods (qlora) only", field="method.quantization")
         if q.get("bits", 4) != 4 or str(q.get("quant_type", "nf4")).lower() != "nf4":
             raise JobsError("only 4-bit NF4 quantisation is supported", field="method.quantization")
-        n = m.num_gpus or 1
-        sharding = m.sharding or ("none" if n == 1 else ("fsdp" if method == "full" else "ddp"))
-        optimizer = m.optimizer or ("paged-adamw-8bit" if method == "qlora" and self.cfg.device == "cuda" else "adamw")
-        r = m.lora.r or 16
-        targets = tuple(m.lora.target_modules) if m.lora.target_modules else (ALL_LINEAR,)
+        optimizer = m.optimizer or ("paged-adamw-8bit" if spec.quantized and self.cfg.device == "cuda" else "adamw")
         try:
-            if method != "full":
-                resolve_targets(model, targets)
-            plan = TrainingPlan(
-                method=method,
-                gpu_id=gpu.id,
-                dtype=gpu.default_dtype(),
-                micro_batch=m.micro_batch_size or 1,
+            plan = make_plan(
+                method,
+                gpu,
+                micro_batch=m.micro_batch_size,
                 seq_len=m.seq_len or min(2048, model.max_position_embeddings),
-                grad_checkpointing=True if m.gradient_checkpointing is None else m.gradient_checkpointing,
+                grad_checkpointing=m.gradient_checkpointing,
                 optimizer=optimizer,
-                num_gpus=n,
-                sharding=sharding,
-                lora_r=r,
-                lora_alpha=m.lora.alpha or 2 * r,
-                lora_dropout=0.05 if m.lora.dropout is None else m.lora.dropout,
-                lora_targets=targets,
-                double_quant=bool(q.get("double_quant", True)),
+                num_gpus=m.num_gpus,
+                sharding=m.sharding,
+                lora_r=m.lora.r,
+                lora_alpha=m.lora.alpha,
+                lora_dropout=m.lora.dropout,
+                lora_targets=tuple(m.lora.target_modules) if m.lora.target_modules else None,
+                double_quant=q.get("double_quant"),
             )
+            if spec.adapter:
+                resolve_targets(model, plan.lora_targets)
         except InvalidInputError as exc:
             raise _invalid(exc) from exc
         return plan, None, []
+
+    def _plan_from_id(self, req: JobRequest, gpu: GpuSpec) -> TrainingPlan:
+        """The plan a /v1/recommend plan id encodes (no search); method fields given too must agree with it."""
+        try:
+            plan = decode_plan_id(req.plan_id)
+        except PlanIdError as exc:
+            if exc.stale:
+                raise NotFoundError(exc.message, field="plan_id") from None
+            raise JobsError(exc.message, field="plan_id") from None
+        if plan.gpu_id != gpu.id:
+            raise JobsError(
+                f"plan {req.plan_id} is for {plan.gpu_id}; this deployment trains on {gpu.id}: ask /v1/recommend "
+                f"for {gpu.id}",
+                field="plan_id",
+            )
+        m = req.method
+        given = {"seq_len": m.seq_len, "micro_batch": m.micro_batch_size, "num_gpus": m.num_gpus}
+        for name, value in given.items():
+            if value is not None and value != getattr(plan, name):
+                raise JobsError(
+                    f"method {name} {value} contradicts plan_id ({name} {getattr(plan, name)}): leave it out or "
+                    "post another plan",
+                    field=f"method.{ 'micro_batch_size' if name == 'micro_batch' else name}",
+                )
+        return plan
 
     def _posted_plan(self, d: dict[str, Any], gpu: GpuSpec) -> TrainingPlan:
         keep = set(TrainingPlan.__dataclass_fields__)
@@ -424,18 +442,6 @@ class JobService:
         return summary
 
 
-def find_plan(plan_id: str, gpu: GpuSpec, seq_len: int | None = None) -> TrainingPlan | None:
-    """The candidate plan of `gpu` with this id (the same enumeration /v1/recommend draws from)."""
-    space = SearchSpace(gpu_counts=(1, 2, 4, 8, 16, 32))
-    dtypes = [gpu.default_dtype()] + [d for d in ("bf16", "fp16", "fp32") if d != gpu.default_dtype()]
-    for s in (seq_len,) if seq_len else PLAN_SEQ_LENS:
-        for dtype in dtypes:
-            for plan in enumerate_plans([gpu], s, space, dtype=dtype):
-                if plan.id == plan_id:
-                    return plan
-    return None
-
-
 def _in_hf_cache(repo_id: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -458,14 +464,15 @@ def _method_out(plan: TrainingPlan, spec: JobSpec) -> dict[str, Any]:
         "packing": spec.packing,
         "learning_rate": spec.learning_rate,
     }
-    if plan.method != "full":
+    method = get_method(plan.method)
+    if method.adapter:
         out["lora"] = {
             "r": plan.lora_r,
             "alpha": plan.lora_alpha,
             "dropout": plan.lora_dropout,
             "target_modules": list(plan.lora_targets),
         }
-    if plan.method == "qlora":
+    if method.quantized:
         out["quantization"] = {
             "bits": 4,
             "quant_type": "nf4",

@@ -18,6 +18,7 @@ from typing import Any
 
 from advisor.errors import InvalidInputError
 from advisor.jobs.errors import ModelSourceError
+from advisor.methods import METHODS
 from advisor.plans import TrainingPlan
 
 JOB_ID = re.compile(r"^ftjob-[a-z0-9]{8,40}$")
@@ -31,7 +32,7 @@ CHAT_FORMATS = ("auto", "template", "plain")
 SOURCE_KINDS = ("local", "hf")
 
 #: base learning rates the multiplier scales (the usual starting points for each method)
-BASE_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+BASE_LEARNING_RATE = {name: m.learning_rate for name, m in METHODS.items()}
 AUTO_EPOCHS = 3
 MAX_AUTO_BATCH = 256
 
