@@ -24,6 +24,7 @@ from advisor.api.routes.listing import Cursor, list_model, page_of
 from advisor.api.schemas import ErrorResponse, LoraTarget, Optimizer, PlanOut
 from advisor.jobs import objects
 from advisor.jobs.service import JobRequest, LoraParams, MethodParams
+from advisor.methods import METHOD_NAMES
 
 
 # ---- request and response bodies ---------------------------------------------------------------------------
@@ -85,7 +86,7 @@ class QuantizationIn(_Strict):
 class MethodIn(_Strict):
     """OpenAI's `method` ({type: supervised, supervised: {hyperparameters}}) or ours (type full | lora | qlora)."""
 
-    type: Literal["supervised", "full", "lora", "qlora"] = Field("lora", description="supervised = lora")
+    type: Literal[("supervised", *METHOD_NAMES)] = Field("lora", description="supervised = lora")  # type: ignore[valid-type]
     supervised: SupervisedIn | None = None
     lora: LoraIn | None = None
     quantization: QuantizationIn | None = Field(None, description="qlora only: bitsandbytes NF4")
@@ -130,7 +131,12 @@ class JobCreate(_Strict):
     metadata: dict[MetaKey, MetaValue] | None = Field(None, max_length=16)
     hyperparameters: HyperparametersIn | None = None
     method: MethodIn | None = None
-    plan_id: str | None = Field(None, pattern=r"^plan_[0-9a-f]{16}$", description="a plan id from /v1/recommend")
+    plan_id: str | None = Field(
+        None,
+        max_length=512,
+        pattern=r"^plan_([0-9a-f]{16}|v[0-9]+\.[A-Za-z0-9_-]+)$",
+        description="a plan id from /v1/recommend: it encodes the plan, which the job runs as is",
+    )
     plan: PlanOut | None = Field(None, description="a plan object from /v1/recommend, posted back unchanged")
     force: bool = Field(False, description="start even when the estimator says the plan does not fit")
     integrations: list[Any] | None = Field(None, max_length=0, description="not supported (must be empty)")
