@@ -180,7 +180,9 @@ class LlamaFamily(Family):
     def to_hf_config(self, spec: ModelSpec) -> dict[str, Any]:
         mt = llama_type(spec)
         if not spec.gated_mlp:
-            raise InvalidInputError(f"{spec.name}: a Llama-format model without a gated MLP cannot be built", "model")
+            raise InvalidInputError(
+                f"{spec.name}: a Llama-format model without a gated MLP cannot be built", field="model"
+            )
         cfg = dict(
             hf_base(spec),
             model_type=mt,
