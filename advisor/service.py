@@ -122,7 +122,7 @@ class AdvisorService:
 
     def simulated(self):
         """The simulated estimator (traces under FakeTensorMode; needs the train extra, imported on use)."""
-        from advisor.estimators.simulated import SimulatedEstimator
+        from advisor.simulated import SimulatedEstimator
 
         if self._simulated is None:
             self._simulated = SimulatedEstimator(coefficients=self.analytical.k)
@@ -250,7 +250,7 @@ class AdvisorService:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
         simulations = None
         if req.simulate_top:
-            from advisor.estimators.simulated import simulate_ranked
+            from advisor.simulated import simulate_ranked
 
             simulations = simulate_ranked(self.simulated(), model, rec.plans, req.simulate_top, req.simulate_budget_s)
         return RecommendResult(

@@ -25,7 +25,7 @@ from pathlib import Path
 from advisor.catalog import default_catalog
 from advisor.errors import AdvisorError
 from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.simulated import SimulatedEstimator, library_versions
+from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.units import GIB
 from bench.accuracy import pct, predict, static_floor
 from bench.published import load_cases

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from advisor.catalog import default_catalog
 from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.simulated import SimulatedEstimator, hf_config, library_versions
+from advisor.families import hf_config
 from advisor.plans import TrainingPlan
+from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.units import GIB
 
 OUT = Path(__file__).resolve().parent / "results"

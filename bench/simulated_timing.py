@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 from advisor.catalog import default_catalog
-from advisor.estimators.simulated import SimulatedEstimator, library_versions
 from advisor.plans import TrainingPlan
+from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.units import GIB
 
 OUT = Path(__file__).resolve().parent / "results"

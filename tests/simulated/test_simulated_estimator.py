@@ -5,13 +5,16 @@ from dataclasses import replace
 
 import pytest
 
-import advisor.estimators.simulated as simulated
+import advisor.simulated as simulated
 from advisor.catalog import default_catalog, model_from_config
 from advisor.cli import main
 from advisor.errors import InvalidInputError
-from advisor.estimators.simulated import SimulatedEstimator, TraceCache, cache_key, hf_config
+from advisor.estimators.analytical import DEFAULT_COEFFICIENTS
+from advisor.families import hf_config
 from advisor.plans import TrainingPlan
 from advisor.service import AdvisorService, RecommendRequest
+from advisor.simulated import SimulatedEstimator, TraceCache, cache_key
+from advisor.simulated.runner import trace_in_subprocess
 from advisor.specs import Workload
 from advisor.units import GIB
 
@@ -48,7 +51,7 @@ def test_estimate_is_an_estimate_with_phases(tmp_path, tiny, gpu):
     mem = est.memory
     assert est.source == "simulated"
     assert sum(mem.components.values()) == mem.device_total_bytes  # the breakdown adds up to the total
-    assert mem.allocated_peak_bytes == est.trace.peak_bytes + simulated.DEFAULT_COEFFICIENTS.fixed_allocated_bytes
+    assert mem.allocated_peak_bytes == est.trace.peak_bytes + DEFAULT_COEFFICIENTS.fixed_allocated_bytes
     assert mem.allocated_peak_bytes <= mem.reserved_peak_bytes < mem.device_total_bytes  # + CUDA context
     assert set(est.phases) == set(simulated.PHASES)
     assert est.phases["after_weights"] < est.trace.peak_bytes == max(est.phases.values())
@@ -64,7 +67,9 @@ def test_cache_answers_without_tracing(tmp_path, tiny, gpu, monkeypatch):
     def no_trace(*a, **k):
         raise AssertionError("traced although the cache holds the result")
 
-    monkeypatch.setattr(simulated, "trace_step", no_trace)
+    import advisor.simulated.trace as traced
+
+    monkeypatch.setattr(traced, "trace_step", no_trace)
     again = SimulatedEstimator(cache_dir=tmp_path).estimate(tiny, gpu, _plan(gpu_id="a100-80gb"))
     assert again.memory.allocated_peak_bytes == first.memory.allocated_peak_bytes
     with pytest.raises(AssertionError):  # another plan is another key
@@ -118,24 +123,26 @@ def test_missing_train_extra_is_a_clear_error(tmp_path, tiny, gpu, monkeypatch):
 def test_every_catalog_family_builds_with_the_spec_parameter_count():
     """hf_config rebuilds each family's real architecture: built on the meta device, it has the
     spec's parameters (T5 is the known exception: transformers 5 ties its lm_head)."""
+    from advisor.stack.build import build_meta
+
     cat = default_catalog()
     plan = _plan(method="full", dtype="bf16", master_weights=False)
     for name in ("tinyllama-1.1b", "mistral-7b", "qwen2.5-0.5b", "gemma-2b", "gemma-2-2b", "phi-3-mini", "phi-1.5"):
         spec = cat.model(name)
-        _, _, n, _ = simulated._build_model(hf_config(spec), plan, [])
+        n = build_meta(hf_config(spec), plan).param_count
         assert n == spec.param_count, name
     for name in ("gpt2", "stablelm-base-alpha-3b"):
         spec = cat.model(name)
-        assert simulated._build_model(hf_config(spec), plan, [])[2] == spec.param_count, name
+        assert build_meta(hf_config(spec), plan).param_count == spec.param_count, name
     t5 = cat.model("t5-xl")
-    n = simulated._build_model(hf_config(t5), plan, [])[2]
+    n = build_meta(hf_config(t5), plan).param_count
     assert n == t5.param_count - t5.vocab_size * t5.hidden_size
 
 
 def test_a_deadline_kills_the_trace(tiny):
     cfg = hf_config(replace(tiny, num_layers=2))
     with pytest.raises(TimeoutError):
-        simulated._trace_in_subprocess(cfg, _plan(), ["q_proj", "v_proj"], timeout_s=0.2)
+        trace_in_subprocess(cfg, _plan(), ["q_proj", "v_proj"], timeout_s=0.2)
 
 
 # ---- service and CLI ------------------------------------------------------------------------------
@@ -202,7 +209,8 @@ def test_module_imports_without_torch():
     code = (
         "import sys\n"
         "from advisor.catalog import default_catalog\n"
-        "from advisor.estimators.simulated import SimulatedEstimator, hf_config\n"
+        "from advisor.families import hf_config\n"
+        "from advisor.simulated import SimulatedEstimator\n"
         "SimulatedEstimator(); hf_config(default_catalog().model('llama-2-7b'))\n"
         "print(','.join(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules))\n"
     )

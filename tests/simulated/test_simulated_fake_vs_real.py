@@ -12,8 +12,9 @@ from dataclasses import replace
 import pytest
 
 from advisor.catalog import model_from_config
-from advisor.estimators.simulated import lora_target_names, trace_step
 from advisor.plans import TrainingPlan
+from advisor.simulated.trace import trace_step
+from advisor.stack.targets import lora_target_modules
 
 pytestmark = pytest.mark.needs_torch
 
@@ -157,7 +158,7 @@ def test_fake_peak_equals_real_peak(family, fields):
     cfg = TINY[family]
     spec = model_from_config(cfg, name=f"tiny-{family}")
     plan = TrainingPlan(gpu_id="cpu", **{"dtype": "fp32", "micro_batch": 2, "seq_len": 32, **fields})
-    targets = lora_target_names(spec, plan) if plan.method != "full" else []
+    targets = list(lora_target_modules(spec, plan)) if plan.method != "full" else []
 
     with RealLiveBytes() as real:
         real_trace = trace_step(cfg, plan, targets, fake=False)
@@ -177,7 +178,7 @@ def test_meter_sees_what_the_plan_changes():
     cfg = TINY["llama"]
     spec = model_from_config(cfg, name="tiny-llama")
     base = TrainingPlan(gpu_id="cpu", method="lora", dtype="fp32", micro_batch=4, seq_len=64, lora_targets=("q", "v"))
-    targets = lora_target_names(spec, base)
+    targets = list(lora_target_modules(spec, base))
     ckpt = trace_step(cfg, base, targets)
     no_ckpt = trace_step(cfg, replace(base, grad_checkpointing=False), targets)
     qlora = trace_step(cfg, replace(base, method="qlora"), targets)

@@ -1,0 +1,116 @@
+"""What a CPU trace on fake tensors must be told to take the path a CUDA run takes (no storage, no
+data-dependent answers, other kernels): the decisions transformers makes from real data, CUDA's
+fused kernels where they keep other tensors for backward, and bitsandbytes' cached quantisation map."""
+
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def real_run_decisions():
+    """Give transformers, on fake tensors, the answers it computes from real data in a real run.
+
+    transformers checks position_ids for several sequences packed in one row (a data-dependent test);
+    on fake tensors it cannot look and builds an explicit block mask, which moves SDPA off its causal
+    kernel. Our inputs are one sequence per row (no position_ids passed), for which the real check
+    returns None: the same ops run here, then the answer the real data gives is returned.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    orig = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if orig is None:
+        yield
+        return
+
+    def find_packed_sequence_indices(position_ids):
+        out = orig(position_ids)
+        return None if out is not None and is_fake(out) else out
+
+    masking_utils.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = orig
+
+
+@contextlib.contextmanager
+def cuda_kernel_choices():
+    """Make the CPU trace take the kernels CUDA takes where they differ in what backward keeps.
+
+    * dropout: CUDA's fused kernel (native_dropout) keeps a 1-byte mask; the CPU path keeps a scaled
+      noise tensor in the input dtype. Traced as native_dropout.
+    * SDPA with dropout: CUDA's flash / memory-efficient kernels draw the mask from a Philox seed
+      inside the kernel (nothing saved); the CPU falls back to the math path and keeps the s x s
+      probabilities. Traced without the dropout: the tensors the fused kernel keeps.
+
+    * autocast: CUDA's autocast runs pow, exp, log, rsqrt, reciprocal, logsumexp, layer_norm and
+      softplus in fp32 (aten/src/ATen/autocast_mode.cpp); CPU autocast leaves them in the half dtype.
+      Under autocast, their functional forms (torch.pow(x, 3), as transformers' gelu_new calls it) get
+      half inputs cast to fp32, as on CUDA; the method forms (x.pow(3)) are not reached.
+
+    The functions are swapped on torch / torch.nn.functional for the duration of the trace (a function
+    mode would not reach the recomputation that checkpointing runs inside backward).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
+    halves = (torch.float16, torch.bfloat16)
+
+    def fp32_under_autocast(fn):
+        def run(*args, **kwargs):
+            if torch.is_autocast_enabled("cpu"):
+                args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in halves else a for a in args)
+            return fn(*args, **kwargs)
+
+        return run
+
+    fp32_ops = [(torch, n) for n in ("pow", "exp", "log", "rsqrt", "reciprocal", "logsumexp")]
+    fp32_ops += [(F, n) for n in ("layer_norm", "softplus")]
+    originals = [(mod, name, getattr(mod, name)) for mod, name in fp32_ops]
+
+    def fused_dropout(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace:
+            return torch.native_dropout(input, p, True)[0]
+        return dropout(input, p, training, inplace)
+
+    def flash_sdpa(*args, **kwargs):
+        if len(args) > 4:
+            args = (*args[:4], 0.0, *args[5:])
+        elif kwargs.get("dropout_p"):
+            kwargs = {**kwargs, "dropout_p": 0.0}
+        return sdpa(*args, **kwargs)
+
+    F.dropout, F.scaled_dot_product_attention = fused_dropout, flash_sdpa
+    for mod, name, fn in originals:
+        setattr(mod, name, fp32_under_autocast(fn))
+    try:
+        yield
+    finally:
+        F.dropout, F.scaled_dot_product_attention = dropout, sdpa
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
+
+
+def prime_bitsandbytes() -> None:
+    """bitsandbytes caches its 8-bit quantisation map in a module dict on first use; create it with
+    real tensors, outside any fake mode, so a trace never leaves a fake tensor in that cache."""
+    import logging
+
+    quiet = logging.getLogger("bitsandbytes")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its CPU backend warns at import about an optional kernels package
+    try:
+        import bitsandbytes.functional as F
+    except ImportError:  # pragma: no cover
+        return
+    finally:
+        quiet.setLevel(level)
+    if "dynamic" not in F.name2qmap:
+        F.name2qmap["dynamic"] = F.create_dynamic_map()
