@@ -12,18 +12,19 @@ network call, as a pydantic ValidationError); every non-2xx answer raises ``Advi
 with the server's `code`, `field`, `suggestions` and `request_id`. Needs httpx and pydantic only.
 
 How the two clients share one implementation (as httpx's Client and AsyncClient share BaseClient):
-every endpoint is one request builder in ``_Requests`` (its signature and docstring are the public
-method's), ``_BaseClient`` turns a built call into an httpx request and an httpx response into the
-result or an AdvisorAPIError; the clients only send, blocking or awaited.
+``_BaseClient`` holds every endpoint once, as its request builder (whose signature and docstring are
+the public method's), turns a built call into an httpx request and an httpx response into the result
+or an AdvisorAPIError; AdvisorClient and AsyncAdvisorClient only send, blocking or awaited.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -55,6 +56,13 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 P = ParamSpec("P")
+
+#: a model: a catalog name, Hugging Face id or size, or an inline config (as a mapping or InlineModelConfig)
+ModelLike = str | Mapping[str, Any] | InlineModelConfig
+#: a workload (dataset_tokens, seq_len, epochs), as a mapping or WorkloadIn; None: the server's defaults
+WorkloadLike = WorkloadIn | Mapping[str, Any] | None
+#: measured convergence factors by method; None: the server's
+ConvergenceLike = Mapping[str, float] | None
 
 
 class AdvisorAPIError(Exception):
@@ -104,7 +112,7 @@ def _as(cls: type[M], value: M | Mapping[str, Any] | None) -> M | None:
     return cls.model_validate(value)
 
 
-def _model_ref(model: str | Mapping[str, Any] | InlineModelConfig) -> str | InlineModelConfig:
+def _model_ref(model: ModelLike) -> str | InlineModelConfig:
     return model if isinstance(model, (str, InlineModelConfig)) else InlineModelConfig.model_validate(dict(model))
 
 
@@ -112,97 +120,19 @@ def _given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-class _Requests:
-    """The request builder: one static method per endpoint, named and documented as the clients' methods.
+_READY_DOC = "The readiness report; a not-ready server answers 503 with the same body (no exception)."
 
-    Bodies are validated here, with the service's own schemas, before anything is sent."""
 
-    @staticmethod
-    def recommend(
-        model: str | Mapping[str, Any] | InlineModelConfig,
-        gpu: str | list[str] | None = None,
-        *,
-        workload: WorkloadIn | Mapping[str, Any] | None = None,
-        objective: str | None = None,
-        constraints: ConstraintsIn | Mapping[str, Any] | None = None,
-        dtype: str | None = None,
-        limit: int | None = None,
-        convergence: Mapping[str, float] | None = None,
-    ) -> _Call[RecommendResponse]:
-        """Ranked training plans for a model, GPU(s) and workload (POST /v1/recommend)."""
-        fields = _given(
-            gpu=gpu,
-            workload=_as(WorkloadIn, workload),
-            objective=objective,
-            constraints=_as(ConstraintsIn, constraints),
-            dtype=dtype,
-            limit=limit,
-            convergence=None if convergence is None else dict(convergence),
-        )
-        body = RecommendRequest(model=_model_ref(model), **fields)
-        return _Call("POST", "/v1/recommend", RecommendResponse, _dump(body))
+def _get(name: str, path: str, result: type[T], doc: str, *, ok: tuple[int, ...] = (200,)) -> Callable[[], _Call[T]]:
+    """The builder of a GET without parameters."""
 
-    @staticmethod
-    def estimate(
-        model: str | Mapping[str, Any] | InlineModelConfig,
-        plan: PlanIn | PlanOut | Mapping[str, Any],
-        gpu: str | None = None,
-        *,
-        workload: WorkloadIn | Mapping[str, Any] | None = None,
-        claimed_memory_gib: float | None = None,
-        source: str | None = None,
-        convergence: Mapping[str, float] | None = None,
-    ) -> _Call[EstimateResponse]:
-        """Memory breakdown, speed, hours and cost of one plan (POST /v1/estimate); a plan from a
-        recommendation is posted back as is."""
-        if isinstance(plan, PlanOut):
-            plan_in = PlanIn.model_validate(plan.model_dump(mode="json"))
-        else:
-            plan_in = _as(PlanIn, plan)
-        fields = _given(
-            gpu=gpu,
-            workload=_as(WorkloadIn, workload),
-            claimed_memory_gib=claimed_memory_gib,
-            source=source,
-            convergence=None if convergence is None else dict(convergence),
-        )
-        body = EstimateRequest(model=_model_ref(model), plan=plan_in, **fields)
-        return _Call("POST", "/v1/estimate", EstimateResponse, _dump(body))
+    def build() -> _Call[T]:
+        return _Call("GET", path, result, ok=ok)
 
-    @staticmethod
-    def gpus() -> _Call[GpuList]:
-        """The GPU catalog."""
-        return _Call("GET", "/v1/gpus", GpuList)
-
-    @staticmethod
-    def gpu(gpu_id: str) -> _Call[GpuOut]:
-        """One GPU by id or alias."""
-        return _Call("GET", "/v1/gpus/" + quote(gpu_id, safe=""), GpuOut)
-
-    @staticmethod
-    def models() -> _Call[ModelList]:
-        """The model catalog."""
-        return _Call("GET", "/v1/models", ModelList)
-
-    @staticmethod
-    def model(model_id: str) -> _Call[ModelOut]:
-        """One catalog model by name, Hugging Face id or alias."""
-        return _Call("GET", "/v1/models/" + quote(model_id, safe="/"), ModelOut)
-
-    @staticmethod
-    def health() -> _Call[Health]:
-        """Liveness."""
-        return _Call("GET", "/healthz", Health)
-
-    @staticmethod
-    def ready() -> _Call[Readiness]:
-        """The readiness report; a not-ready server answers 503 with the same body (no exception)."""
-        return _Call("GET", "/readyz", Readiness, ok=(200, 503))
-
-    @staticmethod
-    def metrics() -> _Call[str]:
-        """The Prometheus metrics text."""
-        return _Call("GET", "/metrics", str)
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = doc
+    build.__annotations__["return"] = f"_Call[{result.__name__}]"
+    return build
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -234,15 +164,61 @@ def _headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str
     return out
 
 
+def _with_self(method: Callable[..., Any], build: Callable[..., Any]) -> None:
+    """The builder's name, docstring and signature (plus `self`) on a client's method."""
+    functools.update_wrapper(method, build)
+    del method.__wrapped__  # type: ignore[attr-defined]
+    sig = inspect.signature(build)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    returns = str(sig.return_annotation).removeprefix("_Call[").removesuffix("]")  # what the call parses into
+    sig = sig.replace(parameters=[this, *sig.parameters.values()], return_annotation=returns)
+    method.__signature__ = sig  # type: ignore[attr-defined]
+
+
+class _Endpoint(Generic[P, T]):
+    """An endpoint of both clients, from its request builder: on AdvisorClient a blocking method, on
+    AsyncAdvisorClient a coroutine method (each class's ``_method`` makes it; made once per class)."""
+
+    def __init__(self, build: Callable[P, _Call[T]]):
+        self.build = build
+        self._methods: dict[type, Callable[..., Any]] = {}
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> Callable[..., Any]: ...
+    @overload
+    def __get__(self, obj: AdvisorClient, owner: type) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, obj: AsyncAdvisorClient, owner: type) -> Callable[P, Awaitable[T]]: ...
+    def __get__(self, obj: Any, owner: type) -> Callable[..., Any]:
+        method = self._methods.get(owner)
+        if method is None:
+            method = self._methods[owner] = owner._method(self.build)  # type: ignore[attr-defined]
+            _with_self(method, self.build)
+        return method if obj is None else types.MethodType(method, obj)
+
+
 HttpClient = TypeVar("HttpClient", httpx.Client, httpx.AsyncClient)
 
 
 class _BaseClient(Generic[HttpClient]):
-    """What both clients share: the httpx client and its headers, building requests, translating answers."""
+    """What both clients share: the httpx client and its headers, the endpoints and their request
+    builders (validated with the service's own schemas before anything is sent), the translation of
+    an answer into its result or an AdvisorAPIError. A subclass only says how a call is sent."""
 
-    def __init__(self, http: HttpClient, *, owns: bool, api_key: str | None, headers: Mapping[str, str] | None):
-        self._owns = owns
-        self._http: HttpClient = http
+    _http_class: type[HttpClient]
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        http_client: HttpClient | None = None,
+    ) -> None:
+        """`http_client`: your own httpx client to reuse (its base_url is then used; it stays open)."""
+        self._owns = http_client is None
+        self._http: HttpClient = http_client or self._http_class(base_url=base_url, timeout=timeout)
         self._http.headers.update(_headers(api_key, headers))
 
     def _request(self, call: _Call[Any]) -> httpx.Request:
@@ -257,50 +233,93 @@ class _BaseClient(Generic[HttpClient]):
             return response.text  # type: ignore[return-value]
         return call.result.model_validate_json(response.content)  # type: ignore[attr-defined,no-any-return]
 
+    @classmethod
+    def _method(cls, build: Callable[..., _Call[Any]]) -> Callable[..., Any]:
+        """The method (self, *args) that builds a call with `build`, sends it and returns its result."""
+        raise NotImplementedError
 
-def _with_self(method: Callable[..., Any], build: Callable[..., Any]) -> None:
-    """The builder's name, docstring and signature (plus `self`) on the client's method."""
-    functools.update_wrapper(method, build)
-    del method.__wrapped__  # type: ignore[attr-defined]
-    sig = inspect.signature(build)
-    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    returns = str(sig.return_annotation).removeprefix("_Call[").removesuffix("]")  # what the call parses into
-    sig = sig.replace(parameters=[this, *sig.parameters.values()], return_annotation=returns)
-    method.__signature__ = sig  # type: ignore[attr-defined]
+    # ---- the endpoints ---------------------------------------------------------------------------
+    @_Endpoint
+    def recommend(
+        model: ModelLike,
+        gpu: str | list[str] | None = None,
+        *,
+        workload: WorkloadLike = None,
+        objective: str | None = None,
+        constraints: ConstraintsIn | Mapping[str, Any] | None = None,
+        dtype: str | None = None,
+        limit: int | None = None,
+        convergence: ConvergenceLike = None,
+    ) -> _Call[RecommendResponse]:
+        """Ranked training plans for a model, GPU(s) and workload (POST /v1/recommend)."""
+        fields = _given(
+            gpu=gpu,
+            workload=_as(WorkloadIn, workload),
+            objective=objective,
+            constraints=_as(ConstraintsIn, constraints),
+            dtype=dtype,
+            limit=limit,
+            convergence=None if convergence is None else dict(convergence),
+        )
+        body = RecommendRequest(model=_model_ref(model), **fields)
+        return _Call("POST", "/v1/recommend", RecommendResponse, _dump(body))
 
+    @_Endpoint
+    def estimate(
+        model: ModelLike,
+        plan: PlanIn | PlanOut | Mapping[str, Any],
+        gpu: str | None = None,
+        *,
+        workload: WorkloadLike = None,
+        claimed_memory_gib: float | None = None,
+        source: str | None = None,
+        convergence: ConvergenceLike = None,
+    ) -> _Call[EstimateResponse]:
+        """Memory breakdown, speed, hours and cost of one plan (POST /v1/estimate); a plan from a
+        recommendation is posted back as is."""
+        if isinstance(plan, PlanOut):
+            plan_in = PlanIn.model_validate(plan.model_dump(mode="json"))
+        else:
+            plan_in = _as(PlanIn, plan)
+        fields = _given(
+            gpu=gpu,
+            workload=_as(WorkloadIn, workload),
+            claimed_memory_gib=claimed_memory_gib,
+            source=source,
+            convergence=None if convergence is None else dict(convergence),
+        )
+        body = EstimateRequest(model=_model_ref(model), plan=plan_in, **fields)
+        return _Call("POST", "/v1/estimate", EstimateResponse, _dump(body))
 
-def _blocking(build: Callable[P, _Call[T]]) -> Callable[Concatenate[AdvisorClient, P], T]:
-    def method(self: AdvisorClient, *args: P.args, **kwargs: P.kwargs) -> T:
-        call = build(*args, **kwargs)
-        return self._result(call, self._http.send(self._request(call)))
+    @_Endpoint
+    def gpu(gpu_id: str) -> _Call[GpuOut]:
+        """One GPU by id or alias."""
+        return _Call("GET", "/v1/gpus/" + quote(gpu_id, safe=""), GpuOut)
 
-    _with_self(method, build)
-    return method
+    @_Endpoint
+    def model(model_id: str) -> _Call[ModelOut]:
+        """One catalog model by name, Hugging Face id or alias (a Hugging Face id keeps its slash)."""
+        return _Call("GET", "/v1/models/" + quote(model_id, safe="/"), ModelOut)
 
-
-def _awaitable(build: Callable[P, _Call[T]]) -> Callable[Concatenate[AsyncAdvisorClient, P], Awaitable[T]]:
-    async def method(self: AsyncAdvisorClient, *args: P.args, **kwargs: P.kwargs) -> T:
-        call = build(*args, **kwargs)
-        return self._result(call, await self._http.send(self._request(call)))
-
-    _with_self(method, build)
-    return method
+    gpus = _Endpoint(_get("gpus", "/v1/gpus", GpuList, "The GPU catalog."))
+    models = _Endpoint(_get("models", "/v1/models", ModelList, "The model catalog."))
+    health = _Endpoint(_get("health", "/healthz", Health, "Liveness: the service answers."))
+    ready = _Endpoint(_get("ready", "/readyz", Readiness, _READY_DOC, ok=(200, 503)))
+    metrics = _Endpoint(_get("metrics", "/metrics", str, "The Prometheus metrics text."))
 
 
 class AdvisorClient(_BaseClient[httpx.Client]):
     """Blocking client. Pass `http_client` to reuse your own httpx.Client (its base_url is then used)."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        *,
-        api_key: str | None = None,
-        timeout: float = 30.0,
-        headers: Mapping[str, str] | None = None,
-        http_client: httpx.Client | None = None,
-    ) -> None:
-        http = http_client or httpx.Client(base_url=base_url, timeout=timeout)
-        super().__init__(http, owns=http_client is None, api_key=api_key, headers=headers)
+    _http_class = httpx.Client
+
+    @classmethod
+    def _method(cls, build: Callable[..., _Call[Any]]) -> Callable[..., Any]:
+        def method(self: AdvisorClient, *args: Any, **kwargs: Any) -> Any:
+            call = build(*args, **kwargs)
+            return self._result(call, self._http.send(self._request(call)))
+
+        return method
 
     def __enter__(self) -> AdvisorClient:
         return self
@@ -312,31 +331,19 @@ class AdvisorClient(_BaseClient[httpx.Client]):
         if self._owns:
             self._http.close()
 
-    recommend = _blocking(_Requests.recommend)
-    estimate = _blocking(_Requests.estimate)
-    gpus = _blocking(_Requests.gpus)
-    gpu = _blocking(_Requests.gpu)
-    models = _blocking(_Requests.models)
-    model = _blocking(_Requests.model)
-    health = _blocking(_Requests.health)
-    ready = _blocking(_Requests.ready)
-    metrics = _blocking(_Requests.metrics)
-
 
 class AsyncAdvisorClient(_BaseClient[httpx.AsyncClient]):
     """The same API as AdvisorClient, awaitable."""
 
-    def __init__(
-        self,
-        base_url: str = DEFAULT_BASE_URL,
-        *,
-        api_key: str | None = None,
-        timeout: float = 30.0,
-        headers: Mapping[str, str] | None = None,
-        http_client: httpx.AsyncClient | None = None,
-    ) -> None:
-        http = http_client or httpx.AsyncClient(base_url=base_url, timeout=timeout)
-        super().__init__(http, owns=http_client is None, api_key=api_key, headers=headers)
+    _http_class = httpx.AsyncClient
+
+    @classmethod
+    def _method(cls, build: Callable[..., _Call[Any]]) -> Callable[..., Any]:
+        async def method(self: AsyncAdvisorClient, *args: Any, **kwargs: Any) -> Any:
+            call = build(*args, **kwargs)
+            return self._result(call, await self._http.send(self._request(call)))
+
+        return method
 
     async def __aenter__(self) -> AsyncAdvisorClient:
         return self
@@ -347,13 +354,3 @@ class AsyncAdvisorClient(_BaseClient[httpx.AsyncClient]):
     async def aclose(self) -> None:
         if self._owns:
             await self._http.aclose()
-
-    recommend = _awaitable(_Requests.recommend)
-    estimate = _awaitable(_Requests.estimate)
-    gpus = _awaitable(_Requests.gpus)
-    gpu = _awaitable(_Requests.gpu)
-    models = _awaitable(_Requests.models)
-    model = _awaitable(_Requests.model)
-    health = _awaitable(_Requests.health)
-    ready = _awaitable(_Requests.ready)
-    metrics = _awaitable(_Requests.metrics)

@@ -102,33 +102,26 @@ class Problem:
     headers: Mapping[str, str] = dataclass_field(default_factory=dict)
     extra: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
+    def response(self, request_id: str | None) -> JSONResponse:
+        body = ErrorResponse(
+            code=self.code,
+            detail=self.detail,
+            field=self.field,
+            suggestions=list(self.suggestions),
+            errors=list(self.errors),
+            request_id=request_id,
+        ).model_dump(mode="json")
+        body.update(self.extra)
+        return JSONResponse(body, status_code=self.status, headers=dict(self.headers))
+
 
 def request_id_of(request: Request) -> str | None:
     return getattr(request.state, "request_id", None)
 
 
-def error_response(
-    request_id: str | None,
-    status: int,
-    code: str,
-    detail: str,
-    *,
-    field: str | None = None,
-    suggestions: Sequence[str] = (),
-    errors: Iterable[FieldError] = (),
-    headers: Mapping[str, str] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> JSONResponse:
-    body = ErrorResponse(
-        code=code,
-        detail=detail,
-        field=field,
-        suggestions=list(suggestions),
-        errors=list(errors),
-        request_id=request_id,
-    ).model_dump(mode="json")
-    body.update(extra or {})
-    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+def error_response(request_id: str | None, status: int, code: str, detail: str, **more: Any) -> JSONResponse:
+    """An ErrorResponse; `more`: Problem's other fields (field, suggestions, errors, headers, extra)."""
+    return Problem(status, code, detail, **more).response(request_id)
 
 
 def api_field(field: str | None) -> str | None:
@@ -251,18 +244,7 @@ HANDLED: tuple[type[Exception], ...] = (AdvisorError, RequestValidationError, Ap
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
     """The exception handler of every handled error type: its Problem as an ErrorResponse."""
-    p = problem_of(exc, request)
-    return error_response(
-        request_id_of(request),
-        p.status,
-        p.code,
-        p.detail,
-        field=p.field,
-        suggestions=p.suggestions,
-        errors=p.errors,
-        headers=p.headers,
-        extra=p.extra,
-    )
+    return problem_of(exc, request).response(request_id_of(request))
 
 
 def install_error_handlers(app: FastAPI) -> None:
