@@ -336,7 +336,7 @@ PlanOut = create_model(
         str,
         Field(
             description="the plan itself, encoded: decodes back to these fields (post it as plan_id to launch a job)",
-            examples=["plan_v2.eNqrVkovKI3PTFGyUioqqdA1MbA0UNJRyskvSowvSSxKTy0pVrKKVioEipUpxeoo5aaWZOSDFINUAAVzM5OL8uOTEkuSM5SsTGoB030ZBQ"],
+            examples=["plan_v2.W1swLCJsb3JhIl0sWzEsInJ0eC00MDkwIl0sWzMsNF0sWzEzLFsicSIsInYiXV1d"],
         ),
     ),
     **{f.name: _plan_field(f, False) for f in PLAN_FIELDS},
