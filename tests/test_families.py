@@ -63,6 +63,10 @@ def test_blocks_come_from_the_family():
     assert FAMILIES["gpt_neox"].parallel_residual and FAMILIES["phi"].parallel_residual
     assert not FAMILIES["llama"].parallel_residual
     assert {n for n, f in FAMILIES.items() if f.fused_qkv} == {"phi3", "gpt2", "gpt_neox"}
+    assert {n for n, f in FAMILIES.items() if f.sdpa_keeps_fused_qkv} == {"phi3", "gpt_neox"}
+    assert {n for n, f in FAMILIES.items() if f.norms_share_input} == {"gpt_neox"}
+    assert {n for n, f in FAMILIES.items() if f.encoder_decoder} == {"t5"}
+    assert FAMILIES["t5"].quirks["keep_fp32_modules"] == ("wo",) == CAT.model("flan-t5-xl").keep_fp32_modules
 
 
 def test_a_new_family_is_one_module_and_a_registration(monkeypatch):

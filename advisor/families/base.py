@@ -85,8 +85,13 @@ class Family:
     encoder_decoder: bool = False
     #: attention and MLP read the same normalised input and add to one residual (phi, gpt_neox)
     parallel_residual: bool = False
-    #: one projection makes q, k and v (under SDPA, v is a view of it: the whole output stays alive)
+    #: one projection makes q, k and v
     fused_qkv: bool = False
+    #: transformers' SDPA path keeps v as a view of the fused qkv output, so all of it stays saved for
+    #: backward (phi3, gpt_neox; GPT-2's split heads are copied)
+    sdpa_keeps_fused_qkv: bool = False
+    #: the block's norms read the same input, saved once (gpt_neox's parallel residual, two LayerNorms)
+    norms_share_input: bool = False
     #: ModelSpec fields every model of the family gets (how transformers runs it), e.g. gelu_new,
     #: keep-fp32 modules; per-model_type quirks live in the family module's own table
     quirks: Mapping[str, Any] = field(default_factory=dict)

@@ -59,5 +59,7 @@ FAMILY = GptNeoxFamily(
     config_defaults=CONFIG_DEFAULTS,
     parallel_residual=True,
     fused_qkv=True,
+    sdpa_keeps_fused_qkv=True,
+    norms_share_input=True,
     quirks=dict(gated_mlp=False, mlp_bias=True, norm="layernorm"),
 )

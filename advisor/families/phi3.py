@@ -55,4 +55,5 @@ FAMILY = Phi3Family(
     summary="the Llama layout with fused qkv_proj / gate_up_proj (Phi-3)",
     config_defaults=CONFIG_DEFAULTS,
     fused_qkv=True,
+    sdpa_keeps_fused_qkv=True,
 )
