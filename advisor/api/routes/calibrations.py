@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from advisor.api.auth import require_api_key
 from advisor.api.deps import CalibrationRuns
 from advisor.api.errors import error_responses
+from advisor.api.routes.common import route
 from advisor.api.schemas import ErrorResponse
 
 router = APIRouter(
@@ -88,16 +89,15 @@ class CalibrationStatus(BaseModel):
 
 
 # ---- routes ------------------------------------------------------------------------------------------
-@router.post(
+@route(
+    router.post,
     "/calibrations",
-    operation_id="startCalibration",
-    summary="Start a calibration of this server's device in the background",
+    "startCalibration",
+    "Start a calibration of this server's device in the background",
+    CalibrationRun,
     status_code=202,
-    response_model=CalibrationRun,
-    responses={
-        **error_responses(409, 422),
-        503: {"model": ErrorResponse, "description": "this server lacks the calibrate extra (torch, ...)"},
-    },
+    errors=(409, 422),
+    responses={503: {"model": ErrorResponse, "description": "this server lacks the calibrate extra (torch, ...)"}},
 )
 def start_calibration(body: CalibrationRequest, cal: CalibrationRuns) -> dict[str, Any]:
     """Short real LoRA/QLoRA fine-tunes (each in its own process), a fitted profile, installed on success.
@@ -105,22 +105,24 @@ def start_calibration(body: CalibrationRequest, cal: CalibrationRuns) -> dict[st
     return cal.start(body.device, body.budget, body.max_trials, body.threads).view()
 
 
-@router.get(
+@route(
+    router.get,
     "/calibrations",
-    operation_id="listCalibrations",
-    summary="Installed calibration profiles and this server's runs",
-    response_model=CalibrationList,
+    "listCalibrations",
+    "Installed calibration profiles and this server's runs",
+    CalibrationList,
 )
 def list_calibrations(cal: CalibrationRuns) -> dict[str, Any]:
     return cal.listing()
 
 
-@router.get(
+@route(
+    router.get,
     "/calibrations/{calibration_id}",
-    operation_id="getCalibration",
-    summary="A run's status, progress and result, or an installed profile",
-    response_model=CalibrationStatus,
-    responses=error_responses(404),
+    "getCalibration",
+    "A run's status, progress and result, or an installed profile",
+    CalibrationStatus,
+    errors=(404,),
 )
 def get_calibration(calibration_id: str, cal: CalibrationRuns) -> dict[str, Any]:
     """A run id gives status, trials done / total, the current trial, time left and, once done, the

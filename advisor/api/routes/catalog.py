@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 
 from advisor.api.deps import Service
-from advisor.api.errors import error_responses
+from advisor.api.routes.common import route
 from advisor.api.schemas import GpuList, GpuOut, ModelList, ModelOut
 from advisor.specs import GpuSpec, ModelSpec
 
@@ -26,37 +26,30 @@ def _model(m: ModelSpec) -> dict[str, Any]:
     return d
 
 
-@router.get("/gpus", operation_id="listGpus", summary="GPU catalog with prices and sources", response_model=GpuList)
+@route(router.get, "/gpus", "listGpus", "GPU catalog with prices and sources", GpuList)
 def list_gpus(svc: Service) -> dict[str, Any]:
     gpus = [_gpu(g) for g in svc.catalog.gpus]
     return {"count": len(gpus), "gpus": gpus}
 
 
-@router.get(
-    "/gpus/{gpu_id}",
-    operation_id="getGpu",
-    summary="One GPU by id or alias",
-    response_model=GpuOut,
-    responses=error_responses(404, 422),
-)
+@route(router.get, "/gpus/{gpu_id}", "getGpu", "One GPU by id or alias", GpuOut, errors=(404, 422))
 def get_gpu(gpu_id: Annotated[str, Path(min_length=1, max_length=100)], svc: Service) -> dict[str, Any]:
     return _gpu(svc.gpu(gpu_id))
 
 
-@router.get(
-    "/models", operation_id="listModels", summary="Model catalog with architecture numbers", response_model=ModelList
-)
+@route(router.get, "/models", "listModels", "Model catalog with architecture numbers", ModelList)
 def list_models(svc: Service) -> dict[str, Any]:
     models = [_model(m) for m in svc.catalog.models]
     return {"count": len(models), "models": models}
 
 
-@router.get(
+@route(
+    router.get,
     "/models/{model_id:path}",
-    operation_id="getModel",
-    summary="One catalog model by name, Hugging Face id or alias",
-    response_model=ModelOut,
-    responses=error_responses(404, 422),
+    "getModel",
+    "One catalog model by name, Hugging Face id or alias",
+    ModelOut,
+    errors=(404, 422),
 )
 def get_model(model_id: Annotated[str, Path(min_length=1, max_length=200)], svc: Service) -> dict[str, Any]:
     """Catalog entries only (no sizes, no paths): for anything else post an inline config to /v1/estimate."""

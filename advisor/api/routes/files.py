@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from advisor.api.auth import ApiKey, require_api_key
 from advisor.api.deps import Jobs
 from advisor.api.errors import error_responses
-from advisor.api.routes.listing import list_model, page_of
+from advisor.api.routes.common import list_model, page_of, paging, route
 from advisor.jobs import objects
 
 router = APIRouter(
@@ -25,6 +25,14 @@ router = APIRouter(
 )
 
 FileId = Annotated[str, Path(max_length=64, description="a file id (file-...)")]
+
+
+def owned_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> dict[str, Any]:
+    """The caller's file `file_id`; NotFoundError (404) for anyone else's."""
+    return jobs.file(caller.key_id, file_id)
+
+
+OwnedFile = Annotated[dict[str, Any], Depends(owned_file)]
 
 
 class FileObject(BaseModel):
@@ -50,12 +58,14 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-@router.post(
+@route(
+    router.post,
     "/files",
-    operation_id="createFile",
-    summary="Upload a JSONL training file (validated before it is kept)",
-    response_model=FileObject,
-    responses={**error_responses(400, 413, 422), 400: {"description": "invalid file: `line` names the first bad line"}},
+    "createFile",
+    "Upload a JSONL training file (validated before it is kept)",
+    FileObject,
+    errors=(400, 413, 422),
+    responses={400: {"description": "invalid file: `line` names the first bad line"}},
 )
 def create_file(
     caller: ApiKey,
@@ -66,48 +76,42 @@ def create_file(
     return objects.file_object(jobs.upload(caller.key_id, file.filename or "upload.jsonl", purpose, file.file))
 
 
-@router.get("/files", operation_id="listFiles", summary="Your files, newest first", response_model=FileList)
+@route(router.get, "/files", "listFiles", "Your files, newest first", FileList)
 def list_files(
     caller: ApiKey,
     jobs: Jobs,
+    page: paging(100, 10_000, ordered=True),  # type: ignore[valid-type]
     purpose: Annotated[str | None, Query(max_length=64)] = None,
-    after: Annotated[str | None, Query(max_length=64)] = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
-    order: Literal["asc", "desc"] = "desc",
 ) -> Any:
-    listing = jobs.store.list_files(caller.key_id, purpose=purpose, after=after, limit=limit, order=order)
+    listing = jobs.store.list_files(caller.key_id, purpose=purpose, **page.query)
     return page_of(listing, objects.file_object)
 
 
-@router.get(
-    "/files/{file_id}",
-    operation_id="retrieveFile",
-    summary="One file",
-    response_model=FileObject,
-    responses=error_responses(404),
-)
-def get_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
-    return objects.file_object(jobs.file(caller.key_id, file_id))
+@route(router.get, "/files/{file_id}", "retrieveFile", "One file", FileObject, errors=(404,))
+def get_file(row: OwnedFile) -> Any:
+    return objects.file_object(row)
 
 
-@router.get(
+@route(
+    router.get,
     "/files/{file_id}/content",
-    operation_id="downloadFile",
-    summary="A file's content (training data, or a job's step_metrics.csv result file)",
+    "downloadFile",
+    "A file's content (training data, or a job's step_metrics.csv result file)",
     response_class=FileResponse,
-    responses={**error_responses(404), 200: {"content": {"application/octet-stream": {}}}},
+    errors=(404,),
+    responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def file_content(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
-    row = jobs.file(caller.key_id, file_id)
+def file_content(row: OwnedFile) -> Any:
     return FileResponse(row["path"], filename=row["filename"], media_type="application/octet-stream")
 
 
-@router.delete(
+@route(
+    router.delete,
     "/files/{file_id}",
-    operation_id="deleteFile",
-    summary="Delete a file (refused while an active job uses it)",
-    response_model=FileDeleted,
-    responses=error_responses(404, 409),
+    "deleteFile",
+    "Delete a file (refused while an active job uses it)",
+    FileDeleted,
+    errors=(404, 409),
 )
 def delete_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> Any:
     return {"id": jobs.delete_file(caller.key_id, file_id)["id"], "object": "file", "deleted": True}

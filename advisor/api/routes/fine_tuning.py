@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from advisor.api.auth import ApiKey, require_api_key
 from advisor.api.deps import Jobs
 from advisor.api.errors import error_responses
-from advisor.api.routes.listing import Cursor, list_model, page_of
+from advisor.api.routes.common import list_model, page_of, paging, route
 from advisor.api.schemas import ErrorResponse, LoraTarget, Optimizer, PlanOut
 from advisor.jobs import objects
 from advisor.jobs.service import JobRequest, LoraParams, MethodParams
@@ -254,18 +254,19 @@ router = APIRouter(
     responses=error_responses(401),
 )
 
-_JOB_ERRORS: dict[int | str, dict[str, Any]] = {
-    **error_responses(404, 409, 422),
+_JOB_409 = {
     409: {"model": ErrorResponse, "description": "the plan does not fit (`estimate` has the breakdown), or a conflict"},
 }
 
 
-@router.post(
+@route(
+    router.post,
     "/jobs",
-    operation_id="createFineTuningJob",
-    summary="Create a fine-tuning job (checked against the estimator first)",
-    response_model=FineTuningJob,
-    responses=_JOB_ERRORS,
+    "createFineTuningJob",
+    "Create a fine-tuning job (checked against the estimator first)",
+    FineTuningJob,
+    errors=(404, 409, 422),
+    responses=_JOB_409,
 )
 def create_job(
     body: JobCreate,
@@ -284,42 +285,38 @@ def create_job(
     return objects.job_object(row)
 
 
-@router.get(
-    "/jobs",
-    operation_id="listFineTuningJobs",
-    summary="List your fine-tuning jobs, newest first",
-    response_model=JobList,
-)
+@route(router.get, "/jobs", "listFineTuningJobs", "List your fine-tuning jobs, newest first", JobList)
 def list_jobs(
     request: Request,
     caller: ApiKey,
     jobs: Jobs,
-    after: Cursor = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    page: paging(20, 100),  # type: ignore[valid-type]
 ) -> Any:
     """Cursor pages as in OpenAI's API; `metadata[key]=value` query parameters filter on metadata."""
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
-    listing = jobs.store.list_jobs(caller.key_id, after=after, limit=limit, metadata_filter=meta or None)
+    listing = jobs.store.list_jobs(caller.key_id, metadata_filter=meta or None, **page.query)
     return page_of(listing, objects.job_object)
 
 
-@router.get(
+@route(
+    router.get,
     "/jobs/{fine_tuning_job_id}",
-    operation_id="retrieveFineTuningJob",
-    summary="One job: status, error, prediction and measurement",
-    response_model=FineTuningJob,
-    responses=error_responses(404),
+    "retrieveFineTuningJob",
+    "One job: status, error, prediction and measurement",
+    FineTuningJob,
+    errors=(404,),
 )
 def get_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
     return objects.job_object(jobs.job(caller.key_id, fine_tuning_job_id))
 
 
-@router.post(
+@route(
+    router.post,
     "/jobs/{fine_tuning_job_id}/cancel",
-    operation_id="cancelFineTuningJob",
-    summary="Cancel a job (a running one goes through `cancelling`)",
-    response_model=FineTuningJob,
-    responses=error_responses(404, 409),
+    "cancelFineTuningJob",
+    "Cancel a job (a running one goes through `cancelling`)",
+    FineTuningJob,
+    errors=(404, 409),
 )
 def cancel_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
     """A queued job is cancelled at once; a running one gets SIGTERM (SIGKILL after the grace period)
@@ -327,51 +324,52 @@ def cancel_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
     return objects.job_object(jobs.cancel(caller.key_id, fine_tuning_job_id))
 
 
-@router.get(
+@route(
+    router.get,
     "/jobs/{fine_tuning_job_id}/events",
-    operation_id="listFineTuningEvents",
-    summary="A job's events, newest first (metrics events carry step, loss, learning rate, tokens/s, peak memory)",
-    response_model=EventList,
-    responses=error_responses(404),
+    "listFineTuningEvents",
+    "A job's events, newest first (metrics events carry step, loss, learning rate, tokens/s, peak memory)",
+    EventList,
+    errors=(404,),
 )
 def list_events(
     fine_tuning_job_id: JobId,
     caller: ApiKey,
     jobs: Jobs,
-    after: Cursor = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-    order: Annotated[Literal["asc", "desc"], Query(description="desc (OpenAI's) or asc to follow a log")] = "desc",
+    page: paging(20, 1000, ordered=True),  # type: ignore[valid-type]
 ) -> Any:
     jobs.job(caller.key_id, fine_tuning_job_id)  # 404 unless the caller's
-    listing = jobs.store.list_events(fine_tuning_job_id, after=after, limit=limit, order=order)
+    listing = jobs.store.list_events(fine_tuning_job_id, **page.query)
     return page_of(listing, objects.event_object)
 
 
-@router.get(
+@route(
+    router.get,
     "/jobs/{fine_tuning_job_id}/checkpoints",
-    operation_id="listFineTuningCheckpoints",
-    summary="A job's checkpoints, newest first (the last few are kept)",
-    response_model=CheckpointList,
-    responses=error_responses(404),
+    "listFineTuningCheckpoints",
+    "A job's checkpoints, newest first (the last few are kept)",
+    CheckpointList,
+    errors=(404,),
 )
 def list_checkpoints(
     fine_tuning_job_id: JobId,
     caller: ApiKey,
     jobs: Jobs,
-    after: Cursor = None,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+    page: paging(10, 100),  # type: ignore[valid-type]
 ) -> Any:
     job = jobs.job(caller.key_id, fine_tuning_job_id)
-    listing = jobs.store.list_checkpoints(fine_tuning_job_id, after=after, limit=limit)
+    listing = jobs.store.list_checkpoints(fine_tuning_job_id, **page.query)
     return page_of(listing, lambda row: objects.checkpoint_object(row, job))
 
 
-@router.get(
+@route(
+    router.get,
     "/jobs/{fine_tuning_job_id}/logs",
-    operation_id="fineTuningJobLogs",
-    summary="The tail of the training process' log (stdout and stderr)",
+    "fineTuningJobLogs",
+    "The tail of the training process' log (stdout and stderr)",
     response_class=PlainTextResponse,
-    responses={**error_responses(404), 200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    errors=(404,),
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 def job_logs(
     fine_tuning_job_id: JobId,

@@ -1,0 +1,71 @@
+"""One exception handler for every error type; the background state belongs to the app's lifespan."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from advisor.api.background import Calibrations, JobsRuntime
+from advisor.errors import NoFeasiblePlanError, UnknownGpuError
+from advisor.jobs.errors import FileValidationError, JobsError, NotFoundError, PlanDoesNotFitError
+
+KEY = "errors-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def _raising(app: FastAPI, errors: dict[str, Exception]) -> TestClient:
+    def raiser(exc: Exception):
+        def boom() -> None:
+            raise exc
+
+        return boom
+
+    for name, exc in errors.items():
+        app.add_api_route(f"/boom/{name}", raiser(exc))
+    return TestClient(app)
+
+
+def test_every_domain_error_is_answered_by_the_one_handler(make_app) -> None:
+    errors = {
+        "fit": PlanDoesNotFitError("does not fit", field="plan", extra={"estimate": {"peak_gib": 99.0}}),
+        "line": FileValidationError("not JSON", line=7),
+        "job404": NotFoundError("no such job", field="fine_tuning_job_id"),
+        "jobs": JobsError("bad", field="seq_len"),  # a job field is an API path already: not mapped
+        "gpu": UnknownGpuError("unknown GPU 'rtx-409'", field="gpu", suggestions=["rtx-4090"]),
+        "none": NoFeasiblePlanError("nothing fits", field="seq_len", reasons=["halve seq_len"]),
+    }
+    with _raising(make_app(), errors) as c:
+        r = c.get("/boom/fit")
+        assert r.status_code == 409 and r.json()["code"] == "plan_does_not_fit"
+        assert r.json()["estimate"] == {"peak_gib": 99.0} and r.json()["request_id"] == r.headers["x-request-id"]
+        r = c.get("/boom/line").json()
+        assert (r["code"], r["line"], r["field"], r["detail"]) == ("invalid_file", 7, "file", "line 7: not JSON")
+        assert c.get("/boom/job404").status_code == 404
+        r = c.get("/boom/jobs").json()
+        assert r["field"] == "seq_len" and r["errors"] == [
+            {"field": "seq_len", "message": "bad", "type": "invalid_input"}
+        ]
+        r = c.get("/boom/gpu")
+        assert r.status_code == 404 and r.json()["suggestions"] == ["rtx-4090"]
+        r = c.get("/boom/none")
+        assert r.status_code == 409 and r.json()["field"] == "workload.seq_len"  # a core field: its JSON path
+        assert [e["message"] for e in r.json()["errors"]] == ["nothing fits", "halve seq_len"]
+
+
+def test_the_lifespan_creates_and_stops_the_background_state(make_app) -> None:
+    app = make_app(api_keys=[KEY])
+    plain = TestClient(app)  # no lifespan: no background state, and the job routes say so
+    r = plain.get("/v1/files", headers=AUTH)
+    assert r.status_code == 503 and r.json()["code"] == "unavailable"
+    assert getattr(app.state, "jobs", None) is None
+    with TestClient(app) as c:
+        jobs, runs = app.state.jobs, app.state.calibrations
+        assert isinstance(jobs, JobsRuntime) and isinstance(runs, Calibrations)
+        assert c.get("/v1/files", headers=AUTH).json()["data"] == []
+        manager = jobs.get().manager
+        assert manager.started
+        assert c.get("/v1/calibrations", headers=AUTH).json() == {"runs": [], "profiles": []}
+    assert app.state.jobs is None and app.state.calibrations is None
+    assert not manager.started
+    with TestClient(app) as c:  # a second server life gets fresh state
+        assert app.state.jobs is not jobs and c.get("/v1/files", headers=AUTH).status_code == 200
