@@ -118,7 +118,9 @@ def test_both_clients_share_one_request_builder_and_translator() -> None:
     seen: list[tuple[str, str, bytes, str | None]] = []
 
     def answer(request: httpx.Request) -> httpx.Response:
-        seen.append((request.method, request.url.raw_path.decode(), request.content, request.headers.get("authorization")))
+        seen.append(
+            (request.method, request.url.raw_path.decode(), request.content, request.headers.get("authorization"))
+        )
         if request.url.path == "/metrics":
             return httpx.Response(502, text="bad gateway")
         return httpx.Response(404, json={"code": "unknown_gpu", "detail": "no", "field": "gpu", "request_id": "r1"})
