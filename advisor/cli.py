@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from advisor import calibrate_cli
 from advisor.api import serve as serve_cli
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
@@ -20,7 +21,6 @@ from advisor.recommend import OBJECTIVES, Constraints
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
 from advisor.units import DTYPES
-from calibration import cli as calibrate_cli
 
 
 def _flag(name: str) -> str:

@@ -273,7 +273,7 @@ def test_a_job_on_another_thread_count_joins_the_memory_fit_only(run_dir, jobs):
 def test_the_cli_refits_with_jobs(run_dir, jobs, capsys):
     import argparse
 
-    from calibration.cli import add_parser, cmd_calibrate
+    from advisor.calibrate_cli import add_parser, cmd_calibrate
 
     store, data_dir = jobs
     _add_finished_job(

@@ -5,8 +5,9 @@
     advisor calibrate --fit DIR --with-jobs   # refit DIR's trials plus finished jobs' measurements
     advisor calibrate --list           # installed profiles
 
-Importing this module imports neither torch nor scikit-learn (the advisor CLI imports it to build its
-parser); the calibration modules are imported when the command runs.
+Importing this module imports neither torch nor scikit-learn nor the ``calibration`` package (the
+advisor CLI imports it to build its parser); the calibration modules are imported when the command
+runs, inside ``cmd_calibrate``.
 """
 
 from __future__ import annotations
