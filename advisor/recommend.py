@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import copy
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from advisor.cost import DEFAULT_CONVERGENCE, CostEstimate, estimate_cost
 from advisor.errors import InvalidInputError
-from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.base import Estimate
+from advisor.estimators import device as dev
+from advisor.estimators.base import Estimate, Estimator, estimate_of
+from advisor.estimators.terms import PlanTerms
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec, Workload
@@ -123,9 +125,10 @@ def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
 
 @dataclass
 class PlanTable:
-    """Candidate plans of one model as columns: the GPU-independent counts, evaluated per GPU at once."""
+    """Candidate plans of one model as columns: the GPU-independent terms of one estimator."""
 
     shapes: list[TrainingPlan]  # gpu_id left empty
+    terms: list[PlanTerms]
     alloc: np.ndarray
     static: np.ndarray
     fpt: np.ndarray
@@ -139,18 +142,19 @@ class PlanTable:
     group_names: list[str]
 
 
-def build_table(estimator: AnalyticalEstimator, model: ModelSpec, shapes: list[TrainingPlan], cpu: bool) -> PlanTable:
-    counts = [estimator.counts(model, p, cpu) for p in shapes]
+def build_table(estimator: Estimator, model: ModelSpec, shapes: list[TrainingPlan], cpu: bool) -> PlanTable:
+    terms = [estimator.plan_terms(model, p, cpu) for p in shapes]
     names: dict[str, int] = {}
     group = [names.setdefault(_group(p, with_gpu=False), len(names)) for p in shapes]
     return PlanTable(
         shapes=shapes,
-        alloc=np.array([c.allocated for c in counts]),
-        static=np.array([c.static for c in counts]),
-        fpt=np.array([c.flops_per_token for c in counts]),
-        traffic=np.array([c.memory_traffic_bytes for c in counts]),
-        comm=np.array([c.comm_bytes for c in counts]),
-        passes=np.array([c.passes for c in counts], dtype=float),
+        terms=terms,
+        alloc=np.array([c.allocated for c in terms]),
+        static=np.array([c.static for c in terms]),
+        fpt=np.array([c.flops_per_token for c in terms]),
+        traffic=np.array([c.memory_traffic_bytes for c in terms]),
+        comm=np.array([c.comm_bytes for c in terms]),
+        passes=np.array([c.passes for c in terms], dtype=float),
         tokens=np.array([p.micro_batch * p.seq_len for p in shapes], dtype=float),
         ngpu=np.array([p.num_gpus for p in shapes], dtype=float),
         method=np.array([METHOD_NAMES.index(p.method) for p in shapes]),
@@ -159,98 +163,201 @@ def build_table(estimator: AnalyticalEstimator, model: ModelSpec, shapes: list[T
     )
 
 
-def _first_per_group(group: np.ndarray, mask: np.ndarray, *keys: np.ndarray) -> np.ndarray:
-    """Index of the best row (smallest keys, first key most significant) of each group among `mask`."""
-    idx = np.nonzero(mask)[0]
-    if idx.size == 0:
-        return idx
-    order = idx[np.lexsort((*(k[idx] for k in reversed(keys)), group[idx]))]
-    _, first = np.unique(group[order], return_index=True)
-    return order[first]
+class _Segments:
+    """Rows ordered by a group label, so that "the best row of each group" is a few O(n) passes
+    (numpy's reduceat over contiguous segments) instead of a sort per request. Ties go to the row that
+    comes first, as a stable sort would pick it."""
+
+    def __init__(self, label: np.ndarray):
+        self.order = np.argsort(label, kind="stable")
+        sorted_label = label[self.order]
+        self.starts = np.flatnonzero(np.r_[True, sorted_label[1:] != sorted_label[:-1]])
+        self.segment = np.cumsum(np.r_[False, sorted_label[1:] != sorted_label[:-1]])  # segment of each sorted row
+        self.label = sorted_label[self.starts]  # the label of each segment
+
+    def best(self, mask: np.ndarray, *keys: np.ndarray) -> np.ndarray:
+        """Row index of the best row (smallest keys, first key most significant) of each group among `mask`."""
+        cand = mask[self.order]
+        for k in keys:
+            ks = np.where(cand, k[self.order], np.inf)
+            mins = np.minimum.reduceat(ks, self.starts)
+            cand &= ks == mins[self.segment]
+        idx = np.flatnonzero(cand)
+        if idx.size == 0:
+            return idx
+        seg = self.segment[idx]
+        return self.order[idx[np.r_[True, seg[1:] != seg[:-1]]]]
+
+
+@dataclass
+class SearchTable:
+    """Every candidate on every GPU as one set of columns: each GPU's rows carry its own numbers and its
+    estimator's coefficients (``DeviceColumns``), so the device layer evaluates all of them in one pass.
+    Built once per (model, GPUs, search space, sequence length) and cached by the service."""
+
+    parts: list[tuple[GpuSpec, str, PlanTable, Estimator]]
+    offsets: np.ndarray  # first row of each part
+    device: dev.DeviceColumns
+    alloc: np.ndarray
+    static: np.ndarray
+    fpt: np.ndarray
+    traffic: np.ndarray
+    comm: np.ndarray
+    passes: np.ndarray
+    tokens: np.ndarray
+    ngpu: np.ndarray
+    method: np.ndarray
+    price: np.ndarray  # $/GPU-hour, inf where the GPU has no price
+    single: np.ndarray  # one GPU per plan
+    group_names: list[str]  # "method shape on N GPUs", across GPU types
+    by_part_group: _Segments  # (GPU, group): the best plan of each
+    by_group: _Segments  # group across GPU types: the closest plan of each rejected group
+    group_size: dict[str, int]
+    _plans: dict[tuple[int, int], TrainingPlan] = field(default_factory=dict)
+
+    def locate(self, row: int) -> tuple[int, int]:
+        part = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        return part, row - int(self.offsets[part])
+
+    def plan(self, part: int, local: int) -> TrainingPlan:
+        """The candidate with its GPU filled in (made once: shapes are validated already)."""
+        key = (part, local)
+        plan = self._plans.get(key)
+        if plan is None:
+            gpu, _, t, _ = self.parts[part]
+            plan = copy.copy(t.shapes[local])
+            object.__setattr__(plan, "gpu_id", gpu.id)
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+
+def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> SearchTable:
+    names: dict[str, int] = {}
+    groups, parts_dev = [], []
+    for gpu, dtype, t, estimator in tables:
+        remap = np.array([names.setdefault(n, len(names)) for n in t.group_names])
+        groups.append(remap[t.group])
+        parts_dev.append((estimator.device(gpu, dtype), len(t.shapes)))
+    sizes = [len(t.shapes) for _, _, t, _ in tables]
+
+    def col(name: str) -> np.ndarray:
+        return np.concatenate([getattr(t, name) for _, _, t, _ in tables])
+
+    group = np.concatenate(groups)
+    part = np.repeat(np.arange(len(tables)), sizes)
+    ngpu = col("ngpu")
+    price = np.repeat([g.price_usd_per_hour if g.price_usd_per_hour is not None else np.inf for g, *_ in tables], sizes)
+    group_names = list(names)
+    labels, counts = np.unique(group, return_counts=True)
+    return SearchTable(
+        parts=list(tables),
+        offsets=np.cumsum([0, *sizes[:-1]]),
+        device=dev.DeviceColumns.stack(parts_dev),
+        alloc=col("alloc"),
+        static=col("static"),
+        fpt=col("fpt"),
+        traffic=col("traffic"),
+        comm=col("comm"),
+        passes=col("passes"),
+        tokens=col("tokens"),
+        ngpu=ngpu,
+        method=col("method"),
+        price=price.astype(float),
+        single=ngpu == 1,
+        group_names=group_names,
+        by_part_group=_Segments(part * len(group_names) + group),
+        by_group=_Segments(group),
+        group_size={group_names[g]: int(c) for g, c in zip(labels, counts, strict=True)},
+    )
 
 
 def search(
     model: ModelSpec,
-    tables: list[tuple[GpuSpec, str, PlanTable, AnalyticalEstimator]],
+    table: SearchTable,
     workload: Workload,
     objective: str,
     constraints: Constraints,
     convergence: dict[str, float] | None = None,
     limit: int = 10,
 ) -> Recommendation:
-    """Evaluate every candidate on every GPU (vectorised), keep the best plan per method x adapter shape x
-    GPU x count for the objective, and explain each shape that fits nowhere. Each GPU brings its own
-    estimator (calibrated where a profile matches it) and the table of counts built with it."""
+    """Evaluate every candidate on every GPU in one pass of the device layer, keep the best plan per
+    method x adapter shape x GPU x count for the objective, and explain each shape that fits nowhere.
+    Each GPU's rows come from its own estimator (calibrated where a profile matches it)."""
     if objective not in OBJECTIVES:
         raise InvalidInputError(f"objective must be one of {', '.join(OBJECTIVES)}", field="objective")
     factors = {**DEFAULT_CONVERGENCE, **(convergence or {})}
     conv = np.array([factors[m] for m in METHOD_NAMES])
-    best: list[tuple[tuple, int, int]] = []  # (sort key, table number, row)
-    closest: dict[str, dict[str, tuple[float, int, int]]] = {"memory": {}, "deadline": {}, "budget": {}}
-    feasible_groups: set[str] = set()
-    smallest: dict[str, float] = {}
-    group_size: dict[str, int] = {}
-    n_candidates = n_feasible = 0
-    for ti, (gpu, dtype, t, estimator) in enumerate(tables):
-        _, total = estimator.memory_totals(gpu, t.alloc, t.static)
-        cap = gpu.memory_bytes * (1 - FIT_HEADROOM if objective == "fit" else 1)
-        mem_ok = total <= cap
-        sp = estimator.speed_terms(gpu, dtype, t.fpt, t.traffic, t.comm, t.passes, t.tokens, t.ngpu, model.total_layers)
-        hours = workload.total_tokens * conv[t.method] / sp["tokens_per_s"] / 3600
-        price = gpu.price_usd_per_hour
-        cost = hours * t.ngpu * price if price is not None else np.full_like(hours, np.inf)
-        dl_ok = hours <= constraints.deadline_hours if constraints.deadline_hours is not None else np.ones_like(mem_ok)
-        bud_ok = cost <= constraints.max_budget_usd if constraints.max_budget_usd is not None else np.ones_like(mem_ok)
-        ok = mem_ok & dl_ok & bud_ok
-        n_candidates += len(t.shapes)
-        n_feasible += int(ok.sum())
-        keys = {"cost": (cost, hours), "time": (hours, cost), "fit": (t.ngpu, hours, cost)}[objective]
-        for row in _first_per_group(t.group, ok, *keys):
-            best.append((tuple(float(k[row]) for k in keys), ti, int(row)))
-            feasible_groups.add(t.group_names[t.group[row]])
-        for kind, mask, key in (
-            ("memory", np.ones_like(ok), total),
-            ("deadline", mem_ok, hours),
-            ("budget", mem_ok & dl_ok, cost),
-        ):
-            for row in _first_per_group(t.group, mask, key):
-                name = t.group_names[t.group[row]]
-                if name not in closest[kind] or key[row] < closest[kind][name][0]:
-                    closest[kind][name] = (float(key[row]), ti, int(row))
-        for name, count in zip(*np.unique(t.group, return_counts=True), strict=True):
-            group_size[t.group_names[name]] = group_size.get(t.group_names[name], 0) + int(count)
-        single = t.ngpu == 1
-        for mi, m in enumerate(METHOD_NAMES):
-            sel = single & (t.method == mi)
-            if sel.any():
-                smallest[m] = min(smallest.get(m, np.inf), float(total[sel].min()))
+    t = table
+    ev = dev.evaluate(
+        t.device, t.alloc, t.static, t.fpt, t.traffic, t.comm, t.passes, t.tokens, t.ngpu, model.total_layers
+    )
+    total = ev.total
+    cap = t.device.memory_bytes * (1 - FIT_HEADROOM if objective == "fit" else 1)
+    mem_ok = total <= cap
+    hours = workload.total_tokens * conv[t.method] / ev.tokens_per_s / 3600
+    with np.errstate(invalid="ignore"):
+        cost = hours * t.ngpu * t.price
+    everything = np.ones_like(mem_ok)
+    dl_ok = hours <= constraints.deadline_hours if constraints.deadline_hours is not None else everything
+    bud_ok = cost <= constraints.max_budget_usd if constraints.max_budget_usd is not None else everything
+    ok = mem_ok & dl_ok & bud_ok
+    keys = {"cost": (cost, hours), "time": (hours, cost), "fit": (t.ngpu, hours, cost)}[objective]
+    rows = t.by_part_group.best(ok, *keys)
+    ranked_rows = sorted((tuple(float(k[r]) for k in keys), int(r)) for r in rows)
+    feasible_groups = {_name_of(t, int(r)) for r in rows}
 
-    def materialise(ti: int, row: int) -> Candidate:
-        gpu, _, t, estimator = tables[ti]
-        est = estimator.estimate(model, gpu, replace(t.shapes[row], gpu_id=gpu.id))
+    def materialise(row: int) -> Candidate:
+        part, local = t.locate(row)
+        gpu, _, pt, estimator = t.parts[part]
+        plan = t.plan(part, local)
+        one = dev.Evaluation(**{f: getattr(ev, f)[row] for f in _EVALUATION_FIELDS})
+        est = estimate_of(estimator, model, gpu, plan, pt.terms[local], one)
         return make_candidate(est, gpu, workload, convergence)
 
-    best.sort(key=lambda b: b[0])
-    chosen = [materialise(ti, row) for _, ti, row in best[:limit]]
+    chosen = [materialise(r) for _, r in ranked_rows[:limit]]
     top = chosen[0] if chosen else None
     ranked = [RankedPlan(rank=i + 1, candidate=c, why=_why(c, objective, top)) for i, c in enumerate(chosen)]
 
     rejections = []
-    for name in group_size:
+    closest = {
+        "budget": t.by_group.best(mem_ok & dl_ok, cost),
+        "deadline": t.by_group.best(mem_ok, hours),
+        "memory": t.by_group.best(everything, total),
+    }
+    closest_by_name = {kind: {_name_of(t, int(r)): int(r) for r in rs} for kind, rs in closest.items()}
+    for name in t.group_names:
         if name in feasible_groups:
             continue
-        kind = "budget" if name in closest["budget"] else "deadline" if name in closest["deadline"] else "memory"
-        _, ti, row = closest[kind][name]
-        rejections.append(_explain(name, kind, materialise(ti, row), group_size[name], constraints, len(tables)))
+        kind = next(k for k in ("budget", "deadline", "memory") if name in closest_by_name[k])
+        row = closest_by_name[kind][name]
+        rejections.append(
+            _explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts))
+        )
     rejections.sort(key=lambda r: r.closest.estimate.memory.device_total_bytes if r.closest else 0)
+    smallest = {}
+    for mi, m in enumerate(METHOD_NAMES):
+        sel = t.single & (t.method == mi)
+        if sel.any():
+            smallest[m] = float(total[sel].min()) / GIB
     return Recommendation(
         objective=objective,
         plans=ranked,
         rejected=rejections,
-        n_candidates=n_candidates,
-        n_feasible=n_feasible,
-        smallest_single_gpu_gib={m: v / GIB for m, v in smallest.items()},
+        n_candidates=len(t.alloc),
+        n_feasible=int(ok.sum()),
+        smallest_single_gpu_gib=smallest,
     )
+
+
+_EVALUATION_FIELDS = [f.name for f in fields(dev.Evaluation)]
+
+
+def _name_of(t: SearchTable, row: int) -> str:
+    part, local = t.locate(row)
+    pt = t.parts[part][2]
+    return pt.group_names[pt.group[local]]
 
 
 def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int) -> Rejection:

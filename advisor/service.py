@@ -11,6 +11,7 @@ from typing import Any
 from advisor.catalog import Catalog, default_catalog, model_from_config, resolve_model
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
+from advisor.estimators.base import Estimator
 from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
@@ -19,9 +20,11 @@ from advisor.recommend import (
     Constraints,
     PlanTable,
     Recommendation,
+    SearchTable,
     build_table,
     make_candidate,
     search,
+    stack_tables,
     study_notes,
 )
 from advisor.specs import GpuSpec, ModelSpec, Workload
@@ -118,6 +121,7 @@ class AdvisorService:
         self.analytical = AnalyticalEstimator()
         self._calibrated: dict[tuple[str, str, bool], CalibratedEstimator] = {}
         self._tables: dict[tuple, tuple[ModelSpec, PlanTable]] = {}
+        self._stacked: dict[tuple, tuple[ModelSpec, SearchTable]] = {}
         self._simulated = None
 
     def simulated(self):
@@ -142,7 +146,7 @@ class AdvisorService:
             return local_gpus(self.catalog)[0]
         return self.catalog.gpu(name)
 
-    def estimator_for(self, gpu: GpuSpec) -> AnalyticalEstimator:
+    def estimator_for(self, gpu: GpuSpec) -> Estimator:
         """The estimator for a device: calibrated where a profile matches it (name and memory); else the
         nearest calibrated device of its class scaled by spec ratios (FLOP/s, bandwidth); else analytical."""
         profiles = self.profiles.profiles()
@@ -196,7 +200,7 @@ class AdvisorService:
 
     def _table(
         self,
-        estimator: AnalyticalEstimator,
+        estimator: Estimator,
         model: ModelSpec,
         space: SearchSpace,
         seq_len: int,
@@ -215,6 +219,25 @@ class AdvisorService:
             self._tables.clear()
         self._tables[key] = (model, table)
         return table
+
+    def _search_table(
+        self, model: ModelSpec, gpus: list[GpuSpec], space: SearchSpace, seq_len: int, dtype: str | None
+    ) -> SearchTable:
+        """Every GPU's candidate columns side by side (cached: the same question is asked again and again)."""
+        parts = []
+        for gpu in gpus:
+            dt = dtype or gpu.default_dtype()
+            estimator = self.estimator_for(gpu)
+            parts.append((gpu, dt, self._table(estimator, model, space, seq_len, dt, gpu), estimator))
+        key = (id(model), tuple((g.id, dt, id(t), id(e)) for g, dt, t, e in parts))
+        hit = self._stacked.get(key)
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        stacked = stack_tables(parts)
+        if len(self._stacked) > 64:
+            self._stacked.clear()
+        self._stacked[key] = (model, stacked)
+        return stacked
 
     # ---- recommend --------------------------------------------------------------------------------
     def recommend(self, req: RecommendRequest) -> RecommendResult:
@@ -238,13 +261,15 @@ class AdvisorService:
             methods=req.constraints.methods,
             gpu_counts=tuple(n for n in (1, 2, 4, 8, 16, 32) if n <= req.constraints.max_gpus),
         )
-        tables = []
-        for gpu in gpus:
-            dtype = req.dtype or gpu.default_dtype()
-            estimator = self.estimator_for(gpu)
-            table = self._table(estimator, model, space, req.workload.seq_len, dtype, gpu)
-            tables.append((gpu, dtype, table, estimator))
-        rec = search(model, tables, req.workload, req.objective, req.constraints, req.convergence, req.limit)
+        rec = search(
+            model,
+            self._search_table(model, gpus, space, req.workload.seq_len, req.dtype),
+            req.workload,
+            req.objective,
+            req.constraints,
+            req.convergence,
+            req.limit,
+        )
         rec.notes.extend(study_notes(model, rec))
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-import numpy as np
-
-from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate
+from advisor.estimators import device as dev
+from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate, build_estimate
+from advisor.estimators.device import DeviceCoefficients
+from advisor.estimators.terms import PlanTerms
 from advisor.methods import get_method
 from advisor.methods.base import DQ_BLOCK, NF4_BLOCK
 from advisor.plans import TrainingPlan, resolve_targets
@@ -42,67 +43,46 @@ BNB8_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimiser states (optim/optimi
 
 @dataclass(frozen=True)
 class Coefficients:
-    """The constants of the model. Defaults are documented priors; calibration fits them per device."""
+    """The constants of the model. Defaults are documented priors; calibration fits them per device.
+
+    The term-level ones scale what ``plan_terms`` counts; ``device`` holds the device layer's."""
 
     activation_scale: float = 1.0  # multiplies the structural activation count
     logits_scale: float = 1.0
-    # caching-allocator slack on the transient part of the peak (activations, logits, gradients being
-    # built): reserved = allocated + this x (allocated - static); static weights/states are allocated once
-    allocator_fragmentation: float = 0.15
-    cuda_context_bytes: int = 512 * MIB  # CUDA context + cuBLAS/cuDNN handles, outside the allocator
     fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers
-    # speed
-    mfu: float | None = None  # None -> the prior of the GPU class below
-    tokens_half_efficiency: float = 256.0  # tokens per micro-step at which matmul efficiency is halved
-    bandwidth_efficiency: float = 0.7
     elementwise_passes: float = 3.0  # saved-activation bytes moved this many times by unfused ops
-    layer_overhead_s: float = 0.0004  # launch/Python overhead per block per pass
-    comm_overlap: float = 0.7
-    multi_gpu_efficiency: float = 0.92  # extra loss per doubling of GPUs beyond communication
+    device: DeviceCoefficients = field(default_factory=DeviceCoefficients)
 
-
-#: Fraction of dense peak the matmuls of an HF training step reach with enough tokens per step.
-#: Priors from public HF/peft training throughputs (A100: ~40-50% MFU; consumer Ada/Ampere cards
-#: reach more of their lower bf16 peak). Calibration replaces them.
-MFU_PRIOR = {"datacenter": 0.45, "consumer": 0.55, "cpu": 0.5}
 
 DEFAULT_COEFFICIENTS = Coefficients()
 
 
-@dataclass(frozen=True)
-class _Counts:
-    """The GPU-independent part of an estimate: bytes, FLOPs and traffic of one plan."""
-
-    components: dict[str, int]  # without runtime_overhead (slack + context depend on the device)
-    allocated: float
-    static: float  # weights, adapters, optimiser states: allocated once, no allocator slack
-    paged: float
-    peak_phase: str
-    flops_per_token: float
-    memory_traffic_bytes: float  # per micro-step, per GPU
-    comm_bytes: float  # per micro-step, per GPU
-    passes: int
-    notes: tuple[str, ...]
-    # every term before the max() of the two phases, by name: the features calibration fits (see terms())
-    terms: dict[str, float] = field(default_factory=dict)
-
-
 class AnalyticalEstimator:
+    """Plan terms from the architecture (cached per model and plan shape) and the device layer with the
+    prior coefficients. Implements the ``advisor.estimators.base.Estimator`` seam."""
+
     name = "analytical"
 
     def __init__(self, coefficients: Coefficients = DEFAULT_COEFFICIENTS, source: str = "analytical"):
         self.k = coefficients
         self.source = source
-        self._cache: dict[tuple, tuple[ModelSpec, _Counts]] = {}
+        self._cache: dict[tuple, tuple[ModelSpec, PlanTerms]] = {}
 
-    # ---- public ---------------------------------------------------------------------------
+    # ---- the Estimator seam -----------------------------------------------------------------
+    def device(self, gpu: GpuSpec, dtype: str) -> dev.DeviceColumns:
+        return dev.DeviceColumns.of(gpu, dtype, self.k.device)
+
+    def notes(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> list[str]:
+        return []
+
     def estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
-        notes: list[str] = []
-        mem = self.memory(model, gpu, plan, notes)
-        speed = self.speed(model, gpu, plan, notes)
-        if model.assumed:
-            notes.append(model.note)
-        return Estimate(plan=plan, memory=mem, speed=speed, source=self.source, notes=tuple(notes))
+        return build_estimate(self, model, gpu, plan)
+
+    def memory(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> MemoryEstimate:
+        return self.estimate(model, gpu, plan).memory
+
+    def speed(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> SpeedEstimate:
+        return self.estimate(model, gpu, plan).speed
 
     # ---- adapters ---------------------------------------------------------------------------
     def adapters(self, model: ModelSpec, plan: TrainingPlan) -> tuple[int, list[tuple[Block, list]]]:
@@ -119,40 +99,20 @@ class AnalyticalEstimator:
             groups.append((b, lins))
         return total, groups
 
-    # ---- memory -----------------------------------------------------------------------------
-    def memory(
-        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
-    ) -> MemoryEstimate:
-        c = self.counts(model, plan, _on_cpu(gpu))
-        if notes is not None:
-            notes.extend(c.notes)
-        allocated = c.allocated
-        reserved, total = self.memory_totals(gpu, allocated, c.static)
-        components = dict(c.components)
-        components["runtime_overhead"] = int(total - sum(components.values()))
-        return MemoryEstimate(
-            components=components,
-            allocated_peak_bytes=int(allocated),
-            reserved_peak_bytes=int(reserved),
-            device_total_bytes=int(total),
-            paged_bytes=int(c.paged),
-            peak_phase=c.peak_phase,
-            device_bytes=gpu.memory_bytes,
-        )
-
-    def counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
+    # ---- terms ------------------------------------------------------------------------------
+    def plan_terms(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> PlanTerms:
         """Everything about a plan that does not depend on which GPU runs it (cached)."""
         key = (id(model), plan.shape_key, cpu)
         hit = self._cache.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
-        counts = self._compute_counts(model, plan, cpu)
+        counts = self._compute_terms(model, plan, cpu)
         if len(self._cache) > 50_000:
             self._cache.clear()
         self._cache[key] = (model, counts)
         return counts
 
-    def _compute_counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> _Counts:
+    def _compute_terms(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> PlanTerms:
         notes: list[str] = []
         k = self.k
         m = get_method(plan.method)
@@ -246,7 +206,7 @@ class AnalyticalEstimator:
                 comm_bytes = 2 * frac * grad_b
             else:
                 comm_bytes = passes * frac * m.communicated_weight_bytes(model, e) + frac * grad_b
-        return _Counts(
+        return PlanTerms(
             components=components,
             allocated=allocated,
             static=static,
@@ -282,7 +242,7 @@ class AnalyticalEstimator:
     def terms(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> dict[str, float]:
         """The model's terms for one plan, by name (bytes, FLOPs per token, traffic bytes per micro-step,
         LoRA-wrapped module count), scaled by this estimator's coefficients: calibration's features."""
-        return dict(self.counts(model, plan, cpu).terms)
+        return dict(self.plan_terms(model, plan, cpu).terms)
 
     def activation_bytes(self, model: ModelSpec, plan: TrainingPlan, groups=None, cpu: bool = False) -> float:
         """Bytes autograd keeps between forward and backward, for one GPU's micro-batch (with
@@ -413,68 +373,9 @@ class AnalyticalEstimator:
         f += m.extra_flops_per_token(model, plan, adapted)
         return f + m.extra_flops_per_step(model, plan, adapted) / (plan.micro_batch * plan.seq_len)
 
-    def speed(
-        self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, notes: list[str] | None = None
-    ) -> SpeedEstimate:
-        c = self.counts(model, plan, _on_cpu(gpu))
-        if notes is not None and gpu.tflops(plan.dtype) <= 0:
-            notes.append(f"{gpu.name} has no {plan.dtype} tensor cores; speed uses its fp16 rate")
-        t = self.speed_terms(
-            gpu,
-            plan.dtype,
-            c.flops_per_token,
-            c.memory_traffic_bytes,
-            c.comm_bytes,
-            c.passes,
-            plan.micro_batch * plan.seq_len,
-            plan.num_gpus,
-            model.total_layers,
-        )
-        return SpeedEstimate(
-            step_time_s=float(t["step_s"]),
-            tokens_per_s=float(t["tokens_per_s"]),
-            flops_per_token=c.flops_per_token,
-            compute_s=float(t["compute_s"]),
-            memory_bound_s=float(t["memory_bound_s"]),
-            communication_s=float(t["communication_s"]),
-            mfu=float(t["mfu"]),
-        )
-
-    # ---- device terms: scalar or numpy arrays alike (recommend evaluates thousands at once) ----------
     def memory_totals(self, gpu: GpuSpec, allocated, static):
-        """(reserved, device total) from the allocated peak: slack on its transient part, then the CUDA context."""
-        k = self.k
-        reserved = allocated + k.allocator_fragmentation * (allocated - static)
-        return reserved, reserved + (k.cuda_context_bytes if gpu.gpu_class != "cpu" else 0)
-
-    def speed_terms(self, gpu: GpuSpec, dtype: str, fpt, traffic, comm_bytes, passes, tokens, n, layers) -> dict:
-        k = self.k
-        peak = gpu.tflops(dtype) * 1e12
-        if peak <= 0:
-            peak = gpu.fp16_tflops * 1e12
-        mfu_max = k.mfu if k.mfu is not None else MFU_PRIOR.get(gpu.gpu_class, 0.45)
-        eff = mfu_max * tokens / (tokens + k.tokens_half_efficiency)
-        compute = tokens * fpt / (peak * eff)
-        memory_bound = traffic / (gpu.memory_bandwidth_gbps * 1e9 * k.bandwidth_efficiency)
-        multi = np.asarray(n) > 1
-        comm = np.where(multi, comm_bytes / (gpu.interconnect_gbps * 1e9), 0.0)
-        busy = compute + memory_bound
-        # communication overlaps with compute except for a (1 - overlap) share of the shorter of the two
-        exposed = np.where(multi, np.maximum(busy, comm) - busy + (1 - k.comm_overlap) * np.minimum(busy, comm), 0.0)
-        step = busy + exposed + k.layer_overhead_s * layers * passes
-        tokens_per_s = n * tokens / step * k.multi_gpu_efficiency ** np.log2(np.maximum(n, 1))
-        return {
-            "step_s": step,
-            "tokens_per_s": tokens_per_s,
-            "compute_s": compute,
-            "memory_bound_s": memory_bound,
-            "communication_s": comm,
-            "mfu": tokens * fpt / step / peak,
-        }
-
-
-def _on_cpu(gpu: GpuSpec) -> bool:
-    return gpu.gpu_class == "cpu"
+        """(reserved, device total) for an allocated peak on `gpu` (the device layer's, with these coefficients)."""
+        return dev.memory_totals(self.device(gpu, "fp32"), allocated, static)
 
 
 def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:

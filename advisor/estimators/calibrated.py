@@ -41,6 +41,13 @@ scales with the FLOP/s ratio and memory-bound time with the bandwidth ratio). Su
 ``scaled:<profile id>``; estimates on the profiled device say ``calibrated:<profile id>``.
 
 The multi-GPU terms (communication) stay analytical: trials run on one device.
+
+The estimator is not an analytical one with other constants: it makes its own plan terms (the
+calibrated memory peak and traffic above, from the analytical terms as features) and its own device
+coefficients (1/x1 as MFU, x2/x1 as the tokens at half efficiency, x5 as the per-block overhead), and
+both go through the one device layer (``advisor.estimators.device``) like the analytical model's. The
+features are the analytical terms of ``TERMS_VERSION`` (``advisor.estimators.terms``); a profile
+fitted on other terms is refused when it is loaded.
 """
 
 from __future__ import annotations
@@ -49,8 +56,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from advisor.estimators import device as dev
 from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator
-from advisor.estimators.base import Estimate
+from advisor.estimators.base import Estimate, build_estimate
+from advisor.estimators.device import DeviceCoefficients, peak_flops
+from advisor.estimators.terms import PlanTerms
 from advisor.plans import TrainingPlan
 from advisor.profiles import Profile
 from advisor.specs import GpuSpec, ModelSpec
@@ -150,8 +160,7 @@ def _with_layers(model: ModelSpec, n: int) -> ModelSpec:
 
 
 def _peak_flops(gpu: GpuSpec, dtype: str) -> float:
-    peak = gpu.tflops(dtype) * 1e12
-    return peak if peak > 0 else gpu.fp16_tflops * 1e12
+    return peak_flops(gpu, dtype)
 
 
 # ---- the fitted model ------------------------------------------------------------------------------
@@ -228,11 +237,10 @@ def speed_prediction(coef: dict[str, Any], f: Features) -> float:
 
 
 # ---- the estimator -------------------------------------------------------------------------------
-class CalibratedEstimator(AnalyticalEstimator):
+class CalibratedEstimator:
     """Estimates for one device from a profile (its own device, or another GPU under the scaled rule).
-
-    Subclasses the analytical estimator so the vectorised search (counts, memory_totals, speed_terms)
-    runs unchanged on calibrated counts."""
+    Implements the ``advisor.estimators.base.Estimator`` seam: calibrated plan terms, fitted device
+    coefficients, the shared device layer."""
 
     name = "calibrated"
 
@@ -241,31 +249,32 @@ class CalibratedEstimator(AnalyticalEstimator):
         self.profile = profile
         self.gpu = gpu or profile.gpu
         self.scaled = scaled
+        self.source = ("scaled:" if scaled else "calibrated:") + profile.id
         self.memory_coef = coef["memory"]
         self.speed_coef = {k: float(v) for k, v in coef["speed"].items()}
         x1 = max(self.speed_coef["compute"], 1e-9)
         runtime = coef.get("runtime", {})
-        k = replace(
-            DEFAULT_COEFFICIENTS,
+        self.coefficients = DeviceCoefficients(
             allocator_fragmentation=float(runtime.get("allocator_fragmentation", 0.0)),
             cuda_context_bytes=int(runtime.get("cuda_context_bytes", 0)),
-            fixed_allocated_bytes=0,  # the fitted intercepts are inside the calibrated counts
             mfu=1.0 / x1,
             tokens_half_efficiency=self.speed_coef.get("compute_per_step", 0.0) / x1,
-            bandwidth_efficiency=1.0,  # the fitted traffic coefficients are folded into the counts' traffic
+            bandwidth_efficiency=1.0,  # the fitted traffic coefficients are folded into the terms' traffic
             layer_overhead_s=self.speed_coef.get("layer_passes_s", 0.0),
         )
-        super().__init__(k, source=("scaled:" if scaled else "calibrated:") + profile.id)
         self._base = AnalyticalEstimator(DEFAULT_COEFFICIENTS)
-        self._calibrated: dict[tuple, tuple[ModelSpec, Any]] = {}
+        self._calibrated: dict[tuple, tuple[ModelSpec, PlanTerms]] = {}
 
-    def counts(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False):
-        """The analytical counts with calibrated memory and traffic (see the module docstring)."""
+    def device(self, gpu: GpuSpec, dtype: str) -> dev.DeviceColumns:
+        return dev.DeviceColumns.of(gpu, dtype, self.coefficients)
+
+    def plan_terms(self, model: ModelSpec, plan: TrainingPlan, cpu: bool = False) -> PlanTerms:
+        """The analytical terms with calibrated memory and traffic (see the module docstring)."""
         key = (id(model), plan.shape_key, cpu)
         hit = self._calibrated.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
-        base = self._base.counts(model, plan, cpu)
+        base = self._base.plan_terms(model, plan, cpu)
         f = features(self._base, model, self.gpu, plan)
         allocated, phase, parts = memory_prediction(self.memory_coef, f)
         t = base.terms
@@ -280,12 +289,12 @@ class CalibratedEstimator(AnalyticalEstimator):
         }
         # everything but the matmul time at the fitted MFU (x1, x2) rides on the memory-bound term, as
         # bytes at the device's bandwidth: traffic, narrow-matmul inefficiency, per-op overheads
-        # (layer overheads stay in Coefficients.layer_overhead_s, as in the analytical model)
+        # (layer overheads stay in the device coefficients' layer_overhead_s, as in the analytical model)
         sc = self.speed_coef
         x = speed_features(self.memory_coef, f)
         rest = ("compute_narrow", "memory_traffic", "dequant_traffic", "adapter_passes_s", "step_s")
         traffic = sum(sc.get(name, 0.0) * x[name] for name in rest) * self.gpu.memory_bandwidth_gbps * 1e9
-        counts = replace(
+        terms = replace(
             base,
             components=components,
             allocated=allocated,
@@ -295,14 +304,13 @@ class CalibratedEstimator(AnalyticalEstimator):
         )
         if len(self._calibrated) > 50_000:
             self._calibrated.clear()
-        self._calibrated[key] = (model, counts)
-        return counts
+        self._calibrated[key] = (model, terms)
+        return terms
 
     def estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> Estimate:
-        est = super().estimate(model, gpu, plan)
-        return replace(est, notes=(*est.notes, *self.notes(model, plan)))
+        return build_estimate(self, model, gpu, plan)
 
-    def notes(self, model: ModelSpec, plan: TrainingPlan) -> list[str]:
+    def notes(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan) -> list[str]:
         p = self.profile
         h = p.held_out
         out = [

@@ -13,7 +13,7 @@ from typing import Any
 
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator, Coefficients
-from advisor.estimators.base import MemoryEstimate
+from advisor.estimators.base import MemoryEstimate, speed_notes
 from advisor.families import hf_config
 from advisor.methods import get_method
 from advisor.plans import TrainingPlan
@@ -143,8 +143,7 @@ class SimulatedEstimator:
     ) -> SimulatedEstimate:
         trace = self.trace(model, plan, timeout_s)
         mem = self.memory_from_trace(trace, gpu)
-        notes: list[str] = []
-        speed = self.speed_model.speed(model, gpu, plan, notes)
+        speed = self.speed_model.speed(model, gpu, plan)
         k = self.k
         notes = [
             f"memory traced under FakeTensorMode ({trace.ops:,} ops, {trace.seconds:.1f} s, "
@@ -152,11 +151,11 @@ class SimulatedEstimator:
             f"peft {trace.versions.get('peft')}, bitsandbytes {trace.versions.get('bitsandbytes')}); "
             f"peak in {trace.peak_phase.replace('_', ' ')}",
             f"allocated = traced tensor peak + {k.fixed_allocated_bytes / 2**20:.0f} MiB of fixed buffers; reserved adds "
-            f"{k.allocator_fragmentation:.0%} allocator slack on the transient part, the device total "
-            f"{k.cuda_context_bytes / 2**20:.0f} MiB of CUDA context (the analytical model's constants)",
+            f"{k.device.allocator_fragmentation:.0%} allocator slack on the transient part, the device total "
+            f"{k.device.cuda_context_bytes / 2**20:.0f} MiB of CUDA context (the analytical model's constants)",
             "speed is the analytical model's",
             *trace.notes,
-            *notes,
+            *speed_notes(gpu, plan),
         ]
         if model.assumed:
             notes.append(model.note)
