@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from advisor.errors import InvalidInputError
+from advisor.estimators.terms import TERMS_VERSION
 from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec
 
@@ -118,12 +119,28 @@ class Profile:
     meters: dict[str, str | None]  # figure -> the meter that produced it
     provenance: dict[str, Any]  # command, budget, trial counts, measurements digest, machine load
     format: str = FORMAT
+    #: the version of the analytical terms the coefficients multiply (advisor.estimators.terms); profiles
+    #: written before the field existed were fitted on version 1
+    terms_version: int = TERMS_VERSION
 
     def __post_init__(self) -> None:
         if not _ID_RE.match(self.id):
             raise InvalidInputError(f"profile id {self.id!r} must be a lowercase slug", field="profile")
         if self.format != FORMAT:
             raise InvalidInputError(f"unknown profile format {self.format!r} (expected {FORMAT})", field="profile")
+
+    @property
+    def stale(self) -> bool:
+        """Fitted on other term definitions than this advisor computes: its coefficients would mis-scale."""
+        return self.terms_version != TERMS_VERSION
+
+    def stale_reason(self) -> str:
+        return (
+            f"calibration profile {self.id!r} ({self.device_name}) was fitted on analytical terms version "
+            f"{self.terms_version}; this advisor computes version {TERMS_VERSION}, so its coefficients no longer "
+            f"multiply what they were fitted on. To fix: refit it from its trials (advisor calibrate --fit RUN_DIR) "
+            "or recalibrate, or delete it"
+        )
 
     # ---- the device ------------------------------------------------------------------------------
     @property
@@ -179,6 +196,7 @@ class Profile:
                 meters=dict(d.get("meters", {})),
                 provenance=dict(d.get("provenance", {})),
                 format=str(d.get("format", FORMAT)),
+                terms_version=int(d.get("terms_version", 1)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InvalidInputError(f"not a calibration profile: {exc}", field="profile") from exc
@@ -230,11 +248,18 @@ class ProfileStore:
         return sorted(self.root.glob("*.json"))
 
     def profiles(self) -> list[Profile]:
-        """Every readable profile, newest first (re-read when files change)."""
+        """Every readable profile fitted on the current terms, newest first (re-read when files change)."""
+        return [p for p in self._all() if not p.stale]
+
+    def stale_profiles(self) -> list[Profile]:
+        """Profiles fitted on other term definitions: never used, and an error for their own device."""
+        return [p for p in self._all() if p.stale]
+
+    def _all(self) -> list[Profile]:
         files = self._files()
         key = tuple((f.name, f.stat().st_mtime_ns) for f in files)
         if self._cache is not None and self._cache[0] == key:
-            return list(self._cache[1])
+            return self._cache[1]
         out: list[Profile] = []
         self.problems = {}
         for f in files:
@@ -244,7 +269,7 @@ class ProfileStore:
                 self.problems[f.name] = str(exc)
         out.sort(key=lambda p: p.created_at, reverse=True)
         self._cache = (key, out)
-        return list(out)
+        return out
 
     def get(self, profile_id: str) -> Profile:
         for p in self.profiles():

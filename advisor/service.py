@@ -12,7 +12,7 @@ from advisor.catalog import Catalog, default_catalog, model_from_config, resolve
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimator
-from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
+from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
 from advisor.profiles import ProfileStore
@@ -153,6 +153,9 @@ class AdvisorService:
         profile = next((p for p in profiles if p.matches(gpu)), None)
         scaled = profile is None
         if profile is None:
+            stale = next((p for p in self.profiles.stale_profiles() if p.matches(gpu)), None)
+            if stale is not None:  # loud, not a silent fall-back to another profile or the priors
+                raise StaleProfileError(stale.stale_reason(), field="gpu")
             profile = nearest_profile(profiles, gpu)
             if profile is None:
                 return self.analytical

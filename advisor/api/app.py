@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI
 
 from advisor.api.auth import require_api_key
 from advisor.api.background import Calibrations, JobsRuntime
-from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check, set_body_limit
+from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check, profiles_check, set_body_limit
 from advisor.api.errors import error_responses, errors_as_json, install_error_handlers
 from advisor.api.observability import Metrics, RequestContextMiddleware, configure_logging
 from advisor.api.routes import advice, calibrations, catalog, files, fine_tuning, health
@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.body_limits = {}  # path prefix -> bytes (deps.set_body_limit); the default is max_body_bytes
     add_readiness_check(app, "catalogs", catalogs_check(service))
     add_readiness_check(app, "data_dir", data_dir_check(settings))
+    add_readiness_check(app, "calibration_profiles", profiles_check(service))
 
     install_error_handlers(app)
     _document_errors_as_json(app)

@@ -102,6 +102,19 @@ def catalogs_check(svc: AdvisorService) -> Check:
     return check
 
 
+def profiles_check(svc: AdvisorService) -> Check:
+    """Calibration profiles fitted on other analytical terms are never used; their devices' requests fail
+    until they are refitted, so the service is not ready while one is installed."""
+
+    def check() -> tuple[bool, str]:
+        stale = svc.profiles.stale_profiles()
+        if stale:
+            return False, "; ".join(p.stale_reason() for p in stale)
+        return True, f"{len(svc.profiles.profiles())} calibration profiles"
+
+    return check
+
+
 def data_dir_check(settings: Settings) -> Check:
     def check() -> tuple[bool, str]:
         path = settings.resolved_data_dir

@@ -56,6 +56,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
+from advisor.errors import InvalidInputError
 from advisor.estimators import device as dev
 from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator
 from advisor.estimators.base import Estimate, build_estimate
@@ -64,6 +65,11 @@ from advisor.estimators.terms import PlanTerms
 from advisor.plans import TrainingPlan
 from advisor.profiles import Profile
 from advisor.specs import GpuSpec, ModelSpec
+
+
+class StaleProfileError(InvalidInputError):
+    """A profile fitted on other analytical terms than this advisor computes (refit it)."""
+
 
 #: the coefficient a family without trials keeps (the analytical structural count as is)
 PRIOR = {"blocks": 1.0, "recompute_block": 1.0, "attention_scores": 0.0}
@@ -245,6 +251,8 @@ class CalibratedEstimator:
     name = "calibrated"
 
     def __init__(self, profile: Profile, gpu: GpuSpec | None = None, scaled: bool = False):
+        if profile.stale:
+            raise StaleProfileError(profile.stale_reason(), field="gpu")
         coef = profile.coefficients
         self.profile = profile
         self.gpu = gpu or profile.gpu

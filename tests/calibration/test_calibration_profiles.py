@@ -187,3 +187,32 @@ def test_profiles_load_and_estimate_without_torch_or_sklearn(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == ""
+
+
+def test_a_profile_fitted_on_other_terms_is_refused_loudly(tmp_path):
+    """A profile records the terms version it was fitted on; another version is an error, not a rescale."""
+    from advisor.api.deps import profiles_check
+    from advisor.estimators.calibrated import StaleProfileError
+    from advisor.estimators.terms import TERMS_VERSION
+
+    store = ProfileStore(tmp_path)
+    store.save(profile())
+    doc = json.loads((tmp_path / "a100-80gb-20260101-000000.json").read_text())
+    assert doc["terms_version"] == TERMS_VERSION
+    # written before the field existed: fitted on version 1
+    del doc["terms_version"]
+    assert Profile.from_dict(doc).terms_version == 1
+    doc["terms_version"] = TERMS_VERSION + 1
+    (tmp_path / "a100-80gb-20260101-000000.json").write_text(json.dumps(doc))
+    store = ProfileStore(tmp_path)
+    assert store.profiles() == [] and [p.id for p in store.stale_profiles()] == ["a100-80gb-20260101-000000"]
+    svc = AdvisorService(profiles=store)
+    with pytest.raises(StaleProfileError, match="advisor calibrate --fit") as e:
+        svc.estimate(LLAMA, A100, plan(A100))
+    assert e.value.field == "gpu"
+    with pytest.raises(StaleProfileError):
+        CalibratedEstimator(store.stale_profiles()[0])
+    ok, detail = profiles_check(svc)()
+    assert not ok and "a100-80gb-20260101-000000" in detail
+    # other devices are not affected (the stale profile is not used for the scaled rule either)
+    assert svc.estimate(LLAMA, H100, plan(H100))["source"] == "analytical"
