@@ -249,13 +249,13 @@ class ProfileStore:
 
     def profiles(self) -> list[Profile]:
         """Every readable profile fitted on the current terms, newest first (re-read when files change)."""
-        return [p for p in self._all() if not p.stale]
+        return [p for p in self.all() if not p.stale]
 
     def stale_profiles(self) -> list[Profile]:
         """Profiles fitted on other term definitions: never used, and an error for their own device."""
-        return [p for p in self._all() if p.stale]
+        return [p for p in self.all() if p.stale]
 
-    def _all(self) -> list[Profile]:
+    def all(self) -> list[Profile]:
         files = self._files()
         key = tuple((f.name, f.stat().st_mtime_ns) for f in files)
         if self._cache is not None and self._cache[0] == key:

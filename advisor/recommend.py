@@ -209,15 +209,27 @@ class SearchTable:
     method: np.ndarray
     price: np.ndarray  # $/GPU-hour, inf where the GPU has no price
     single: np.ndarray  # one GPU per plan
+    part: np.ndarray  # which GPU (index into parts) each row is on
+    local: np.ndarray  # the row's index in its part's PlanTable
+    group: np.ndarray  # index into group_names
     group_names: list[str]  # "method shape on N GPUs", across GPU types
     by_part_group: _Segments  # (GPU, group): the best plan of each
     by_group: _Segments  # group across GPU types: the closest plan of each rejected group
     group_size: dict[str, int]
     _plans: dict[tuple[int, int], TrainingPlan] = field(default_factory=dict)
+    _evaluation: dev.Evaluation | None = None
+
+    def evaluation(self, layers: int) -> dev.Evaluation:
+        """The device layer over every row (independent of the workload and the objective: made once)."""
+        if self._evaluation is None:
+            self._evaluation = dev.evaluate(
+                self.device, self.alloc, self.static, self.fpt, self.traffic, self.comm, self.passes, self.tokens,
+                self.ngpu, layers,
+            )
+        return self._evaluation
 
     def locate(self, row: int) -> tuple[int, int]:
-        part = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        return part, row - int(self.offsets[part])
+        return int(self.part[row]), int(self.local[row])
 
     def plan(self, part: int, local: int) -> TrainingPlan:
         """The candidate with its GPU filled in (made once: shapes are validated already)."""
@@ -266,6 +278,9 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
         method=col("method"),
         price=price.astype(float),
         single=ngpu == 1,
+        part=part,
+        local=np.concatenate([np.arange(n) for n in sizes]),
+        group=group,
         group_names=group_names,
         by_part_group=_Segments(part * len(group_names) + group),
         by_group=_Segments(group),
@@ -290,9 +305,7 @@ def search(
     factors = {**DEFAULT_CONVERGENCE, **(convergence or {})}
     conv = np.array([factors[m] for m in METHOD_NAMES])
     t = table
-    ev = dev.evaluate(
-        t.device, t.alloc, t.static, t.fpt, t.traffic, t.comm, t.passes, t.tokens, t.ngpu, model.total_layers
-    )
+    ev = t.evaluation(model.total_layers)
     total = ev.total
     cap = t.device.memory_bytes * (1 - FIT_HEADROOM if objective == "fit" else 1)
     mem_ok = total <= cap
@@ -305,8 +318,8 @@ def search(
     ok = mem_ok & dl_ok & bud_ok
     keys = {"cost": (cost, hours), "time": (hours, cost), "fit": (t.ngpu, hours, cost)}[objective]
     rows = t.by_part_group.best(ok, *keys)
-    ranked_rows = sorted((tuple(float(k[r]) for k in keys), int(r)) for r in rows)
-    feasible_groups = {_name_of(t, int(r)) for r in rows}
+    ranked_rows = rows[np.lexsort(tuple(k[rows] for k in reversed(keys)))][:limit] if rows.size else rows
+    feasible_groups = set(np.unique(t.group[rows]).tolist())
 
     def materialise(row: int) -> Candidate:
         part, local = t.locate(row)
@@ -316,25 +329,23 @@ def search(
         est = estimate_of(estimator, model, gpu, plan, pt.terms[local], one)
         return make_candidate(est, gpu, workload, convergence)
 
-    chosen = [materialise(r) for _, r in ranked_rows[:limit]]
+    chosen = [materialise(int(r)) for r in ranked_rows]
     top = chosen[0] if chosen else None
     ranked = [RankedPlan(rank=i + 1, candidate=c, why=_why(c, objective, top)) for i, c in enumerate(chosen)]
 
     rejections = []
-    closest = {
-        "budget": t.by_group.best(mem_ok & dl_ok, cost),
-        "deadline": t.by_group.best(mem_ok, hours),
-        "memory": t.by_group.best(everything, total),
-    }
-    closest_by_name = {kind: {_name_of(t, int(r)): int(r) for r in rs} for kind, rs in closest.items()}
-    for name in t.group_names:
-        if name in feasible_groups:
+    closest: dict[int, tuple[str, int]] = {}  # group -> (kind, its closest row), the most telling kind first
+    for kind, rs in (
+        ("memory", t.by_group.best(everything, total)),
+        ("deadline", t.by_group.best(mem_ok, hours)),
+        ("budget", t.by_group.best(mem_ok & dl_ok, cost)),
+    ):
+        closest.update(zip(t.group[rs].tolist(), ((kind, int(r)) for r in rs), strict=True))
+    for g, name in enumerate(t.group_names):
+        if g in feasible_groups:
             continue
-        kind = next(k for k in ("budget", "deadline", "memory") if name in closest_by_name[k])
-        row = closest_by_name[kind][name]
-        rejections.append(
-            _explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts))
-        )
+        kind, row = closest[g]
+        rejections.append(_explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts)))
     rejections.sort(key=lambda r: r.closest.estimate.memory.device_total_bytes if r.closest else 0)
     smallest = {}
     for mi, m in enumerate(METHOD_NAMES):
@@ -352,12 +363,6 @@ def search(
 
 
 _EVALUATION_FIELDS = [f.name for f in fields(dev.Evaluation)]
-
-
-def _name_of(t: SearchTable, row: int) -> str:
-    part, local = t.locate(row)
-    pt = t.parts[part][2]
-    return pt.group_names[pt.group[local]]
 
 
 def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int) -> Rejection:

@@ -146,14 +146,16 @@ class AdvisorService:
             return local_gpus(self.catalog)[0]
         return self.catalog.gpu(name)
 
-    def estimator_for(self, gpu: GpuSpec) -> Estimator:
+    def estimator_for(self, gpu: GpuSpec, installed: list | None = None) -> Estimator:
         """The estimator for a device: calibrated where a profile matches it (name and memory); else the
-        nearest calibrated device of its class scaled by spec ratios (FLOP/s, bandwidth); else analytical."""
-        profiles = self.profiles.profiles()
+        nearest calibrated device of its class scaled by spec ratios (FLOP/s, bandwidth); else analytical.
+        `installed`: every profile, read once for a request that asks for many GPUs."""
+        installed = self.profiles.all() if installed is None else installed
+        profiles = [p for p in installed if not p.stale]
         profile = next((p for p in profiles if p.matches(gpu)), None)
         scaled = profile is None
         if profile is None:
-            stale = next((p for p in self.profiles.stale_profiles() if p.matches(gpu)), None)
+            stale = next((p for p in installed if p.stale and p.matches(gpu)), None)
             if stale is not None:  # loud, not a silent fall-back to another profile or the priors
                 raise StaleProfileError(stale.stale_reason(), field="gpu")
             profile = nearest_profile(profiles, gpu)
@@ -228,9 +230,10 @@ class AdvisorService:
     ) -> SearchTable:
         """Every GPU's candidate columns side by side (cached: the same question is asked again and again)."""
         parts = []
+        installed = self.profiles.all()
         for gpu in gpus:
             dt = dtype or gpu.default_dtype()
-            estimator = self.estimator_for(gpu)
+            estimator = self.estimator_for(gpu, installed)
             parts.append((gpu, dt, self._table(estimator, model, space, seq_len, dt, gpu), estimator))
         key = (id(model), tuple((g.id, dt, id(t), id(e)) for g, dt, t, e in parts))
         hit = self._stacked.get(key)
