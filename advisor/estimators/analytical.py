@@ -31,6 +31,7 @@ from advisor.estimators import device as dev
 from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate, build_estimate
 from advisor.estimators.device import DeviceCoefficients
 from advisor.estimators.terms import PlanTerms
+from advisor.families import get_family
 from advisor.methods import get_method
 from advisor.methods.base import DQ_BLOCK, NF4_BLOCK
 from advisor.plans import TrainingPlan, resolve_targets
@@ -281,6 +282,7 @@ class AnalyticalEstimator:
     ) -> tuple[float, float]:
         """(bytes per token, bytes independent of the tokens) one block saves for backward."""
         m = get_method(plan.method)
+        fam = get_family(model.family)
         h, i = model.hidden_size, model.intermediate_size
         q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
         n_attn = 2 if blk.kind == "cross_decoder" else 1
@@ -293,7 +295,7 @@ class AnalyticalEstimator:
             norm_bytes = 4 * h  # fp32 upcast of the input is saved
         else:
             norm_bytes = e * h + 8  # input + fp32 mean/rstd
-        if model.family == "gpt_neox":
+        if fam.norms_share_input:
             # parallel residual: both LayerNorms read the same input, saved once
             norm_total = norm_bytes + (n_norms - 1) * 8
         else:
@@ -304,16 +306,16 @@ class AnalyticalEstimator:
             attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
             if hf and model.softcapping:
                 attn += e * nh * s  # tanh soft-capping keeps its output for backward
-        if hf and model.family in ("phi3", "gpt_neox"):
+        if hf and fam.sdpa_keeps_fused_qkv:
             attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
         # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
-        self_attn_bias = e * nh * s if model.family == "t5" else 0
+        self_attn_bias = e * nh * s if fam.position_bias_mask else 0
         # gelu_new is a Python composite in transformers (x^3, tanh, sums, products): four saved tensors
         mlp_saved = (3 if model.gated_mlp else 1) + (3 if hf and model.hidden_act == "gelu_new" else 0)
         per_tok = norm_total + n_attn * attn + self_attn_bias + mlp_saved * e * i
         if model.dropout > 0:
             # 1-byte masks on each residual branch (and T5's inside the feed-forward)
-            per_tok += (n_attn + 1) * h + (i if model.family == "t5" else 0)
+            per_tok += (n_attn + 1) * h + (i if fam.mlp_dropout else 0)
         per_tok += m.block_saved_bytes(model, plan, n_attn, e)
         const = 0.0
         if m.adapter:

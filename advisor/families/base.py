@@ -92,6 +92,10 @@ class Family:
     sdpa_keeps_fused_qkv: bool = False
     #: the block's norms read the same input, saved once (gpt_neox's parallel residual, two LayerNorms)
     norms_share_input: bool = False
+    #: the relative position bias goes into SDPA as an additive mask, cloned per self-attention layer (T5)
+    position_bias_mask: bool = False
+    #: dropout inside the feed-forward too, not only on the residual branches (T5)
+    mlp_dropout: bool = False
     #: ModelSpec fields every model of the family gets (how transformers runs it), e.g. gelu_new,
     #: keep-fp32 modules; per-model_type quirks live in the family module's own table
     quirks: Mapping[str, Any] = field(default_factory=dict)

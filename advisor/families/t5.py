@@ -100,5 +100,7 @@ FAMILY = T5Family(
     summary="encoder-decoder with relative position buckets, RMS-style LayerNorm, no biases",
     config_defaults=CONFIG_DEFAULTS,
     encoder_decoder=True,
+    position_bias_mask=True,
+    mlp_dropout=True,
     quirks=dict(keep_fp32_modules=("wo",)),
 )

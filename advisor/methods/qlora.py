@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from advisor.families import get_family
 from advisor.methods.base import DQ_BLOCK, NF4_BLOCK, Method
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class QLoRA(Method):
             return 0.0
         # bitsandbytes' 2023 MatMul4Bit saved its input A, cast to bnb's default fp32 compute dtype
         h, q, i = model.hidden_size, model.q_dim, model.intermediate_size
-        parallel = model.family in ("phi", "gpt_neox")
+        parallel = get_family(model.family).parallel_residual
         return 4 * (n_attn * (h + q) + (0 if parallel else h) + i)
 
     def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
