@@ -132,6 +132,32 @@ def test_plan_ids_and_plans_from_recommend_launch_that_plan(t4, big_root: Path, 
     assert r.status_code == 422 and r.json()["field"] == "plan.id"
 
 
+def test_a_plan_id_carries_its_plan_dora_included(t4, big_root: Path, tiny_root: Path) -> None:
+    """The id decodes to the plan (no search): a DoRA plan from /v1/recommend launches as that very plan;
+    method fields that contradict the id, and ids of another GPU, are refused by name."""
+    f = upload(t4, tiny_root / "train.jsonl")
+    ask = {"model": "llama-2-7b", "gpu": "t4", "workload": {"seq_len": 256},
+           "constraints": {"max_gpus": 1, "methods": ["dora"]}}
+    plan = t4.post("/v1/recommend", json=ask).json()["plans"][0]["plan"]
+    assert plan["method"] == "dora"
+    model = str(big_root / "llama-7b")
+    r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": plan["id"]})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["plan_id"] == plan["id"] and job["method"]["type"] == "dora"
+    assert {k: v for k, v in job["plan"].items() if k in plan and k != "notes"} == {
+        k: v for k, v in plan.items() if k != "notes"
+    }
+    _cancel_and_wait(t4, job["id"])
+    r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": plan["id"], "method": {"seq_len": 512}})
+    assert r.status_code == 422 and r.json()["field"] == "method.seq_len", r.text
+    other = t4.post("/v1/recommend", json={**ask, "gpu": "l4"}).json()["plans"][0]["plan"]
+    r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": other["id"]})
+    assert r.status_code == 422 and r.json()["field"] == "plan_id" and "l4" in r.json()["detail"]
+    r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": "plan_v2.bm90IGEgcGxhbg"})
+    assert r.status_code == 422 and r.json()["field"] == "plan_id"
+
+
 def test_idempotency_key(client, tiny_root: Path) -> None:
     f = upload(client, tiny_root / "train.jsonl")
     body = tiny_job(tiny_root / "model", f["id"], hyperparameters={"n_epochs": 50})
