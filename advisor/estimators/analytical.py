@@ -164,22 +164,34 @@ class AnalyticalEstimator:
         accumulated = grads if plan.grad_accum > 1 else 0
         # the loss backward (logits' gradients) is over before the last block is recomputed and
         # back-propagated: the two are not alive together
-        backward_head = max(logits, block + backward_transient)
+        # forward-only temporaries of the method (DoRA's weight norms): under checkpointing they come back with
+        # the recomputed block's forward (before its backward temporaries); without it they compete with the
+        # loss's peak at the end of forward
+        fwd_tmp = m.forward_temporaries(model, plan, adapted, e)
+        rec_tmp = max(backward_transient, fwd_tmp) if plan.grad_checkpointing else backward_transient
+        heads = {"logits": logits, "block": block + rec_tmp}
+        if not plan.grad_checkpointing:
+            heads["forward_temporaries"] = fwd_tmp
+        head = max(heads, key=heads.__getitem__)  # ties: the loss first
+        backward_head = heads[head]
+        rec_fwd = fwd_tmp if plan.grad_checkpointing and fwd_tmp > backward_transient else 0.0
         phase_a = static + autocast_copies + accumulated + act + backward_head + quant_tmp
         phase_b = static + grads
         phase_b += m.extra_optimizer_phase_bytes(model, plan, grad_bytes) / shard
         allocated = max(phase_a, phase_b)
         peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
         in_fb = peak_phase == "forward/backward"
-        logits_win = logits >= block + backward_transient
         components = {
             "weights": int(weights + (autocast_copies if in_fb else 0)),
             "adapters": int(adapters),
             "gradients": int(grads if (not in_fb or plan.grad_accum > 1) else 0),
             "optimizer_states": int(opt_bytes),
-            "activations": int(act + (0 if logits_win else block + backward_transient) if in_fb else 0),
-            "logits": int(logits if in_fb and logits_win else 0),
+            "activations": int(act + (heads["block"] - rec_fwd if head == "block" else 0) if in_fb else 0),
+            "logits": int(logits if in_fb and head == "logits" else 0),
             "quant_temporaries": int(quant_tmp if in_fb else 0),
+            "adapter_temporaries": int(rec_fwd if head == "block" else fwd_tmp if head == "forward_temporaries" else 0)
+            if in_fb
+            else 0,
         }
         if autocast_copies:
             notes.append(
@@ -230,6 +242,7 @@ class AnalyticalEstimator:
                 "autocast_copies": autocast_copies,
                 "logits": logits,
                 "quant_temporaries": quant_tmp,
+                "forward_temporaries": fwd_tmp,
                 "fixed_allocated": k.fixed_allocated_bytes,
                 "flops_per_token": fpt,
                 "quant_traffic_bytes": quant_traffic,

@@ -20,6 +20,7 @@ COMPONENTS = (
     "activations",
     "logits",
     "quant_temporaries",
+    "adapter_temporaries",
     "runtime_overhead",
 )
 

@@ -103,6 +103,11 @@ class Method:
         """Short-lived bytes one layer at a time allocates in forward/backward (dequantised weights...)."""
         return 0.0
 
+    def forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """Short-lived bytes the method allocates in forward only (one layer at a time): alive at the
+        backward peak only when checkpointing recomputes a block there."""
+        return 0.0
+
     def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
         """Gradient bytes alive at the optimiser step beyond the trainable parameters' own."""
         return 0.0

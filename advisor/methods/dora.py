@@ -8,7 +8,9 @@ What peft 0.17-0.21 does per adapted linear in a training step (``DoraLinearVari
 * ``lora_weight = lora_B(lora_A(eye(in)))``: an ``in x in`` identity, its ``in x r`` image and the
   ``out x in`` product, every forward (and again when checkpointing recomputes the block); the
   weight norm ``||W + s * lora_weight||`` adds the base weight cast to the adapter dtype (when it
-  differs), the scaled product and the sum, all ``out x in``: short-lived, one layer at a time;
+  differs), the scaled product and the sum, all ``out x in``: short-lived, one layer at a time, in
+  forward only (so at the backward peak only inside a block that checkpointing recomputes; without
+  checkpointing they compete with the loss's peak at the end of forward);
 * the weight norm is detached (paper, section 4.3): no gradient flows through it;
 * the output ``(m/||.|| - 1) * base + m/||.|| * lora`` keeps ``base`` (``out`` per token) and the
   LoRA output (``out`` per token, adapter dtype) for the magnitude's gradient;
@@ -44,7 +46,9 @@ class DoRA(Method):
             return lin.weight_params * a
         return 0.0
 
-    def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+    def forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """The weight norm of the largest adapted layer: identity, its image, lora_weight, the cast base
+        weight (when the dtypes differ), the scaled product and the sum."""
         a = self.state_bytes_per_param(plan, e)
         cast = 1 if a != e else 0
         return max(
