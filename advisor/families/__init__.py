@@ -9,10 +9,12 @@ parallel residual, gelu_new, keep-fp32 modules, Gemma-2's missing SDPA path, ...
 
 Adding a family:
 
-1. write ``advisor/families/<name>.py``: subclass `Family`, override ``attention``, ``mlp``,
-   ``read_config`` and ``to_hf_config`` (and ``blocks`` if a model is not one decoder stack), put the
-   config class defaults in ``CONFIG_DEFAULTS`` and per-family quirks in the ``quirks`` / flag fields,
-   and instantiate it as ``FAMILY``;
+1. write ``advisor/families/<name>.py``: instantiate `Family` as ``FAMILY`` with its layout as data
+   (``attention_layout``, ``mlp_layout``: `LinearRow` tuples) and its config.json mapping
+   (``config_flags``, ``dropout_key``, ``hf_keys``, ``hf_constants``), the config class defaults in
+   ``CONFIG_DEFAULTS`` and per-family quirks in the ``quirks`` / flag fields; where a rule is not data,
+   subclass `Family` and override ``attention``, ``mlp``, ``read_config``, ``to_hf_config`` (or
+   ``blocks`` if a model is not one decoder stack);
 2. import it in ``_MODULES`` below (its ``model_type`` values then resolve in
    ``advisor.catalog.model_from_config``);
 3. add tests to tests/test_families.py (the defaults against the transformers config class, a

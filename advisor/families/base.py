@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -70,12 +70,63 @@ def optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+#: One linear layer as data: (name, roles, in, out, bias). ``in`` / ``out`` name a dimension of the
+#: spec (see `_dims`); ``bias`` is a bool, or the ModelSpec field that decides it ("attention_bias", "mlp_bias").
+LinearRow = tuple[str, tuple[str, ...], str, str, bool | str]
+
+
+def separate_qkv(q: str, k: str, v: str, bias: bool | str, kv: str = "kv") -> tuple[LinearRow, ...]:
+    """Separate q / k / v projections from the hidden state (k and v `kv` wide)."""
+    return ((q, ("q",), "h", "q", bias), (k, ("k",), "h", kv, bias), (v, ("v",), "h", kv, bias))
+
+
+def mlp_rows(up: str, down: str, bias: bool | str, gate: str | None = None) -> tuple[LinearRow, ...]:
+    """An MLP: `up` (and `gate`, when gated) from hidden to intermediate, `down` back."""
+    gated: tuple[LinearRow, ...] = ((gate, ("gate",), "h", "i", bias),) if gate else ()
+    return (*gated, (up, ("up",), "h", "i", bias), (down, ("down",), "i", "h", bias))
+
+
+#: Llama format's q_proj / k_proj / v_proj, biased as the spec's ``attention_bias`` says
+SEPARATE_QKV = separate_qkv("q_proj", "k_proj", "v_proj", "attention_bias")
+
+#: GPT-style quirks: plain (ungated) MLP, biases everywhere, LayerNorm (gpt2, phi, gpt_neox)
+GPT_STYLE: Mapping[str, Any] = dict(gated_mlp=False, attention_bias=True, mlp_bias=True, norm="layernorm")
+
+
+def _dims(spec: ModelSpec) -> dict[str, int]:
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    return {"h": h, "q": q, "kv": kv, "i": i, "3h": 3 * h, "2i": 2 * i, "q+2kv": q + 2 * kv}
+
+
+def linears(spec: ModelSpec, rows: tuple[LinearRow, ...], prefix: str = "") -> list[Linear]:
+    """The `Linear` layers `rows` describe, sized for `spec` (names prefixed with `prefix`)."""
+    d = _dims(spec)
+    return [
+        Linear(prefix + name, roles, d[n_in], d[n_out], getattr(spec, bias) if isinstance(bias, str) else bias)
+        for name, roles, n_in, n_out, bias in rows
+    ]
+
+
+#: the ModelSpec -> config.json keys of a Llama-format config (hf key -> ModelSpec field)
+LLAMA_FORMAT_KEYS: Mapping[str, str] = {
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_attention_heads",
+}
+
+#: an hf config key's value: the ModelSpec field of that name, or computed from the spec
+HfValue = str | Callable[["ModelSpec"], Any]
+
+
 @dataclass(frozen=True)
 class Family:
     """One architecture family: its block layout, its config.json mapping both ways, its quirks.
 
-    A family module subclasses this, overrides `attention`, `mlp`, `read_config` and `to_hf_config`
-    (and `blocks` where a model is not one decoder stack), and instantiates it as ``FAMILY``."""
+    A family module instantiates this (or a subclass) as ``FAMILY``. The layout and the config.json
+    mapping are data (`attention_layout`, `mlp_layout`, `config_flags`, `hf_keys`, ...); a family
+    whose rules are not data overrides `attention`, `mlp`, `read_config` or `to_hf_config` (and
+    `blocks` where a model is not one decoder stack)."""
 
     name: str
     summary: str
@@ -99,6 +150,20 @@ class Family:
     #: ModelSpec fields every model of the family gets (how transformers runs it), e.g. gelu_new,
     #: keep-fp32 modules; per-model_type quirks live in the family module's own table
     quirks: Mapping[str, Any] = field(default_factory=dict)
+    #: the attention block's linears (`LinearRow`s)
+    attention_layout: tuple[LinearRow, ...] = ()
+    #: the MLP's linears
+    mlp_layout: tuple[LinearRow, ...] = ()
+    #: the MLP's linears when the spec's MLP is gated, where they differ from `mlp_layout`
+    gated_mlp_layout: tuple[LinearRow, ...] = ()
+    #: config.json keys read as booleans into the ModelSpec field of the same name
+    config_flags: tuple[str, ...] = ("tie_word_embeddings",)
+    #: the config.json key read as the spec's dropout (None: the ModelSpec default)
+    dropout_key: str | None = None
+    #: the rebuilt config.json's keys after `hf_base` and model_type, in order
+    hf_keys: Mapping[str, HfValue] = field(default_factory=lambda: dict(LLAMA_FORMAT_KEYS))
+    #: fixed keys the rebuilt config.json ends with
+    hf_constants: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def model_types(self) -> tuple[str, ...]:
@@ -110,10 +175,11 @@ class Family:
 
     # ---- layout --------------------------------------------------------------------------------
     def attention(self, spec: ModelSpec, prefix: str = "") -> list[Linear]:
-        raise NotImplementedError
+        return linears(spec, self.attention_layout, prefix)
 
     def mlp(self, spec: ModelSpec) -> list[Linear]:
-        raise NotImplementedError
+        gated = spec.gated_mlp and self.gated_mlp_layout
+        return linears(spec, self.gated_mlp_layout if gated else self.mlp_layout)
 
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
         linears = tuple(self.attention(spec) + self.mlp(spec))
@@ -130,11 +196,17 @@ class Family:
         return kw
 
     def read_config(self, c: Config, model_type: str, core: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
+        """The family's ModelSpec fields: `common_fields`, the `config_flags`, the dropout."""
+        kw = dict(common_fields(c, core), **{k: bool(c.raw(k)) for k in self.config_flags})
+        if self.dropout_key is not None:
+            kw["dropout"] = float(c.first(self.dropout_key))
+        return kw
 
     # ---- ModelSpec -> config.json -------------------------------------------------------------
-    def to_hf_config(self, spec: ModelSpec) -> dict[str, Any]:
-        raise NotImplementedError
+    def to_hf_config(self, spec: ModelSpec, model_type: str | None = None) -> dict[str, Any]:
+        """`hf_base`, model_type (the family's name unless given), `hf_keys`, `hf_constants`."""
+        keys = {k: getattr(spec, v) if isinstance(v, str) else v(spec) for k, v in self.hf_keys.items()}
+        return dict(hf_base(spec), model_type=model_type or self.name, **keys, **self.hf_constants)
 
 
 def hf_base(spec: ModelSpec) -> dict[str, Any]:

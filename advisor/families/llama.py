@@ -11,8 +11,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from advisor.errors import InvalidInputError
-from advisor.families.base import Config, Family, common_fields, hf_base
-from advisor.families.layout import Linear
+from advisor.families.base import LLAMA_FORMAT_KEYS, SEPARATE_QKV, Config, Family, mlp_rows
 
 if TYPE_CHECKING:
     from advisor.specs import ModelSpec
@@ -35,6 +34,24 @@ _OLMO = dict(
     tie_word_embeddings=False,
     attention_bias=False,
 )
+_QWEN2 = dict(
+    intermediate_size=22016,
+    num_key_value_heads=32,
+    max_position_embeddings=32768,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+)
+_GEMMA2 = dict(
+    intermediate_size=9216,
+    num_key_value_heads=4,
+    head_dim=256,
+    max_position_embeddings=8192,
+    hidden_activation="gelu_pytorch_tanh",
+    tie_word_embeddings=True,
+    attention_bias=False,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+)
 
 #: transformers' config class defaults (5.x) for the keys read below; tests/test_families.py checks them.
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -47,22 +64,8 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         hidden_act="silu",
         tie_word_embeddings=False,
     ),
-    "qwen2": dict(
-        intermediate_size=22016,
-        num_key_value_heads=32,
-        max_position_embeddings=32768,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-    ),
-    "qwen3": dict(
-        intermediate_size=22016,
-        num_key_value_heads=32,
-        head_dim=128,
-        max_position_embeddings=32768,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-        attention_bias=False,
-    ),
+    "qwen2": _QWEN2,
+    "qwen3": dict(_QWEN2, head_dim=128, attention_bias=False),
     "gemma": dict(
         intermediate_size=24576,
         num_key_value_heads=16,
@@ -72,39 +75,14 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         attention_bias=False,
     ),
-    "gemma2": dict(
-        intermediate_size=9216,
-        num_key_value_heads=4,
-        head_dim=256,
-        max_position_embeddings=8192,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        attention_bias=False,
-        attn_logit_softcapping=50.0,
-        final_logit_softcapping=30.0,
-    ),
+    "gemma2": _GEMMA2,
     "gemma3_text": dict(
-        intermediate_size=9216,
-        num_key_value_heads=4,
-        head_dim=256,
-        max_position_embeddings=131072,
-        hidden_activation="gelu_pytorch_tanh",
-        tie_word_embeddings=True,
-        attention_bias=False,
-        attn_logit_softcapping=None,
-        final_logit_softcapping=None,
+        _GEMMA2, max_position_embeddings=131072, attn_logit_softcapping=None, final_logit_softcapping=None
     ),
     "olmo": _OLMO,
     "olmo2": _OLMO,
     "granite": dict(_OLMO, mlp_bias=False),
-    "cohere": dict(
-        intermediate_size=22528,
-        num_key_value_heads=None,
-        max_position_embeddings=8192,
-        hidden_act="silu",
-        tie_word_embeddings=True,
-        attention_bias=False,
-    ),
+    "cohere": dict(_OLMO, intermediate_size=22528, max_position_embeddings=8192, tie_word_embeddings=True),
     # remote-code types (no transformers config class): Llama's defaults
     "yi": _LLAMA,
     "internlm2": _LLAMA,
@@ -141,35 +119,11 @@ def llama_type(spec: ModelSpec) -> str:
 
 
 class LlamaFamily(Family):
-    def attention(self, spec: ModelSpec, prefix: str = "") -> list[Linear]:
-        h, q, kv, ab = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.attention_bias
-        return [
-            Linear("q_proj", ("q",), h, q, ab),
-            Linear("k_proj", ("k",), h, kv, ab),
-            Linear("v_proj", ("v",), h, kv, ab),
-            Linear("o_proj", ("o",), q, h, False),
-        ]
-
-    def mlp(self, spec: ModelSpec) -> list[Linear]:
-        h, i, mb = spec.hidden_size, spec.intermediate_size, spec.mlp_bias
-        if spec.gated_mlp:
-            return [
-                Linear("gate_proj", ("gate",), h, i, mb),
-                Linear("up_proj", ("up",), h, i, mb),
-                Linear("down_proj", ("down",), i, h, mb),
-            ]
-        return [Linear("up_proj", ("up",), h, i, mb), Linear("down_proj", ("down",), i, h, mb)]
-
     def read_config(self, c: Config, model_type: str, core: dict[str, Any]) -> dict[str, Any]:
-        kw = common_fields(c, core)
+        kw = super().read_config(c, model_type, core)
         if model_type in ACTIVATION_KEYS:
             kw["hidden_act"] = str(c.first(*ACTIVATION_KEYS[model_type]))
-        kw.update(
-            softcapping=bool(c.raw("attn_logit_softcapping") or c.raw("final_logit_softcapping")),
-            tie_word_embeddings=bool(c.raw("tie_word_embeddings")),
-            attention_bias=bool(c.raw("attention_bias")),
-            mlp_bias=bool(c.raw("mlp_bias")),
-        )
+        kw["softcapping"] = bool(c.raw("attn_logit_softcapping") or c.raw("final_logit_softcapping"))
         kw.update(VARIANTS.get(model_type, {}))
         if kw["head_dim"] is None and core["hidden_size"] % core["num_attention_heads"]:
             raise InvalidInputError(
@@ -177,22 +131,13 @@ class LlamaFamily(Family):
             )
         return kw
 
-    def to_hf_config(self, spec: ModelSpec) -> dict[str, Any]:
-        mt = llama_type(spec)
+    def to_hf_config(self, spec: ModelSpec, model_type: str | None = None) -> dict[str, Any]:
+        mt = model_type or llama_type(spec)
         if not spec.gated_mlp:
             raise InvalidInputError(
                 f"{spec.name}: a Llama-format model without a gated MLP cannot be built", field="model"
             )
-        cfg = dict(
-            hf_base(spec),
-            model_type=mt,
-            hidden_size=spec.hidden_size,
-            intermediate_size=spec.intermediate_size,
-            num_hidden_layers=spec.num_layers,
-            num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.kv_heads,
-            head_dim=spec.head_size,
-        )
+        cfg = super().to_hf_config(spec, mt)
         if mt == "llama":
             cfg.update(attention_bias=spec.attention_bias, mlp_bias=spec.mlp_bias)
         if mt in ("gemma", "gemma2"):
@@ -209,4 +154,9 @@ FAMILY = LlamaFamily(
     summary="pre-norm decoder, RoPE, separate q/k/v/o, gated (SwiGLU/GeGLU) or plain MLP "
     '(Llama, Mistral, Qwen2, Gemma, ... any "Llama-format" config)',
     config_defaults=CONFIG_DEFAULTS,
+    attention_layout=(*SEPARATE_QKV, ("o_proj", ("o",), "q", "h", False)),
+    mlp_layout=mlp_rows("up_proj", "down_proj", "mlp_bias"),
+    gated_mlp_layout=mlp_rows("up_proj", "down_proj", "mlp_bias", gate="gate_proj"),
+    config_flags=("tie_word_embeddings", "attention_bias", "mlp_bias"),
+    hf_keys=dict(LLAMA_FORMAT_KEYS, num_key_value_heads="kv_heads", head_dim="head_size"),
 )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from advisor.families.base import Config, Family, common_fields, hf_base
-from advisor.families.layout import Block, Linear
+from advisor.families.base import Config, Family, mlp_rows, separate_qkv
+from advisor.families.layout import Block
 
 if TYPE_CHECKING:
     from advisor.specs import ModelSpec
@@ -32,25 +32,6 @@ CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 class T5Family(Family):
-    def attention(self, spec: ModelSpec, prefix: str = "") -> list[Linear]:
-        h, q = spec.hidden_size, spec.q_dim
-        return [
-            Linear(prefix + "q", ("q",), h, q, False),
-            Linear(prefix + "k", ("k",), h, q, False),
-            Linear(prefix + "v", ("v",), h, q, False),
-            Linear(prefix + "o", ("o",), q, h, False),
-        ]
-
-    def mlp(self, spec: ModelSpec) -> list[Linear]:
-        h, i = spec.hidden_size, spec.intermediate_size
-        if spec.gated_mlp:
-            return [
-                Linear("wi_0", ("gate",), h, i, False),
-                Linear("wi_1", ("up",), h, i, False),
-                Linear("wo", ("down",), i, h, False),
-            ]
-        return [Linear("wi", ("up",), h, i, False), Linear("wo", ("down",), i, h, False)]
-
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
         rel = spec.relative_attention_num_buckets * spec.num_attention_heads  # once per stack
         enc = Block("encoder", spec.num_layers, tuple(self.attention(spec) + self.mlp(spec)), spec.norm_params(2), rel)
@@ -66,33 +47,22 @@ class T5Family(Family):
     def read_config(self, c: Config, model_type: str, core: dict[str, Any]) -> dict[str, Any]:
         ff = str(c.first("feed_forward_proj"))
         return dict(
-            common_fields(c, core),
+            super().read_config(c, model_type, core),
             # transformers maps "gated-gelu" to gelu_new (T5 v1.1, Flan-T5)
             hidden_act="gelu_new" if ff == "gated-gelu" else ff.split("-")[-1],
-            dropout=float(c.first("dropout_rate")),
             gated_mlp=ff.startswith("gated"),
-            tie_word_embeddings=bool(c.raw("tie_word_embeddings")),
             num_decoder_layers=int(c.first("num_decoder_layers") or core["num_layers"]),
             relative_attention_num_buckets=int(c.first("relative_attention_num_buckets")),
             head_dim=int(c.first("d_kv")),
         )
 
-    def to_hf_config(self, spec: ModelSpec) -> dict[str, Any]:
-        return dict(
-            hf_base(spec),
-            model_type="t5",
-            d_model=spec.hidden_size,
-            d_ff=spec.intermediate_size,
-            d_kv=spec.head_size,
-            num_layers=spec.num_layers,
-            num_decoder_layers=spec.num_decoder_layers or spec.num_layers,
-            num_heads=spec.num_attention_heads,
-            relative_attention_num_buckets=spec.relative_attention_num_buckets,
-            feed_forward_proj="gated-gelu" if spec.gated_mlp else "relu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
+
+def _decoder_layers(spec: ModelSpec) -> int:
+    return spec.num_decoder_layers or spec.num_layers
+
+
+def _feed_forward_proj(spec: ModelSpec) -> str:
+    return "gated-gelu" if spec.gated_mlp else "relu"
 
 
 FAMILY = T5Family(
@@ -103,4 +73,20 @@ FAMILY = T5Family(
     position_bias_mask=True,
     mlp_dropout=True,
     quirks=dict(keep_fp32_modules=("wo",)),
+    # k and v are as wide as q (T5 has no grouped key/value heads)
+    attention_layout=(*separate_qkv("q", "k", "v", False, kv="q"), ("o", ("o",), "q", "h", False)),
+    mlp_layout=mlp_rows("wi", "wo", False),
+    gated_mlp_layout=mlp_rows("wi_1", "wo", False, gate="wi_0"),
+    dropout_key="dropout_rate",
+    hf_keys=dict(
+        d_model="hidden_size",
+        d_ff="intermediate_size",
+        d_kv="head_size",
+        num_layers="num_layers",
+        num_decoder_layers=_decoder_layers,
+        num_heads="num_attention_heads",
+        relative_attention_num_buckets="relative_attention_num_buckets",
+        feed_forward_proj=_feed_forward_proj,
+    ),
+    hf_constants=dict(decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
 )
