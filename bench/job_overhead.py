@@ -9,7 +9,7 @@ ways, one after the other on this machine:
    followed to `succeeded`;
 2. by hand with our entry point: ``python -m advisor.jobs.train --job-dir`` on a copy of that job's
    job.json (no server; same events, checkpoints and bookkeeping);
-3. a bare loop: a fresh interpreter that builds the same model with ``calibration.build`` and runs the
+3. a bare loop: a fresh interpreter that builds the same model with ``advisor.stack.build`` and runs the
    same batches with nothing else (no events, no checkpoints, no metrics).
 
 Latency is split into phases from the job's own timestamps (the reconciler's launch time, then the
@@ -153,7 +153,7 @@ def _hand_main(job_json: str) -> None:
     from advisor.jobs import data as D
     from advisor.jobs.files import read_examples
     from advisor.jobs.spec import JobSpec
-    from calibration.build import build
+    from advisor.stack.build import build
 
     torch.set_num_threads(1)
     spec = JobSpec.from_dict(json.loads(Path(job_json).read_text()))

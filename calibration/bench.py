@@ -143,7 +143,7 @@ def _contention(results: list[TrialResult]) -> dict[str, Any]:
     }
 
 
-#: published pairs (same recipe, two GPUs; shared/data/published_measurements.csv, torchtune README
+#: published pairs (same recipe, two GPUs; reference/published_measurements.csv, torchtune README
 #: @bd2a0fc7, "Memory and training speed"): (model, plan, (gpu, tokens/s), (gpu, tokens/s), caveat)
 PUBLISHED_PAIRS = [
     (

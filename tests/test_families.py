@@ -211,7 +211,8 @@ def test_unknown_model_type_is_read_as_llama_with_a_note():
 # ---- ModelSpec -> config.json ---------------------------------------------------------------
 #: advisor.families.hf_config was checked equal (values and key order) to the simulated estimator's own
 #: hf_config (advisor/estimators/simulated.py before the split, 2f5c0a1^) for every catalog model, also
-#: renamed and with Gemma-2's four norms; these expectations keep a few of them fixed
+#: renamed and with Gemma-2's four norms; the simulated estimator (advisor.simulated.estimator) now calls
+#: advisor.families.hf_config itself, so there is nothing left to compare; these expectations keep a few fixed
 FROZEN = {
     "llama-2-7b": {'vocab_size': 32000, 'max_position_embeddings': 4096, 'tie_word_embeddings': False, 'model_type': 'llama', 'hidden_size': 4096, 'intermediate_size': 11008, 'num_hidden_layers': 32, 'num_attention_heads': 32, 'num_key_value_heads': 32, 'head_dim': 128, 'attention_bias': False, 'mlp_bias': False},
     "mistral-7b": {'vocab_size': 32000, 'max_position_embeddings': 32768, 'tie_word_embeddings': False, 'model_type': 'mistral', 'hidden_size': 4096, 'intermediate_size': 14336, 'num_hidden_layers': 32, 'num_attention_heads': 32, 'num_key_value_heads': 8, 'head_dim': 128, 'sliding_window': None},

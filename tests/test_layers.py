@@ -51,7 +51,7 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     ("advisor.calibrate_cli", "cmd_calibrate", "calibration"): (
         "`advisor calibrate` runs calibration: imported when the command runs, with a clear error without the extra"
     ),
-    ("advisor.api.background", "Calibrations.start", "calibration"): (
+    ("advisor.api.background", "Calibrations.start", "advisor.stack"): (
         "POST /v1/calibrations resolves the device before it queues the run (503 without the calibrate extra)"
     ),
     ("advisor.api.background", "Calibrations._work", "calibration"): (

@@ -151,7 +151,7 @@ class Calibrations:
 
     def start(self, device: str, budget: str, max_trials: int | None, threads: int | None) -> CalibrationRun:
         try:  # fail fast: no training stack on this server, or no GPU for device=cuda
-            from calibration.device import resolve_device
+            from advisor.stack.device import resolve_device
         except ImportError as exc:
             raise ApiError(
                 503, "calibration_unavailable", f"this server lacks the calibrate extra (torch, ...): {exc}"
