@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from advisor import calibrate_cli
 from advisor.api import serve as serve_cli
+from advisor.api import views
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
@@ -20,7 +21,7 @@ from advisor.plans import PLAN_FIELDS, make_plan
 from advisor.recommend import OBJECTIVES, Constraints
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
-from advisor.units import DTYPES
+from advisor.units import DTYPES, GIB
 
 
 def _flag(name: str) -> str:
@@ -240,35 +241,42 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     gpu = svc.gpu(args.gpu)
     fields = {f.name: getattr(args, f.name) for f in PLAN_FIELDS if f.metadata["cli"] and f.name != "method"}
     plan = make_plan(args.method, gpu, **fields)
-    out = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source)
+    workload = Workload(
+        seq_len=plan.seq_len,
+        stated_defaults=("dataset_tokens not given: assumed 10,000,000 tokens (hours and cost)", "epochs not given: assumed 1"),
+    )
+    res = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source, workload=workload)
     if args.json:
-        print(json.dumps(out, indent=1))
+        print(json.dumps(views.as_json(views.estimate_response(res)), indent=1))
         return 0
+    est, mem, speed = res.estimate, res.estimate.memory, res.estimate.speed
     print(
         f"{model.name} ({model.param_count / 1e9:.2f}B params) · {plan.method} on {plan.num_gpus}x {gpu.name} · "
         f"{plan.dtype} · micro-batch {plan.micro_batch} x {plan.seq_len} tokens · "
         f"checkpointing {'on' if plan.grad_checkpointing else 'off'} · {plan.optimizer}"
     )
-    rows = [[k, f"{v:.2f}"] for k, v in out["breakdown_gib"].items()]
-    rows.append(["= peak (device total)", f"{out['peak_memory_gib']:.2f}"])
+    rows = [[k, f"{v / GIB:.2f}"] for k, v in mem.components.items()]
+    rows.append(["= peak (device total)", f"{mem.device_total_bytes / GIB:.2f}"])
     print(_table(rows, ["memory per GPU", "GiB"]))
-    verdict = "FITS" if out["fits"] else "DOES NOT FIT"
+    verdict = "FITS" if mem.fits else "DOES NOT FIT"
     print(
-        f"{verdict}: {out['peak_memory_gib']:.2f} of {out['device_memory_gib']:.2f} GiB "
-        f"(headroom {out['headroom_gib']:.2f} GiB; allocated peak {out['allocated_peak_gib']:.2f}, "
-        f"reserved {out['reserved_peak_gib']:.2f}; peak during {out['peak_phase']})"
+        f"{verdict}: {mem.device_total_bytes / GIB:.2f} of {mem.device_bytes / GIB:.2f} GiB "
+        f"(headroom {mem.headroom_bytes / GIB:.2f} GiB; allocated peak {mem.allocated_peak_bytes / GIB:.2f}, "
+        f"reserved {mem.reserved_peak_bytes / GIB:.2f}; peak during {mem.peak_phase})"
     )
-    if out["paged_optimizer_gib"]:
-        print(f"paged optimiser states: {out['paged_optimizer_gib']:.2f} GiB in unified memory (not counted above)")
-    if "phases_gib" in out:
-        print("traced live GiB: " + " · ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in out["phases_gib"].items()))
+    if mem.paged_bytes:
+        print(f"paged optimiser states: {mem.paged_bytes / GIB:.2f} GiB in unified memory (not counted above)")
+    phases = getattr(est, "phases", None)  # a simulated estimate's traced phases
+    if phases:
+        print("traced live GiB: " + " · ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in phases.items()))
     print(
-        f"step time {out['step_time_s']:.3f} s · {out['tokens_per_s']:.0f} tokens/s · MFU {out['mfu']:.2f} · source {out['source']}"
+        f"step time {speed.step_time_s:.3f} s · {speed.tokens_per_s:.0f} tokens/s · MFU {speed.mfu:.2f} · "
+        f"source {est.source}"
     )
-    if "claim_check" in out:
-        c = out["claim_check"]
-        print(f"claim {c['claimed_gib']} GiB: {'possible' if c['possible'] else 'IMPOSSIBLE'}: {c['reason']}")
-    for n in out["notes"]:
+    if res.claim is not None:
+        c = res.claim
+        print(f"claim {c.claimed_gib:.2f} GiB: {'possible' if c.possible else 'IMPOSSIBLE'}: {c.reason}")
+    for n in est.notes:
         print(f"note: {n}")
     return 0
 
@@ -298,50 +306,51 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         limit=args.limit,
     )
-    res = svc.recommend(req).to_dict()
+    res = svc.recommend(req)
     if args.json:
-        print(json.dumps(res, indent=1))
+        print(json.dumps(views.as_json(views.recommend_response(res)), indent=1))
         return 0
-    m = res["model"]
+    rec, m = res.recommendation, res.model
     print(
-        f"{m['name']} ({m['params_b']}B params) · objective {res['objective']} · "
-        f"{res['workload']['total_tokens']:,.0f} tokens at seq {res['workload']['seq_len']} · "
-        f"{res['candidates_evaluated']} plans evaluated, {res['candidates_feasible']} fit"
+        f"{m.name} ({m.param_count / 1e9:.3f}B params) · objective {rec.objective} · "
+        f"{res.workload.total_tokens:,.0f} tokens at seq {res.workload.seq_len} · "
+        f"{rec.n_candidates} plans evaluated, {rec.n_feasible} fit"
     )
-    for a in res["assumptions"]:
+    for a in res.assumptions:
         print(f"assumed: {a}")
-    if res["plans"]:
-        rows = [
-            [
-                p["rank"],
-                p["plan"]["method"],
-                f"{p['plan']['num_gpus']}x {p['gpu']['id']}",
-                f"r{p['plan']['lora_r']} {','.join(p['plan']['lora_targets'])}"
-                if get_method(p["plan"]["method"]).adapter
-                else "",
-                p["plan"]["micro_batch"],
-                "on" if p["plan"]["grad_checkpointing"] else "off",
-                p["plan"]["optimizer"],
-                f"{p['peak_memory_gib']:.1f}",
-                f"{p['step_time_s']:.2f}",
-                f"{p['tokens_per_s']:.0f}",
-                f"{p['hours']:.2f}",
-                "-" if p["cost_usd"] is None else f"{p['cost_usd']:.2f}",
-            ]
-            for p in res["plans"]
-        ]
+    if rec.plans:
+        rows = []
+        for r in rec.plans:
+            c = r.candidate
+            p, e = c.plan, c.estimate
+            rows.append(
+                [
+                    r.rank,
+                    p.method,
+                    f"{p.num_gpus}x {c.gpu.id}",
+                    f"r{p.lora_r} {','.join(p.lora_targets)}" if get_method(p.method).adapter else "",
+                    p.micro_batch,
+                    "on" if p.grad_checkpointing else "off",
+                    p.optimizer,
+                    f"{e.memory.device_total_bytes / GIB:.1f}",
+                    f"{e.speed.step_time_s:.2f}",
+                    f"{e.speed.tokens_per_s:.0f}",
+                    f"{c.cost.hours:.2f}",
+                    "-" if c.cost.cost_usd is None else f"{c.cost.cost_usd:.2f}",
+                ]
+            )
         print(
             _table(
                 rows,
                 ["#", "method", "gpus", "lora", "mb", "ckpt", "optimizer", "peak GiB", "step s", "tok/s", "hours", "$"],
             )
         )
-        print(f"why #1: {res['plans'][0]['why']}")
+        print(f"why #1: {rec.plans[0].why}")
     else:
         print("no plan fits.")
-    for r in res["rejected"][:6]:
-        print(f"rejected {r['group']}: {r['reason']}. {r['to_fix']}")
-    for n in res["notes"]:
+    for r in rec.rejected[:6]:
+        print(f"rejected {r.group}: {r.reason}. {r.to_fix}")
+    for n in rec.notes:
         print(f"note: {n}")
     return 0
 

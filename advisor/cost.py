@@ -22,14 +22,6 @@ class CostEstimate:
     convergence_factor: float
     gpu_hours: float
 
-    def to_dict(self) -> dict:
-        return {
-            "hours": round(self.hours, 3),
-            "gpu_hours": round(self.gpu_hours, 3),
-            "cost_usd": None if self.cost_usd is None else round(self.cost_usd, 2),
-            "convergence_factor": self.convergence_factor,
-        }
-
 
 def estimate_cost(
     method: str,

@@ -57,18 +57,6 @@ class RankedPlan:
     candidate: Candidate
     why: str
 
-    def to_dict(self) -> dict:
-        d = self.candidate.estimate.to_dict()
-        d.update(self.candidate.cost.to_dict())
-        d["rank"] = self.rank
-        d["gpu"] = {
-            "id": self.candidate.gpu.id,
-            "name": self.candidate.gpu.name,
-            "price_usd_per_hour": self.candidate.gpu.price_usd_per_hour,
-        }
-        d["why"] = self.why
-        return d
-
 
 @dataclass(frozen=True)
 class Rejection:
@@ -77,13 +65,6 @@ class Rejection:
     to_fix: str
     closest: Candidate | None
     count: int
-
-    def to_dict(self) -> dict:
-        d = {"group": self.group, "reason": self.reason, "to_fix": self.to_fix, "candidates": self.count}
-        if self.closest is not None:
-            d["closest_plan"] = self.closest.plan.to_dict()
-            d["closest_peak_memory_gib"] = round(self.closest.estimate.memory.device_total_bytes / GIB, 2)
-        return d
 
 
 @dataclass
@@ -428,7 +409,7 @@ def study_notes(model: ModelSpec, rec: Recommendation) -> list[str]:
         if claim.claimed_gib is not None:
             chk = check_memory_claim(model, claim.method, claim.claimed_gib)
             ours = rec.smallest_single_gpu_gib.get(claim.method)
-            verdict = "agrees" if chk["possible"] else "is physically impossible"
+            verdict = "agrees" if chk.possible else "is physically impossible"
             tail = f"; our smallest {claim.method} plan needs {ours:.1f} GiB" if ours else ""
-            notes.append(f"{STUDY} claims '{claim.text}': {verdict}: {chk['reason']}{tail}.")
+            notes.append(f"{STUDY} claims '{claim.text}': {verdict}: {chk.reason}{tail}.")
     return notes

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from advisor.catalog import Catalog, default_catalog, model_from_config, resolve_model
+from advisor.cost import CostEstimate
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.base import Estimator
+from advisor.estimators.base import Estimate, Estimator
 from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
@@ -28,7 +29,7 @@ from advisor.recommend import (
     study_notes,
 )
 from advisor.specs import GpuSpec, ModelSpec, Workload
-from advisor.study import check_memory_claim
+from advisor.study import ClaimCheck, check_memory_claim
 from advisor.units import DTYPE_BYTES
 
 ESTIMATE_SOURCES = ("auto", "analytical", "simulated")
@@ -72,39 +73,19 @@ class RecommendResult:
     assumptions: list[str]
     simulations: list[dict] | None = None  # only when the request asked for simulate_top
 
-    def to_dict(self) -> dict:
-        rec = self.recommendation
-        return {
-            "model": _model_summary(self.model),
-            "gpus": [g.id for g in self.gpus],
-            "objective": rec.objective,
-            "workload": {
-                "dataset_tokens": self.workload.dataset_tokens,
-                "seq_len": self.workload.seq_len,
-                "epochs": self.workload.epochs,
-                "total_tokens": self.workload.total_tokens,
-            },
-            "plans": [r.to_dict() for r in rec.plans],
-            "rejected": [r.to_dict() for r in rec.rejected],
-            "candidates_evaluated": rec.n_candidates,
-            "candidates_feasible": rec.n_feasible,
-            "assumptions": self.assumptions,
-            "notes": rec.notes,
-            **({"simulations": self.simulations} if self.simulations is not None else {}),
-        }
 
+@dataclass(frozen=True)
+class EstimateResult:
+    """One plan's estimate with what it was made for: the model, the GPU, the workload's hours and cost
+    (when a workload was given) and a published claim's check (when one was given)."""
 
-def _model_summary(m: ModelSpec) -> dict:
-    return {
-        "name": m.name,
-        "hf_id": m.hf_id,
-        "family": m.family,
-        "params": m.param_count,
-        "params_b": round(m.param_count / 1e9, 3),
-        "assumed": m.assumed,
-        "source": m.source,
-        "note": m.note,
-    }
+    estimate: Estimate
+    model: ModelSpec
+    gpu: GpuSpec
+    cost: CostEstimate | None = None
+    workload: Workload | None = None
+    claim: ClaimCheck | None = None
+    assumptions: tuple[str, ...] = ()
 
 
 class AdvisorService:
@@ -176,7 +157,7 @@ class AdvisorService:
         source: str = "auto",
         workload: Workload | None = None,
         convergence: dict[str, float] | None = None,
-    ) -> dict:
+    ) -> EstimateResult:
         """One plan's estimate. source: auto (calibrated where a profile matches, else analytical) | analytical
         | simulated (one training step traced under FakeTensorMode: exact tensor bytes, seconds to minutes).
         With a workload, also the hours and cost exactly as recommend computes them."""
@@ -194,14 +175,19 @@ class AdvisorService:
         else:
             estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
             est = estimator.estimate(model, gpu, plan)
-        out = est.to_dict()
-        out["model"] = _model_summary(model)
-        out["gpu"] = {"id": gpu.id, "name": gpu.name, "memory_gib": gpu.memory_gib}
-        if workload is not None:
-            out.update(make_candidate(est, gpu, workload, convergence).cost.to_dict())
+        assumptions = [*(workload.stated_defaults if workload else ()), *([model.note] if model.assumed else [])]
+        claim = None
         if claimed_memory_gib is not None:
-            out["claim_check"] = check_memory_claim(model, plan.method, claimed_memory_gib, DTYPE_BYTES[plan.dtype])
-        return out
+            claim = check_memory_claim(model, plan.method, claimed_memory_gib, DTYPE_BYTES[plan.dtype])
+        return EstimateResult(
+            estimate=est,
+            model=model,
+            gpu=gpu,
+            cost=make_candidate(est, gpu, workload, convergence).cost if workload is not None else None,
+            workload=workload,
+            claim=claim,
+            assumptions=tuple(assumptions),
+        )
 
     def _table(
         self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from advisor.methods import get_method
 from advisor.specs import ModelSpec
 from advisor.units import GIB
 
@@ -54,25 +55,30 @@ def claims_for(model: ModelSpec) -> list[StudyClaim]:
 
 def weights_floor_bytes(model: ModelSpec, method: str, dtype_bytes: int = 2) -> float:
     """Bytes the base weights alone occupy: a floor no training run can go under on one GPU."""
-    if method == "qlora":
+    if get_method(method).quantized:
         n_lin = model.linear_weight_params
         return n_lin * 0.5 + n_lin / 64 + (model.param_count - n_lin) * dtype_bytes
     return model.param_count * dtype_bytes
 
 
-def check_memory_claim(model: ModelSpec, method: str, claimed_gib: float, dtype_bytes: int = 2) -> dict:
+@dataclass(frozen=True)
+class ClaimCheck:
+    """Whether a published peak-memory claim is physically possible: the base weights alone are a floor."""
+
+    claimed_gib: float
+    possible: bool
+    weights_floor_bytes: float
+    reason: str
+
+
+def check_memory_claim(model: ModelSpec, method: str, claimed_gib: float, dtype_bytes: int = 2) -> ClaimCheck:
     """Is a claimed peak memory physically possible for this model and method on one GPU?"""
     floor = weights_floor_bytes(model, method, dtype_bytes)
     possible = claimed_gib * GIB >= floor
-    what = "4-bit weights" if method == "qlora" else f"{dtype_bytes * 8}-bit weights"
+    what = "4-bit weights" if get_method(method).quantized else f"{dtype_bytes * 8}-bit weights"
     reason = f"the {what} alone take {floor / GIB:.1f} GiB ({floor / 1e9:.1f} GB)" + (
         f", more than the claimed {claimed_gib:.1f} GiB"
         if not possible
         else f", under the claimed {claimed_gib:.1f} GiB"
     )
-    return {
-        "claimed_gib": round(claimed_gib, 2),
-        "possible": possible,
-        "weights_floor_gib": round(floor / GIB, 2),
-        "reason": reason,
-    }
+    return ClaimCheck(claimed_gib=claimed_gib, possible=possible, weights_floor_bytes=floor, reason=reason)

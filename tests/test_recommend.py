@@ -55,8 +55,8 @@ def test_study_claim_65b_qlora_12gb_is_impossible():
     out = SVC.estimate(SVC.model("llama-65b"), SVC.gpu("a100-80gb"),
                        __import__("advisor.plans").plans.TrainingPlan(method="qlora", gpu_id="a100-80gb"),
                        claimed_memory_gib=12)
-    assert out["claim_check"]["possible"] is False
-    assert out["breakdown_gib"]["weights"] > 30
+    assert out.claim.possible is False
+    assert out.estimate.memory.components["weights"] > 30 * 2**30
 
 
 def test_seq2seq_t5_is_supported():
@@ -117,7 +117,7 @@ def test_stated_defaults_and_assumed_architecture():
     r = SVC.recommend(RecommendRequest(model="13B", gpus=("a100-80gb",),
                                        workload=Workload(stated_defaults=("seq_len not given: assumed 2048",))))
     assert any("assumed" in a for a in r.assumptions)
-    assert r.to_dict()["model"]["assumed"] is True
+    assert r.model.assumed is True
 
 
 def test_plan_ids_are_stable():

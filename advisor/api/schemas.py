@@ -380,6 +380,12 @@ class EstimateFields(BaseModel):
     time_split_s: TimeSplit
     mfu: float
     notes: list[str]
+    phases_gib: dict[str, float] | None = Field(
+        None, description="source simulated: traced live memory at the end of each phase of the step"
+    )
+    simulation: dict[str, Any] | None = Field(
+        None, description="source simulated: traced peak, its phase, op count, trace time, library versions"
+    )
 
 
 class CostFields(BaseModel):

@@ -9,7 +9,6 @@ from advisor.estimators import device as dev
 from advisor.estimators.terms import PlanTerms
 from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec
-from advisor.units import GIB
 
 #: Breakdown components, in the order they are shown.
 COMPONENTS = (
@@ -47,19 +46,6 @@ class MemoryEstimate:
     def headroom_bytes(self) -> int:
         return self.device_bytes - self.device_total_bytes
 
-    def to_dict(self) -> dict:
-        return {
-            "peak_memory_gib": round(self.device_total_bytes / GIB, 3),
-            "allocated_peak_gib": round(self.allocated_peak_bytes / GIB, 3),
-            "reserved_peak_gib": round(self.reserved_peak_bytes / GIB, 3),
-            "device_memory_gib": round(self.device_bytes / GIB, 3),
-            "headroom_gib": round(self.headroom_bytes / GIB, 3),
-            "fits": self.fits,
-            "peak_phase": self.peak_phase,
-            "paged_optimizer_gib": round(self.paged_bytes / GIB, 3),
-            "breakdown_gib": {k: round(v / GIB, 3) for k, v in self.components.items()},
-        }
-
 
 @dataclass(frozen=True)
 class SpeedEstimate:
@@ -71,19 +57,6 @@ class SpeedEstimate:
     communication_s: float
     mfu: float
 
-    def to_dict(self) -> dict:
-        return {
-            "step_time_s": round(self.step_time_s, 4),
-            "tokens_per_s": round(self.tokens_per_s, 1),
-            "flops_per_token": self.flops_per_token,
-            "time_split_s": {
-                "compute": round(self.compute_s, 4),
-                "memory_bound": round(self.memory_bound_s, 4),
-                "communication": round(self.communication_s, 4),
-            },
-            "mfu": round(self.mfu, 3),
-        }
-
 
 @dataclass(frozen=True)
 class Estimate:
@@ -92,15 +65,6 @@ class Estimate:
     speed: SpeedEstimate
     source: str  # "analytical" | "calibrated:<profile id>" | "simulated"
     notes: tuple[str, ...] = field(default=())
-
-    def to_dict(self) -> dict:
-        return {
-            "plan": self.plan.to_dict(),
-            "source": self.source,
-            **self.memory.to_dict(),
-            **self.speed.to_dict(),
-            "notes": list(self.notes),
-        }
 
 
 class Estimator(Protocol):

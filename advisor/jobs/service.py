@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from advisor.api import views
 from advisor.catalog import model_from_config
 from advisor.errors import InvalidInputError
 from advisor.jobs import store as S
@@ -33,6 +34,7 @@ from advisor.methods import METHOD_NAMES, get_method
 from advisor.plans import PlanIdError, TrainingPlan, decode_plan_id, make_plan, resolve_targets
 from advisor.service import AdvisorService
 from advisor.specs import GpuSpec, ModelSpec
+from advisor.units import GIB
 
 FINE_TUNE = "fine-tune"
 #: sequence lengths tried when re-deriving a plan id without one given (recommend's default first)
@@ -409,37 +411,40 @@ class JobService:
 
     def _estimate(self, model: ModelSpec, gpu: GpuSpec, plan: TrainingPlan, force: bool) -> dict[str, Any]:
         try:
-            est = self.advisor.estimate(model, gpu, plan)
+            est = self.advisor.estimate(model, gpu, plan).estimate
         except InvalidInputError as exc:
             raise _invalid(exc) from exc
-        summary = {
-            k: est.get(k)
-            for k in (
-                "source",
-                "fits",
-                "peak_memory_gib",
-                "allocated_peak_gib",
-                "reserved_peak_gib",
-                "device_memory_gib",
-                "headroom_gib",
-                "breakdown_gib",
-                "step_time_s",
-                "tokens_per_s",
-                "notes",
-            )
-        }
+        fields = views.estimate_fields(est)
+        summary = {k: fields[k] for k in JOB_ESTIMATE_FIELDS}
         summary["gpu"] = gpu.id
-        if not est["fits"] and not force:
-            parts = sorted((est.get("breakdown_gib") or {}).items(), key=lambda kv: -kv[1])[:3]
+        mem = est.memory
+        if not mem.fits and not force:
+            parts = sorted(mem.components.items(), key=lambda kv: -kv[1])[:3]
             raise PlanDoesNotFitError(
-                f"the plan does not fit {gpu.name}: the estimator predicts {est['peak_memory_gib']:.2f} GiB per device "
-                f"of {est['device_memory_gib']:.2f} GiB (largest: "
-                + ", ".join(f"{k} {v:.2f} GiB" for k, v in parts)
+                f"the plan does not fit {gpu.name}: the estimator predicts {mem.device_total_bytes / GIB:.2f} GiB per "
+                f"device of {mem.device_bytes / GIB:.2f} GiB (largest: "
+                + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in parts)
                 + "). Choose a smaller plan (/v1/recommend), or post force: true to start anyway",
                 field="method",
                 extra={"estimate": summary},
             )
         return summary
+
+
+#: the estimate fields a job keeps beside its measurement (named as in /v1/estimate)
+JOB_ESTIMATE_FIELDS = (
+    "source",
+    "fits",
+    "peak_memory_gib",
+    "allocated_peak_gib",
+    "reserved_peak_gib",
+    "device_memory_gib",
+    "headroom_gib",
+    "breakdown_gib",
+    "step_time_s",
+    "tokens_per_s",
+    "notes",
+)
 
 
 def _in_hf_cache(repo_id: str) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from advisor.estimators.base import COMPONENTS, Estimate
-from advisor.units import GIB
 
 PHASES = ("after_weights", "forward", "backward", "optimizer_step")
 
@@ -48,16 +47,3 @@ class SimulatedEstimate(Estimate):
 
     phases: dict[str, int] = field(default_factory=dict)
     trace: TraceResult | None = None
-
-    def to_dict(self) -> dict:
-        d = super().to_dict()
-        d["phases_gib"] = {k: round(v / GIB, 3) for k, v in self.phases.items()}
-        if self.trace is not None:
-            d["simulation"] = {
-                "traced_peak_gib": round(self.trace.peak_bytes / GIB, 3),
-                "peak_phase": self.trace.peak_phase,
-                "ops": self.trace.ops,
-                "trace_seconds": round(self.trace.seconds, 2),
-                "versions": self.trace.versions,
-            }
-        return d

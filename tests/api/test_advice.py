@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
+from advisor.api import views
 from advisor.service import AdvisorService
 from advisor.service import RecommendRequest as CoreRequest
 from advisor.specs import Workload
@@ -68,7 +69,8 @@ def test_http_answer_equals_the_service_answer(client: TestClient, app) -> None:
             constraints=Constraints(max_gpus=4, methods=("lora", "qlora")),
             limit=5,
         )
-    ).to_dict()
+    )
+    core = views.as_json(views.recommend_response(core))
     assert [p["plan"]["id"] for p in d["plans"]] == [p["plan"]["id"] for p in core["plans"]]
     assert [p["hours"] for p in d["plans"]] == [p["hours"] for p in core["plans"]]
     assert {p["plan"]["method"] for p in d["plans"]} <= {"lora", "qlora"}

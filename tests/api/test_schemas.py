@@ -1,13 +1,14 @@
-"""The response schemas mirror the core's dicts: a key the core adds or renames fails here first."""
+"""The response schemas are the wire format; the views fill them from the core's typed results."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel
 
-from advisor.api import schemas
+from advisor.api import schemas, views
 from advisor.api.routes.catalog import _gpu, _model
 from advisor.plans import TrainingPlan
 from advisor.service import AdvisorService, RecommendRequest
+from advisor.specs import Workload
 
 
 def _fields(model: type[BaseModel]) -> set[str]:
@@ -20,25 +21,33 @@ def _assert_mirrors(model: type[BaseModel], d: dict, where: str) -> None:
     model.model_validate(d)
 
 
-def test_recommend_response_mirrors_the_service() -> None:
+def _filled(m: BaseModel, optional: set[str], where: str) -> None:
+    """The view fills every field the response model declares (the optional ones may stay unset)."""
+    unset = set(type(m).model_fields) - m.model_fields_set - optional
+    assert not unset, f"{where}: the view leaves {sorted(unset)} of {type(m).__name__} unset"
+
+
+def test_the_recommend_view_fills_the_response_schema() -> None:
+    """Typed core results reach the wire through advisor.api.views only: every declared field is filled."""
     svc = AdvisorService()
-    d = svc.recommend(RecommendRequest(model="llama-2-13b", gpus=("rtx-4090", "a100-80gb"))).to_dict()
-    _assert_mirrors(schemas.RecommendResponse, d, "recommend")
-    _assert_mirrors(schemas.RankedPlan, d["plans"][0], "plans[]")
-    _assert_mirrors(schemas.PlanOut, d["plans"][0]["plan"], "plans[].plan")
-    _assert_mirrors(schemas.Rejection, d["rejected"][0], "rejected[]")
-    _assert_mirrors(schemas.ModelSummary, d["model"], "model")
-    _assert_mirrors(schemas.WorkloadOut, d["workload"], "workload")
+    out = views.recommend_response(svc.recommend(RecommendRequest(model="llama-2-13b", gpus=("rtx-4090", "a100-80gb"))))
+    _filled(out, {"simulations"}, "recommend")
+    _filled(out.plans[0], {"phases_gib", "simulation"}, "plans[]")
+    _filled(out.rejected[0], set(), "rejected[]")
+    _filled(out.model, set(), "model")
+    schemas.RecommendResponse.model_validate(views.as_json(out))  # and what is sent parses back
 
 
-def test_estimate_response_mirrors_the_service() -> None:
+def test_the_estimate_view_fills_the_response_schema() -> None:
     svc = AdvisorService()
     model, gpu = svc.model("llama-2-7b"), svc.gpu("a100-80gb")
-    d = svc.estimate(model, gpu, TrainingPlan(method="lora", gpu_id=gpu.id), claimed_memory_gib=20)
-    extra = set(d) - _fields(schemas.EstimateResponse)
-    assert not extra, f"the service's estimate returns {sorted(extra)} that EstimateResponse does not declare"
-    _assert_mirrors(schemas.ClaimCheck, d["claim_check"], "claim_check")
-    _assert_mirrors(schemas.EstimateGpu, d["gpu"], "gpu")
+    res = svc.estimate(
+        model, gpu, TrainingPlan(method="lora", gpu_id=gpu.id), claimed_memory_gib=20, workload=Workload()
+    )
+    out = views.estimate_response(res)
+    _filled(out, {"phases_gib", "simulation"}, "estimate")
+    _filled(out.claim_check, set(), "claim_check")
+    assert out.breakdown_gib["weights"] == round(res.estimate.memory.components["weights"] / 2**30, 3)
 
 
 def test_catalog_schemas_mirror_the_specs() -> None:

@@ -115,22 +115,22 @@ def test_profile_loads_in_the_service_and_estimates_say_calibrated(tiny_run, tmp
     gpu = svc.gpu(tiny_run.device.id)  # the calibrated CPU joined the catalog
     spec = model_from_config(dict(tiny_run.trials[0].arch), name="tiny-llama")
     plan = TrainingPlan(method="lora", gpu_id=gpu.id, dtype="fp32", micro_batch=2, seq_len=48)
-    out = svc.estimate(spec, gpu, plan)
-    assert out["source"] == f"calibrated:{profile.id}"
-    assert any(n.startswith("calibrated on ") for n in out["notes"])
-    assert out["peak_memory_gib"] > 0 and out["step_time_s"] > 0
-    assert svc.estimate(spec, gpu, plan, source="analytical")["source"] == "analytical"
+    out = svc.estimate(spec, gpu, plan).estimate
+    assert out.source == f"calibrated:{profile.id}"
+    assert any(n.startswith("calibrated on ") for n in out.notes)
+    assert out.memory.device_total_bytes > 0 and out.speed.step_time_s > 0
+    assert svc.estimate(spec, gpu, plan, source="analytical").estimate.source == "analytical"
     # a catalog GPU has no profile and a CPU profile never transfers to a GPU
     a100 = svc.gpu("a100-80gb")
-    assert svc.estimate(spec, a100, replace(plan, dtype="bf16"))["source"] == "analytical"
+    assert svc.estimate(spec, a100, replace(plan, dtype="bf16")).estimate.source == "analytical"
     # outside the fitted range the estimate says it extrapolates
-    long = svc.estimate(spec, gpu, replace(plan, seq_len=4096))
-    assert any("extrapolating" in n and "seq_len 4096" in n for n in long["notes"])
+    long = svc.estimate(spec, gpu, replace(plan, seq_len=4096)).estimate
+    assert any("extrapolating" in n and "seq_len 4096" in n for n in long.notes)
     # the vectorised search ranks with the calibrated estimator too
     res = svc.recommend(
         RecommendRequest(model=dict(tiny_run.trials[0].arch), gpus=(gpu.id,), workload=Workload(1_000_000, seq_len=64))
-    ).to_dict()
-    assert res["plans"] and all(p["source"] == f"calibrated:{profile.id}" for p in res["plans"])
+    ).recommendation
+    assert res.plans and all(p.candidate.estimate.source == f"calibrated:{profile.id}" for p in res.plans)
 
 
 def test_calibrated_predictions_match_the_fitted_trials(tiny_run):

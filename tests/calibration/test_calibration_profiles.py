@@ -165,7 +165,7 @@ def test_nearest_profile_is_nearest_in_flops_and_bandwidth():
 def test_service_without_profiles_is_analytical(tmp_path):
     svc = AdvisorService(profiles=ProfileStore(tmp_path / "none"))
     assert svc.estimator_for(A100) is svc.analytical
-    assert svc.estimate(LLAMA, A100, plan(A100))["source"] == "analytical"
+    assert svc.estimate(LLAMA, A100, plan(A100)).estimate.source == "analytical"
 
 
 def test_profiles_load_and_estimate_without_torch_or_sklearn(tmp_path):
@@ -182,7 +182,7 @@ def test_profiles_load_and_estimate_without_torch_or_sklearn(tmp_path):
         f"svc = AdvisorService(profiles=ProfileStore({str(tmp_path)!r}))\n"
         "gpu = svc.gpu('a100-80gb')\n"
         "out = svc.estimate(svc.model('llama-3.2-1b'), gpu, TrainingPlan(method='lora', gpu_id=gpu.id))\n"
-        "assert out['source'].startswith('calibrated:'), out['source']\n"
+        "assert out.estimate.source.startswith('calibrated:'), out.estimate.source\n"
         "print(','.join(m for m in ('torch', 'sklearn', 'transformers') if m in sys.modules))\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -215,4 +215,4 @@ def test_a_profile_fitted_on_other_terms_is_refused_loudly(tmp_path):
     ok, detail = profiles_check(svc)()
     assert not ok and "a100-80gb-20260101-000000" in detail
     # other devices are not affected (the stale profile is not used for the scaled rule either)
-    assert svc.estimate(LLAMA, H100, plan(H100))["source"] == "analytical"
+    assert svc.estimate(LLAMA, H100, plan(H100)).estimate.source == "analytical"

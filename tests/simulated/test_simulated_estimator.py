@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 
 import advisor.simulated as simulated
+from advisor.api import views
 from advisor.catalog import default_catalog, model_from_config
 from advisor.cli import main
 from advisor.errors import InvalidInputError
@@ -55,7 +56,7 @@ def test_estimate_is_an_estimate_with_phases(tmp_path, tiny, gpu):
     assert mem.allocated_peak_bytes <= mem.reserved_peak_bytes < mem.device_total_bytes  # + CUDA context
     assert set(est.phases) == set(simulated.PHASES)
     assert est.phases["after_weights"] < est.trace.peak_bytes == max(est.phases.values())
-    d = est.to_dict()
+    d = views.estimate_fields(est)
     assert d["source"] == "simulated" and d["phases_gib"] and d["simulation"]["ops"] > 0
     assert any("speed is the analytical model's" in n for n in d["notes"])
 
@@ -149,8 +150,8 @@ def test_a_deadline_kills_the_trace(tiny):
 def test_service_estimate_source_simulated(tmp_path, monkeypatch, tiny, gpu):
     monkeypatch.setenv(simulated.CACHE_ENV, str(tmp_path))
     svc = AdvisorService()
-    out = svc.estimate(tiny, gpu, _plan(), source="simulated")
-    ana = svc.estimate(tiny, gpu, _plan(), source="analytical")
+    out = views.estimate_fields(svc.estimate(tiny, gpu, _plan(), source="simulated").estimate)
+    ana = views.estimate_fields(svc.estimate(tiny, gpu, _plan(), source="analytical").estimate)
     assert out["source"] == "simulated" and ana["source"] == "analytical"
     assert set(out["phases_gib"]) == set(simulated.PHASES) and out["simulation"]["ops"] > 0
     assert list(tmp_path.rglob("*.json"))  # stored in the configured cache dir
@@ -165,13 +166,13 @@ def test_recommend_simulates_the_top_plans_within_budget(tmp_path, monkeypatch):
         simulate_top=1,
         simulate_budget_s=300,
     )
-    res = AdvisorService().recommend(req).to_dict()
+    res = views.as_json(views.recommend_response(AdvisorService().recommend(req)))
     (sim,) = res["simulations"]
     top = res["plans"][0]
     assert sim["rank"] == 1 and sim["plan_id"] == top["plan"]["id"] and not sim["cached"]
     assert sim["peak_memory_gib"] > 0 and sim["fits"] is True
     assert sim["analytical_peak_memory_gib"] == top["peak_memory_gib"]
-    assert "simulations" not in AdvisorService().recommend(replace(req, simulate_top=0)).to_dict()
+    assert AdvisorService().recommend(replace(req, simulate_top=0)).simulations is None
     with pytest.raises(InvalidInputError) as err:
         AdvisorService().recommend(replace(req, simulate_top=50))
     assert err.value.field == "simulate_top"
@@ -182,7 +183,7 @@ def test_recommend_budget_spent_skips_untraced_plans(tmp_path, monkeypatch):
     req = RecommendRequest(
         model=TINY, gpus=("rtx-4090",), workload=Workload(seq_len=64), simulate_top=3, simulate_budget_s=1e-9
     )
-    sims = AdvisorService().recommend(req).to_dict()["simulations"]
+    sims = AdvisorService().recommend(req).simulations
     assert sims and all("skipped" in s for s in sims)
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 from fastapi import APIRouter
 
+from advisor.api import views
 from advisor.api.convert import model_arg, to_plan, to_recommend_request, to_workload
 from advisor.api.deps import AppSettings, Service
 from advisor.api.errors import ApiError, error_responses
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1", tags=["advice"])
     response_model=RecommendResponse,
     responses=error_responses(404, 409, 413, 422),
 )
-def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> dict[str, Any]:
+def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> RecommendResponse:
     """Every candidate plan (method x adapter shape x micro-batch x checkpointing x optimiser x GPUs) is
     estimated; feasible ones come back ranked by the objective with their memory breakdown, speed,
     hours, cost, estimate source and reason; rejected groups come back with what to change.
@@ -30,9 +30,7 @@ def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> di
     if body.simulate_top and not settings.allow_simulation:
         raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="simulate_top")
     req, stated = to_recommend_request(body)
-    result = svc.recommend(req).to_dict()
-    result["assumptions"] = result["assumptions"] + stated
-    return result
+    return views.recommend_response(svc.recommend(req), stated)
 
 
 @router.post(
@@ -42,7 +40,7 @@ def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> di
     response_model=EstimateResponse,
     responses=error_responses(404, 413, 422),
 )
-def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> dict[str, Any]:
+def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> EstimateResponse:
     """One fully specified plan (e.g. one from /v1/recommend, posted back unchanged) -> the same estimate."""
     if body.source == "simulated" and not settings.allow_simulation:
         raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="source")
@@ -52,23 +50,13 @@ def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> dict
     model = svc.model(model_arg(body.model))
     gpu = svc.gpu(gpu_name)
     plan = replace(to_plan(body.plan, gpu), gpu_id=gpu.id)
-    workload = to_workload(body.workload)
-    out = svc.estimate(
+    result = svc.estimate(
         model,
         gpu,
         plan,
         claimed_memory_gib=body.claimed_memory_gib,
         source=body.source,
-        workload=workload,
+        workload=to_workload(body.workload),
         convergence=body.convergence,
     )
-    out["workload"] = {
-        "dataset_tokens": workload.dataset_tokens,
-        "seq_len": workload.seq_len,
-        "epochs": workload.epochs,
-        "total_tokens": workload.total_tokens,
-    }
-    out["assumptions"] = list(workload.stated_defaults)
-    if model.assumed:
-        out["assumptions"].append(model.note)
-    return out
+    return views.estimate_response(result)

@@ -1,0 +1,168 @@
+"""The wire format, built in one place: typed core results -> the response models of ``schemas``.
+
+The core returns dataclasses (``EstimateResult``, ``RecommendResult``, ``Estimate``, ``RankedPlan`` ...)
+and never a JSON dict; the response models in ``advisor.api.schemas`` are the one definition of every
+output field, and the functions here fill them. The HTTP routes return these models and the CLI's
+``--json`` prints the same ones, so the two cannot drift. Rounding for display (GiB to 3 decimals,
+seconds to 4) happens here, not in the core. Imports pydantic and the core only (no FastAPI).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from advisor.api import schemas as S
+from advisor.cost import CostEstimate
+from advisor.estimators.base import Estimate
+from advisor.plans import PLAN_FIELDS, TrainingPlan
+from advisor.recommend import RankedPlan, Rejection
+from advisor.service import EstimateResult, RecommendResult
+from advisor.specs import ModelSpec, Workload
+from advisor.study import ClaimCheck
+from advisor.units import GIB
+
+
+def _gib(b: float) -> float:
+    return round(b / GIB, 3)
+
+
+def plan_out(p: TrainingPlan) -> dict[str, Any]:
+    d: dict[str, Any] = {"id": p.id}
+    for f in PLAN_FIELDS:
+        v = getattr(p, f.name)
+        d[f.name] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
+def model_summary(m: ModelSpec) -> S.ModelSummary:
+    return S.ModelSummary(
+        name=m.name,
+        hf_id=m.hf_id,
+        family=m.family,
+        params=m.param_count,
+        params_b=round(m.param_count / 1e9, 3),
+        assumed=m.assumed,
+        source=m.source,
+        note=m.note,
+    )
+
+
+def workload_out(w: Workload) -> S.WorkloadOut:
+    return S.WorkloadOut(dataset_tokens=w.dataset_tokens, seq_len=w.seq_len, epochs=w.epochs, total_tokens=w.total_tokens)
+
+
+def estimate_fields(e: Estimate) -> dict[str, Any]:
+    """The EstimateFields of one estimate (a simulated one adds its traced phases)."""
+    m, s = e.memory, e.speed
+    d: dict[str, Any] = {
+        "plan": plan_out(e.plan),
+        "source": e.source,
+        "peak_memory_gib": _gib(m.device_total_bytes),
+        "allocated_peak_gib": _gib(m.allocated_peak_bytes),
+        "reserved_peak_gib": _gib(m.reserved_peak_bytes),
+        "device_memory_gib": _gib(m.device_bytes),
+        "headroom_gib": _gib(m.headroom_bytes),
+        "fits": m.fits,
+        "peak_phase": m.peak_phase,
+        "paged_optimizer_gib": _gib(m.paged_bytes),
+        "breakdown_gib": {k: _gib(v) for k, v in m.components.items()},
+        "step_time_s": round(s.step_time_s, 4),
+        "tokens_per_s": round(s.tokens_per_s, 1),
+        "flops_per_token": s.flops_per_token,
+        "time_split_s": {
+            "compute": round(s.compute_s, 4),
+            "memory_bound": round(s.memory_bound_s, 4),
+            "communication": round(s.communication_s, 4),
+        },
+        "mfu": round(s.mfu, 3),
+        "notes": list(e.notes),
+    }
+    phases = getattr(e, "phases", None)  # a SimulatedEstimate (advisor.simulated): its traced phases
+    if phases:
+        d["phases_gib"] = {k: _gib(v) for k, v in phases.items()}
+    trace = getattr(e, "trace", None)
+    if trace is not None:
+        d["simulation"] = {
+            "traced_peak_gib": _gib(trace.peak_bytes),
+            "peak_phase": trace.peak_phase,
+            "ops": trace.ops,
+            "trace_seconds": round(trace.seconds, 2),
+            "versions": trace.versions,
+        }
+    return d
+
+
+def cost_fields(c: CostEstimate) -> dict[str, Any]:
+    return {
+        "hours": round(c.hours, 3),
+        "gpu_hours": round(c.gpu_hours, 3),
+        "cost_usd": None if c.cost_usd is None else round(c.cost_usd, 2),
+        "convergence_factor": c.convergence_factor,
+    }
+
+
+def claim_check(c: ClaimCheck) -> S.ClaimCheck:
+    return S.ClaimCheck(
+        claimed_gib=round(c.claimed_gib, 2),
+        possible=c.possible,
+        weights_floor_gib=round(c.weights_floor_bytes / GIB, 2),
+        reason=c.reason,
+    )
+
+
+def ranked_plan(r: RankedPlan) -> S.RankedPlan:
+    c = r.candidate
+    return S.RankedPlan(
+        **estimate_fields(c.estimate),
+        **cost_fields(c.cost),
+        rank=r.rank,
+        gpu=S.PlanGpu(id=c.gpu.id, name=c.gpu.name, price_usd_per_hour=c.gpu.price_usd_per_hour),
+        why=r.why,
+    )
+
+
+def rejection(r: Rejection) -> S.Rejection:
+    closest = r.closest
+    return S.Rejection(
+        group=r.group,
+        reason=r.reason,
+        to_fix=r.to_fix,
+        candidates=r.count,
+        closest_plan=plan_out(closest.plan) if closest else None,
+        closest_peak_memory_gib=round(closest.estimate.memory.device_total_bytes / GIB, 2) if closest else None,
+    )
+
+
+def recommend_response(res: RecommendResult, extra_assumptions: list[str] | None = None) -> S.RecommendResponse:
+    rec = res.recommendation
+    return S.RecommendResponse(
+        model=model_summary(res.model),
+        gpus=[g.id for g in res.gpus],
+        objective=rec.objective,
+        workload=workload_out(res.workload),
+        plans=[ranked_plan(r) for r in rec.plans],
+        rejected=[rejection(r) for r in rec.rejected],
+        candidates_evaluated=rec.n_candidates,
+        candidates_feasible=rec.n_feasible,
+        assumptions=[*res.assumptions, *(extra_assumptions or [])],
+        notes=list(rec.notes),
+        simulations=res.simulations,
+    )
+
+
+def estimate_response(res: EstimateResult) -> S.EstimateResponse:
+    cost = cost_fields(res.cost) if res.cost is not None else {}
+    return S.EstimateResponse(
+        **estimate_fields(res.estimate),
+        **cost,
+        model=model_summary(res.model),
+        gpu=S.EstimateGpu(id=res.gpu.id, name=res.gpu.name, memory_gib=res.gpu.memory_gib),
+        workload=workload_out(res.workload) if res.workload is not None else None,
+        claim_check=claim_check(res.claim) if res.claim is not None else None,
+        assumptions=list(res.assumptions),
+    )
+
+
+def as_json(model: S.BaseModel) -> dict[str, Any]:
+    """What the HTTP service sends, as a dict (the CLI's --json prints it)."""
+    return model.model_dump(mode="json", exclude_none=False)
