@@ -51,7 +51,7 @@ def _stats(errs: list[float]) -> dict[str, float | int | None]:
 
 def extrapolation_trials(device: GpuSpec, device_str: str, threads: int | None, gpu: bool) -> list[TrialSpec]:
     """Larger than the design: wider models, longer sequences, more tokens per step."""
-    from calibration.design import scaled_config
+    from calibration.design import device_plan, scaled_config
 
     if gpu:
         shapes = [("llama", 3072, 28, 128256, 128), ("qwen2", 2048, 24, 65536, 128)]
@@ -63,28 +63,39 @@ def extrapolation_trials(device: GpuSpec, device_str: str, threads: int | None, 
     for fam, h, layers, vocab, hd in shapes:
         cfg = scaled_config(fam, h, layers, vocab, hd)
         for method, seq, mb, ckpt in plans:
-            plan = TrainingPlan(
-                method=method,
-                gpu_id=device.id,
-                dtype=device.default_dtype(),
-                micro_batch=mb,
-                seq_len=seq,
-                grad_checkpointing=ckpt,
-                lora_r=16,
-            )
+            plan = device_plan(device, method, seq, mb, ckpt, lora_r=16)
+            name = f"{fam}-h{h}-l{layers}"
             out.append(
-                TrialSpec(
-                    id=f"extrapolate/{fam}-h{h}-l{layers}/{method}-s{seq}-b{mb}-{'ckpt' if ckpt else 'nockpt'}",
-                    group=f"extrapolate-{fam}-h{h}",
-                    arch=cfg,
-                    plan=plan.to_dict(),
-                    device=device_str,
-                    threads=threads,
-                    timed_steps=3,
-                    timeout_s=900,
-                )
+                _beyond_design("extrapolate", name, f"extrapolate-{fam}-h{h}", cfg, plan, device_str, threads, 900)
             )
     return out
+
+
+def _beyond_design(
+    kind: str,
+    name: str,
+    group: str,
+    cfg: dict,
+    plan: TrainingPlan,
+    device: str,
+    threads: int | None,
+    timeout_s: float,
+    **kw: Any,
+) -> TrialSpec:
+    """A trial outside the design (`kind`: extrapolate, real-size): three timed steps."""
+    from calibration.design import shape_label
+
+    return TrialSpec(
+        id=f"{kind}/{name}/{shape_label(plan)}",
+        group=group,
+        arch=cfg,
+        plan=plan.to_dict(),
+        device=device,
+        threads=threads,
+        timed_steps=3,
+        timeout_s=timeout_s,
+        **kw,
+    )
 
 
 def predict(results: list[TrialResult], est: AnalyticalEstimator, gpu: GpuSpec) -> list[dict[str, Any]]:
@@ -310,31 +321,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             "contention": _contention(sc.results),
         }
     if args.real_size:
-        from calibration.design import catalog_config
+        from calibration.design import catalog_config, device_plan
 
         name, mtype = args.real_size.split(":") if ":" in args.real_size else (args.real_size, "llama")
         cfg = catalog_config(name, mtype)
         real = []
         for ckpt in (True, False):
-            plan = TrainingPlan(
-                method="lora",
-                gpu_id=gpu.id,
-                dtype=gpu.default_dtype(),
-                micro_batch=1,
-                seq_len=512,
-                grad_checkpointing=ckpt,
-            )
+            plan = device_plan(gpu, "lora", 512, 1, ckpt)
             real.append(
-                TrialSpec(
-                    id=f"real-size/{name}/lora-s512-b1-{'ckpt' if ckpt else 'nockpt'}",
-                    group=f"real-size-{name}",
-                    arch=cfg,
-                    plan=plan.to_dict(),
-                    device=dev,
-                    threads=args.threads,
-                    timed_steps=3,
-                    timeout_s=1800,
-                    max_timing_s=120,
+                _beyond_design(
+                    "real-size", name, f"real-size-{name}", cfg, plan, dev, args.threads, 1800, max_timing_s=120
                 )
             )
         rs = run_design(real, work / "real-size", meta={"device": gpu.to_dict()}, progress=True)

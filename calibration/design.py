@@ -57,8 +57,19 @@ class Arch:
     vocab: int
     head_dim: int
 
+    @classmethod
+    def scaled(cls, family: str, hidden: int, layers: int, vocab: int, head_dim: int) -> Arch:
+        """The group named by its numbers, e.g. ``llama-h64-l2-v1k`` (vocabulary in k of 1024, or of 1000)."""
+        v = str(vocab) if vocab < 1000 else f"{vocab // 1024}k" if vocab % 1024 == 0 else f"{vocab // 1000}k"
+        return cls(f"{family}-h{hidden}-l{layers}-v{v}", family, hidden, layers, vocab, head_dim)
+
     def config(self) -> dict[str, Any]:
         return scaled_config(self.family, self.hidden, self.layers, self.vocab, self.head_dim)
+
+
+def _archs(*rows: tuple[str, int, int, int, int]) -> list[Arch]:
+    """Configuration groups from (family, hidden, layers, vocab, head_dim) rows."""
+    return [Arch.scaled(*row) for row in rows]
 
 
 @dataclass(frozen=True)
@@ -75,27 +86,26 @@ class Budget:
 
 
 def _cpu_budget(name: str) -> Budget:
-    a = Arch
-    archs = [
-        a("llama-h64-l2-v1k", "llama", 64, 2, 1024, 32),
-        a("llama-h128-l3-v2k", "llama", 128, 3, 2048, 32),
-        a("llama-h192-l2-v4k", "llama", 192, 2, 4096, 64),
-        a("llama-h256-l4-v512", "llama", 256, 4, 512, 64),
-        a("llama-h384-l2-v1k", "llama", 384, 2, 1024, 64),
-        a("qwen2-h96-l3-v2k", "qwen2", 96, 3, 2048, 32),
-        a("qwen2-h192-l2-v1k", "qwen2", 192, 2, 1024, 64),
-        a("qwen2-h256-l3-v512", "qwen2", 256, 3, 512, 64),
-        a("gpt2-h64-l3-v2k", "gpt2", 64, 3, 2048, 32),
-        a("gpt2-h160-l2-v1k", "gpt2", 160, 2, 1024, 32),
-        a("gpt2-h128-l4-v512", "gpt2", 128, 4, 512, 32),
-    ]
+    archs = _archs(
+        ("llama", 64, 2, 1024, 32),
+        ("llama", 128, 3, 2048, 32),
+        ("llama", 192, 2, 4096, 64),
+        ("llama", 256, 4, 512, 64),
+        ("llama", 384, 2, 1024, 64),
+        ("qwen2", 96, 3, 2048, 32),
+        ("qwen2", 192, 2, 1024, 64),
+        ("qwen2", 256, 3, 512, 64),
+        ("gpt2", 64, 3, 2048, 32),
+        ("gpt2", 160, 2, 1024, 32),
+        ("gpt2", 128, 4, 512, 32),
+    )
     if name == "quick":
         return Budget(tuple(archs), 8, (64, 128, 256, 512), (1, 2, 4), 1024, 128, 1, 3, 300)
-    more = [
-        a("llama-h320-l2-v2k", "llama", 320, 2, 2048, 64),
-        a("qwen2-h128-l4-v4k", "qwen2", 128, 4, 4096, 32),
-        a("gpt2-h256-l3-v4k", "gpt2", 256, 3, 4096, 64),
-    ]
+    more = _archs(
+        ("llama", 320, 2, 2048, 64),
+        ("qwen2", 128, 4, 4096, 32),
+        ("gpt2", 256, 3, 4096, 64),
+    )
     if name == "standard":
         return Budget(tuple(archs + more), 10, (64, 128, 256, 512), (1, 2, 4), 2048, 192, 1, 5, 600)
     return Budget(tuple(archs + more), 16, (64, 128, 256, 512, 1024), (1, 2, 4, 8), 4096, 256, 2, 7, 900)
@@ -104,17 +114,17 @@ def _cpu_budget(name: str) -> Budget:
 def _gpu_archs(device: GpuSpec, name: str) -> tuple[Arch, ...]:
     """Widths and depths that reach the card: from ~50M to a few billion parameters."""
     mem_gib = device.memory_gib
-    big = [
-        Arch("llama-h512-l8-v32k", "llama", 512, 8, 32000, 64),
-        Arch("qwen2-h896-l12-v32k", "qwen2", 896, 12, 32768, 64),
-        Arch("gpt2-h768-l12-v50k", "gpt2", 768, 12, 50257, 64),
-        Arch("llama-h1536-l16-v32k", "llama", 1536, 16, 32000, 128),
-        Arch("qwen2-h1536-l16-v64k", "qwen2", 1536, 16, 65536, 128),
-        Arch("gpt2-h1280-l24-v50k", "gpt2", 1280, 24, 50257, 64),
-        Arch("llama-h2048-l16-v128k", "llama", 2048, 16, 128256, 64),
-    ]
+    big = _archs(
+        ("llama", 512, 8, 32000, 64),
+        ("qwen2", 896, 12, 32768, 64),
+        ("gpt2", 768, 12, 50257, 64),
+        ("llama", 1536, 16, 32000, 128),
+        ("qwen2", 1536, 16, 65536, 128),
+        ("gpt2", 1280, 24, 50257, 64),
+        ("llama", 2048, 16, 128256, 64),
+    )
     if mem_gib >= 40:  # ~3B parameters: Llama-3.2-3B's shape
-        big.append(Arch("llama-h3072-l28-v128k", "llama", 3072, 28, 128256, 128))
+        big += _archs(("llama", 3072, 28, 128256, 128))
     if name == "quick":
         return tuple(big[:4])
     return tuple(big)
@@ -195,8 +205,8 @@ def catalog_config(name: str, model_type: str) -> dict[str, Any]:
 
 
 # ---- trials ----------------------------------------------------------------------------------------
-def _plan(method: str, device: GpuSpec, seq: int, mb: int, ckpt: bool, adapter, optimizer: str) -> TrainingPlan:
-    r, targets = adapter if method != "full" else (16, (ALL_LINEAR,))  # no adapter: one canonical plan
+def device_plan(device: GpuSpec, method: str, seq: int, mb: int, ckpt: bool, **kw: Any) -> TrainingPlan:
+    """A `method` plan of `mb` x `seq` tokens on `device`, in the device's default dtype."""
     return TrainingPlan(
         method=method,
         gpu_id=device.id,
@@ -204,10 +214,14 @@ def _plan(method: str, device: GpuSpec, seq: int, mb: int, ckpt: bool, adapter, 
         micro_batch=mb,
         seq_len=seq,
         grad_checkpointing=ckpt,
-        optimizer=optimizer,
-        lora_r=r,
-        lora_alpha=2 * r,
-        lora_targets=targets,
+        **kw,
+    )
+
+
+def _plan(method: str, device: GpuSpec, seq: int, mb: int, ckpt: bool, adapter, optimizer: str) -> TrainingPlan:
+    r, targets = adapter if method != "full" else (16, (ALL_LINEAR,))  # no adapter: one canonical plan
+    return device_plan(
+        device, method, seq, mb, ckpt, optimizer=optimizer, lora_r=r, lora_alpha=2 * r, lora_targets=targets
     )
 
 
@@ -295,8 +309,13 @@ def _fits_gpu(estimator: AnalyticalEstimator, spec: ModelSpec, device: GpuSpec, 
     return est.memory.device_total_bytes <= 0.85 * device.memory_bytes
 
 
+def shape_label(plan: TrainingPlan) -> str:
+    """method, sequence, micro-batch and checkpointing of a plan, e.g. ``lora-s512-b1-ckpt``."""
+    return f"{plan.method}-s{plan.seq_len}-b{plan.micro_batch}-{'ckpt' if plan.grad_checkpointing else 'nockpt'}"
+
+
 def _plan_label(plan: TrainingPlan) -> str:
-    parts = [plan.method, f"s{plan.seq_len}", f"b{plan.micro_batch}", "ckpt" if plan.grad_checkpointing else "nockpt"]
+    parts = [shape_label(plan)]
     if plan.method != "full":
         parts.append(f"r{plan.lora_r}-{'+'.join(plan.lora_targets)}")
     if plan.optimizer != "adamw":

@@ -53,33 +53,27 @@ def _scatter(ax, rows: list[dict[str, Any]], measured: str, held_out: str, analy
     ax.grid(True, which="both", linewidth=0.3)
 
 
+#: the two plots: file, row key (measured_/held_out_/analytical_ + key), scale, quantity, unit, title
+_PLOTS = (
+    (MEMORY_PNG, "memory_bytes", MIB, "peak memory", "MiB", "memory"),
+    (STEP_PNG, "step_time_s", 1e-3, "step time", "ms", "step time"),
+)
+
+
 def plot(rows: list[dict[str, Any]], profile: Profile, out_dir: Path) -> list[Path]:
     h = profile.held_out
+    errors = (h.memory_median_abs_pct_error, h.step_time_median_abs_pct_error)
     paths = []
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    _scatter(ax, rows, "measured_memory_bytes", "held_out_memory_bytes", "analytical_memory_bytes", MIB)
-    ax.set_xlabel("measured peak memory (MiB)")
-    ax.set_ylabel("predicted (MiB)")
-    ax.set_title(
-        f"{profile.device_name}\nmemory, held-out median error {h.memory_median_abs_pct_error:.1f}%", fontsize=9
-    )
-    fig.tight_layout()
-    paths.append(out_dir / MEMORY_PNG)
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    _scatter(ax, rows, "measured_step_time_s", "held_out_step_time_s", "analytical_step_time_s", 1e-3)
-    ax.set_xlabel("measured step time (ms)")
-    ax.set_ylabel("predicted (ms)")
-    med = h.step_time_median_abs_pct_error
-    ax.set_title(
-        f"{profile.device_name}\nstep time, held-out median error {'-' if med is None else f'{med:.1f}%'}", fontsize=9
-    )
-    fig.tight_layout()
-    paths.append(out_dir / STEP_PNG)
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    for (name, key, scale, quantity, unit, title), err in zip(_PLOTS, errors, strict=True):
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        _scatter(ax, rows, f"measured_{key}", f"held_out_{key}", f"analytical_{key}", scale)
+        ax.set_xlabel(f"measured {quantity} ({unit})")
+        ax.set_ylabel(f"predicted ({unit})")
+        ax.set_title(f"{profile.device_name}\n{title}, held-out median error {_fmt(err)}", fontsize=9)
+        fig.tight_layout()
+        paths.append(out_dir / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     return paths
 
 

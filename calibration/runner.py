@@ -204,17 +204,7 @@ def run_isolated(spec: TrialSpec, work_dir: Path, server: TrialServer | None = N
         result_path.unlink()
         return TrialResult(**data)
     status, error = _failure(exitcode, timed_out, spec.timeout_s, log_path)
-    return TrialResult(
-        trial_id=spec.id,
-        group=spec.group,
-        status=status,
-        arch=spec.arch,
-        plan=spec.plan,
-        device=spec.device,
-        error=error,
-        wall_s=wall,
-        started_at=time.time() - wall,
-    )
+    return spec.result(status, error=error, wall_s=wall, started_at=time.time() - wall)
 
 
 def _failure(exitcode: int | None, timed_out: bool, timeout_s: float, log_path: Path) -> tuple[str, str]:
@@ -370,16 +360,23 @@ def run_design(
     bar = Progress(len(todo), enabled=progress)
     (out / "logs").mkdir(exist_ok=True)
     server: TrialServer | None = None
+
+    def measure(spec: TrialSpec, stage: str, i: int, n: int) -> TrialResult:
+        """Run `spec` in the trial server (a fresh one if it died) and append its line."""
+        nonlocal server
+        if on_stage is not None:
+            on_stage(stage, spec.id, i, n)
+        if server is None or not server.alive():
+            server = TrialServer(out / "logs" / "server.log")
+        result = run_isolated(spec, out, server)
+        _append(path, result.to_dict())
+        return result
+
     t0 = time.perf_counter()
     try:
         for i, spec in enumerate(todo):
             bar.start(spec.id)
-            if on_stage is not None:
-                on_stage("trials", spec.id, i, len(todo))
-            if server is None or not server.alive():
-                server = TrialServer(out / "logs" / "server.log")
-            result = run_isolated(spec, out, server)
-            _append(path, result.to_dict())
+            result = measure(spec, "trials", i, len(todo))
             summary.results.append(result)
             bar.finish(result)
             if on_result is not None:
@@ -391,12 +388,7 @@ def run_design(
             if redo and progress:
                 sys.stderr.write(f"re-measuring {len(redo)} trial(s) whose timing other processes disturbed\n")
             for j, spec in enumerate(redo):
-                if on_stage is not None:
-                    on_stage("re-measuring disturbed timings", spec.id, j, len(redo))
-                if server is None or not server.alive():
-                    server = TrialServer(out / "logs" / "server.log")
-                result = run_isolated(spec, out, server)
-                _append(path, result.to_dict())
+                result = measure(spec, "re-measuring disturbed timings", j, len(redo))
                 summary.retried += 1
                 summary.results = [result if r.trial_id == spec.id else r for r in summary.results]
     finally:

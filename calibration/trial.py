@@ -77,6 +77,12 @@ class TrialSpec:
     def from_dict(cls, d: dict[str, Any]) -> TrialSpec:
         return cls(**d)
 
+    def result(self, status: str, **kw: Any) -> TrialResult:
+        """A result of this trial: what it ran, `status` and the measured fields in `kw`."""
+        return TrialResult(
+            trial_id=self.id, group=self.group, status=status, arch=self.arch, plan=self.plan, device=self.device, **kw
+        )
+
 
 def timing_disturbed(result: dict[str, Any]) -> bool:
     """True when a measured step time is not usable (see MAX_CONTENTION, MAX_SPREAD); process CPU time
@@ -105,15 +111,7 @@ def _lift_address_space_limit() -> None:
 def run_trial(spec: TrialSpec) -> TrialResult:
     """Run one trial in this process and return what was measured (never raises for trial failures)."""
     t_start = time.perf_counter()
-    res = TrialResult(
-        trial_id=spec.id,
-        group=spec.group,
-        status=ERROR,
-        arch=spec.arch,
-        plan=spec.plan,
-        device=spec.device,
-        started_at=time.time(),
-    )
+    res = spec.result(ERROR, started_at=time.time())
     try:
         _measure(spec, res)
         res.status = OK
