@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from advisor.catalog import read_json_object
 from advisor.errors import InvalidInputError
 from advisor.estimators.terms import TERMS_VERSION
 from advisor.plans import TrainingPlan
@@ -220,14 +221,7 @@ def _norm(name: str) -> str:
 
 
 def load_profile(path: str | Path) -> Profile:
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read profile {str(p)!r}: {exc}", field="profile") from exc
-    if not isinstance(doc, dict):
-        raise InvalidInputError(f"{str(p)!r} is not a JSON object", field="profile")
-    return Profile.from_dict(doc)
+    return Profile.from_dict(read_json_object(Path(path), "profile", "profile"))
 
 
 class ProfileStore:

@@ -238,15 +238,21 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     return ModelSpec(name=name, source="config.json", note=note, **family.spec_fields(cfg, mtype))
 
 
+def read_json_object(path: Path, what: str, field: str) -> dict[str, Any]:
+    """The JSON object in `path`; InvalidInputError on `field` naming `what` the file was read as otherwise."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(f"cannot read {what} {str(path)!r}: {exc}", field=field) from exc
+    if not isinstance(doc, dict):
+        raise InvalidInputError(f"{str(path)!r} is not a JSON object", field=field)
+    return doc
+
+
 def model_from_config_path(path: str | Path) -> ModelSpec:
     p = Path(path).expanduser()
     cfg_path = p / "config.json" if p.is_dir() else p
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise InvalidInputError(f"cannot read config {str(cfg_path)!r}: {exc}", field="model") from exc
-    if not isinstance(cfg, dict):
-        raise InvalidInputError(f"{str(cfg_path)!r} is not a JSON object", field="model")
+    cfg = read_json_object(cfg_path, "config", "model")
     name = p.name if p.is_dir() else (p.parent.name or p.stem)
     spec = model_from_config(cfg, name=name)
     return replace(spec, source=str(cfg_path))

@@ -216,13 +216,20 @@ class Store:
             c.execute(insert(files).values(**row))
         return row
 
-    def get_file(self, file_id: str, owner: str | None = None) -> dict[str, Any] | None:
-        q = select(files).where(files.c.id == file_id)
-        if owner is not None:
-            q = q.where(files.c.owner == owner)
+    def _first(self, q: Any) -> dict[str, Any] | None:
         with self.engine.begin() as c:
             r = c.execute(q).mappings().first()
         return dict(r) if r else None
+
+    def _owned(self, table: Table, row_id: str, owner: str | None) -> dict[str, Any] | None:
+        """The row `row_id` of `table`, when `owner` (if given) owns it."""
+        q = select(table).where(table.c.id == row_id)
+        if owner is not None:
+            q = q.where(table.c.owner == owner)
+        return self._first(q)
+
+    def get_file(self, file_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        return self._owned(files, file_id, owner)
 
     def list_files(
         self, owner: str, purpose: str | None = None, after: str | None = None, limit: int = 100, order: str = "desc"
@@ -276,17 +283,10 @@ class Store:
         return self.get_job(row["id"]) or row, True
 
     def job_by_idempotency_key(self, owner: str, key: str) -> dict[str, Any] | None:
-        with self.engine.begin() as c:
-            r = c.execute(select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key)).mappings().first()
-        return dict(r) if r else None
+        return self._first(select(jobs).where(jobs.c.owner == owner, jobs.c.idempotency_key == key))
 
     def get_job(self, job_id: str, owner: str | None = None) -> dict[str, Any] | None:
-        q = select(jobs).where(jobs.c.id == job_id)
-        if owner is not None:
-            q = q.where(jobs.c.owner == owner)
-        with self.engine.begin() as c:
-            r = c.execute(q).mappings().first()
-        return dict(r) if r else None
+        return self._owned(jobs, job_id, owner)
 
     def list_jobs(
         self, owner: str, after: str | None = None, limit: int = 20, metadata_filter: dict[str, str] | None = None
