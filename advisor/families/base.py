@@ -136,8 +136,6 @@ class Family:
     encoder_decoder: bool = False
     #: attention and MLP read the same normalised input and add to one residual (phi, gpt_neox)
     parallel_residual: bool = False
-    #: one projection makes q, k and v
-    fused_qkv: bool = False
     #: transformers' SDPA path keeps v as a view of the fused qkv output, so all of it stays saved for
     #: backward (phi3, gpt_neox; GPT-2's split heads are copied)
     sdpa_keeps_fused_qkv: bool = False
@@ -164,6 +162,11 @@ class Family:
     hf_keys: Mapping[str, HfValue] = field(default_factory=lambda: dict(LLAMA_FORMAT_KEYS))
     #: fixed keys the rebuilt config.json ends with
     hf_constants: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One projection of the attention layout makes q, k and v."""
+        return any({"q", "k", "v"} <= set(roles) for _, roles, *_ in self.attention_layout)
 
     @property
     def model_types(self) -> tuple[str, ...]:

@@ -21,7 +21,6 @@ FAMILY = Family(
     name="gpt2",
     summary="learned positions, fused c_attn, plain GELU MLP, biases everywhere, LayerNorm",
     config_defaults=CONFIG_DEFAULTS,
-    fused_qkv=True,
     quirks=dict(GPT_STYLE, learned_positions=True),
     attention_layout=(("c_attn", ("q", "k", "v"), "h", "3h", True), ("c_proj", ("o",), "h", "h", True)),
     mlp_layout=mlp_rows("c_fc", "c_proj", True),

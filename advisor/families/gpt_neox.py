@@ -22,7 +22,6 @@ FAMILY = Family(
     summary="parallel residual, fused query_key_value, two LayerNorms, biases (StableLM-alpha, Pythia)",
     config_defaults=CONFIG_DEFAULTS,
     parallel_residual=True,
-    fused_qkv=True,
     sdpa_keeps_fused_qkv=True,
     norms_share_input=True,
     quirks=dict(GPT_STYLE),  # attention_bias: as the config says (config_flags)

@@ -21,7 +21,6 @@ FAMILY = Family(
     name="phi3",
     summary="the Llama layout with fused qkv_proj / gate_up_proj (Phi-3)",
     config_defaults=CONFIG_DEFAULTS,
-    fused_qkv=True,
     sdpa_keeps_fused_qkv=True,
     attention_layout=(
         ("qkv_proj", ("q", "k", "v"), "h", "q+2kv", "attention_bias"),
