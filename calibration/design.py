@@ -85,30 +85,32 @@ class Budget:
     timeout_s: float
 
 
+#: CPU configuration groups: (first budget that has it, family, hidden, layers, vocab, head_dim)
+CPU_GROUPS: tuple[tuple[str, str, int, int, int, int], ...] = (
+    ("quick", "llama", 64, 2, 1024, 32),
+    ("quick", "llama", 128, 3, 2048, 32),
+    ("quick", "llama", 192, 2, 4096, 64),
+    ("quick", "llama", 256, 4, 512, 64),
+    ("quick", "llama", 384, 2, 1024, 64),
+    ("quick", "qwen2", 96, 3, 2048, 32),
+    ("quick", "qwen2", 192, 2, 1024, 64),
+    ("quick", "qwen2", 256, 3, 512, 64),
+    ("quick", "gpt2", 64, 3, 2048, 32),
+    ("quick", "gpt2", 160, 2, 1024, 32),
+    ("quick", "gpt2", 128, 4, 512, 32),
+    ("standard", "llama", 320, 2, 2048, 64),
+    ("standard", "qwen2", 128, 4, 4096, 32),
+    ("standard", "gpt2", 256, 3, 4096, 64),
+)
+
+
 def _cpu_budget(name: str) -> Budget:
-    archs = _archs(
-        ("llama", 64, 2, 1024, 32),
-        ("llama", 128, 3, 2048, 32),
-        ("llama", 192, 2, 4096, 64),
-        ("llama", 256, 4, 512, 64),
-        ("llama", 384, 2, 1024, 64),
-        ("qwen2", 96, 3, 2048, 32),
-        ("qwen2", 192, 2, 1024, 64),
-        ("qwen2", 256, 3, 512, 64),
-        ("gpt2", 64, 3, 2048, 32),
-        ("gpt2", 160, 2, 1024, 32),
-        ("gpt2", 128, 4, 512, 32),
-    )
+    archs = tuple(_archs(*(g[1:] for g in CPU_GROUPS if BUDGETS.index(g[0]) <= BUDGETS.index(name))))
     if name == "quick":
-        return Budget(tuple(archs), 8, (64, 128, 256, 512), (1, 2, 4), 1024, 128, 1, 3, 300)
-    more = _archs(
-        ("llama", 320, 2, 2048, 64),
-        ("qwen2", 128, 4, 4096, 32),
-        ("gpt2", 256, 3, 4096, 64),
-    )
+        return Budget(archs, 8, (64, 128, 256, 512), (1, 2, 4), 1024, 128, 1, 3, 300)
     if name == "standard":
-        return Budget(tuple(archs + more), 10, (64, 128, 256, 512), (1, 2, 4), 2048, 192, 1, 5, 600)
-    return Budget(tuple(archs + more), 16, (64, 128, 256, 512, 1024), (1, 2, 4, 8), 4096, 256, 2, 7, 900)
+        return Budget(archs, 10, (64, 128, 256, 512), (1, 2, 4), 2048, 192, 1, 5, 600)
+    return Budget(archs, 16, (64, 128, 256, 512, 1024), (1, 2, 4, 8), 4096, 256, 2, 7, 900)
 
 
 def _gpu_archs(device: GpuSpec, name: str) -> tuple[Arch, ...]:
