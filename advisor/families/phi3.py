@@ -4,17 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from advisor.families import phi
 from advisor.families.base import LLAMA_FORMAT_KEYS, Family
 
-#: transformers' Phi3Config defaults for the keys read below
+#: transformers' Phi3Config defaults for the keys read below: PhiConfig's, but for the context and activation
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
-    "phi3": dict(
-        intermediate_size=8192,
-        num_key_value_heads=None,
-        max_position_embeddings=4096,
-        hidden_act="silu",
-        tie_word_embeddings=False,
-    ),
+    "phi3": dict(phi.CONFIG_DEFAULTS["phi"], max_position_embeddings=4096, hidden_act="silu"),
 }
 
 FAMILY = Family(
