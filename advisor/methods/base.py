@@ -143,7 +143,7 @@ class Method:
 
     # ---- the real stack ------------------------------------------------------------------------
     def peft_config(self, plan: TrainingPlan, target_modules: list[str] | tuple[str, ...]) -> dict[str, Any] | None:
-        """Keyword arguments of peft's LoraConfig, or None for no adapters."""
+        """Keyword arguments of peft's LoraConfig (the builder adds the task type), or None for no adapters."""
         if not self.adapter:
             return None
         return {
@@ -153,7 +153,6 @@ class Method:
             "target_modules": list(target_modules),
             "use_dora": self.dora,
             "bias": "none",
-            "task_type": "CAUSAL_LM",
         }
 
     def quantization(self, plan: TrainingPlan) -> dict[str, Any] | None:

@@ -259,14 +259,11 @@ def _load(
 
 
 def _bnb_config(plan: TrainingPlan, compute_dtype: torch.dtype):
+    """bitsandbytes' 4-bit settings from the plan's method (its dtype name replaced by the torch dtype)."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=plan.double_quant,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+    kwargs = get_method(plan.method).quantization(plan) or {}
+    return BitsAndBytesConfig(**{**kwargs, "bnb_4bit_compute_dtype": compute_dtype})
 
 
 # ---- shared by both: quantised-base preparation, checkpointing, adapters --------------------------
@@ -312,15 +309,9 @@ def _prepare_for_training(
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
-    cfg = LoraConfig(
-        r=plan.lora_r,
-        lora_alpha=plan.lora_alpha,
-        lora_dropout=plan.lora_dropout,
-        target_modules=list(targets),
-        bias="none",
-        use_dora=method.dora,
-        task_type=TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM,
-    )
+    kwargs = method.peft_config(plan, targets)  # the method's own settings (use_dora for DoRA)
+    kwargs["task_type"] = TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
+    cfg = LoraConfig(**kwargs)
     # peft upcasts adapters to fp32; litgpt / torchtune keep them in the model dtype. On the meta
     # device the adapters are created there too (low_cpu_mem_usage) and materialised with the rest.
     model = get_peft_model(model, cfg, low_cpu_mem_usage=meta, autocast_adapter_dtype=hf_stack)
