@@ -298,32 +298,36 @@ class SearchSpace:
 def enumerate_plans(
     gpus: Iterable[GpuSpec], seq_len: int, space: SearchSpace = SearchSpace(), dtype: str | None = None
 ) -> Iterator[TrainingPlan]:
-    """Every candidate plan: method x adapter shape x micro-batch x checkpointing x optimiser x GPUs
-    (each method brings its own adapter shapes and optimisers)."""
+    """Every candidate plan on each GPU (in the GPU's default dtype unless one is given)."""
     for gpu in gpus:
-        dt = dtype or gpu.default_dtype()
-        for n in space.gpu_counts:
-            shardings = ("none",) if n == 1 else ("ddp", "fsdp")
-            for method in space.methods:
-                m = get_method(method)
-                for sharding in shardings:
-                    for r, targets in m.search_shapes:
-                        for opt in m.search_optimizers:
-                            if sharding == "fsdp" and opt.startswith("paged"):
-                                continue
-                            for ckpt in space.checkpointing:
-                                for mb in space.micro_batches:
-                                    yield TrainingPlan(
-                                        method=method,
-                                        gpu_id=gpu.id,
-                                        dtype=dt,
-                                        micro_batch=mb,
-                                        seq_len=seq_len,
-                                        grad_checkpointing=ckpt,
-                                        optimizer=opt,
-                                        num_gpus=n,
-                                        sharding=sharding,
-                                        lora_r=r or 16,
-                                        lora_alpha=2 * (r or 16),
-                                        lora_targets=targets or (ALL_LINEAR,),
-                                    )
+        yield from enumerate_shapes(seq_len, space, dtype or gpu.default_dtype(), gpu.id)
+
+
+def enumerate_shapes(seq_len: int, space: SearchSpace, dtype: str, gpu_id: str = "") -> Iterator[TrainingPlan]:
+    """Every candidate: method x adapter shape x micro-batch x checkpointing x optimiser x GPU count (each
+    method brings its own adapter shapes and optimisers). Without a GPU id: the GPU-independent shapes."""
+    for n in space.gpu_counts:
+        shardings = ("none",) if n == 1 else ("ddp", "fsdp")
+        for method in space.methods:
+            m = get_method(method)
+            for sharding in shardings:
+                for r, targets in m.search_shapes:
+                    for opt in m.search_optimizers:
+                        if sharding == "fsdp" and opt.startswith("paged"):
+                            continue
+                        for ckpt in space.checkpointing:
+                            for mb in space.micro_batches:
+                                yield TrainingPlan(
+                                    method=method,
+                                    gpu_id=gpu_id,
+                                    dtype=dtype,
+                                    micro_batch=mb,
+                                    seq_len=seq_len,
+                                    grad_checkpointing=ckpt,
+                                    optimizer=opt,
+                                    num_gpus=n,
+                                    sharding=sharding,
+                                    lora_r=r or 16,
+                                    lora_alpha=2 * (r or 16),
+                                    lora_targets=targets or (ALL_LINEAR,),
+                                )

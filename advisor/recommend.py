@@ -105,11 +105,9 @@ def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
 
 
 @dataclass
-class PlanTable:
-    """Candidate plans of one model as columns: the GPU-independent terms of one estimator."""
+class TermColumns:
+    """The device layer's inputs for many plans, one array per term."""
 
-    shapes: list[TrainingPlan]  # gpu_id left empty
-    terms: list[PlanTerms]
     alloc: np.ndarray
     static: np.ndarray
     fpt: np.ndarray
@@ -119,6 +117,14 @@ class PlanTable:
     tokens: np.ndarray
     ngpu: np.ndarray
     method: np.ndarray  # index into METHOD_NAMES
+
+
+@dataclass
+class PlanTable(TermColumns):
+    """Candidate plans of one model as columns: the GPU-independent terms of one estimator."""
+
+    shapes: list[TrainingPlan]  # gpu_id left empty
+    terms: list[PlanTerms]
     group: np.ndarray  # index into group_names
     group_names: list[str]
 
@@ -171,7 +177,7 @@ class _Segments:
 
 
 @dataclass
-class SearchTable:
+class SearchTable(TermColumns):
     """Every candidate on every GPU as one set of columns: each GPU's rows carry its own numbers and its
     estimator's coefficients (``DeviceColumns``), so the device layer evaluates all of them in one pass.
     Built once per (model, GPUs, search space, sequence length) and cached by the service."""
@@ -179,15 +185,6 @@ class SearchTable:
     parts: list[tuple[GpuSpec, str, PlanTable, Estimator]]
     offsets: np.ndarray  # first row of each part
     device: dev.DeviceColumns
-    alloc: np.ndarray
-    static: np.ndarray
-    fpt: np.ndarray
-    traffic: np.ndarray
-    comm: np.ndarray
-    passes: np.ndarray
-    tokens: np.ndarray
-    ngpu: np.ndarray
-    method: np.ndarray
     price: np.ndarray  # $/GPU-hour, inf where the GPU has no price
     single: np.ndarray  # one GPU per plan
     part: np.ndarray  # which GPU (index into parts) each row is on
@@ -245,18 +242,10 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
     group_names = list(names)
     labels, counts = np.unique(group, return_counts=True)
     return SearchTable(
+        **{f.name: col(f.name) for f in fields(TermColumns)},
         parts=list(tables),
         offsets=np.cumsum([0, *sizes[:-1]]),
         device=dev.DeviceColumns.stack(parts_dev),
-        alloc=col("alloc"),
-        static=col("static"),
-        fpt=col("fpt"),
-        traffic=col("traffic"),
-        comm=col("comm"),
-        passes=col("passes"),
-        tokens=col("tokens"),
-        ngpu=ngpu,
-        method=col("method"),
         price=price.astype(float),
         single=ngpu == 1,
         part=part,

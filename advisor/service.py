@@ -15,7 +15,7 @@ from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.base import Estimate, Estimator
 from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError, nearest_profile
 from advisor.hardware import LOCAL_NAMES, local_gpus
-from advisor.plans import SearchSpace, TrainingPlan, enumerate_plans
+from advisor.plans import SearchSpace, TrainingPlan, enumerate_shapes
 from advisor.profiles import ProfileStore
 from advisor.recommend import (
     Constraints,
@@ -33,19 +33,6 @@ from advisor.study import ClaimCheck, check_memory_claim
 from advisor.units import DTYPE_BYTES
 
 ESTIMATE_SOURCES = ("auto", "analytical", "simulated")
-#: enumerate_plans needs a GPU to name; the shapes it yields are GPU-independent and get their GPU later
-_SHAPE_GPU = GpuSpec(
-    id="",
-    name="any",
-    memory_gib=0,
-    memory_gb=0,
-    bf16_tflops=None,
-    fp16_tflops=0,
-    fp32_tflops=0,
-    memory_bandwidth_gbps=0,
-    bf16_supported=True,
-    price_usd_per_hour=None,
-)
 
 
 @dataclass(frozen=True)
@@ -204,7 +191,7 @@ class AdvisorService:
         hit = self._tables.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
-        shapes = list(enumerate_plans([_SHAPE_GPU], seq_len, space, dtype=dtype))
+        shapes = list(enumerate_shapes(seq_len, space, dtype))
         table = build_table(estimator, model, shapes, cpu)
         if len(self._tables) > 256:
             self._tables.clear()

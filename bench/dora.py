@@ -144,8 +144,6 @@ def main() -> int:
         "cpu_rows": cpu,
         "traced_rows": traced,
     }
-    OUT.mkdir(exist_ok=True)
-    (OUT / "dora.json").write_text(json.dumps(doc, indent=1) + "\n")
     lines = [
         "# DoRA: analytical terms against real CPU steps and full-size traces",
         "",
@@ -179,9 +177,15 @@ def main() -> int:
             f"| {r['method']} | {r['micro_batch']} x {r['seq_len']} | {r['checkpointing']} | {r['lora_dropout']} | "
             f"{r['targets']} | {r['simulated_gib']} | {r['analytical_gib']} | {r['diff_pct']:+.1f}% |"
         )
-    (OUT / "dora.md").write_text("\n".join(lines) + "\n")
+    _save("dora", doc, lines)
     print("\n".join(lines))
     return 0
+
+
+def _save(name: str, doc: dict, lines: list[str]) -> None:
+    OUT.mkdir(exist_ok=True)
+    (OUT / f"{name}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (OUT / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
