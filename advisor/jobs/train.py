@@ -9,13 +9,8 @@ server can die and come back without losing the job:
     result.json        status (succeeded | failed | cancelled), error {code, message}, what was measured
     measurement.json   the run as a calibration record (advisor.stack.outcomes.TrialResult)
 
-Memory is measured the way calibration trials measure it, so a finished job can join a calibration fit
-(``calibration.feedback``): the second optimiser step (the first steady-state one) is measured on its
-own, after a reset that follows the first. On the CPU both steps run under the live-tensor meter
-(``advisor.stack.meters.LiveTensorMeter``, slower: that step is left out of the median step time);
-on CUDA the allocator's peak statistics are reset after the first step. ``measured["memory_meters"]``
-names every meter (CPU: live tensors and the process RSS; CUDA: allocated and reserved), and a
-single-threaded CPU job times its steps by process CPU time, like the trials.
+Memory and step times are measured the way calibration trials measure them (``advisor.jobs.measure``),
+so a finished job can join a calibration fit (``calibration.feedback``).
 
 The model is built by ``advisor.stack.build`` (the code calibration trials measure), so a job trains
 exactly what was estimated and calibrated: peft LoRA, bitsandbytes NF4 with double quantisation and
@@ -23,7 +18,8 @@ exactly what was estimated and calibrated: peft LoRA, bitsandbytes NF4 with doub
 Under ``accelerate launch`` (WORLD_SIZE > 1) each process builds a one-device replica and accelerate
 wraps it (DDP, or FSDP when launched with the FSDP flags); rank 0 writes events and files.
 
-SIGTERM stops the run at the next micro-step with status ``cancelled``. torch is imported here only.
+SIGTERM stops the run at the next micro-step with status ``cancelled``. torch is imported here only
+(and in ``advisor.jobs.measure``), inside functions: the job manager imports this module's constants.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ import math
 import os
 import random
 import signal
-import statistics
 import sys
 import time
 import traceback
@@ -45,8 +40,8 @@ from typing import Any
 
 from advisor.jobs import data as D
 from advisor.jobs.files import read_examples
+from advisor.jobs.measure import JobMeter, measurement_record
 from advisor.jobs.spec import JobSpec
-from advisor.stack.outcomes import CPU_LIVE_METER, CPU_RSS_METER, CUDA_ALLOCATED_METER, CUDA_RESERVED_METER
 
 EVENTS, RESULT, MEASUREMENT, OUTPUT, CHECKPOINTS = (
     "events.jsonl",
@@ -121,14 +116,7 @@ class Run:
         self.phase = "model_load"
         self.accelerator: Any = None
         self.device: Any = None
-        self.step_times: list[float] = []  # on the step-time meter's clock (``step_time_meter``)
-        self.step_walls: list[float] = []  # the same steps on the wall clock
-        self.metered_steps: set[int] = set()  # indices of steps run under the (slow) live-tensor meter
-        self.step_time_meter: str | None = None
-        self.threads: int | None = None
-        self.live_peak: int | None = None  # CPU: live tensor bytes, peak of the steady-state step
-        self.cuda_steady: dict[str, int] = {}  # CUDA: allocated / reserved peaks of the steady-state step
-        self._cuda_before: tuple[int, int] = (0, 0)  # CUDA: whole-run peaks up to that step's reset
+        self.meter = JobMeter(self.world)  # step times and memory peaks (advisor.jobs.measure)
         self.losses: list[float] = []
         self.trained_tokens = 0
         self.step = 0
@@ -185,10 +173,10 @@ class Run:
         spec = self.spec
         if threads := os.environ.get("ADVISOR_TRAIN_THREADS"):
             torch.set_num_threads(int(threads))
-        self.threads = torch.get_num_threads()
+        self.meter.threads = torch.get_num_threads()
         random.seed(spec.seed)
         torch.manual_seed(spec.seed)
-        self.device = self._device()
+        self.device = self.meter.device = self._device()
         self.events.emit(
             f"Training process started: {spec.plan.method} on {self.world} x {self.device.type}",
             pid=os.getpid(),
@@ -342,8 +330,8 @@ class Run:
         cuda = self.device.type == "cuda"
         # single-threaded CPU: process CPU time per step (neighbours cannot stretch it), as in the trials
         cpu_clock = not cuda and self.world == 1 and torch.get_num_threads() == 1
-        self.step_time_meter = "process_cpu_time" if cpu_clock else ("cuda_synchronized_wall" if cuda else "wall")
-        live = self._live_meter(built)
+        self.meter.step_time_meter = "process_cpu_time" if cpu_clock else ("cuda_synchronized_wall" if cuda else "wall")
+        live = self.meter.live_meter(built)
         for epoch in range(spec.n_epochs):
             for batch in D.epoch_batches(len(train), spec.batch_size, spec.seed, epoch):
                 mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
@@ -377,14 +365,11 @@ class Run:
                 value = float(loss)
                 if not math.isfinite(value):
                     raise Failure("training", f"the loss is {value} at step {self.step + 1}: training diverged")
-                if metered:
-                    self.metered_steps.add(self.step)
+                self.meter.record_step(self.step, cpu_dt if cpu_clock else dt, dt, metered)
                 self.step += 1
                 self.losses.append(value)
-                self.step_times.append(cpu_dt if cpu_clock else dt)
-                self.step_walls.append(dt)
                 self.trained_tokens += tokens
-                live = self._after_step(built, live)
+                live = self.meter.after_step(self.step, built, live)
                 self.events.emit(
                     f"Step {self.step}/{self.total_steps}: training loss={value:.4f}",
                     "metrics",
@@ -395,7 +380,7 @@ class Run:
                     learning_rate=lr,
                     tokens_per_s=tokens / dt if dt > 0 else None,
                     step_time_s=dt,
-                    peak_memory_gib=self._peak_bytes() / 2**30,
+                    peak_memory_gib=self.meter.peak_bytes() / 2**30,
                     trained_tokens=self.trained_tokens,
                     elapsed_s=time.time() - self.t0,
                 )
@@ -462,106 +447,17 @@ class Run:
         if self.main:
             tokenizer.save_pretrained(str(path))
 
-    # ---- measurement ----------------------------------------------------------------------------------
-    def _live_meter(self, built: Any) -> Any:
-        """CPU, one process: a live-tensor meter holding the built model (calibration.trial's meter).
-        None elsewhere (CUDA has the allocator's statistics; DDP replicas are not what trials measure)."""
-        if self.device.type != "cpu" or self.world > 1:
-            return None
-        from advisor.stack.meters import LiveTensorMeter
-
-        meter = LiveTensorMeter()
-        meter.track_module(built.model)
-        return meter
-
-    def _after_step(self, built: Any, live: Any) -> Any:
-        """After the first step: optimiser states tracked and the peak reset (CPU), the allocator's peak
-        statistics reset (CUDA). After the second: its peaks kept, the CPU meter dropped (returns the meter
-        still in use, or None)."""
-        if self.step == 1:
-            if live is not None:
-                live.track_optimizer(built.optimizer)
-                live.reset_peak()
-            elif self.device.type == "cuda":
-                from advisor.stack.meters import cuda_reset
-
-                self._cuda_before = self._cuda_peaks()
-                cuda_reset(self.device)
-            return live
-        if self.step == 2:
-            if live is not None:
-                self.live_peak = int(live.peak_bytes)
-            elif self.device.type == "cuda":
-                import torch
-
-                torch.cuda.synchronize(self.device)
-                self.cuda_steady = {
-                    CUDA_ALLOCATED_METER: int(torch.cuda.max_memory_allocated(self.device)),
-                    CUDA_RESERVED_METER: int(torch.cuda.max_memory_reserved(self.device)),
-                }
-            return None
-        return live
-
-    def _cuda_peaks(self) -> tuple[int, int]:
-        """(allocated, reserved) peaks of the whole run, across the reset after the first step."""
-        import torch
-
-        return (
-            max(self._cuda_before[0], int(torch.cuda.max_memory_allocated(self.device))),
-            max(self._cuda_before[1], int(torch.cuda.max_memory_reserved(self.device))),
-        )
-
-    def _peak_bytes(self) -> int:
-        if self.device.type == "cuda":
-            return self._cuda_peaks()[0]
-        from advisor.stack.outcomes import rss_peak_bytes
-
-        return rss_peak_bytes()
-
-    def _memory_meters(self) -> dict[str, int]:
-        """meter name -> peak bytes: the steady-state step's readings where it ran (the trials' meters),
-        and on the CPU the process' peak RSS (whole run)."""
-        if self.device is None:
-            return {}
-        if self.device.type == "cuda":
-            return dict(self.cuda_steady)
-        from advisor.stack.outcomes import rss_peak_bytes
-
-        out = {CPU_RSS_METER: rss_peak_bytes()}
-        if self.live_peak is not None:
-            out[CPU_LIVE_METER] = self.live_peak
-        return out
-
-    def _steady_times(self) -> list[float]:
-        """Step times the median is taken from: after the first step, without the metered one (slower),
-        unless nothing else is left."""
-        unmetered = [t for i, t in enumerate(self.step_times) if i >= 1 and i not in self.metered_steps]
-        return unmetered or self.step_times[1:] or self.step_times
-
-    def _measured(self) -> dict[str, Any]:
-        steady = self._steady_times()
-        step_time = statistics.median(steady) if steady else None
-        tokens_per_step = self.trained_tokens / self.step if self.step else 0
-        peak = self._peak_bytes() if self.device is not None else None
-        return {
-            "steps": self.step,
-            "total_steps": self.total_steps,
-            "step_time_s": step_time,
-            "tokens_per_s": tokens_per_step / step_time if step_time else None,
-            "peak_memory_gib": peak / 2**30 if peak is not None else None,
-            "memory_meter": (CUDA_ALLOCATED_METER if self.spec.device == "cuda" else CPU_RSS_METER),
-            "memory_meters": self._memory_meters(),
-            "step_time_meter": self.step_time_meter,
-            "threads": self.threads,
-            "first_loss": self.losses[0] if self.losses else None,
-            "final_loss": self.losses[-1] if self.losses else None,
-            "trained_tokens": self.trained_tokens,
-            "build_s": self.build_s,
-            "wall_s": time.time() - self.t0,
-        }
-
+    # ---- result files ---------------------------------------------------------------------------------
     def _write_result(self, status: str, error: dict[str, Any] | None) -> None:
-        measured = self._measured()
+        measured = self.meter.measured(
+            spec_device=self.spec.device,
+            steps=self.step,
+            total_steps=self.total_steps,
+            losses=self.losses,
+            trained_tokens=self.trained_tokens,
+            build_s=self.build_s,
+            t0=self.t0,
+        )
         _atomic_json(
             self.job_dir / RESULT,
             {
@@ -575,58 +471,19 @@ class Run:
         )
         # a run that trained at least one step is a measurement, whatever its end; so is an OOM
         if self.device is not None and (self.step or (error or {}).get("code") == "oom"):
-            self._write_measurement(status, error, measured)
-
-    def _write_measurement(self, status: str, error: dict[str, Any] | None, measured: dict[str, Any]) -> None:
-        import torch
-
-        from advisor.stack.outcomes import ERROR, OK, OOM, MemoryReading, TrialResult, rss_peak_bytes
-
-        cuda = self.device.type == "cuda"
-        # the trials' meter where the steady-state step was measured: CUDA allocated, CPU live tensors
-        if cuda:
-            meter = CUDA_ALLOCATED_METER
-            peak, reserved = self._cuda_peaks()
-            if self.cuda_steady:
-                peak, reserved = self.cuda_steady[CUDA_ALLOCATED_METER], self.cuda_steady[CUDA_RESERVED_METER]
-        elif self.live_peak is not None:
-            meter, peak, reserved = CPU_LIVE_METER, self.live_peak, None
-        else:  # no steady-state step (e.g. out of memory in the first): the process RSS
-            meter, peak, reserved = CPU_RSS_METER, rss_peak_bytes(), None
-        reading = MemoryReading(
-            meter=meter,
-            peak_bytes=peak,
-            reserved_bytes=reserved,
-            device_total_bytes=None,
-            device_total_meter=None,
-            rss_peak_bytes=rss_peak_bytes(),
-            rss_baseline_bytes=0,
-        )
-        code = (error or {}).get("code")
-        record = TrialResult(
-            trial_id=self.spec.job_id,
-            group=self.spec.model,
-            status=OK if status != "failed" else (OOM if code == "oom" else ERROR),
-            arch=self.arch,
-            plan=self.spec.plan.to_dict(),
-            device=f"{self.device.type}" + (f":{torch.cuda.get_device_name(self.device)}" if cuda else ""),
-            error=None if error is None else f"{error['code']}: {error['message']}",
-            memory=reading.to_dict(),
-            step_time_s=measured["step_time_s"],
-            step_times_s=[round(t, 6) for t in self.step_times[:1000]],
-            step_wall_times_s=[round(t, 6) for t in self.step_walls[:1000]],
-            step_time_meter=self.step_time_meter,
-            warmup_steps=1 if len(self.step_times) > 1 else 0,
-            timed_steps=max(0, len(self.step_times) - 1),
-            threads=torch.get_num_threads(),
-            build_s=self.build_s,
-            wall_s=measured["wall_s"],
-            trainable_params=self.trainable_params,
-            lora_modules=self.lora_modules,
-            loss=measured["final_loss"],
-            started_at=self.t0,
-        )
-        _atomic_json(self.job_dir / MEASUREMENT, record.to_dict())
+            record = measurement_record(
+                self.meter,
+                self.spec,
+                status=status,
+                error=error,
+                measured=measured,
+                arch=self.arch,
+                build_s=self.build_s,
+                trainable_params=self.trainable_params,
+                lora_modules=self.lora_modules,
+                t0=self.t0,
+            )
+            _atomic_json(self.job_dir / MEASUREMENT, record)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,220 @@
+"""What a job's training process measures (``advisor.jobs.train``): step times and memory peaks, written
+as result.json's ``measured`` and as measurement.json (a calibration record, advisor.stack.outcomes.TrialResult).
+
+Memory is measured the way calibration trials measure it, so a finished job can join a calibration fit
+(``calibration.feedback``): the second optimiser step (the first steady-state one) is measured on its
+own, after a reset that follows the first. On the CPU both steps run under the live-tensor meter
+(``advisor.stack.meters.LiveTensorMeter``, slower: that step is left out of the median step time);
+on CUDA the allocator's peak statistics are reset after the first step. ``measured["memory_meters"]``
+names every meter (CPU: live tensors and the process RSS; CUDA: allocated and reserved), and a
+single-threaded CPU job times its steps by process CPU time, like the trials.
+
+torch is imported inside functions only (the job manager imports train.py, which imports this, at module level).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+from advisor.jobs.spec import JobSpec
+from advisor.stack.outcomes import CPU_LIVE_METER, CPU_RSS_METER, CUDA_ALLOCATED_METER, CUDA_RESERVED_METER
+
+
+class JobMeter:
+    """One run's measurements: the step times on two clocks and the memory peaks of the steady-state step.
+    `device` is set once the run has one (None until then: a run that failed before has no memory readings)."""
+
+    def __init__(self, world: int = 1):
+        self.world = world
+        self.device: Any = None
+        self.step_times: list[float] = []  # on the step-time meter's clock (``step_time_meter``)
+        self.step_walls: list[float] = []  # the same steps on the wall clock
+        self.metered_steps: set[int] = set()  # indices of steps run under the (slow) live-tensor meter
+        self.step_time_meter: str | None = None
+        self.threads: int | None = None
+        self.live_peak: int | None = None  # CPU: live tensor bytes, peak of the steady-state step
+        self.cuda_steady: dict[str, int] = {}  # CUDA: allocated / reserved peaks of the steady-state step
+        self._cuda_before: tuple[int, int] = (0, 0)  # CUDA: whole-run peaks up to that step's reset
+
+    def record_step(self, index: int, step_time: float, wall: float, metered: bool) -> None:
+        """Step `index` (0-based) took `step_time` on the step-time meter's clock, `wall` on the wall clock."""
+        if metered:
+            self.metered_steps.add(index)
+        self.step_times.append(step_time)
+        self.step_walls.append(wall)
+
+    def live_meter(self, built: Any) -> Any:
+        """CPU, one process: a live-tensor meter holding the built model (calibration.trial's meter).
+        None elsewhere (CUDA has the allocator's statistics; DDP replicas are not what trials measure)."""
+        if self.device.type != "cpu" or self.world > 1:
+            return None
+        from advisor.stack.meters import LiveTensorMeter
+
+        meter = LiveTensorMeter()
+        meter.track_module(built.model)
+        return meter
+
+    def after_step(self, step: int, built: Any, live: Any) -> Any:
+        """After the first step (`step` counts the steps done): optimiser states tracked and the peak reset
+        (CPU), the allocator's peak statistics reset (CUDA). After the second: its peaks kept, the CPU meter
+        dropped (returns the meter still in use, or None)."""
+        if step == 1:
+            if live is not None:
+                live.track_optimizer(built.optimizer)
+                live.reset_peak()
+            elif self.device.type == "cuda":
+                from advisor.stack.meters import cuda_reset
+
+                self._cuda_before = self.cuda_peaks()
+                cuda_reset(self.device)
+            return live
+        if step == 2:
+            if live is not None:
+                self.live_peak = int(live.peak_bytes)
+            elif self.device.type == "cuda":
+                import torch
+
+                torch.cuda.synchronize(self.device)
+                self.cuda_steady = {
+                    CUDA_ALLOCATED_METER: int(torch.cuda.max_memory_allocated(self.device)),
+                    CUDA_RESERVED_METER: int(torch.cuda.max_memory_reserved(self.device)),
+                }
+            return None
+        return live
+
+    def cuda_peaks(self) -> tuple[int, int]:
+        """(allocated, reserved) peaks of the whole run, across the reset after the first step."""
+        import torch
+
+        return (
+            max(self._cuda_before[0], int(torch.cuda.max_memory_allocated(self.device))),
+            max(self._cuda_before[1], int(torch.cuda.max_memory_reserved(self.device))),
+        )
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return self.cuda_peaks()[0]
+        from advisor.stack.outcomes import rss_peak_bytes
+
+        return rss_peak_bytes()
+
+    def memory_meters(self) -> dict[str, int]:
+        """meter name -> peak bytes: the steady-state step's readings where it ran (the trials' meters),
+        and on the CPU the process' peak RSS (whole run)."""
+        if self.device is None:
+            return {}
+        if self.device.type == "cuda":
+            return dict(self.cuda_steady)
+        from advisor.stack.outcomes import rss_peak_bytes
+
+        out = {CPU_RSS_METER: rss_peak_bytes()}
+        if self.live_peak is not None:
+            out[CPU_LIVE_METER] = self.live_peak
+        return out
+
+    def steady_times(self) -> list[float]:
+        """Step times the median is taken from: after the first step, without the metered one (slower),
+        unless nothing else is left."""
+        unmetered = [t for i, t in enumerate(self.step_times) if i >= 1 and i not in self.metered_steps]
+        return unmetered or self.step_times[1:] or self.step_times
+
+    def measured(
+        self,
+        *,
+        spec_device: str,
+        steps: int,
+        total_steps: int,
+        losses: list[float],
+        trained_tokens: int,
+        build_s: float | None,
+        t0: float,
+    ) -> dict[str, Any]:
+        """result.json's ``measured``."""
+        steady = self.steady_times()
+        step_time = statistics.median(steady) if steady else None
+        tokens_per_step = trained_tokens / steps if steps else 0
+        peak = self.peak_bytes() if self.device is not None else None
+        return {
+            "steps": steps,
+            "total_steps": total_steps,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens_per_step / step_time if step_time else None,
+            "peak_memory_gib": peak / 2**30 if peak is not None else None,
+            "memory_meter": (CUDA_ALLOCATED_METER if spec_device == "cuda" else CPU_RSS_METER),
+            "memory_meters": self.memory_meters(),
+            "step_time_meter": self.step_time_meter,
+            "threads": self.threads,
+            "first_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None,
+            "trained_tokens": trained_tokens,
+            "build_s": build_s,
+            "wall_s": time.time() - t0,
+        }
+
+
+def measurement_record(
+    meter: JobMeter,
+    spec: JobSpec,
+    *,
+    status: str,
+    error: dict[str, Any] | None,
+    measured: dict[str, Any],
+    arch: dict[str, Any],
+    build_s: float | None,
+    trainable_params: int | None,
+    lora_modules: list[str],
+    t0: float,
+) -> dict[str, Any]:
+    """The run as a calibration record (measurement.json): TrialResult.to_dict(). Needs `meter.device`."""
+    import torch
+
+    from advisor.stack.outcomes import ERROR, OK, OOM, MemoryReading, TrialResult, rss_peak_bytes
+
+    device = meter.device
+    cuda = device.type == "cuda"
+    # the trials' meter where the steady-state step was measured: CUDA allocated, CPU live tensors
+    if cuda:
+        name = CUDA_ALLOCATED_METER
+        peak, reserved = meter.cuda_peaks()
+        if meter.cuda_steady:
+            peak, reserved = meter.cuda_steady[CUDA_ALLOCATED_METER], meter.cuda_steady[CUDA_RESERVED_METER]
+    elif meter.live_peak is not None:
+        name, peak, reserved = CPU_LIVE_METER, meter.live_peak, None
+    else:  # no steady-state step (e.g. out of memory in the first): the process RSS
+        name, peak, reserved = CPU_RSS_METER, rss_peak_bytes(), None
+    reading = MemoryReading(
+        meter=name,
+        peak_bytes=peak,
+        reserved_bytes=reserved,
+        device_total_bytes=None,
+        device_total_meter=None,
+        rss_peak_bytes=rss_peak_bytes(),
+        rss_baseline_bytes=0,
+    )
+    code = (error or {}).get("code")
+    record = TrialResult(
+        trial_id=spec.job_id,
+        group=spec.model,
+        status=OK if status != "failed" else (OOM if code == "oom" else ERROR),
+        arch=arch,
+        plan=spec.plan.to_dict(),
+        device=f"{device.type}" + (f":{torch.cuda.get_device_name(device)}" if cuda else ""),
+        error=None if error is None else f"{error['code']}: {error['message']}",
+        memory=reading.to_dict(),
+        step_time_s=measured["step_time_s"],
+        step_times_s=[round(t, 6) for t in meter.step_times[:1000]],
+        step_wall_times_s=[round(t, 6) for t in meter.step_walls[:1000]],
+        step_time_meter=meter.step_time_meter,
+        warmup_steps=1 if len(meter.step_times) > 1 else 0,
+        timed_steps=max(0, len(meter.step_times) - 1),
+        threads=torch.get_num_threads(),
+        build_s=build_s,
+        wall_s=measured["wall_s"],
+        trainable_params=trainable_params,
+        lora_modules=lora_modules,
+        loss=measured["final_loss"],
+        started_at=t0,
+    )
+    return record.to_dict()
