@@ -128,7 +128,9 @@ def test_server_killed_mid_job_and_restarted_loses_nothing(tmp_path: Path, tiny_
         with _server(data, [tiny_root], slots=2) as (c, server):
             with (tiny_root / "train.jsonl").open("rb") as fh:
                 fid = c.post("/v1/files", files={"file": ("t.jsonl", fh)}, data={"purpose": "fine-tune"}).json()["id"]
-            body = tiny_job(tiny_root / "model", fid, hyperparameters={"n_epochs": 3})
+            # long enough (~400 steps: seconds, not the 27 steps of 0.6 s a tiny job takes) that both running
+            # jobs are still training when the server dies, however fast this machine steps
+            body = tiny_job(tiny_root / "model", fid, hyperparameters={"n_epochs": 45})
             kept, doomed, queued = (c.post(JOBS, json=body).json()["id"] for _ in range(3))
             wait_for(
                 lambda: {"steps": _steps(c.get(f"{JOBS}/{kept}/events", params={"limit": 1000}).json()["data"])},
