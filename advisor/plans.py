@@ -129,6 +129,12 @@ class TrainingPlan:
 #: the plan field table, in declaration order
 PLAN_FIELDS = fields(TrainingPlan)
 SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS if f.metadata["shape"])
+#: (name, allowed values, bounds) of every field the table constrains: what validation_errors checks
+_CHECKS = tuple(
+    (f.name, f.metadata["choices"], f.metadata["bounds"])
+    for f in PLAN_FIELDS
+    if f.metadata["choices"] or f.metadata["bounds"] is not None
+)
 
 
 def field_default(name: str) -> Any:
@@ -139,15 +145,15 @@ def field_default(name: str) -> Any:
 def validation_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
     """(field, message) for every value out of the table's choices/bounds, then the cross-field rules."""
     errs: list[tuple[str, str]] = []
-    for f in PLAN_FIELDS:
-        v = getattr(plan, f.name)
-        choices, bounds = f.metadata["choices"], f.metadata["bounds"]
-        if choices and v not in choices:
-            errs.append((f.name, f"must be one of {', '.join(choices)}"))
-        elif bounds is not None:
+    for name, choices, bounds in _CHECKS:
+        v = getattr(plan, name)
+        if choices:
+            if v not in choices:
+                errs.append((name, f"must be one of {', '.join(choices)}"))
+        else:
             lo, hi, incl = bounds
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi if incl else lo <= v < hi):
-                errs.append((f.name, f"must be between {lo} and {hi}" if incl else f"must be in [{lo}, {hi})"))
+                errs.append((name, f"must be between {lo} and {hi}" if incl else f"must be in [{lo}, {hi})"))
     if errs:
         return errs
     if plan.num_gpus == 1 and plan.sharding != "none":

@@ -157,6 +157,8 @@ class _Segments:
 
     def __init__(self, label: np.ndarray):
         self.order = np.argsort(label, kind="stable")
+        #: rows already in label order (the stacked table keeps its rows by GPU and group): no gathers
+        self.identity = bool(np.array_equal(self.order, np.arange(label.size)))
         sorted_label = label[self.order]
         self.starts = np.flatnonzero(np.r_[True, sorted_label[1:] != sorted_label[:-1]])
         self.segment = np.cumsum(np.r_[False, sorted_label[1:] != sorted_label[:-1]])  # segment of each sorted row
@@ -164,16 +166,17 @@ class _Segments:
 
     def best(self, mask: np.ndarray, *keys: np.ndarray) -> np.ndarray:
         """Row index of the best row (smallest keys, first key most significant) of each group among `mask`."""
-        cand = mask[self.order]
+        cand = mask.copy() if self.identity else mask[self.order]
         for k in keys:
-            ks = np.where(cand, k[self.order], np.inf)
+            ks = np.where(cand, k if self.identity else k[self.order], np.inf)
             mins = np.minimum.reduceat(ks, self.starts)
             cand &= ks == mins[self.segment]
         idx = np.flatnonzero(cand)
         if idx.size == 0:
             return idx
         seg = self.segment[idx]
-        return self.order[idx[np.r_[True, seg[1:] != seg[:-1]]]]
+        first = idx[np.r_[True, seg[1:] != seg[:-1]]]
+        return first if self.identity else self.order[first]
 
 
 @dataclass
@@ -183,7 +186,6 @@ class SearchTable(TermColumns):
     Built once per (model, GPUs, search space, sequence length) and cached by the service."""
 
     parts: list[tuple[GpuSpec, str, PlanTable, Estimator]]
-    offsets: np.ndarray  # first row of each part
     device: dev.DeviceColumns
     price: np.ndarray  # $/GPU-hour, inf where the GPU has no price
     single: np.ndarray  # one GPU per plan
@@ -194,7 +196,7 @@ class SearchTable(TermColumns):
     by_part_group: _Segments  # (GPU, group): the best plan of each
     by_group: _Segments  # group across GPU types: the closest plan of each rejected group
     group_size: dict[str, int]
-    _plans: dict[tuple[int, int], TrainingPlan] = field(default_factory=dict)
+    _estimates: dict[int, Estimate] = field(default_factory=dict)
     _evaluation: dev.Evaluation | None = None
 
     def evaluation(self, layers: int) -> dev.Evaluation:
@@ -206,21 +208,21 @@ class SearchTable(TermColumns):
             )
         return self._evaluation
 
-    def locate(self, row: int) -> tuple[int, int]:
-        return int(self.part[row]), int(self.local[row])
-
-    def plan(self, part: int, local: int) -> TrainingPlan:
-        """The candidate with its GPU filled in (made once: shapes are validated already)."""
-        key = (part, local)
-        plan = self._plans.get(key)
-        if plan is None:
-            gpu, _, t, _ = self.parts[part]
-            plan = copy.copy(t.shapes[local])
+    def estimate(self, row: int, model: ModelSpec) -> Estimate:
+        """The typed estimate of one row (made once: it depends on neither the workload nor the objective)."""
+        est = self._estimates.get(row)
+        if est is None:
+            part, local = int(self.part[row]), int(self.local[row])
+            gpu, _, t, estimator = self.parts[part]
+            plan = copy.copy(t.shapes[local])  # the candidate with its GPU filled in (validated already)
             object.__setattr__(plan, "gpu_id", gpu.id)
-            if len(self._plans) > 4096:
-                self._plans.clear()
-            self._plans[key] = plan
-        return plan
+            ev = self.evaluation(model.total_layers)
+            one = dev.Evaluation(**{f: getattr(ev, f)[row] for f in _EVALUATION_FIELDS})
+            est = estimate_of(estimator, model, gpu, plan, t.terms[local], one)
+            if len(self._estimates) > 4096:
+                self._estimates.clear()
+            self._estimates[row] = est
+        return est
 
 
 def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> SearchTable:
@@ -237,19 +239,22 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
 
     group = np.concatenate(groups)
     part = np.repeat(np.arange(len(tables)), sizes)
-    ngpu = col("ngpu")
+    # rows by GPU, then by group within it (stable): the best-per-group passes need no gathers
+    order = np.argsort(part * len(names) + group, kind="stable")
+    ngpu = col("ngpu")[order]
     price = np.repeat([g.price_usd_per_hour if g.price_usd_per_hour is not None else np.inf for g, *_ in tables], sizes)
+    device = dev.DeviceColumns.stack(parts_dev)
     group_names = list(names)
     labels, counts = np.unique(group, return_counts=True)
+    part, group = part[order], group[order]
     return SearchTable(
-        **{f.name: col(f.name) for f in fields(TermColumns)},
+        **{f.name: col(f.name)[order] for f in fields(TermColumns)},
         parts=list(tables),
-        offsets=np.cumsum([0, *sizes[:-1]]),
-        device=dev.DeviceColumns.stack(parts_dev),
-        price=price.astype(float),
+        device=dev.DeviceColumns(**{f.name: getattr(device, f.name)[order] for f in fields(dev.DeviceColumns)}),
+        price=price.astype(float)[order],
         single=ngpu == 1,
         part=part,
-        local=np.concatenate([np.arange(n) for n in sizes]),
+        local=np.concatenate([np.arange(n) for n in sizes])[order],
         group=group,
         group_names=group_names,
         by_part_group=_Segments(part * len(group_names) + group),
@@ -292,12 +297,8 @@ def search(
     feasible_groups = set(np.unique(t.group[rows]).tolist())
 
     def materialise(row: int) -> Candidate:
-        part, local = t.locate(row)
-        gpu, _, pt, estimator = t.parts[part]
-        plan = t.plan(part, local)
-        one = dev.Evaluation(**{f: getattr(ev, f)[row] for f in _EVALUATION_FIELDS})
-        est = estimate_of(estimator, model, gpu, plan, pt.terms[local], one)
-        return make_candidate(est, gpu, workload, convergence)
+        est = t.estimate(row, model)
+        return make_candidate(est, t.parts[int(t.part[row])][0], workload, convergence)
 
     chosen = [materialise(int(r)) for r in ranked_rows]
     top = chosen[0] if chosen else None
