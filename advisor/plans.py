@@ -18,7 +18,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from functools import cache
+from functools import lru_cache
 from typing import Any
 
 from advisor.errors import InvalidInputError
@@ -203,21 +203,18 @@ class PlanIdError(InvalidInputError):
         self.stale = stale
 
 
+@lru_cache(maxsize=1 << 16)
 def encode_plan_id(plan: TrainingPlan) -> str:
     """``plan_v<version>.<base64url(JSON list of [field index, value])>`` for the method, the GPU and every
-    field that differs from its default. Field indexes are the table's order: a new field is appended;
+    field that differs from its default (cached: plans are frozen, and ranked plans are shown again and again). Field indexes are the table's order: a new field is appended;
     reordering fields or changing a field's meaning bumps PLAN_ID_VERSION (a test pins a known id)."""
     pairs: list[list[Any]] = []
     for i, f in enumerate(PLAN_FIELDS):
         v = getattr(plan, f.name)
         if f.name in ("method", "gpu_id") or (f.name != "notes" and v != f.default):
             pairs.append([i, list(v) if isinstance(v, tuple) else v])
-    return _encode(json.dumps(pairs, separators=(",", ":")))
-
-
-@cache
-def _encode(blob: str) -> str:
-    return f"plan_v{PLAN_ID_VERSION}." + base64.urlsafe_b64encode(blob.encode()).decode().rstrip("=")
+    blob = json.dumps(pairs, separators=(",", ":")).encode()
+    return f"plan_v{PLAN_ID_VERSION}." + base64.urlsafe_b64encode(blob).decode().rstrip("=")
 
 
 def decode_plan_id(plan_id: str, field_name: str = "plan_id") -> TrainingPlan:

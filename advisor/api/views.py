@@ -2,7 +2,8 @@
 
 The core returns dataclasses (``EstimateResult``, ``RecommendResult``, ``Estimate``, ``RankedPlan`` ...)
 and never a JSON dict; the response models in ``advisor.api.schemas`` are the one definition of every
-output field, and the functions here fill them. The HTTP routes return these models and the CLI's
+output field, and the functions here fill them (the parts as plain dicts, the whole body validated once
+against its model: a field the model does not declare, or a missing one, fails here). The HTTP routes return these models and the CLI's
 ``--json`` prints the same ones, so the two cannot drift. Rounding for display (GiB to 3 decimals,
 seconds to 4) happens here, not in the core. Imports pydantic and the core only (no FastAPI).
 """
@@ -34,21 +35,21 @@ def plan_out(p: TrainingPlan) -> dict[str, Any]:
     return d
 
 
-def model_summary(m: ModelSpec) -> S.ModelSummary:
-    return S.ModelSummary(
-        name=m.name,
-        hf_id=m.hf_id,
-        family=m.family,
-        params=m.param_count,
-        params_b=round(m.param_count / 1e9, 3),
-        assumed=m.assumed,
-        source=m.source,
-        note=m.note,
-    )
+def model_summary(m: ModelSpec) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "hf_id": m.hf_id,
+        "family": m.family,
+        "params": m.param_count,
+        "params_b": round(m.param_count / 1e9, 3),
+        "assumed": m.assumed,
+        "source": m.source,
+        "note": m.note,
+    }
 
 
-def workload_out(w: Workload) -> S.WorkloadOut:
-    return S.WorkloadOut(dataset_tokens=w.dataset_tokens, seq_len=w.seq_len, epochs=w.epochs, total_tokens=w.total_tokens)
+def workload_out(w: Workload) -> dict[str, Any]:
+    return {"dataset_tokens": w.dataset_tokens, "seq_len": w.seq_len, "epochs": w.epochs, "total_tokens": w.total_tokens}
 
 
 def estimate_fields(e: Estimate) -> dict[str, Any]:
@@ -101,65 +102,70 @@ def cost_fields(c: CostEstimate) -> dict[str, Any]:
     }
 
 
-def claim_check(c: ClaimCheck) -> S.ClaimCheck:
-    return S.ClaimCheck(
-        claimed_gib=round(c.claimed_gib, 2),
-        possible=c.possible,
-        weights_floor_gib=round(c.weights_floor_bytes / GIB, 2),
-        reason=c.reason,
-    )
+def claim_check(c: ClaimCheck) -> dict[str, Any]:
+    return {
+        "claimed_gib": round(c.claimed_gib, 2),
+        "possible": c.possible,
+        "weights_floor_gib": round(c.weights_floor_bytes / GIB, 2),
+        "reason": c.reason,
+    }
 
 
-def ranked_plan(r: RankedPlan) -> S.RankedPlan:
+def ranked_plan(r: RankedPlan) -> dict[str, Any]:
     c = r.candidate
-    return S.RankedPlan(
+    return {
         **estimate_fields(c.estimate),
         **cost_fields(c.cost),
-        rank=r.rank,
-        gpu=S.PlanGpu(id=c.gpu.id, name=c.gpu.name, price_usd_per_hour=c.gpu.price_usd_per_hour),
-        why=r.why,
-    )
+        "rank": r.rank,
+        "gpu": {"id": c.gpu.id, "name": c.gpu.name, "price_usd_per_hour": c.gpu.price_usd_per_hour},
+        "why": r.why,
+    }
 
 
-def rejection(r: Rejection) -> S.Rejection:
+def rejection(r: Rejection) -> dict[str, Any]:
     closest = r.closest
-    return S.Rejection(
-        group=r.group,
-        reason=r.reason,
-        to_fix=r.to_fix,
-        candidates=r.count,
-        closest_plan=plan_out(closest.plan) if closest else None,
-        closest_peak_memory_gib=round(closest.estimate.memory.device_total_bytes / GIB, 2) if closest else None,
-    )
+    return {
+        "group": r.group,
+        "reason": r.reason,
+        "to_fix": r.to_fix,
+        "candidates": r.count,
+        "closest_plan": plan_out(closest.plan) if closest else None,
+        "closest_peak_memory_gib": round(closest.estimate.memory.device_total_bytes / GIB, 2) if closest else None,
+    }
 
 
 def recommend_response(res: RecommendResult, extra_assumptions: list[str] | None = None) -> S.RecommendResponse:
+    """The /v1/recommend body (validated once, as a whole, against its response model)."""
     rec = res.recommendation
-    return S.RecommendResponse(
-        model=model_summary(res.model),
-        gpus=[g.id for g in res.gpus],
-        objective=rec.objective,
-        workload=workload_out(res.workload),
-        plans=[ranked_plan(r) for r in rec.plans],
-        rejected=[rejection(r) for r in rec.rejected],
-        candidates_evaluated=rec.n_candidates,
-        candidates_feasible=rec.n_feasible,
-        assumptions=[*res.assumptions, *(extra_assumptions or [])],
-        notes=list(rec.notes),
-        simulations=res.simulations,
+    return S.RecommendResponse.model_validate(
+        {
+            "model": model_summary(res.model),
+            "gpus": [g.id for g in res.gpus],
+            "objective": rec.objective,
+            "workload": workload_out(res.workload),
+            "plans": [ranked_plan(r) for r in rec.plans],
+            "rejected": [rejection(r) for r in rec.rejected],
+            "candidates_evaluated": rec.n_candidates,
+            "candidates_feasible": rec.n_feasible,
+            "assumptions": [*res.assumptions, *(extra_assumptions or [])],
+            "notes": list(rec.notes),
+            "simulations": res.simulations,
+        }
     )
 
 
 def estimate_response(res: EstimateResult) -> S.EstimateResponse:
-    cost = cost_fields(res.cost) if res.cost is not None else {}
-    return S.EstimateResponse(
-        **estimate_fields(res.estimate),
-        **cost,
-        model=model_summary(res.model),
-        gpu=S.EstimateGpu(id=res.gpu.id, name=res.gpu.name, memory_gib=res.gpu.memory_gib),
-        workload=workload_out(res.workload) if res.workload is not None else None,
-        claim_check=claim_check(res.claim) if res.claim is not None else None,
-        assumptions=list(res.assumptions),
+    """The /v1/estimate body (validated once against its response model)."""
+    return S.EstimateResponse.model_validate(
+        {
+            **estimate_fields(res.estimate),
+            **(cost_fields(res.cost) if res.cost is not None else {}),
+            "model": model_summary(res.model),
+            "gpu": {"id": res.gpu.id, "name": res.gpu.name, "memory_gib": res.gpu.memory_gib},
+            "workload": workload_out(res.workload) if res.workload is not None else None,
+            "claim_check": claim_check(res.claim) if res.claim is not None else None,
+            "assumptions": list(res.assumptions),
+        }
     )
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from pydantic import BaseModel
 
 from advisor.api import views
 from advisor.api.convert import model_arg, to_plan, to_recommend_request, to_workload
@@ -22,7 +23,7 @@ router = APIRouter(prefix="/v1", tags=["advice"])
     response_model=RecommendResponse,
     responses=error_responses(404, 409, 413, 422),
 )
-def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> RecommendResponse:
+def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> Response:
     """Every candidate plan (method x adapter shape x micro-batch x checkpointing x optimiser x GPUs) is
     estimated; feasible ones come back ranked by the objective with their memory breakdown, speed,
     hours, cost, estimate source and reason; rejected groups come back with what to change.
@@ -30,7 +31,7 @@ def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> Re
     if body.simulate_top and not settings.allow_simulation:
         raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="simulate_top")
     req, stated = to_recommend_request(body)
-    return views.recommend_response(svc.recommend(req), stated)
+    return _json(views.recommend_response(svc.recommend(req), stated))
 
 
 @router.post(
@@ -40,7 +41,7 @@ def recommend(body: RecommendRequest, svc: Service, settings: AppSettings) -> Re
     response_model=EstimateResponse,
     responses=error_responses(404, 413, 422),
 )
-def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> EstimateResponse:
+def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> Response:
     """One fully specified plan (e.g. one from /v1/recommend, posted back unchanged) -> the same estimate."""
     if body.source == "simulated" and not settings.allow_simulation:
         raise ApiError(422, "invalid_input", "simulation is disabled on this server", field="source")
@@ -59,4 +60,10 @@ def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> Esti
         workload=to_workload(body.workload),
         convergence=body.convergence,
     )
-    return views.estimate_response(result)
+    return _json(views.estimate_response(result))
+
+
+def _json(model: BaseModel) -> Response:
+    """The view's model is built and validated already: send its JSON as is (FastAPI would dump it,
+    validate it again against the response model and encode it a second time)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
