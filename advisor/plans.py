@@ -40,21 +40,18 @@ METHODS = METHOD_NAMES  # re-exported: the method registry is advisor.methods
 
 def _f(default: Any, doc: str, *, unit: str = "", choices: tuple = (), bounds: tuple | None = None,
        cli: bool = True, api: bool = True, shape: bool = True, resolved: str = "", **kw: Any) -> Any:
-    """A plan field with its table entry. bounds = (low, high, high_inclusive); resolved = how make_plan
-    fills it when left out (the dataclass default is then only what a bare TrainingPlan(...) gets)."""
+    """A plan field with its table entry. default MISSING = required; bounds = (low, high, high_inclusive);
+    resolved = how make_plan fills it when left out (the dataclass default is then only what a bare
+    TrainingPlan(...) gets)."""
     meta = {"doc": doc, "unit": unit, "choices": choices, "bounds": bounds, "cli": cli, "api": api,
             "shape": shape, "resolved": resolved}
-    if isinstance(default, tuple):
-        return field(default=default, metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
 
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    method: str = field(metadata={"doc": "training method (advisor.methods)", "unit": "", "choices": METHOD_NAMES,
-                                  "bounds": None, "cli": True, "api": True, "shape": True, "resolved": ""})
-    gpu_id: str = field(metadata={"doc": "catalog GPU the plan runs on", "unit": "", "choices": (), "bounds": None,
-                                  "cli": False, "api": True, "shape": False, "resolved": "the request's gpu"})
+    method: str = _f(MISSING, "training method (advisor.methods)", choices=METHOD_NAMES)
+    gpu_id: str = _f(MISSING, "catalog GPU the plan runs on", cli=False, shape=False, resolved="the request's gpu")
     dtype: str = _f("bf16", "compute dtype (and storage dtype of unquantised base weights)", choices=DTYPES,
                     resolved="bf16 where the GPU has it, else fp16 (fp32 on a CPU)")
     micro_batch: int = _f(1, "sequences per GPU per forward/backward", unit="sequences", bounds=(1, 4096, True))

@@ -56,11 +56,9 @@ class Method:
 
     # ---- validation --------------------------------------------------------------------------------
     def validate(self, plan: TrainingPlan) -> list[tuple[str, str]]:
-        """(field, message) for each field value this method cannot run."""
-        errs: list[tuple[str, str]] = []
-        if self.adapter and not 1 <= plan.lora_r <= 4096:
-            errs.append(("lora_r", "must be between 1 and 4096"))
-        return errs
+        """(field, message) for each combination of values this method cannot run (the field table's
+        ranges are checked before)."""
+        return []
 
     # ---- memory terms (bytes per GPU before sharding; the estimator shards and combines) ----------
     def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
