@@ -33,6 +33,7 @@ FLAGS = {
     **{f.name: _flag(f.name) for f in PLAN_FIELDS if f.metadata["cli"]},
     "model": "--model",
     "gpu": "--gpu",
+    "plan.seq_len": "--seq-len",
     "dataset_tokens": "--dataset-tokens",
     "epochs": "--epochs",
     "objective": "--objective",

@@ -154,6 +154,7 @@ class AdvisorService:
             plan = replace(plan, gpu_id=gpu.id)
         if plan.dtype == "bf16" and not gpu.bf16_supported:
             raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
+        context_note = model.check_seq_len(plan.seq_len, field="plan.seq_len")
         if source == "simulated":
             try:
                 est = self.simulated().estimate(model, gpu, plan)
@@ -162,6 +163,8 @@ class AdvisorService:
         else:
             estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
             est = estimator.estimate(model, gpu, plan)
+        if context_note:
+            est = replace(est, notes=(*est.notes, context_note))
         assumptions = [*(workload.stated_defaults if workload else ()), *([model.note] if model.assumed else [])]
         claim = None
         if claimed_memory_gib is not None:
@@ -221,6 +224,7 @@ class AdvisorService:
     # ---- recommend --------------------------------------------------------------------------------
     def recommend(self, req: RecommendRequest) -> RecommendResult:
         model = self.model(req.model)
+        context_note = model.check_seq_len(req.workload.seq_len)
         assumptions = list(req.workload.stated_defaults)
         if model.assumed:
             assumptions.append(model.note)
@@ -250,6 +254,8 @@ class AdvisorService:
             req.limit,
         )
         rec.notes.extend(study_notes(model, rec))
+        if context_note:
+            rec.notes.append(context_note)
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
         simulations = None

@@ -6,6 +6,7 @@ A ModelSpec stores names and numbers only (no classes), so it serialises to JSON
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
@@ -80,6 +81,24 @@ class ModelSpec:
             raise InvalidInputError(f"invalid model spec {self.name!r}: " + "; ".join(errors), field="model")
 
     # ---- derived architecture numbers -------------------------------------------------------
+    def check_seq_len(self, seq_len: int, field: str = "seq_len") -> str | None:
+        """A sequence longer than the model's context: an error where it cannot run (a learned position
+        table ends there: the embedding lookup fails), else a note (rotary or relative positions extend
+        past the trained length, with quality the model was not trained for)."""
+        if seq_len <= self.max_position_embeddings:
+            return None
+        if self.learned_positions:
+            raise InvalidInputError(
+                f"seq_len {seq_len} is longer than {self.name}'s learned position table "
+                f"({self.max_position_embeddings} positions): such a step cannot run. "
+                f"To fix: seq_len <= {self.max_position_embeddings}",
+                field=field,
+            )
+        return (
+            f"seq_len {seq_len} is beyond {self.name}'s context window ({self.max_position_embeddings}): it runs, "
+            "but past the length the model was trained on"
+        )
+
     @property
     def family_spec(self) -> Family:
         """The registered family: layout, config mapping and quirks."""
@@ -174,6 +193,13 @@ class ModelSpec:
         return d
 
 
+GPU_CLASSES = ("datacenter", "consumer", "cpu")
+
+
+def _positive(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     id: str
@@ -194,6 +220,26 @@ class GpuSpec:
     interconnect_gbps: float = 64.0  # per-GPU bandwidth to peers (PCIe 4 x16 ~ 32 GB/s each way)
     gpu_class: str = "datacenter"  # datacenter | consumer | cpu
     note: str = ""
+
+    def __post_init__(self) -> None:
+        """Every number the estimators divide by or multiply with is a positive finite number (a GPU file
+        with `interconnect_gbps: 0` or a null rate is refused here, naming the field, not deep in a
+        division); bf16 may be absent (no bf16 tensor cores), a price may be absent or zero."""
+        errors = []
+        for name in ("memory_gib", "memory_gb", "fp16_tflops", "fp32_tflops", "memory_bandwidth_gbps", "interconnect_gbps"):
+            if not _positive(getattr(self, name)):
+                errors.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
+        if self.bf16_tflops is not None and not _positive(self.bf16_tflops):
+            errors.append(f"bf16_tflops must be a positive number or null, got {self.bf16_tflops!r}")
+        price = self.price_usd_per_hour
+        if price is not None and not (_positive(price) or price == 0):
+            errors.append(f"price_usd_per_hour must be a number >= 0 or null, got {price!r}")
+        if self.gpu_class not in GPU_CLASSES:
+            errors.append(f"gpu_class must be one of {', '.join(GPU_CLASSES)}, got {self.gpu_class!r}")
+        if not isinstance(self.bf16_supported, bool):
+            errors.append(f"bf16_supported must be true or false, got {self.bf16_supported!r}")
+        if errors:
+            raise InvalidInputError(f"invalid GPU spec {self.id!r}: " + "; ".join(errors), field="gpu")
 
     @property
     def memory_bytes(self) -> int:

@@ -211,6 +211,24 @@ def test_user_gpu_file_and_price_override(tmp_path):
         build_catalog([], tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"interconnect_gbps": 0}, "interconnect_gbps"),  # was a ZeroDivisionError in the speed model
+        ({"fp16_tflops": None}, "fp16_tflops"),  # was a TypeError
+        ({"memory_bandwidth_gbps": -1}, "memory_bandwidth_gbps"),
+        ({"bf16_tflops": 0}, "bf16_tflops"),
+        ({"gpu_class": "quantum"}, "gpu_class"),
+    ],
+)
+def test_a_gpu_file_with_unusable_numbers_is_refused_naming_the_field(tmp_path, change, named):
+    gpu = dict(CAT.gpu("rtx-4090").to_dict(), id="my-4090", name="Our 4090", aliases=[], **change)
+    (tmp_path / "gpus.json").write_text(json.dumps({"gpus": [gpu]}))
+    with pytest.raises(InvalidInputError, match=named) as e:
+        build_catalog([tmp_path / "gpus.json"])
+    assert e.value.field == "gpu_file" and "gpus.json" in e.value.message
+
+
 def test_paths_can_be_switched_off(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps(

@@ -48,6 +48,9 @@ def test_recommend_table(capsys):
         (["estimate", "--model", "llama-2-7b", "--gpu", "t4", "--method", "lora", "--dtype", "bf16"], "--dtype"),
         (["recommend", "--model", "llama-2-7b", "--objective", "fit"], "--gpu"),
         (["recommend", "--model", "llama-2-7b", "--methods", "adalora"], "--methods"),
+        # GPT-2's learned position table ends at 1024: such a step cannot run (a job died with an IndexError)
+        (["estimate", "--model", "gpt2", "--gpu", "t4", "--method", "lora", "--seq-len", "2048"], "--seq-len"),
+        (["recommend", "--model", "gpt2", "--gpu", "t4", "--seq-len", "4096"], "--seq-len"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(capsys, argv, flag):

@@ -153,3 +153,15 @@ def test_speed_orders_methods_like_physics():
     assert full.flops_per_token / lora.flops_per_token == pytest.approx(8 / 6, rel=0.05)  # 6N+2N vs 4N+2N (ckpt)
     slow = EST.speed(L7, CAT.gpu("t4"), replace(plan(micro_batch=4, seq_len=2048), dtype="fp16"))
     assert slow.tokens_per_s < lora.tokens_per_s / 3
+
+
+def test_no_cuda_workspace_or_context_on_a_cpu_device():
+    """The 64 MiB of CUDA workspaces and the CUDA context are CUDA's: a CPU device has neither."""
+    from dataclasses import replace as _replace
+
+    cpu = _replace(A100, id="cpu-test", name="CPU test", gpu_class="cpu", vendor="cpu")
+    p = plan(dtype="fp32", gpu_id="cpu-test", lora_dropout=0.0)  # (CPU dropout masks are float: not the point here)
+    on_cpu, on_gpu = EST.estimate(L7, cpu, p).memory, EST.estimate(L7, A100, replace(p, gpu_id=A100.id)).memory
+    assert on_gpu.allocated_peak_bytes - on_cpu.allocated_peak_bytes == 64 * 2**20
+    assert on_cpu.device_total_bytes == on_cpu.reserved_peak_bytes  # no CUDA context
+    assert on_gpu.device_total_bytes - on_gpu.reserved_peak_bytes == 512 * 2**20

@@ -127,3 +127,23 @@ def test_plan_ids_are_stable():
     from advisor.plans import TrainingPlan
 
     assert TrainingPlan.from_dict(a.to_dict()).id == a.id
+
+
+def test_seq_len_beyond_the_context_window():
+    """A learned position table is a hard end (refused, naming the field); rotary positions run past the
+    trained length (a note says so)."""
+    from advisor.plans import make_plan
+
+    gpt2, llama = SVC.model("gpt2"), SVC.model("llama-2-7b")
+    t4, a100 = SVC.gpu("t4"), SVC.gpu("a100-80gb")
+    with pytest.raises(InvalidInputError, match="learned position table") as e:
+        SVC.estimate(gpt2, t4, make_plan("lora", t4, seq_len=2048))
+    assert e.value.field == "plan.seq_len"
+    with pytest.raises(InvalidInputError) as e:
+        SVC.recommend(RecommendRequest(model="gpt2", gpus=("t4",), workload=Workload(seq_len=1025)))
+    assert e.value.field == "seq_len"
+    assert SVC.estimate(gpt2, t4, make_plan("lora", t4, seq_len=1024)).estimate.memory.device_total_bytes > 0
+    long = SVC.estimate(llama, a100, make_plan("lora", a100, seq_len=8192)).estimate
+    assert any("beyond llama-2-7b's context window (4096)" in n for n in long.notes)
+    rec = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("a100-80gb",), workload=Workload(seq_len=8192)))
+    assert any("context window" in n for n in rec.recommendation.notes)

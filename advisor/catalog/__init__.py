@@ -174,6 +174,8 @@ def load_gpu_file(path: str | Path) -> list[GpuSpec]:
     try:
         doc = json.loads(p.read_text())
         return [_gpu_from_row(r) for r in doc["gpus"]]
+    except InvalidInputError as exc:  # a GPU whose numbers cannot be used: name the file and the field
+        raise InvalidInputError(f"GPU file {str(p)!r}: {exc.message}", field="gpu_file") from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"cannot read GPU file {str(p)!r}: {exc}", field="gpu_file") from exc
 

@@ -50,7 +50,7 @@ class Coefficients:
 
     activation_scale: float = 1.0  # multiplies the structural activation count
     logits_scale: float = 1.0
-    fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers
+    fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers (CUDA devices only)
     elementwise_passes: float = 3.0  # saved-activation bytes moved this many times by unfused ops
     device: DeviceCoefficients = field(default_factory=DeviceCoefficients)
 
@@ -159,7 +159,9 @@ class AnalyticalEstimator:
         quant_tmp = m.temporaries(model, plan, adapted, e)
         e_act = m.activation_bytes_per_element(plan, e)
         backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
-        static = weights + adapters + opt_bytes + k.fixed_allocated_bytes
+        # cuBLAS workspaces and small CUDA buffers: none on a CPU device
+        fixed = 0 if cpu else k.fixed_allocated_bytes
+        static = weights + adapters + opt_bytes + fixed
         # gradient accumulation keeps the previous micro-steps' gradients alive through backward
         accumulated = grads if plan.grad_accum > 1 else 0
         # the loss backward (logits' gradients) is over before the last block is recomputed and
@@ -243,7 +245,7 @@ class AnalyticalEstimator:
                 "logits": logits,
                 "quant_temporaries": quant_tmp,
                 "forward_temporaries": fwd_tmp,
-                "fixed_allocated": k.fixed_allocated_bytes,
+                "fixed_allocated": fixed,
                 "flops_per_token": fpt,
                 "quant_traffic_bytes": quant_traffic,
                 "activation_traffic_bytes": full_act * k.elementwise_passes,

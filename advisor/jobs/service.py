@@ -43,6 +43,7 @@ PLAN_FIELDS = {
     "method": "method.type",
     "micro_batch": "method.micro_batch_size",
     "seq_len": "method.seq_len",
+    "plan.seq_len": "method.seq_len",
     "optimizer": "method.optimizer",
     "num_gpus": "method.num_gpus",
     "sharding": "method.sharding",
