@@ -244,7 +244,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     plan = make_plan(args.method, gpu, **fields)
     workload = Workload(
         seq_len=plan.seq_len,
-        stated_defaults=("dataset_tokens not given: assumed 10,000,000 tokens (hours and cost)", "epochs not given: assumed 1"),
+        stated_defaults=(
+            "dataset_tokens not given: assumed 10,000,000 tokens (hours and cost)",
+            "epochs not given: assumed 1",
+        ),
     )
     res = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source, workload=workload)
     if args.json:

@@ -38,13 +38,32 @@ FRAMEWORKS = ("hf", "litgpt", "torchtune")
 METHODS = METHOD_NAMES  # re-exported: the method registry is advisor.methods
 
 
-def _f(default: Any, doc: str, *, unit: str = "", choices: tuple = (), bounds: tuple | None = None,
-       cli: bool = True, api: bool = True, shape: bool = True, resolved: str = "", **kw: Any) -> Any:
+def _f(
+    default: Any,
+    doc: str,
+    *,
+    unit: str = "",
+    choices: tuple = (),
+    bounds: tuple | None = None,
+    cli: bool = True,
+    api: bool = True,
+    shape: bool = True,
+    resolved: str = "",
+    **kw: Any,
+) -> Any:
     """A plan field with its table entry. default MISSING = required; bounds = (low, high, high_inclusive);
     resolved = how make_plan fills it when left out (the dataclass default is then only what a bare
     TrainingPlan(...) gets)."""
-    meta = {"doc": doc, "unit": unit, "choices": choices, "bounds": bounds, "cli": cli, "api": api,
-            "shape": shape, "resolved": resolved}
+    meta = {
+        "doc": doc,
+        "unit": unit,
+        "choices": choices,
+        "bounds": bounds,
+        "cli": cli,
+        "api": api,
+        "shape": shape,
+        "resolved": resolved,
+    }
     return field(default=default, metadata=meta, **kw)
 
 
@@ -52,22 +71,32 @@ def _f(default: Any, doc: str, *, unit: str = "", choices: tuple = (), bounds: t
 class TrainingPlan:
     method: str = _f(MISSING, "training method (advisor.methods)", choices=METHOD_NAMES)
     gpu_id: str = _f(MISSING, "catalog GPU the plan runs on", cli=False, shape=False, resolved="the request's gpu")
-    dtype: str = _f("bf16", "compute dtype (and storage dtype of unquantised base weights)", choices=DTYPES,
-                    resolved="bf16 where the GPU has it, else fp16 (fp32 on a CPU)")
+    dtype: str = _f(
+        "bf16",
+        "compute dtype (and storage dtype of unquantised base weights)",
+        choices=DTYPES,
+        resolved="bf16 where the GPU has it, else fp16 (fp32 on a CPU)",
+    )
     micro_batch: int = _f(1, "sequences per GPU per forward/backward", unit="sequences", bounds=(1, 4096, True))
     seq_len: int = _f(2048, "tokens per sequence", unit="tokens", bounds=(1, 1_048_576, True))
     grad_checkpointing: bool = _f(True, "recompute each block in backward instead of keeping its activations")
     optimizer: str = _f("adamw", "optimiser (8-bit and paged ones are bitsandbytes')", choices=OPTIMIZERS)
     num_gpus: int = _f(1, "GPUs training together", unit="GPUs", bounds=(1, 1024, True))
-    sharding: str = _f("none", "how several GPUs share the model", choices=SHARDINGS,
-                       resolved="none on 1 GPU; else the method's default (fsdp for full, ddp for adapters)")
+    sharding: str = _f(
+        "none",
+        "how several GPUs share the model",
+        choices=SHARDINGS,
+        resolved="none on 1 GPU; else the method's default (fsdp for full, ddp for adapters)",
+    )
     attention: str = _f("sdpa", "attention kernel", choices=ATTENTIONS)
     lora_r: int = _f(16, "adapter rank", bounds=(1, 4096, True))
-    lora_alpha: int = _f(32, "adapter scaling numerator (scale = alpha / r)", bounds=(1, 65536, True),
-                         resolved="2 x lora_r")
+    lora_alpha: int = _f(
+        32, "adapter scaling numerator (scale = alpha / r)", bounds=(1, 65536, True), resolved="2 x lora_r"
+    )
     lora_dropout: float = _f(0.05, "dropout on the adapter input", bounds=(0.0, 1.0, False))
-    lora_targets: tuple[str, ...] = _f((ALL_LINEAR,), "adapted modules: all-linear, roles (q,k,v,o,gate,up,down) "
-                                       "or module names")
+    lora_targets: tuple[str, ...] = _f(
+        (ALL_LINEAR,), "adapted modules: all-linear, roles (q,k,v,o,gate,up,down) or module names"
+    )
     #: full fine-tuning under mixed precision keeps fp32 master weights (AMP, the HF Trainer default);
     #: False = "pure" half-precision training (params, grads and AdamW states in the half dtype).
     master_weights: bool = _f(True, "full: fp32 master weights under mixed precision (False: pure half precision)")

@@ -203,8 +203,16 @@ class SearchTable(TermColumns):
         """The device layer over every row (independent of the workload and the objective: made once)."""
         if self._evaluation is None:
             self._evaluation = dev.evaluate(
-                self.device, self.alloc, self.static, self.fpt, self.traffic, self.comm, self.passes, self.tokens,
-                self.ngpu, layers,
+                self.device,
+                self.alloc,
+                self.static,
+                self.fpt,
+                self.traffic,
+                self.comm,
+                self.passes,
+                self.tokens,
+                self.ngpu,
+                layers,
             )
         return self._evaluation
 

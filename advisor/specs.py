@@ -226,7 +226,14 @@ class GpuSpec:
         with `interconnect_gbps: 0` or a null rate is refused here, naming the field, not deep in a
         division); bf16 may be absent (no bf16 tensor cores), a price may be absent or zero."""
         errors = []
-        for name in ("memory_gib", "memory_gb", "fp16_tflops", "fp32_tflops", "memory_bandwidth_gbps", "interconnect_gbps"):
+        for name in (
+            "memory_gib",
+            "memory_gb",
+            "fp16_tflops",
+            "fp32_tflops",
+            "memory_bandwidth_gbps",
+            "interconnect_gbps",
+        ):
             if not _positive(getattr(self, name)):
                 errors.append(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if self.bf16_tflops is not None and not _positive(self.bf16_tflops):

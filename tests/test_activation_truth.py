@@ -69,8 +69,14 @@ def _saved_bytes(cfg_kw: dict, layers: int, plan: TrainingPlan, b: int, s: int) 
 
 @pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{v}" for v in kw.values()))
 def test_block_activation_bytes_match_transformers(kw):
-    cfg_kw = dict(hidden_size=128, intermediate_size=352, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=512, max_position_embeddings=512)
+    cfg_kw = dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=512,
+    )
     b, s = 2, 64
     plan = TrainingPlan(gpu_id="cpu", dtype="fp32", micro_batch=b, seq_len=s, grad_checkpointing=False, lora_r=8, **kw)
     measured = (_saved_bytes(cfg_kw, 3, plan, b, s) - _saved_bytes(cfg_kw, 1, plan, b, s)) / 2

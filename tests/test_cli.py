@@ -14,8 +14,21 @@ def run(capsys, *argv):
 def test_estimate_table_and_json(capsys):
     code, out, _ = run(capsys, "estimate", "--model", "meta-llama/Llama-2-7b-hf", "--gpu", "4090", "--method", "qlora")
     assert code == 0 and "FITS" in out and "weights" in out
-    code, out, _ = run(capsys, "estimate", "--model", "llama-2-7b", "--gpu", "4090", "--method", "lora", "--json",
-                       "--lora-targets", "q,v", "--micro-batch", "2")
+    code, out, _ = run(
+        capsys,
+        "estimate",
+        "--model",
+        "llama-2-7b",
+        "--gpu",
+        "4090",
+        "--method",
+        "lora",
+        "--json",
+        "--lora-targets",
+        "q,v",
+        "--micro-batch",
+        "2",
+    )
     d = json.loads(out)
     for key in ("peak_memory_gib", "step_time_s", "tokens_per_s", "breakdown_gib", "fits", "source"):
         assert key in d
@@ -23,8 +36,19 @@ def test_estimate_table_and_json(capsys):
 
 
 def test_recommend_json_plans_first_to_last(capsys):
-    code, out, _ = run(capsys, "recommend", "--model", "llama-2-7b", "--gpu", "a100-80gb", "--dataset-tokens", "20M",
-                       "--objective", "time", "--json")
+    code, out, _ = run(
+        capsys,
+        "recommend",
+        "--model",
+        "llama-2-7b",
+        "--gpu",
+        "a100-80gb",
+        "--dataset-tokens",
+        "20M",
+        "--objective",
+        "time",
+        "--json",
+    )
     d = json.loads(out)
     assert code == 0 and d["plans"][0]["rank"] == 1
     hours = [p["hours"] for p in d["plans"]]
@@ -43,8 +67,10 @@ def test_recommend_table(capsys):
         (["estimate", "--model", "llama-2-7bb", "--gpu", "4090", "--method", "lora"], "--model"),
         (["estimate", "--model", "llama-2-7b", "--gpu", "4091", "--method", "lora"], "--gpu"),
         (["estimate", "--model", "gpt-4", "--gpu", "4090", "--method", "lora"], "--model"),
-        (["estimate", "--model", "llama-2-7b", "--gpu", "4090", "--method", "lora", "--lora-targets", "xyz"],
-         "--lora-targets"),
+        (
+            ["estimate", "--model", "llama-2-7b", "--gpu", "4090", "--method", "lora", "--lora-targets", "xyz"],
+            "--lora-targets",
+        ),
         (["estimate", "--model", "llama-2-7b", "--gpu", "t4", "--method", "lora", "--dtype", "bf16"], "--dtype"),
         (["recommend", "--model", "llama-2-7b", "--objective", "fit"], "--gpu"),
         (["recommend", "--model", "llama-2-7b", "--methods", "adalora"], "--methods"),

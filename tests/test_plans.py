@@ -15,7 +15,6 @@ from advisor.plans import (
     SHAPE_FIELDS,
     PlanIdError,
     SearchSpace,
-    TrainingPlan,
     decode_plan_id,
     enumerate_plans,
     make_plan,
@@ -88,8 +87,14 @@ def test_a_known_id_keeps_decoding():
 
 @pytest.mark.parametrize(
     "bad, stale",
-    [("plan_0123456789abcdef", True), ("plan_v1.W1swLCJsb3JhIl1d", True), ("plan_v2.!!", False),
-     ("plan_v2.AAAA", False), ("plan_v2.W1s5OSwxXV0", False), ("hello", False)],
+    [
+        ("plan_0123456789abcdef", True),
+        ("plan_v1.W1swLCJsb3JhIl1d", True),
+        ("plan_v2.!!", False),
+        ("plan_v2.AAAA", False),
+        ("plan_v2.W1s5OSwxXV0", False),
+        ("hello", False),
+    ],
 )
 def test_bad_plan_ids_are_clear_errors(bad, stale):
     with pytest.raises(PlanIdError) as e:
@@ -108,7 +113,7 @@ def test_a_tampered_id_that_decodes_to_an_invalid_plan_is_refused():
 
 
 def test_method_registry_is_the_only_list_of_methods():
-    assert METHOD_NAMES == tuple(METHODS) and "dora" in METHOD_NAMES
+    assert tuple(METHODS) == METHOD_NAMES and "dora" in METHOD_NAMES
     assert "dora" not in DEFAULT_SEARCH  # asked for by name only
     assert set(Constraints().methods) == set(DEFAULT_SEARCH)
     with pytest.raises(InvalidInputError) as e:

@@ -52,9 +52,12 @@ def test_study_claim_65b_qlora_12gb_is_impossible():
     r = rec("llama-65b", ("a100-80gb",), max_gpus=1)
     notes = " ".join(r.recommendation.notes)
     assert "QLoRA: 12GB" in notes and "physically impossible" in notes
-    out = SVC.estimate(SVC.model("llama-65b"), SVC.gpu("a100-80gb"),
-                       __import__("advisor.plans").plans.TrainingPlan(method="qlora", gpu_id="a100-80gb"),
-                       claimed_memory_gib=12)
+    out = SVC.estimate(
+        SVC.model("llama-65b"),
+        SVC.gpu("a100-80gb"),
+        __import__("advisor.plans").plans.TrainingPlan(method="qlora", gpu_id="a100-80gb"),
+        claimed_memory_gib=12,
+    )
     assert out.claim.possible is False
     assert out.estimate.memory.components["weights"] > 30 * 2**30
 
@@ -81,14 +84,24 @@ def test_ranking_follows_the_objective():
 
 
 def test_budget_and_deadline_reject_with_reasons():
-    r = SVC.recommend(RecommendRequest(model="llama-2-70b", gpus=("a100-80gb",),
-                                       workload=Workload(dataset_tokens=2_000_000_000),
-                                       constraints=Constraints(max_budget_usd=10)))
+    r = SVC.recommend(
+        RecommendRequest(
+            model="llama-2-70b",
+            gpus=("a100-80gb",),
+            workload=Workload(dataset_tokens=2_000_000_000),
+            constraints=Constraints(max_budget_usd=10),
+        )
+    )
     assert not r.recommendation.plans
     assert any("budget" in x.reason for x in r.recommendation.rejected)
-    r = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("t4",),
-                                       workload=Workload(dataset_tokens=1_000_000_000),
-                                       constraints=Constraints(deadline_hours=1, max_gpus=1)))
+    r = SVC.recommend(
+        RecommendRequest(
+            model="llama-2-7b",
+            gpus=("t4",),
+            workload=Workload(dataset_tokens=1_000_000_000),
+            constraints=Constraints(deadline_hours=1, max_gpus=1),
+        )
+    )
     assert any("deadline" in x.reason for x in r.recommendation.rejected)
 
 
@@ -96,8 +109,14 @@ def test_qlora_convergence_factor_is_documented_and_overridable():
     base = rec("llama-2-7b", ("rtx-3060-12gb",), max_gpus=1, methods=("qlora",))
     p = base.recommendation.plans[0].candidate
     assert p.cost.convergence_factor == 1.25
-    r = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("rtx-3060-12gb",), convergence={"qlora": 1.0},
-                                       constraints=Constraints(max_gpus=1, methods=("qlora",))))
+    r = SVC.recommend(
+        RecommendRequest(
+            model="llama-2-7b",
+            gpus=("rtx-3060-12gb",),
+            convergence={"qlora": 1.0},
+            constraints=Constraints(max_gpus=1, methods=("qlora",)),
+        )
+    )
     assert r.recommendation.plans[0].candidate.cost.hours == pytest.approx(p.cost.hours / 1.25, rel=1e-6)
 
 
@@ -114,8 +133,11 @@ def test_fit_objective_needs_a_gpu_and_keeps_headroom():
 
 
 def test_stated_defaults_and_assumed_architecture():
-    r = SVC.recommend(RecommendRequest(model="13B", gpus=("a100-80gb",),
-                                       workload=Workload(stated_defaults=("seq_len not given: assumed 2048",))))
+    r = SVC.recommend(
+        RecommendRequest(
+            model="13B", gpus=("a100-80gb",), workload=Workload(stated_defaults=("seq_len not given: assumed 2048",))
+        )
+    )
     assert any("assumed" in a for a in r.assumptions)
     assert r.model.assumed is True
 

@@ -49,7 +49,12 @@ def model_summary(m: ModelSpec) -> dict[str, Any]:
 
 
 def workload_out(w: Workload) -> dict[str, Any]:
-    return {"dataset_tokens": w.dataset_tokens, "seq_len": w.seq_len, "epochs": w.epochs, "total_tokens": w.total_tokens}
+    return {
+        "dataset_tokens": w.dataset_tokens,
+        "seq_len": w.seq_len,
+        "epochs": w.epochs,
+        "total_tokens": w.total_tokens,
+    }
 
 
 def estimate_fields(e: Estimate) -> dict[str, Any]:

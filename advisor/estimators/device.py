@@ -93,10 +93,7 @@ class DeviceColumns:
         """Rows of several GPUs side by side: each part's scalars repeated over its row count."""
         counts = np.array([n for _, n in parts])
         return cls(
-            **{
-                f.name: np.repeat(np.array([float(getattr(c, f.name)) for c, _ in parts]), counts)
-                for f in fields(cls)
-            }
+            **{f.name: np.repeat(np.array([float(getattr(c, f.name)) for c, _ in parts]), counts) for f in fields(cls)}
         )
 
 

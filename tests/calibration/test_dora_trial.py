@@ -21,11 +21,25 @@ def _trial(method: str, ckpt: bool):
     device, _ = describe("cpu", threads=1)
     arch = scaled_config("llama", 128, 2, 512, 32)
     plan = TrainingPlan(
-        method=method, gpu_id=device.id, dtype="fp32", micro_batch=2, seq_len=64, grad_checkpointing=ckpt,
-        lora_r=8, lora_dropout=0.0,
+        method=method,
+        gpu_id=device.id,
+        dtype="fp32",
+        micro_batch=2,
+        seq_len=64,
+        grad_checkpointing=ckpt,
+        lora_r=8,
+        lora_dropout=0.0,
     )
-    spec = TrialSpec(id=f"dora-check/{method}-{ckpt}", group="dora-check", arch=arch, plan=plan.to_dict(), threads=1,
-                     timed_steps=1, max_timing_s=1.0, timeout_s=120)
+    spec = TrialSpec(
+        id=f"dora-check/{method}-{ckpt}",
+        group="dora-check",
+        arch=arch,
+        plan=plan.to_dict(),
+        threads=1,
+        timed_steps=1,
+        max_timing_s=1.0,
+        timeout_s=120,
+    )
     res = run_trial(spec)
     assert res.status == "ok", res.error
     est = AnalyticalEstimator(Coefficients(fixed_allocated_bytes=0))  # no CUDA workspace on a CPU

@@ -136,8 +136,12 @@ def test_a_plan_id_carries_its_plan_dora_included(t4, big_root: Path, tiny_root:
     """The id decodes to the plan (no search): a DoRA plan from /v1/recommend launches as that very plan;
     method fields that contradict the id, and ids of another GPU, are refused by name."""
     f = upload(t4, tiny_root / "train.jsonl")
-    ask = {"model": "llama-2-7b", "gpu": "t4", "workload": {"seq_len": 256},
-           "constraints": {"max_gpus": 1, "methods": ["dora"]}}
+    ask = {
+        "model": "llama-2-7b",
+        "gpu": "t4",
+        "workload": {"seq_len": 256},
+        "constraints": {"max_gpus": 1, "methods": ["dora"]},
+    }
     plan = t4.post("/v1/recommend", json=ask).json()["plans"][0]["plan"]
     assert plan["method"] == "dora"
     model = str(big_root / "llama-7b")

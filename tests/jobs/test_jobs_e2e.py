@@ -211,6 +211,8 @@ def test_a_dora_job_trains_its_magnitudes_for_real(client, tiny_root: Path) -> N
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert any("lora_magnitude_vector" in k for k in f.keys())  # noqa: SIM118
     model_dir = tiny_root / "model"
-    base_loss = _heldout_loss(model_dir, AutoModelForCausalLM.from_pretrained(str(model_dir)), tiny_root / "valid.jsonl")
+    base_loss = _heldout_loss(
+        model_dir, AutoModelForCausalLM.from_pretrained(str(model_dir)), tiny_root / "valid.jsonl"
+    )
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(out))
     assert _heldout_loss(model_dir, tuned, tiny_root / "valid.jsonl") < base_loss - 0.5
