@@ -294,6 +294,7 @@ class CalibratedEstimator:
             "activations": int(parts.get("activations", 0.0)),
             "logits": int(parts.get("logits", 0.0)),
             "quant_temporaries": int(parts.get("quant_temporaries", 0.0)),
+            "adapter_temporaries": 0,  # not in the fitted model (no DoRA trials): see the fitted-range note
         }
         # everything but the matmul time at the fitted MFU (x1, x2) rides on the memory-bound term, as
         # bytes at the device's bandwidth: traffic, narrow-matmul inefficiency, per-op overheads
