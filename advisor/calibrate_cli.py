@@ -26,7 +26,8 @@ BUDGET_CHOICES = ("quick", "standard", "thorough")
 FLAGS = {"device": "--device", "budget": "--budget", "run_dir": "--fit", "profile": "--fit", "data_dir": "--data-dir"}
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for a positive integer (advisor.cli's flags use it too)."""
     try:
         v = int(text)
     except ValueError:
@@ -57,8 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data-dir", help="where profiles are installed (default: $ADVISOR_DATA_DIR or ~/.local/share/tuneadvisor)"
     )
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU: torch threads (default: torch's choice)")
-    p.add_argument("--max-trials", type=_positive_int, default=None, help="run at most this many trials of the design")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads (default: torch's choice)")
+    p.add_argument("--max-trials", type=positive_int, default=None, help="run at most this many trials of the design")
     p.add_argument("--no-install", action="store_true", help="write the profile into the run directory only")
     p.add_argument(
         "--with-jobs",

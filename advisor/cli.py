@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from advisor import calibrate_cli
 from advisor.api import serve as serve_cli
 from advisor.api import views
+from advisor.calibrate_cli import positive_int  # the argparse type both command sets use
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
@@ -51,16 +52,6 @@ FLAGS = {
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
 
 
 def _positive_float(text: str) -> float:
@@ -166,19 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu", action="append", default=None, help="GPU id or alias (repeat for several); default: every catalog GPU"
     )
     p.add_argument("--dataset-tokens", type=_tokens, default=None, help="default 10M")
-    p.add_argument("--seq-len", type=_positive_int, default=None, help="default 2048")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="default 2048")
     p.add_argument("--epochs", type=_positive_float, default=None, help="default 1")
     p.add_argument("--objective", choices=OBJECTIVES, default="cost")
     p.add_argument("--max-budget-usd", type=_positive_float, default=None)
     p.add_argument("--deadline-hours", type=_positive_float, default=None)
-    p.add_argument("--max-gpus", type=_positive_int, default=8)
+    p.add_argument("--max-gpus", type=positive_int, default=8)
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_SEARCH),
         help=f"comma-separated subset of {','.join(METHOD_NAMES)} (default {','.join(DEFAULT_SEARCH)})",
     )
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--limit", type=_positive_int, default=10)
+    p.add_argument("--limit", type=positive_int, default=10)
     _catalog_args(p)
     serve_cli.add_parsers(sub)
     calibrate_cli.add_parser(sub)

@@ -35,7 +35,6 @@ SHARDINGS = ("none", "ddp", "fsdp")
 #: model dtype; litgpt's bitsandbytes layers compute in bnb's default fp32 and (bitsandbytes of 2023)
 #: keep each quantised layer's fp32 input for backward.
 FRAMEWORKS = ("hf", "litgpt", "torchtune")
-METHODS = METHOD_NAMES  # re-exported: the method registry is advisor.methods
 
 
 def _f(
@@ -129,11 +128,6 @@ class TrainingPlan:
     @property
     def tokens_per_micro_step(self) -> int:
         return self.micro_batch * self.seq_len
-
-    @property
-    def spec(self):
-        """The plan's method (advisor.methods.Method)."""
-        return get_method(self.method)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -33,12 +33,10 @@ from advisor.estimators.device import DeviceCoefficients
 from advisor.estimators.terms import PlanTerms
 from advisor.families import get_family
 from advisor.methods import get_method
-from advisor.methods.base import DQ_BLOCK, NF4_BLOCK
 from advisor.plans import TrainingPlan, resolve_targets
 from advisor.specs import Block, GpuSpec, ModelSpec
 from advisor.units import DTYPE_BYTES, MIB
 
-__all__ = ["DQ_BLOCK", "NF4_BLOCK", "AnalyticalEstimator", "Coefficients"]
 BNB8_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimiser states (optim/optimizer.py)
 
 

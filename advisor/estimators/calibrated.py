@@ -143,7 +143,7 @@ def features(base: AnalyticalEstimator, model: ModelSpec, gpu: GpuSpec, plan: Tr
     }
     static = t["weights"] + t["adapters"] + t["optimizer_states"] + t["accumulated_gradients"]
     optimizer_static = t["weights"] + t["adapters"] + t["optimizer_states"]
-    peak = _peak_flops(gpu, plan.dtype)
+    peak = peak_flops(gpu, plan.dtype)
     bw = gpu.memory_bandwidth_gbps * 1e9
     tokens = b * s
     passes = 3 if plan.grad_checkpointing else 2
@@ -163,10 +163,6 @@ def features(base: AnalyticalEstimator, model: ModelSpec, gpu: GpuSpec, plan: Tr
 
 def _with_layers(model: ModelSpec, n: int) -> ModelSpec:
     return replace(model, num_layers=n, num_decoder_layers=n if model.is_encoder_decoder else None)
-
-
-def _peak_flops(gpu: GpuSpec, dtype: str) -> float:
-    return peak_flops(gpu, dtype)
 
 
 # ---- the fitted model ------------------------------------------------------------------------------
@@ -332,7 +328,7 @@ class CalibratedEstimator:
             )
         ]
         if self.scaled:
-            ratio_f = _peak_flops(self.gpu, plan.dtype) / max(_peak_flops(p.gpu, plan.dtype), 1.0)
+            ratio_f = peak_flops(self.gpu, plan.dtype) / max(peak_flops(p.gpu, plan.dtype), 1.0)
             ratio_b = self.gpu.memory_bandwidth_gbps / max(p.gpu.memory_bandwidth_gbps, 1e-9)
             out.append(
                 f"no profile for {self.gpu.name}: efficiencies and memory coefficients of {p.device_name} "
@@ -355,7 +351,7 @@ def nearest_profile(profiles: list[Profile], gpu: GpuSpec) -> Profile | None:
         src = p.gpu
         if (src.gpu_class == "cpu") != (gpu.gpu_class == "cpu") or src.id == gpu.id:
             continue
-        pf, tf = _peak_flops(src, dtype), _peak_flops(gpu, dtype)
+        pf, tf = peak_flops(src, dtype), peak_flops(gpu, dtype)
         if pf <= 0 or tf <= 0 or src.memory_bandwidth_gbps <= 0 or gpu.memory_bandwidth_gbps <= 0:
             continue
         d = math.hypot(math.log(tf / pf), math.log(gpu.memory_bandwidth_gbps / src.memory_bandwidth_gbps))

@@ -391,7 +391,7 @@ class JobService:
                 raise JobsError(
                     f"method {name} {value} contradicts plan_id ({name} {getattr(plan, name)}): leave it out or "
                     "post another plan",
-                    field=f"method.{'micro_batch_size' if name == 'micro_batch' else name}",
+                    field=PLAN_FIELDS[name],
                 )
         return plan
 
