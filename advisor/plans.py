@@ -17,7 +17,7 @@ import base64
 import json
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from functools import lru_cache
 from typing import Any
 
@@ -130,9 +130,11 @@ class TrainingPlan:
         return self.micro_batch * self.seq_len
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        d["notes"] = list(self.notes)
+        """Every field (tuples as lists) and the id: what jobs and trials store and the API sends."""
+        d: dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            v = getattr(self, name)
+            d[name] = list(v) if isinstance(v, tuple) else v
         d["id"] = self.id
         return d
 
@@ -148,6 +150,7 @@ class TrainingPlan:
 
 #: the plan field table, in declaration order
 PLAN_FIELDS = fields(TrainingPlan)
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS)
 SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS if f.metadata["shape"])
 #: (name, allowed values, bounds) of every field the table constrains: what validation_errors checks
 _CHECKS = tuple(

@@ -15,7 +15,7 @@ from typing import Any
 from advisor.api import schemas as S
 from advisor.cost import CostEstimate
 from advisor.estimators.base import Estimate
-from advisor.plans import PLAN_FIELDS, TrainingPlan
+from advisor.plans import TrainingPlan
 from advisor.recommend import RankedPlan, Rejection
 from advisor.service import EstimateResult, RecommendResult
 from advisor.specs import ModelSpec, Workload
@@ -28,11 +28,7 @@ def _gib(b: float) -> float:
 
 
 def plan_out(p: TrainingPlan) -> dict[str, Any]:
-    d: dict[str, Any] = {"id": p.id}
-    for f in PLAN_FIELDS:
-        v = getattr(p, f.name)
-        d[f.name] = list(v) if isinstance(v, tuple) else v
-    return d
+    return p.to_dict()
 
 
 def model_summary(m: ModelSpec) -> dict[str, Any]:
