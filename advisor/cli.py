@@ -233,13 +233,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     gpu = svc.gpu(args.gpu)
     fields = {f.name: getattr(args, f.name) for f in PLAN_FIELDS if f.metadata["cli"] and f.name != "method"}
     plan = make_plan(args.method, gpu, **fields)
-    workload = Workload(
-        seq_len=plan.seq_len,
-        stated_defaults=(
-            "dataset_tokens not given: assumed 10,000,000 tokens (hours and cost)",
-            "epochs not given: assumed 1",
-        ),
-    )
+    workload = Workload.given(seq_len=plan.seq_len)  # for the hours and cost; its assumptions are stated
     res = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source, workload=workload)
     if args.json:
         print(json.dumps(views.as_json(views.estimate_response(res)), indent=1))
@@ -278,19 +272,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_recommend(args: argparse.Namespace) -> int:
     svc = _service(args)
-    stated = []
-    if args.dataset_tokens is None:
-        stated.append("dataset_tokens not given: assumed 10,000,000 tokens")
-    if args.seq_len is None:
-        stated.append("seq_len not given: assumed 2048")
-    if args.epochs is None:
-        stated.append("epochs not given: assumed 1")
-    workload = Workload(
-        dataset_tokens=args.dataset_tokens or 10_000_000,
-        seq_len=args.seq_len or 2048,
-        epochs=args.epochs or 1.0,
-        stated_defaults=tuple(stated),
-    )
+    workload = Workload.given(args.dataset_tokens, args.seq_len, args.epochs)
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     req = RecommendRequest(
         model=args.model,

@@ -271,16 +271,41 @@ class GpuSpec:
         return d
 
 
+DEFAULT_DATASET_TOKENS = 10_000_000
+DEFAULT_SEQ_LEN = 2048
+DEFAULT_EPOCHS = 1.0
+
+
 @dataclass(frozen=True)
 class Workload:
     """The job: how many tokens to see, at which sequence length, how often."""
 
-    dataset_tokens: int = 10_000_000
-    seq_len: int = 2048
-    epochs: float = 1.0
+    dataset_tokens: int = DEFAULT_DATASET_TOKENS
+    seq_len: int = DEFAULT_SEQ_LEN
+    epochs: float = DEFAULT_EPOCHS
     global_batch_tokens: int | None = None  # if set, the optimiser step spans this many tokens
     packed: bool = True  # sequences packed to seq_len (no padding waste)
     stated_defaults: tuple[str, ...] = field(default=())
+
+    @classmethod
+    def given(
+        cls, dataset_tokens: int | None = None, seq_len: int | None = None, epochs: float | None = None
+    ) -> Workload:
+        """The workload from what a request or command line gave (None = not given); each default it
+        assumes is stated, so the answer can say so."""
+        stated = []
+        if dataset_tokens is None:
+            stated.append(f"dataset_tokens not given: assumed {DEFAULT_DATASET_TOKENS:,} tokens")
+        if seq_len is None:
+            stated.append(f"seq_len not given: assumed {DEFAULT_SEQ_LEN}")
+        if epochs is None:
+            stated.append(f"epochs not given: assumed {DEFAULT_EPOCHS:g}")
+        return cls(
+            dataset_tokens=DEFAULT_DATASET_TOKENS if dataset_tokens is None else dataset_tokens,
+            seq_len=DEFAULT_SEQ_LEN if seq_len is None else seq_len,
+            epochs=DEFAULT_EPOCHS if epochs is None else epochs,
+            stated_defaults=tuple(stated),
+        )
 
     def __post_init__(self) -> None:
         if self.dataset_tokens <= 0:

@@ -16,34 +16,14 @@ from advisor.recommend import Constraints
 from advisor.service import RecommendRequest as CoreRecommendRequest
 from advisor.specs import GpuSpec, Workload
 
-DEFAULT_DATASET_TOKENS = 10_000_000
-DEFAULT_SEQ_LEN = 2048
-DEFAULT_EPOCHS = 1.0
-
 
 def model_arg(model: str | InlineModelConfig) -> str | dict[str, Any]:
     return model if isinstance(model, str) else model.config_dict()
 
 
 def to_workload(w: WorkloadIn) -> Workload:
-    stated: list[str] = []
-    if w.examples is not None and w.avg_example_tokens is not None:
-        tokens = w.examples * w.avg_example_tokens
-    elif w.dataset_tokens is not None:
-        tokens = w.dataset_tokens
-    else:
-        tokens = DEFAULT_DATASET_TOKENS
-        stated.append(f"dataset_tokens not given: assumed {DEFAULT_DATASET_TOKENS:,} tokens")
-    if w.seq_len is None:
-        stated.append(f"seq_len not given: assumed {DEFAULT_SEQ_LEN}")
-    if w.epochs is None:
-        stated.append("epochs not given: assumed 1")
-    return Workload(
-        dataset_tokens=tokens,
-        seq_len=w.seq_len or DEFAULT_SEQ_LEN,
-        epochs=w.epochs or DEFAULT_EPOCHS,
-        stated_defaults=tuple(stated),
-    )
+    tokens = w.examples * w.avg_example_tokens if w.examples is not None else w.dataset_tokens
+    return Workload.given(dataset_tokens=tokens, seq_len=w.seq_len, epochs=w.epochs)
 
 
 def to_constraints(c: ConstraintsIn) -> Constraints:
