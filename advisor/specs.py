@@ -194,6 +194,10 @@ class ModelSpec:
 
 
 GPU_CLASSES = ("datacenter", "consumer", "cpu")
+#: How GPUs of one machine reach each other: nvlink (NVLink / NVSwitch / Infinity Fabric boards), pcie (PCIe
+#: with peer-to-peer DMA), pcie-host (no peer-to-peer: every transfer is staged through host memory, as on
+#: GeForce cards, whose drivers do not enable P2P).
+PEER_LINKS = ("nvlink", "pcie", "pcie-host")
 
 
 def _positive(v: object) -> bool:
@@ -220,6 +224,17 @@ class GpuSpec:
     interconnect_gbps: float = 64.0  # per-GPU bandwidth to peers (PCIe 4 x16 ~ 32 GB/s each way)
     gpu_class: str = "datacenter"  # datacenter | consumer | cpu
     note: str = ""
+    # streaming multiprocessors (AMD: compute units): how many matmul tiles run in one wave; None = unknown
+    # (no wave quantisation is modelled)
+    sm_count: int | None = None
+    peer_link: str = "pcie"  # one of PEER_LINKS
+    link_source: str = ""  # where sm_count and peer_link come from
+    # sustained dense half-precision matmul TFLOP/s MEASURED on the card (torch.mm at large shapes: bf16, or fp16
+    # where the card has no bf16 tensor cores), None = no published measurement. Datasheet peaks assume the boost
+    # clock; a power-limited card (the 72 W L4) or a slower library runs below them. The speed model's GEMM
+    # efficiency is relative to this rate (advisor.estimators.device.matmul_flops)
+    matmul_tflops_measured: float | None = None
+    matmul_source: str = ""  # where matmul_tflops_measured comes from (repository / page, date, software)
 
     def __post_init__(self) -> None:
         """Every number the estimators divide by or multiply with is a positive finite number (a GPU file
@@ -241,6 +256,15 @@ class GpuSpec:
         price = self.price_usd_per_hour
         if price is not None and not (_positive(price) or price == 0):
             errors.append(f"price_usd_per_hour must be a number >= 0 or null, got {price!r}")
+        measured = self.matmul_tflops_measured
+        if measured is not None and not _positive(measured):
+            errors.append(f"matmul_tflops_measured must be a positive number or null, got {measured!r}")
+        if self.sm_count is not None and not (
+            isinstance(self.sm_count, int) and not isinstance(self.sm_count, bool) and self.sm_count > 0
+        ):
+            errors.append(f"sm_count must be a positive integer or null, got {self.sm_count!r}")
+        if self.peer_link not in PEER_LINKS:
+            errors.append(f"peer_link must be one of {', '.join(PEER_LINKS)}, got {self.peer_link!r}")
         if self.gpu_class not in GPU_CLASSES:
             errors.append(f"gpu_class must be one of {', '.join(GPU_CLASSES)}, got {self.gpu_class!r}")
         if not isinstance(self.bf16_supported, bool):

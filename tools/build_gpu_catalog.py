@@ -69,6 +69,85 @@ EXTRA = [
     ("mi300x", "MI300X", "AMD Instinct MI300X", "datacenter", 196592, 163.4, 896, ["MI300X", "AMD MI300X"]),
 ]
 
+CORRECTED = "2026-11-30"
+MATMUL_RECORDED = "2026-11-30"
+
+# The research table's dense_fp16_tflops of GeForce cards is the FP16-*accumulate* tensor rate. PyTorch runs
+# half-precision matmuls with FP32 accumulation (cuBLAS CUBLAS_COMPUTE_32F), which GeForce cards execute at
+# half that rate: the same rate as BF16 (always FP32-accumulate), which the research table lists. The
+# professional / datacenter cards (RTX A6000, L40S, L4, A10G, T4) run FP32 accumulation at full rate: their
+# datasheets' dense FP16 figures stand.
+FP16_FP32_ACCUMULATE = {
+    "rtx-3060-12gb": "GA106 derivation in the research row (112 tensor cores x 1.777 GHz: 51 FP16-accumulate, "
+    "half of it with FP32 accumulate, the BF16 rate)",
+    "rtx-3090": "NVIDIA Ampere GA102 whitepaper, Appendix A: Peak FP16 Tensor TFLOPS with FP32 Accumulate 71 "
+    "(142 with FP16 accumulate)",
+    "rtx-4090": "NVIDIA Ada Lovelace (AD102) whitepaper, Appendix A: Peak FP16 Tensor TFLOPS with FP32 Accumulate "
+    "165.2 (330.3 with FP16 accumulate)",
+}
+
+# Streaming multiprocessors (compute units on AMD) and the peer link between GPUs of one machine:
+# nvlink (NVLink / NVSwitch / Infinity Fabric on SXM or OAM boards), pcie (PCIe with peer-to-peer DMA), or
+# pcie-host (no peer-to-peer: NCCL stages every transfer through host memory; NVIDIA's GeForce drivers do not
+# enable P2P on GeForce 30/40-series cards).
+TOPOLOGY = {
+    "t4": (40, "pcie", "NVIDIA T4 datasheet: 40 SMs (2560 CUDA cores), PCIe Gen3 x16, no NVLink"),
+    "l4": (58, "pcie", "NVIDIA L4 datasheet: 58 SMs (7424 CUDA cores), PCIe Gen4 x16, no NVLink"),
+    "a10g": (80, "pcie", "AWS G5 (A10G): 80 SMs as deviceQuery reports the board, PCIe Gen4 x16, no NVLink"),
+    "v100-16gb": (80, "nvlink", "NVIDIA V100 datasheet: 80 SMs, NVLink 300 GB/s (SXM2)"),
+    "v100-32gb": (80, "nvlink", "NVIDIA V100 datasheet: 80 SMs, NVLink 300 GB/s (SXM2)"),
+    "a100-40gb": (108, "nvlink", "NVIDIA A100 datasheet / whitepaper: 108 SMs, NVLink 600 GB/s (SXM4)"),
+    "a100-80gb": (108, "nvlink", "NVIDIA A100 datasheet / whitepaper: 108 SMs, NVLink 600 GB/s (SXM4)"),
+    "h100-sxm": (132, "nvlink", "NVIDIA H100 datasheet / whitepaper: 132 SMs (SXM5), NVLink 900 GB/s"),
+    "h100-pcie": (114, "pcie", "NVIDIA H100 whitepaper: 114 SMs (PCIe), PCIe Gen5 x16 (NVLink bridge optional)"),
+    "h200": (132, "nvlink", "NVIDIA H200 datasheet: GH100 with 132 SMs (SXM), NVLink 900 GB/s"),
+    "l40s": (142, "pcie", "NVIDIA L40S datasheet: 142 SMs (18176 CUDA cores), PCIe Gen4 x16, no NVLink"),
+    "rtx-3060-12gb": (28, "pcie-host", "NVIDIA GA106 (3584 CUDA cores / 128 = 28 SMs); GeForce: no P2P"),
+    "rtx-3090": (82, "pcie-host", "NVIDIA Ampere GA102 whitepaper: 82 SMs; GeForce: no PCIe P2P"),
+    "rtx-4090": (128, "pcie-host", "NVIDIA Ada AD102 whitepaper: 128 SMs; GeForce 40-series: P2P disabled"),
+    "rtx-a6000": (84, "pcie", "NVIDIA RTX A6000 datasheet: 84 SMs (10752 CUDA cores), PCIe Gen4 x16 with P2P"),
+    "mi300x": (304, "nvlink", "AMD MI300X datasheet: 304 CUs, Infinity Fabric 896 GB/s peer bandwidth (OAM)"),
+}
+
+# Sustained dense half-precision matmul TFLOP/s measured on the card (GpuSpec.matmul_tflops_measured): bf16 torch.mm
+# (fp16 on the T4, which has no bf16 tensor cores). Rule: the large-shape figure (8192^3) where the source lists
+# sizes (a power-limited card boosts through a short small-shape burst, then settles), else the source's best shape
+# (MAMF: a sweep of shapes, mean of 100 iterations after 50 warm-up). A GPU hardware measurement, not a fine-tuning
+# figure. Cards without a published measurement keep None (the speed model then uses the datasheet peak times the
+# median measured/datasheet share of the cards below: advisor.estimators.device.DEFAULT_MATMUL_SHARE).
+MAMF = (
+    "stas00/ml-engineering compute/accelerator/README.md @b9e29720, 'Maximum Achievable Matmul FLOPS comparison "
+    "table', BF16 v2"
+)
+ZZC = "zzc0721/torch-performance-test-data"
+MATMUL = {
+    "a100-40gb": (271.2, f"{MAMF}: NVIDIA A100 SXM 271.2 (best shape 1024x10240x5120, torch 2.6.0+cu126)"),
+    "a100-80gb": (271.2, f"{MAMF}: NVIDIA A100 SXM 271.2 (best shape 1024x10240x5120, torch 2.6.0+cu126)"),
+    "h100-sxm": (794.5, f"{MAMF}: NVIDIA H100 SXM 794.5 (best shape 2048x2048x13312, torch 2.7.0+cu126)"),
+    "mi300x": (668.4, f"{MAMF}: AMD MI300X 668.4 (torch 2.5.1 ROCm 6.3, PYTORCH_TUNABLEOP_ENABLED=1)"),
+    "l4": (
+        59.4,
+        f"{ZZC} issue #120 (2026-01-12, torch 2.9.0+cu128, bare metal): bf16 torch.mm 8192^3 59.40 "
+        "(10240^3 56.90; 2048^3 70.89 in a short burst): the 72 W power limit holds the clock below the "
+        "datasheet's 2040 MHz boost",
+    ),
+    "rtx-4090": (
+        160.2,
+        f"{ZZC} issue #78 (2025-10-17, torch 2.7.0+cu128): bf16 torch.mm 8192^3 160.17 (database.md: other "
+        "RTX 4090 24GB boards 162-173 at their best shape)",
+    ),
+    "rtx-3090": (
+        76.3,
+        f"{ZZC} database.md @bbb8e247: RTX 3090 24GB bf16 torch.mm best square shape 76.34 (bare metal, torch "
+        "2.6.0; a second board 76.68): GeForce boards boost above the rated clock of the 71 TFLOP/s datasheet rate",
+    ),
+    "t4": (
+        41.9,
+        f"{ZZC} database.md @bbb8e247: Tesla T4 fp16 torch.mm best square shape 41.91 (Colab, torch 2.8.0; "
+        "datasheet 65, 70 W power limit)",
+    ),
+}
+
 
 def main() -> None:
     rows = {r["gpu"]: r for r in csv.DictReader(RESEARCH.open())}
@@ -76,6 +155,15 @@ def main() -> None:
     for gid, key, name, cls, mib, fp32, peer, aliases in EXTRA:
         r = rows[key]
         bf16 = r["bf16_supported"].strip().lower() == "true"
+        fp16 = float(r["dense_fp16_tflops"])
+        spec_source = f"{r['spec_source']} via reference/gpu_catalog_research.csv"
+        if gid in FP16_FP32_ACCUMULATE:
+            fp16 = float(r["dense_bf16_tflops"])
+            spec_source += (
+                f"; fp16 corrected {CORRECTED} to the FP32-accumulate rate PyTorch runs "
+                f"({FP16_FP32_ACCUMULATE[gid]}), not the research row's FP16-accumulate {r['dense_fp16_tflops']}"
+            )
+        sms, link, link_source = TOPOLOGY[gid]
         gpus.append(
             {
                 "id": gid,
@@ -86,7 +174,7 @@ def main() -> None:
                 "memory_gb": float(r["memory_gb"]),
                 "memory_gib": round(mib / 1024, 3),
                 "bf16_tflops": float(r["dense_bf16_tflops"]) if bf16 and r["dense_bf16_tflops"] else None,
-                "fp16_tflops": float(r["dense_fp16_tflops"]),
+                "fp16_tflops": fp16,
                 "fp32_tflops": fp32,
                 "memory_bandwidth_gbps": float(r["mem_bw_gbps"]),
                 "bf16_supported": bf16,
@@ -94,8 +182,13 @@ def main() -> None:
                 "price_usd_per_hour": float(r["price_usd_per_gpu_hr"]),
                 "price_date": RECORDED,
                 "price_source": f"{r['price_basis']} [{r['price_source']}] via reference/gpu_catalog_research.csv",
-                "spec_source": f"{r['spec_source']} via reference/gpu_catalog_research.csv; usable memory {mib} MiB "
+                "spec_source": f"{spec_source}; usable memory {mib} MiB "
                 "as the driver reports the board; FP32 non-tensor and peer bandwidth from the vendor datasheet",
+                "sm_count": sms,
+                "peer_link": link,
+                "link_source": f"{link_source} (recorded {CORRECTED})",
+                "matmul_tflops_measured": MATMUL[gid][0] if gid in MATMUL else None,
+                "matmul_source": f"{MATMUL[gid][1]} (recorded {MATMUL_RECORDED})" if gid in MATMUL else "",
                 "note": r["notes"],
             }
         )
