@@ -23,7 +23,7 @@ from typing import Any
 
 from advisor.errors import InvalidInputError
 from advisor.methods import ALL_LINEAR, DEFAULT_SEARCH, METHOD_NAMES, get_method
-from advisor.specs import ROLES, GpuSpec, ModelSpec
+from advisor.specs import ROLES, GpuSpec, Linear, ModelSpec
 from advisor.units import DTYPES
 
 OPTIMIZERS = ("adamw", "adamw-8bit", "paged-adamw-8bit", "paged-adamw-32bit")
@@ -35,6 +35,9 @@ SHARDINGS = ("none", "ddp", "fsdp")
 #: model dtype; litgpt's bitsandbytes layers compute in bnb's default fp32 and (bitsandbytes of 2023)
 #: keep each quantised layer's fp32 input for backward.
 FRAMEWORKS = ("hf", "litgpt", "torchtune")
+#: the modules outside the blocks a plan can adapt (LoRA) or train whole (modules_to_save), by their generic
+#: names; each family says what transformers calls them (``Family.head_module`` / ``embedding_module``)
+OUTER_MODULES = ("lm_head", "embed_tokens")
 
 
 def _f(
@@ -44,6 +47,7 @@ def _f(
     unit: str = "",
     choices: tuple = (),
     bounds: tuple | None = None,
+    items: tuple = (),
     cli: bool = True,
     api: bool = True,
     shape: bool = True,
@@ -51,13 +55,14 @@ def _f(
     **kw: Any,
 ) -> Any:
     """A plan field with its table entry. default MISSING = required; bounds = (low, high, high_inclusive);
-    resolved = how make_plan fills it when left out (the dataclass default is then only what a bare
-    TrainingPlan(...) gets)."""
+    items = the values each element of a tuple field may take; resolved = how make_plan fills it when left
+    out (the dataclass default is then only what a bare TrainingPlan(...) gets)."""
     meta = {
         "doc": doc,
         "unit": unit,
         "choices": choices,
         "bounds": bounds,
+        "items": items,
         "cli": cli,
         "api": api,
         "shape": shape,
@@ -94,7 +99,9 @@ class TrainingPlan:
     )
     lora_dropout: float = _f(0.05, "dropout on the adapter input", bounds=(0.0, 1.0, False))
     lora_targets: tuple[str, ...] = _f(
-        (ALL_LINEAR,), "adapted modules: all-linear, roles (q,k,v,o,gate,up,down) or module names"
+        (ALL_LINEAR,),
+        "adapted modules: all-linear (the blocks' linears, as peft's), roles (q,k,v,o,gate,up,down), the output "
+        "head lm_head, the token embedding embed_tokens, or module names",
     )
     #: full fine-tuning under mixed precision keeps fp32 master weights (AMP, the HF Trainer default);
     #: False = "pure" half-precision training (params, grads and AdamW states in the half dtype).
@@ -108,6 +115,14 @@ class TrainingPlan:
     #: loss over vocabulary chunks (litgpt, torchtune CEWithChunkedOutputLoss): no full fp32 logits copy
     chunked_loss: bool = _f(False, "loss over vocabulary chunks (no full fp32 logits copy)")
     notes: tuple[str, ...] = _f((), "free-text notes carried with the plan", cli=False, shape=False, compare=False)
+    #: peft's modules_to_save: a ModulesToSaveWrapper keeps the original module frozen and trains a full copy
+    #: of it (the copy in the module's dtype: peft upcasts only adapter weights), with its gradient and
+    #: optimiser states. Appended after notes: plan ids index fields by position.
+    modules_to_save: tuple[str, ...] = _f(
+        (),
+        "adapter methods: modules trained whole next to the adapters (peft modules_to_save): lm_head, embed_tokens",
+        items=OUTER_MODULES,
+    )
 
     def __post_init__(self) -> None:
         errs = validation_errors(self)
@@ -141,16 +156,16 @@ class TrainingPlan:
     @classmethod
     def from_dict(cls, d: dict) -> TrainingPlan:
         d = {k: v for k, v in d.items() if k != "id"}
-        if "lora_targets" in d:
-            d["lora_targets"] = tuple(d["lora_targets"])
-        if "notes" in d:
-            d["notes"] = tuple(d["notes"])
+        for name in _TUPLE_FIELDS:
+            if isinstance(d.get(name), list):
+                d[name] = tuple(d[name])
         return cls(**d)
 
 
 #: the plan field table, in declaration order
 PLAN_FIELDS = fields(TrainingPlan)
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS)
+_TUPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS if isinstance(f.default, tuple))
 SHAPE_FIELDS: tuple[str, ...] = tuple(f.name for f in PLAN_FIELDS if f.metadata["shape"])
 #: (name, allowed values, bounds) of every field the table constrains: what validation_errors checks
 _CHECKS = tuple(
@@ -158,6 +173,8 @@ _CHECKS = tuple(
     for f in PLAN_FIELDS
     if f.metadata["choices"] or f.metadata["bounds"] is not None
 )
+#: (name, allowed elements) of every tuple field whose elements the table constrains
+_ITEM_CHECKS = tuple((f.name, f.metadata["items"]) for f in PLAN_FIELDS if f.metadata["items"])
 
 
 def field_default(name: str) -> Any:
@@ -177,12 +194,19 @@ def validation_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
             lo, hi, incl = bounds
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi if incl else lo <= v < hi):
                 errs.append((name, f"must be between {lo} and {hi}" if incl else f"must be in [{lo}, {hi})"))
+    for name, items in _ITEM_CHECKS:
+        v = getattr(plan, name)
+        if not isinstance(v, tuple) or any(x not in items for x in v) or len(set(v)) != len(v):
+            errs.append((name, f"must be a list of distinct values among {', '.join(items)}"))
     if errs:
         return errs
     if plan.num_gpus == 1 and plan.sharding != "none":
         errs.append(("sharding", "needs num_gpus > 1"))
     if plan.num_gpus > 1 and plan.sharding == "none":
         errs.append(("sharding", "num_gpus > 1 needs ddp or fsdp"))
+    both = set(plan.modules_to_save) & {t.strip() for t in plan.lora_targets}
+    if both:
+        errs.append(("modules_to_save", f"{', '.join(sorted(both))}: either a LoRA target or trained whole, not both"))
     errs.extend(get_method(plan.method).validate(plan))
     return errs
 
@@ -204,10 +228,9 @@ def make_plan(method: str, gpu: GpuSpec | str, **given: Any) -> TrainingPlan:
         kw["sharding"] = "none" if n == 1 else m.default_sharding
     if "lora_alpha" not in kw:
         kw["lora_alpha"] = 2 * kw.get("lora_r", field_default("lora_r"))
-    if "lora_targets" in kw:
-        kw["lora_targets"] = tuple(kw["lora_targets"])
-    if "notes" in kw:
-        kw["notes"] = tuple(kw["notes"])
+    for name in _TUPLE_FIELDS:
+        if name in kw:
+            kw[name] = (kw[name],) if isinstance(kw[name], str) else tuple(kw[name])
     return TrainingPlan(method=method, gpu_id=gpu_id, **kw)
 
 
@@ -274,12 +297,46 @@ def decode_plan_id(plan_id: str, field_name: str = "plan_id") -> TrainingPlan:
         raise PlanIdError(f"plan id decodes to an invalid plan: {exc}", field=field_name) from None
 
 
+def outer_module_names(model: ModelSpec) -> dict[str, str]:
+    """Generic name (lm_head, embed_tokens) -> the module's name in transformers' model of this family."""
+    fam = model.family_spec
+    return {"lm_head": fam.head_module, "embed_tokens": fam.embedding_module}
+
+
+def outer_linears(model: ModelSpec) -> dict[str, Linear]:
+    """The output head and the token embedding as the matrices peft adapts: the head maps hidden -> vocab; the
+    embedding, adapted, is a lookup into an r x vocab matrix then an r -> hidden map, so its adapter has the
+    shape of a vocab -> hidden linear (r x (vocab + hidden) parameters either way). Tied or not, each is one
+    vocab x hidden matrix (+ the head's bias)."""
+    names = outer_module_names(model)
+    h, v = model.hidden_size, model.vocab_size
+    return {
+        "lm_head": Linear(names["lm_head"], ("lm_head",), h, v, model.lm_head_bias),
+        "embed_tokens": Linear(names["embed_tokens"], ("embed_tokens",), v, h, False),
+    }
+
+
+def _outer_module(model: ModelSpec, generic: str, field: str) -> str:
+    """The real module name of lm_head / embed_tokens, or a clear error where peft cannot train it."""
+    if generic == "embed_tokens" and model.is_encoder_decoder:
+        # T5's encoder and decoder hold their own references to the shared embedding: peft replaces the
+        # module at one name (``shared``) and the stacks keep reading the original, so nothing would train
+        raise InvalidInputError(
+            f"{model.name}: the shared embedding of an encoder-decoder model cannot be adapted or trained through "
+            "peft (the encoder and decoder keep their own reference to the original module)",
+            field=field,
+        )
+    return outer_module_names(model)[generic]
+
+
 def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
     """LoRA targets as the model's real module names.
 
-    Accepts ``all-linear``, generic roles (q, k, v, o, gate, up, down) and the model's own peft
-    module names (q_proj, c_attn, wi_0, ...). A fused module (c_attn, qkv_proj) is targeted when any
-    role it serves is asked for, as peft can only wrap the whole module.
+    Accepts ``all-linear`` (the blocks' linears: peft's all-linear leaves the output head out), generic
+    roles (q, k, v, o, gate, up, down), ``lm_head`` and ``embed_tokens`` (the output head and the token
+    embedding, whatever the family calls them) and the model's own peft module names (q_proj, c_attn,
+    wi_0, embed_out, wte, ...). A fused module (c_attn, qkv_proj) is targeted when any role it serves is
+    asked for, as peft can only wrap the whole module.
     """
     names: set[str] = set()
     module_roles: dict[str, set[str]] = {}
@@ -287,25 +344,43 @@ def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
         for lin in b.linears:
             module_roles.setdefault(lin.name, set()).update(lin.roles)
     bare = {n.split(".")[-1] for n in module_roles}
+    outer = outer_module_names(model)
     for t in targets:
         t = t.strip()
         if not t:
             continue
         if t == ALL_LINEAR:
-            return frozenset(module_roles)
-        if t in ROLES:
+            names.update(module_roles)
+        elif t in ROLES:
             names.update(n for n, roles in module_roles.items() if t in roles)
+        elif t in outer:
+            names.add(_outer_module(model, t, "lora_targets"))
+        elif t in outer.values():
+            names.add(_outer_module(model, next(g for g, n in outer.items() if n == t), "lora_targets"))
         elif t in bare:
             names.update(n for n in module_roles if n.split(".")[-1] == t)
         else:
             raise InvalidInputError(
                 f"unknown LoRA target {t!r} for {model.name}: use all-linear, roles "
-                f"({', '.join(ROLES)}) or module names ({', '.join(sorted(bare))})",
+                f"({', '.join(ROLES)}), {', '.join(OUTER_MODULES)} or module names ({', '.join(sorted(bare))})",
                 field="lora_targets",
             )
     if not names:
         raise InvalidInputError("lora_targets is empty", field="lora_targets")
     return frozenset(names)
+
+
+def resolve_modules_to_save(model: ModelSpec, plan: TrainingPlan) -> tuple[str, ...]:
+    """The plan's modules_to_save as the model's real module names (sorted), checked against its targets."""
+    saved = tuple(sorted(_outer_module(model, g, "modules_to_save") for g in plan.modules_to_save))
+    if saved and get_method(plan.method).adapter:
+        both = set(saved) & resolve_targets(model, plan.lora_targets)
+        if both:
+            raise InvalidInputError(
+                f"{', '.join(sorted(both))}: either a LoRA target or in modules_to_save, not both",
+                field="modules_to_save",
+            )
+    return saved
 
 
 # ---- enumeration -----------------------------------------------------------------------------------

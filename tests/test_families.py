@@ -223,7 +223,8 @@ FROZEN = {
     "phi-2": {'vocab_size': 51200, 'max_position_embeddings': 2048, 'tie_word_embeddings': False, 'model_type': 'phi', 'hidden_size': 2560, 'intermediate_size': 10240, 'num_hidden_layers': 32, 'num_attention_heads': 32},
     "gpt2": {'vocab_size': 50257, 'max_position_embeddings': 1024, 'tie_word_embeddings': True, 'model_type': 'gpt2', 'n_embd': 768, 'n_inner': 3072, 'n_layer': 12, 'n_head': 12, 'n_positions': 1024},
     "stablelm-base-alpha-3b": {'vocab_size': 50688, 'max_position_embeddings': 4096, 'tie_word_embeddings': False, 'model_type': 'gpt_neox', 'hidden_size': 4096, 'intermediate_size': 16384, 'num_hidden_layers': 16, 'num_attention_heads': 32, 'attention_bias': True},
-    "flan-t5-xl": {'vocab_size': 32128, 'max_position_embeddings': 512, 'tie_word_embeddings': False, 'model_type': 't5', 'd_model': 2048, 'd_ff': 5120, 'd_kv': 64, 'num_layers': 24, 'num_decoder_layers': 24, 'num_heads': 32, 'relative_attention_num_buckets': 32, 'feed_forward_proj': 'gated-gelu', 'decoder_start_token_id': 0, 'pad_token_id': 0, 'eos_token_id': 1},
+    # T5: tied whatever the checkpoint's config.json says (transformers 5; advisor/families/t5.py)
+    "flan-t5-xl": {'vocab_size': 32128, 'max_position_embeddings': 512, 'tie_word_embeddings': True, 'model_type': 't5', 'd_model': 2048, 'd_ff': 5120, 'd_kv': 64, 'num_layers': 24, 'num_decoder_layers': 24, 'num_heads': 32, 'relative_attention_num_buckets': 32, 'feed_forward_proj': 'gated-gelu', 'decoder_start_token_id': 0, 'pad_token_id': 0, 'eos_token_id': 1},
 }  # fmt: skip
 
 

@@ -150,3 +150,89 @@ def test_dora_is_recommended_when_asked_for():
     assert methods == {"lora", "dora"}
     default = svc.recommend(RecommendRequest(model="llama-2-7b", gpus=("a100-80gb",)))
     assert "dora" not in {r.candidate.plan.method for r in default.recommendation.plans}
+
+
+# ---- LoRA on the head / the embedding, modules_to_save ------------------------------------------------
+def test_modules_to_save_and_outer_targets_round_trip_through_ids():
+    plan = make_plan("lora", "rtx-4090", lora_targets=("all-linear", "lm_head"), modules_to_save=["embed_tokens"])
+    assert plan.modules_to_save == ("embed_tokens",)
+    assert decode_plan_id(plan.id) == plan
+    assert list(PlanIn(**plan.to_dict()).modules_to_save) == ["embed_tokens"]  # the API takes what it sends
+    # a field appended after notes: ids of plans without it are unchanged (the known id above)
+    assert [f.name for f in PLAN_FIELDS][-1] == "modules_to_save"
+
+
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        (dict(modules_to_save=("head",)), "modules_to_save"),
+        (dict(modules_to_save=("lm_head", "lm_head")), "modules_to_save"),
+        (dict(lora_targets=("lm_head",), modules_to_save=("lm_head",)), "modules_to_save"),
+    ],
+)
+def test_bad_modules_to_save_name_the_field(kw, field):
+    with pytest.raises(InvalidInputError) as exc:
+        make_plan("lora", "rtx-4090", **kw)
+    assert exc.value.field == field
+
+
+def test_full_fine_tuning_refuses_modules_to_save():
+    with pytest.raises(InvalidInputError) as exc:
+        make_plan("full", "rtx-4090", modules_to_save=("lm_head",))
+    assert exc.value.field == "modules_to_save"
+
+
+def test_outer_targets_resolve_to_each_familys_module_names():
+    from advisor.plans import resolve_modules_to_save, resolve_targets
+
+    llama, gpt2, neox, t5 = (CAT.model(n) for n in ("llama-2-7b", "gpt2", "stablelm-base-alpha-3b", "t5-xl"))
+    blocks = resolve_targets(llama, ("all-linear",))
+    assert resolve_targets(llama, ("all-linear", "lm_head")) == blocks | {"lm_head"}  # all-linear no longer stops
+    assert resolve_targets(gpt2, ("embed_tokens",)) == {"wte"}
+    assert resolve_targets(neox, ("embed_tokens", "lm_head")) == {"embed_in", "lm_head"}
+    assert resolve_targets(gpt2, ("wte",)) == {"wte"}  # the real name works too
+    plan = make_plan("lora", "rtx-4090", modules_to_save=("embed_tokens",))
+    assert resolve_modules_to_save(neox, plan) == ("embed_in",)
+    with pytest.raises(InvalidInputError, match="encoder-decoder") as exc:
+        resolve_modules_to_save(t5, plan)
+    assert exc.value.field == "modules_to_save"
+    with pytest.raises(InvalidInputError, match="either a LoRA target"):
+        resolve_modules_to_save(
+            gpt2, make_plan("lora", "rtx-4090", lora_targets=("wte",), modules_to_save=plan.modules_to_save)
+        )
+
+
+@pytest.mark.parametrize("method, copy_bytes", [("lora", 2), ("dora", 2), ("qlora", 4)])
+def test_modules_to_save_counts_a_trainable_copy_in_the_modules_dtype(method, copy_bytes):
+    """peft keeps the original frozen and trains a deep copy: weights + gradient + two AdamW states in the
+    module's dtype (bf16; fp32 under QLoRA's prepare_model_for_kbit_training). Before: refused."""
+    model, ana = CAT.model("llama-3.2-1b"), AnalyticalEstimator()  # tied embeddings: the copy is untied
+    base = make_plan(method, "h100-80gb", dtype="bf16")
+    saved = replace(base, modules_to_save=("lm_head",))
+    t0, t1 = ana.terms(model, base), ana.terms(model, saved)
+    n = model.vocab_size * model.hidden_size
+    assert t1["trainable_params"] - t0["trainable_params"] == n
+    assert t1["adapters"] - t0["adapters"] == n * copy_bytes
+    assert t1["gradients"] - t0["gradients"] == n * copy_bytes
+    assert t1["optimizer_states"] - t0["optimizer_states"] == 2 * n * copy_bytes
+    # the trained head adds its weight-gradient matmul: 2 V h FLOPs per token
+    assert t1["flops_per_token"] - t0["flops_per_token"] == pytest.approx(2 * n)
+
+
+def test_lora_on_the_head_and_embedding_counts_their_adapters():
+    model, ana = CAT.model("llama-2-7b"), AnalyticalEstimator()
+    base = make_plan("lora", "h100-80gb", lora_targets=("q", "v"), lora_r=8)
+    h, v = model.hidden_size, model.vocab_size
+    for target in ("lm_head", "embed_tokens"):
+        t0 = ana.terms(model, base)
+        t1 = ana.terms(model, replace(base, lora_targets=("q", "v", target)))
+        assert t1["trainable_params"] - t0["trainable_params"] == 8 * (h + v)
+        assert t1["lora_modules"] - t0["lora_modules"] == 1
+
+
+def test_an_estimate_refuses_what_peft_cannot_train():
+    """T5's shared embedding through modules_to_save: a clear error naming the field, not a silent estimate."""
+    plan = make_plan("lora", "h100-80gb", seq_len=512, modules_to_save=("embed_tokens",))
+    with pytest.raises(InvalidInputError) as exc:
+        AnalyticalEstimator().estimate(CAT.model("t5-xl"), CAT.gpu("h100-80gb"), plan)
+    assert exc.value.field == "modules_to_save"

@@ -33,7 +33,9 @@ GPT2 = dict(
     learned_positions=True,
     max_position_embeddings=1024,
 )
-#: T5 v1.1 XL (Flan-T5-XL is the same architecture, fine-tuned)
+#: T5 v1.1 XL (Flan-T5-XL is the same architecture, fine-tuned). Its config.json says
+#: tie_word_embeddings false, but transformers 5 ties T5's head always (advisor/families/t5.py): the
+#: model we train has the checkpoint's published count minus its separate lm_head (vocab x hidden)
 T5_V1_1_XL = dict(
     family="t5",
     num_layers=24,
@@ -46,6 +48,7 @@ T5_V1_1_XL = dict(
     gated_mlp=True,
     norm="rmsnorm",
     max_position_embeddings=512,
+    tie_word_embeddings=True,
     published_params=2849757184,
 )
 
@@ -544,7 +547,7 @@ MODELS = [
         **GPT2,
         published_params=1557611200,
     ),
-    # --- T5 (encoder-decoder): v1.1 / Flan use gated-GELU and an untied head
+    # --- T5 (encoder-decoder): v1.1 / Flan use gated-GELU; their checkpoints' untied head is tied by transformers 5
     dict(
         name="t5-xl",
         hf_id="google/t5-v1_1-xl",

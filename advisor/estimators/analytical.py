@@ -11,16 +11,21 @@ Memory is counted the way the CUDA caching allocator is asked for it:
   ``bench/results/activation_probe.json``): frozen base + extras of full fine-tuning + extras per
   LoRA-targeted module, and the s^2 term only for eager attention;
 * logits and loss (the fp32 upcast, log-softmax and its gradient): the peak for big vocabularies;
-* QLoRA dequantisation temporaries; caching-allocator slack and the CUDA context as named constants
-  (``Coefficients``) that calibration replaces with fitted values.
+* QLoRA dequantisation temporaries;
+* the caching allocator's slack (``allocator_slack``: segment rounding of the live tensors, segment tails,
+  one block's cached temporaries) counted from the tensor sizes the plan allocates; the CUDA context as a
+  named constant (``DeviceCoefficients``); neither on a CPU.
 
 The peak is the larger of two phases: the start of backward (all activations and logits alive) and
 the optimiser step (all gradients alive, activations freed).
 
-Speed: FLOPs per token per method (full ~6N, LoRA ~4N + adapters, +2N recompute under
-checkpointing, attention growing with sequence length) over the GPU's dense TFLOP/s times an
-efficiency prior per GPU class; memory-bound work (NF4 dequantisation, element-wise ops, the
-optimiser step) as bytes over bandwidth; multi-GPU communication over the peer link.
+Speed: the GPU-independent counts (FLOPs per token, host ops, narrow LoRA matmul traffic, communication
+per micro-step by kind) are computed in ``advisor.estimators.speed_counts``; memory-bound bytes (NF4
+dequantisation, element-wise ops, the optimiser step amortised over gradient accumulation) here; the
+device layer (``advisor.estimators.device.evaluate``) turns them into time.
+
+Other stacks (``plan.framework``: litgpt, torchtune) keep other tensors; where their physics differs
+(litgpt's untied / NF4 head, its attention saves, chunked losses) it is counted here, per stack.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from advisor.estimators import device as dev
+from advisor.estimators import speed_counts as sc
 from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate, build_estimate
 from advisor.estimators.device import DeviceCoefficients
 from advisor.estimators.terms import PlanTerms
 from advisor.families import get_family
 from advisor.methods import get_method
-from advisor.plans import TrainingPlan, resolve_targets
+from advisor.plans import TrainingPlan, outer_linears, resolve_targets
 from advisor.specs import Block, GpuSpec, ModelSpec
 from advisor.units import DTYPE_BYTES, MIB
 
@@ -50,6 +56,8 @@ class Coefficients:
     logits_scale: float = 1.0
     fixed_allocated_bytes: int = 64 * MIB  # cuBLAS workspaces, RNG state, small buffers (CUDA devices only)
     elementwise_passes: float = 3.0  # saved-activation bytes moved this many times by unfused ops
+    # caching allocator: blocks' worth of forward temporaries still cached (reserved, not allocated) at the peak
+    allocator_cached_blocks: float = 1.0
     device: DeviceCoefficients = field(default_factory=DeviceCoefficients)
 
 
@@ -96,6 +104,11 @@ class AnalyticalEstimator:
             lins = [lin for lin in b.linears if lin.name in names]
             total += b.count * sum(m.adapter_params(lin, plan.lora_r) for lin in lins)
             groups.append((b, lins))
+        # LoRA on the output head / the token embedding (outside the blocks): one "outer" group
+        outer = [lin for lin in outer_linears(model).values() if lin.name in names]
+        if outer:
+            total += sum(m.adapter_params(lin, plan.lora_r) for lin in outer)
+            groups.append((Block("outer", 1, tuple(outer), 0), outer))
         return total, groups
 
     # ---- terms ------------------------------------------------------------------------------
@@ -126,25 +139,38 @@ class AnalyticalEstimator:
         weights, autocast_copies = m.weight_bytes(model, plan, e)
         weights = weights / shard
         if plan.sharding == "fsdp":
+            # FSDP's mixed precision keeps the half-precision copy of each GPU's own shard only (the full
+            # half weights exist one gathered block at a time, counted next)
+            autocast_copies = autocast_copies / shard
             # FSDP gathers one block's (and prefetches the next block's) full weights
             per_block = max((sum(lin.params for lin in b.linears) for b in model.blocks), default=0)
             weights += 2 * per_block * m.gathered_bytes_per_param(e)
 
         # trainable state --------------------------------------------------------------------------
         paged = 0.0
-        trainable = m.trainable_params(model, adapter_params)
+        # modules_to_save: trainable copies of the head / embedding in the module's dtype (not the adapters')
+        saved_params = m.saved_module_params(model, plan)
+        saved_e = m.saved_module_bytes_per_param(plan, e)
+        trainable = m.trainable_params(model, adapter_params) + saved_params
         param_bytes = m.state_bytes_per_param(plan, e)
         grad_bytes = param_bytes
         if plan.optimizer in ("adamw", "paged-adamw-32bit"):
             opt_per_param = 2 * param_bytes
+            saved_opt_per_param = 2 * saved_e  # torch AdamW: states in the parameter's dtype
         else:  # 8-bit: two uint8 states + an fp32 absmax per block of each
-            opt_per_param = 2 + 2 * 4 / BNB8_BLOCK
-        opt_bytes = trainable * opt_per_param / shard
+            opt_per_param = saved_opt_per_param = 2 + 2 * 4 / BNB8_BLOCK
+        opt_bytes = ((trainable - saved_params) * opt_per_param + saved_params * saved_opt_per_param) / shard
         if plan.optimizer.startswith("paged"):
             paged, opt_bytes = opt_bytes, 0.0
             notes.append("paged optimiser states live in CUDA unified memory and can spill to host RAM under pressure")
-        grads = trainable * grad_bytes / shard
-        adapters = adapter_params * param_bytes / shard if m.adapter else 0
+        saved_copies = saved_params * saved_e / shard
+        grads = ((trainable - saved_params) * grad_bytes + saved_copies * shard) / shard
+        adapters = (adapter_params * param_bytes / shard if m.adapter else 0) + saved_copies
+        if saved_params:
+            notes.append(
+                "modules_to_save: peft keeps each original frozen and trains a full copy (its weights, gradient and "
+                "optimiser states in the module's dtype)"
+            )
         if plan.sharding == "ddp":
             grads *= m.ddp_gradient_copies()  # DDP's reducer keeps flat bucket copies of full gradients
 
@@ -155,8 +181,18 @@ class AnalyticalEstimator:
         logits = self.logits_bytes(model, plan) * k.logits_scale
         adapted = [lin for _, lins in groups for lin in lins]
         quant_tmp = m.temporaries(model, plan, adapted, e)
+        # litgpt's own GPT: its lm_head is a separate nn.Linear (see litgpt_head_bytes); under QLoRA it is NF4 too,
+        # and its dequantised copy (vocab x hidden) is then the largest temporary of a step
+        head_copy = self.litgpt_head_bytes(model, plan, e) / shard
+        weights += head_copy
+        if plan.framework == "litgpt" and m.quantized:
+            quant_tmp = max(quant_tmp, model.vocab_size * model.hidden_size * e)
         e_act = m.activation_bytes_per_element(plan, e)
         backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
+        # eager attention's own backward moment (s x s per head), when larger than the MLP's (see the method)
+        backward_transient = max(
+            backward_transient, self.eager_attention_backward_bytes(model, plan) * k.activation_scale
+        )
         # cuBLAS workspaces and small CUDA buffers: none on a CPU device
         fixed = 0 if cpu else k.fixed_allocated_bytes
         static = weights + adapters + opt_bytes + fixed
@@ -167,32 +203,73 @@ class AnalyticalEstimator:
         # forward-only temporaries of the method (DoRA's weight norms): under checkpointing they come back with
         # the recomputed block's forward (before its backward temporaries); without it they compete with the
         # loss's peak at the end of forward
-        fwd_tmp = m.forward_temporaries(model, plan, adapted, e)
+        # (an adapted head is outside the blocks: never recomputed, its temporaries come once, at the end of forward)
+        in_blocks = [lin for b, lins in groups if b.kind != "outer" for lin in lins]
+        fwd_tmp = max(
+            m.forward_temporaries(model, plan, in_blocks, e), m.input_cast_temporaries(model, plan, in_blocks, e)
+        )
+        head_fwd_tmp = m.forward_temporaries(model, plan, [lin for lin in adapted if lin not in in_blocks], e)
+        if not head_fwd_tmp and m.adapter and plan.framework == "hf":
+            # peft's LoRA on the head: result = base(x) + lora_B(lora_A(x)) * scaling, cast back to the base's
+            # dtype: at the product the base output (activation dtype) and lora_B's output and its scaled copy
+            # (adapter dtype) are alive, vocab wide (random referee row 105, T5 whose loss needs less: 2 fp32 and
+            # 1 bf16 tokens x vocab tensors at the forward peak)
+            ea = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+            a_head = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
+            tokens = plan.micro_batch * plan.seq_len
+            head_lins = [lin for b_, lins in groups if b_.kind == "outer" for lin in lins if "lm_head" in lin.roles]
+            head_fwd_tmp = sum(tokens * lin.out_features * (ea + 2 * a_head) for lin in head_lins)
         rec_tmp = max(backward_transient, fwd_tmp) if plan.grad_checkpointing else backward_transient
-        heads = {"logits": logits, "block": block + rec_tmp}
-        if not plan.grad_checkpointing:
-            heads["forward_temporaries"] = fwd_tmp
+        # LoRA on the head / the embedding saves per-token tensors outside the blocks: the head's until its
+        # backward, right after the loss's peak; the embedding's until the end of backward
+        head_saved, emb_saved, head_bwd = self.outer_adapter_bytes(model, plan, groups, cpu)
+        act += emb_saved * k.activation_scale
+        loss_head = max(logits + head_saved * k.activation_scale, head_bwd * k.activation_scale)
+        # a dequantised weight (QLoRA) lives inside a block's forward or backward, never at the loss: it joins
+        # the block's moment only (the random referee: QLoRA rows +4% to +8% while it was added to the loss's)
+        # a trained head copy (modules_to_save) has its gradient from the head's backward on: alive with the blocks'
+        # backward (not at the loss's peak, which comes before it)
+        head_copy_grad = (
+            model.vocab_size * model.hidden_size * saved_e / shard if "lm_head" in plan.modules_to_save else 0
+        )
+        heads = {"logits": loss_head, "block": block + rec_tmp + quant_tmp + head_copy_grad}
+        if not plan.grad_checkpointing or head_fwd_tmp:
+            heads["forward_temporaries"] = max(head_fwd_tmp, 0.0 if plan.grad_checkpointing else fwd_tmp)
         head = max(heads, key=heads.__getitem__)  # ties: the loss first
         backward_head = heads[head]
         rec_fwd = fwd_tmp if plan.grad_checkpointing and fwd_tmp > backward_transient else 0.0
-        phase_a = static + autocast_copies + accumulated + act + backward_head + quant_tmp
+        phase_a = static + autocast_copies + accumulated + act + backward_head
+        # DoRA on the token embedding: its weight-norm temporaries come at the start of forward, when only the
+        # static state (and accumulated gradients) are alive: a candidate of its own (methods/dora.py)
+        emb_tmp = m.embedding_forward_temporaries(model, plan, adapted)
+        at_start = static + accumulated + emb_tmp > phase_a
+        phase_a = max(phase_a, static + accumulated + emb_tmp)
         phase_b = static + grads
         phase_b += m.extra_optimizer_phase_bytes(model, plan, grad_bytes) / shard
         allocated = max(phase_a, phase_b)
         peak_phase = "forward/backward" if phase_a >= phase_b else "optimizer step"
+        # caching-allocator slack (CUDA only): reserved - allocated at the peak, from the tensors' sizes
+        slack = 0.0 if cpu else self.allocator_slack(model, plan, groups, weights, backward_transient)
         in_fb = peak_phase == "forward/backward"
         components = {
             "weights": int(weights + (autocast_copies if in_fb else 0)),
             "adapters": int(adapters),
-            "gradients": int(grads if (not in_fb or plan.grad_accum > 1) else 0),
+            "gradients": int(grads if (not in_fb or plan.grad_accum > 1) else head_copy_grad if head == "block" else 0),
             "optimizer_states": int(opt_bytes),
-            "activations": int(act + (heads["block"] - rec_fwd if head == "block" else 0) if in_fb else 0),
+            "activations": int(
+                act + (heads["block"] - rec_fwd - quant_tmp - head_copy_grad if head == "block" else 0) if in_fb else 0
+            ),
             "logits": int(logits if in_fb and head == "logits" else 0),
-            "quant_temporaries": int(quant_tmp if in_fb else 0),
-            "adapter_temporaries": int(rec_fwd if head == "block" else fwd_tmp if head == "forward_temporaries" else 0)
+            "quant_temporaries": int(quant_tmp if in_fb and head == "block" else 0),
+            "adapter_temporaries": int(
+                rec_fwd if head == "block" else heads["forward_temporaries"] if head == "forward_temporaries" else 0
+            )
             if in_fb
             else 0,
         }
+        if at_start and in_fb:
+            components.update(weights=int(weights), activations=0, logits=0, quant_temporaries=0)
+            components["adapter_temporaries"] = int(emb_tmp)
         if autocast_copies:
             notes.append(
                 "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
@@ -200,7 +277,7 @@ class AnalyticalEstimator:
         notes.extend(n for n in m.notes(plan) if n not in notes)
 
         # speed counts (GPU-independent) -----------------------------------------------------------
-        fpt = self.flops_per_token(model, plan, adapter_params, adapted)
+        fpt = sc.flops_per_token(model, plan, adapter_params, adapted)
         passes = 3 if plan.grad_checkpointing else 2
         quant_traffic = m.dequant_traffic_bytes(model, plan, passes, e)
         full_act = (
@@ -211,14 +288,11 @@ class AnalyticalEstimator:
         opt_traffic = 28 if plan.optimizer in ("adamw", "paged-adamw-32bit") else 16
         optimizer_traffic = trainable * opt_traffic / shard / plan.grad_accum
         mem_bytes = quant_traffic + full_act * k.elementwise_passes + optimizer_traffic
-        comm_bytes = 0.0
-        if n > 1:
-            frac = (n - 1) / n
-            grad_b = trainable * grad_bytes / plan.grad_accum
-            if plan.sharding == "ddp":
-                comm_bytes = 2 * frac * grad_b
-            else:
-                comm_bytes = passes * frac * m.communicated_weight_bytes(model, e) + frac * grad_b
+        # narrow LoRA matmuls (rank r): memory-bound, they move their full-width input and output
+        lora_traffic = sc.lora_matmul_traffic(plan, adapted, tokens, passes)
+        mem_bytes += lora_traffic
+        speed = sc.speed_counts(model, plan, groups, adapted, fpt, trainable, grad_bytes, passes, e)
+        comm_bytes = speed.gather_bytes + speed.grad_comm_bytes
         return PlanTerms(
             components=components,
             allocated=allocated,
@@ -230,6 +304,8 @@ class AnalyticalEstimator:
             comm_bytes=comm_bytes,
             passes=passes,
             notes=tuple(notes),
+            speed=speed,
+            allocator_slack=slack,
             terms={
                 "weights": weights,
                 "adapters": adapters,
@@ -240,9 +316,12 @@ class AnalyticalEstimator:
                 "recomputed_block": block,
                 "backward_transient": backward_transient,
                 "autocast_copies": autocast_copies,
+                "litgpt_head": head_copy,
+                "allocator_slack": slack,
                 "logits": logits,
                 "quant_temporaries": quant_tmp,
                 "forward_temporaries": fwd_tmp,
+                "embedding_forward_temporaries": emb_tmp,
                 "fixed_allocated": fixed,
                 "flops_per_token": fpt,
                 "quant_traffic_bytes": quant_traffic,
@@ -250,6 +329,7 @@ class AnalyticalEstimator:
                 "optimizer_traffic_bytes": optimizer_traffic,
                 "lora_modules": sum(b.count * len(lins) for b, lins in groups),
                 "trainable_params": trainable,
+                "modules_to_save": saved_copies,
             },
         )
 
@@ -287,7 +367,11 @@ class AnalyticalEstimator:
             else:
                 kept += blk.count * (per_tok * tokens + const)
         # final norm (fp32 upcast + output) and the embedding output when it requires grad
-        kept += tokens * model.hidden_size * (4 + e)
+        if plan.framework == "litgpt":
+            # litgpt: frozen embedding and head save neither; the final norm keeps its input (RMSNorm: fp32 upcast)
+            kept += tokens * model.hidden_size * (4 if model.norm == "rmsnorm" else e)
+        else:
+            kept += tokens * model.hidden_size * (4 + e)
         return kept, (largest_block if plan.grad_checkpointing else 0.0)
 
     def _block_bytes(
@@ -302,7 +386,9 @@ class AnalyticalEstimator:
         n_norms = {"encoder": 2, "cross_decoder": 3}.get(blk.kind, model.norms_per_layer)
         # transformers' implementation details (other stacks run their own model code)
         hf = plan.framework == "hf"
-        eager = plan.attention == "eager" or (hf and not model.sdpa)  # Gemma-2 has no SDPA path in transformers
+        litgpt = plan.framework == "litgpt"
+        # Gemma-2 has no SDPA path in transformers; litgpt computes soft-capped attention scores in eager code
+        eager = plan.attention == "eager" or (hf and not model.sdpa) or (litgpt and model.softcapping)
         # frozen base: norms, attention tensors for backward, MLP activation inputs
         if model.norm == "rmsnorm":
             norm_bytes = 4 * h  # fp32 upcast of the input is saved
@@ -315,14 +401,36 @@ class AnalyticalEstimator:
             norm_total = n_norms * norm_bytes
         kv_saved = q if (eager and kv < q) else kv  # eager repeats k/v to all heads
         attn = 2 * e * q + 2 * e * kv_saved
+        if litgpt:
+            attn = self._litgpt_attention_bytes(model, e)
         if eager:
             attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
-            if hf and model.softcapping:
+            if (hf or litgpt) and model.softcapping:
                 attn += e * nh * s  # tanh soft-capping keeps its output for backward
+            if hf and model.dropout > 0:
+                # attention dropout on the probabilities in training (GPT-2, T5): the dropped probabilities and
+                # their 1-byte mask (checked against the trace: bench/simulated_referee.py)
+                attn += (e + 1) * nh * s
+        elif cpu and hf and model.dropout > 0:
+            # CPU only: PyTorch's CPU flash-attention kernel refuses dropout, so SDPA with attention dropout in
+            # training (GPT-2, T5) runs its math path, which saves the softmax output, the dropout's noise
+            # tensor (a float tensor on the CPU, not a bool mask) and the dropped probabilities: 3 per score
+            attn += 3 * e * nh * s
         if hf and fam.sdpa_keeps_fused_qkv:
             attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
         # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
         self_attn_bias = e * nh * s if fam.position_bias_mask else 0
+        if cpu and hf and model.dropout > 0 and not eager:
+            self_attn_bias = 0  # the CPU math path adds the bias into new scores: no clone is saved
+        bias_const = 0.0
+        if self_attn_bias and hf and not cpu and not eager:
+            # GPU SDPA: transformers' create_position_bias_mask clones the
+            # (1, heads, s, s) bias: one per sequence, not per token (the trace lists one 1 x nh x s x s clone per
+            # self-attention layer at any micro-batch). Full fine-tuning trains the bias: CUDA's memory-efficient
+            # kernel keeps that same (1, heads, s, s) mask, broadcast over the batch (the trace runs that kernel:
+            # advisor/simulated/kernels.py), plus only its output and logsumexp
+            bias_const = e * nh * s * s
+            self_attn_bias = 0
         # gelu_new is a Python composite in transformers (x^3, tanh, sums, products): four saved tensors
         mlp_saved = (3 if model.gated_mlp else 1) + (3 if hf and model.hidden_act == "gelu_new" else 0)
         per_tok = norm_total + n_attn * attn + self_attn_bias + mlp_saved * e * i
@@ -330,15 +438,25 @@ class AnalyticalEstimator:
             # 1-byte masks on each residual branch (and T5's inside the feed-forward)
             per_tok += (n_attn + 1) * h + (i if fam.mlp_dropout else 0)
         per_tok += m.block_saved_bytes(model, plan, n_attn, e)
-        const = 0.0
+        const = bias_const
         if m.adapter:
             a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
             seen_inputs: set[tuple[str, int]] = set()
+            qkv = [lin for lin in lora_lins if set(lin.roles) & {"q", "k", "v"}]
+            if litgpt and qkv and len({r for lin in qkv for r in lin.roles} & {"q", "k", "v"}) < 3:
+                # litgpt's LoRAQKVLinear.zero_pad scatters the enabled parts' lora_B output into the fused width
+                # with index_copy_, which saves that source (all three enabled: no scatter)
+                per_tok += a * sum(lin.out_features for lin in qkv)
             for lin in lora_lins:
                 per_tok += a * plan.lora_r  # lora_A output
                 per_tok += m.adapted_layer_saved_bytes(lin, plan, e, a)
                 const += m.adapted_layer_saved_constant(lin, plan, e, a)
                 if plan.lora_dropout > 0:
+                    if litgpt and set(lin.roles) & {"q", "k", "v"}:
+                        # litgpt's LoRAQKVLinear: one dropout of the input for the fused qkv's stacked lora_A
+                        if ("litgpt_qkv", 0) in seen_inputs:
+                            continue
+                        seen_inputs.add(("litgpt_qkv", 0))
                     # dropout mask (bool on CUDA; a float noise tensor in torch's CPU path) + dropout output
                     per_tok += ((a if cpu else 1) + a) * lin.in_features
                 elif a > e:
@@ -349,6 +467,157 @@ class AnalyticalEstimator:
                         seen_inputs.add(key)
                         per_tok += 4 * lin.in_features
         return per_tok, const
+
+    def allocator_slack(
+        self, model: ModelSpec, plan: TrainingPlan, groups, weights: float, block_temporaries: float
+    ) -> float:
+        """What ``max_memory_reserved`` holds beyond ``max_memory_allocated`` at the peak, from the sizes of the
+        tensors the plan allocates, under PyTorch's CUDACachingAllocator (c10/cuda/CUDACachingAllocator.cpp):
+
+        * segment rounding: a request over 10 MiB (kMinLargeAlloc) that no cached block can hold gets a segment
+          of its own, rounded up to 2 MiB (kRoundLarge); the tail is reserved but holds no tensor of that size:
+          1 MiB on average per live large tensor (weights, saved activations, the loss's vocabulary-wide tensors);
+        * segment tails: requests of 1-10 MiB are carved from 20 MiB segments (kLargeBuffer) and those of at most
+          1 MiB from 2 MiB segments (kSmallBuffer): half of one of each is free on average;
+        * cached temporaries: each block's temporaries (projections before rotary embedding, the MLP product,
+          residual sums) are freed at the end of the block and stay cached; at the peak the allocator is asked for
+          tensors of other sizes (the logits, a recomputed block's gradients), so about one block's temporaries
+          are reserved but not allocated (``Coefficients.allocator_cached_blocks`` of them);
+        * the logits hole: the head's half-precision output is freed once the loss has made its fp32 copy, and
+          the loss backward then asks for fp32 tensors twice its size, so its segment stays cached through the
+          peak (not with a chunked loss, nor with logits already in fp32, which ``.float()`` does not copy);
+        * full fine-tuning: the largest parameter gradient (the embedding's) is allocated while activations of
+          other sizes are freed, and its size stays cached as a hole.
+
+        Checked against a replay of the allocator over traced steps: ``python -m bench.allocator_referee``.
+        Not modelled: fragmentation by interleaved lifetimes beyond these (expandable segments and
+        garbage-collection thresholds change it), the NCCL and cuBLAS buffers outside the allocator."""
+        m = get_method(plan.method)
+        big = 10 * MIB  # kMinLargeAlloc
+        tail = 1 * MIB  # half of kRoundLarge
+        e = DTYPE_BYTES[plan.dtype]
+        e_act = m.activation_bytes_per_element(plan, e)
+        tokens = plan.micro_batch * plan.seq_len
+        shard = plan.num_gpus if plan.sharding == "fsdp" else 1
+        # weights: one tensor per linear (FSDP: one flat parameter per block), the embedding and the head;
+        # NF4 linears store half a byte per weight, the rest its share of the weights' bytes
+        nq = model.quantized_weight_params if m.quantized else 0
+        other = (weights * shard - 0.5 * nq) / max(model.param_count - nq, 1)
+        per_param = 0.5 if m.quantized else other
+        large = 0.0
+        for blk in model.blocks:
+            if shard > 1:
+                large += blk.count * (sum(lin.weight_params for lin in blk.linears) * per_param / shard > big)
+            else:
+                large += blk.count * sum(lin.weight_params * per_param > big for lin in blk.linears)
+        large += (model.embedding_params * other > big) + (model.lm_head_params * other > big)
+        if not m.adapter and plan.optimizer in ("adamw", "adamw-8bit"):
+            large *= 3  # full fine-tuning: each weight's two optimiser states are tensors of the same shape
+        # saved activations: per block its norms' inputs, q/k/v/output, the MLP's saved tensors, LoRA's inputs
+        targeted = {b.kind: lins for b, lins in groups}
+        act_large = tokens * model.hidden_size * e_act > big
+        for blk in model.blocks:
+            saved = model.norms_per_layer + 4 + (3 if model.gated_mlp else 1) + 2 * len(targeted.get(blk.kind, []))
+            large += act_large * (blk.count if plan.grad_checkpointing else blk.count * saved)
+        large += 3 * (tokens * model.vocab_size * 2 > big)  # the loss's vocabulary-wide tensors
+        segments = 10 * MIB + 1 * MIB  # half a 20 MiB and half a 2 MiB segment
+        # one block's temporaries: freed at the end of each block, cached, and not what the peak's requests fit
+        cached = self.k.allocator_cached_blocks * block_temporaries
+        # the model's half-precision logits are freed once the loss has its fp32 copy; the loss backward then asks
+        # for fp32 gradients twice their size: the hole stays cached. Logits already in fp32 (QLoRA's upcast head,
+        # fp32 training) are not copied (.float() is a no-op), and a chunked loss frees chunk-sized pieces
+        logits_hole = 0.0 if (plan.chunked_loss or e_act >= 4) else tokens * model.vocab_size * e_act
+        # full fine-tuning: each parameter's gradient is allocated as backward reaches it while activations of
+        # other sizes are freed; the largest (the embedding's, dense) leaves the largest hole
+        grad_hole = 0.0
+        if not m.adapter:
+            grad_hole = m.state_bytes_per_param(plan, e) * model.vocab_size * model.hidden_size / shard
+        return large * tail + segments + cached + logits_hole + grad_hole
+
+    @staticmethod
+    def _litgpt_attention_bytes(model: ModelSpec, e: int) -> float:
+        """Bytes per token litgpt's CausalSelfAttention saves for backward (litgpt/model.py, 0.4.x).
+
+        The fused qkv output is viewed as (B, groups, q_per_kv + 2, T, hs); k and v are expanded to every query
+        head. Rotary embedding builds new q and k tensors (so k is saved at the full query width), and the
+        attention output is saved by SDPA. v is a reshape of the expanded view: a copy at the full query width
+        under grouped-query attention (several groups of several heads), but a view of the fused qkv output with
+        multi-head (one head per group) or multi-query (one group) attention, which then keeps all of it alive."""
+        q, kv, nh = model.q_dim, model.kv_dim, model.num_attention_heads
+        head_dim = q // max(nh, 1)
+        kv_heads = max(kv // max(head_dim, 1), 1)
+        grouped = 1 < kv_heads < nh
+        v_bytes = e * q if grouped else e * (q + 2 * kv)
+        return 3 * e * q + v_bytes  # q, k (full width), output; v (or the whole fused qkv it is a view of)
+
+    def litgpt_head_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> float:
+        """What litgpt's weights differ by from the transformers layout the method counted (0 for other stacks).
+
+        litgpt's GPT never ties lm_head to the embedding: ``convert_hf_checkpoint`` copies ``wte`` into
+        ``lm_head.weight`` and ``load_state_dict`` fills two parameters, so a tied model holds the matrix twice.
+        Under ``--quantize bnb.*`` Lightning's BitsandbytesPrecision converts every ``nn.Linear``, lm_head
+        included (no ``ignore_modules``), to NF4, where transformers keeps it in the compute dtype."""
+        if plan.framework != "litgpt":
+            return 0.0
+        n = model.vocab_size * model.hidden_size
+        quantized = get_method(plan.method).quantized
+        nf4 = 0.5 + ((1 + 4 / 256) / 64 if plan.double_quant else 4 / 64)  # packed + absmax per weight
+        per = nf4 if quantized else e
+        if model.tie_word_embeddings:
+            return n * per  # the separate lm_head copy
+        return -n * (e - per) if quantized else 0.0  # the untied head in NF4, not in the compute dtype
+
+    def outer_adapter_bytes(
+        self, model: ModelSpec, plan: TrainingPlan, groups, cpu: bool = False
+    ) -> tuple[float, float, float]:
+        """(head, embedding) bytes the adapters outside the blocks save for backward, as a block's adapted
+        linear does (lora_A's output, the dropout mask and output or the input cast to the adapter dtype, the
+        method's extras such as DoRA's base and LoRA outputs, vocab wide on the head). peft applies no
+        dropout on an embedding: its adapter saves the r-wide lookup (and DoRA's outputs). Third: the bytes
+        alive in an adapted head's own backward, after the loss's tensors are freed (DoRA's, vocab wide)."""
+        m = get_method(plan.method)
+        outer = [lin for b, lins in groups if b.kind == "outer" for lin in lins]
+        if not outer:
+            return 0.0, 0.0, 0.0
+        e = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
+        tokens = plan.micro_batch * plan.seq_len
+        head = emb = head_bwd = 0.0
+        for lin in outer:
+            if "embed_tokens" in lin.roles:
+                no_dropout = replace(plan, lora_dropout=0.0)
+                emb += tokens * (a * plan.lora_r + m.adapted_layer_saved_bytes(lin, no_dropout, e, a))
+                continue
+            per_tok = a * plan.lora_r + m.adapted_layer_saved_bytes(lin, plan, e, a)
+            if plan.lora_dropout > 0:
+                per_tok += ((a if cpu else 1) + a) * lin.in_features
+            elif a > e:
+                per_tok += a * lin.in_features
+            const = m.adapted_layer_saved_constant(lin, plan, e, a)
+            head += tokens * per_tok + const
+            bwd = m.adapted_head_backward_bytes(lin, plan, e, a)
+            head_bwd += tokens * bwd + const if bwd else 0.0
+        return head, emb, head_bwd
+
+    def eager_attention_backward_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
+        """Bytes eager attention adds while it back-propagates its softmax (transformers' eager_attention_forward:
+        fp32 softmax, probabilities cast to the compute dtype): the probabilities' gradient cast to fp32 and the
+        softmax backward's output, s x s per head, next to the saved fp32 softmax, while the layer's half
+        probabilities (used by the value matmul's backward just before) are freed (fp32: nothing to free).
+        By then the block's MLP tensors and the final norm's are freed too: what is left of the transient
+        beyond the block's saved bytes. With attention dropout (GPT-2, T5) the peak is earlier: the gradient of
+        the dropped probabilities (compute dtype) next to everything the layer saved. Checked against the trace
+        (bench/simulated_referee.py)."""
+        if not (plan.attention == "eager" or (plan.framework == "hf" and not model.sdpa)):
+            return 0.0
+        e = get_method(plan.method).activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        tokens, h, i = plan.micro_batch * plan.seq_len, model.hidden_size, model.intermediate_size
+        per_score = e if (plan.framework == "hf" and model.dropout > 0) else (8 - e if e < 4 else 8)
+        s2 = tokens * model.num_attention_heads * plan.seq_len * per_score
+        gelu_new = plan.framework == "hf" and model.hidden_act == "gelu_new"
+        mlp_saved = (3 if model.gated_mlp else 1) + (3 if gelu_new else 0)
+        freed = tokens * (mlp_saved * e * i + 4 * h + (4 + e) * h)
+        return max(0.0, s2 - freed)
 
     def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
         """The loss's share of the backward peak. The Trainer drops the model output after the loss, so at
@@ -361,6 +630,15 @@ class AnalyticalEstimator:
             # log-softmax stays saved for backward (fp32 where the chunk is upcast, as in torchtune)
             saved = e if plan.framework == "litgpt" else 4
             return tokens * model.vocab_size * (2 * e + saved)
+        if model.is_encoder_decoder and plan.framework == "hf":
+            # T5ForConditionalGeneration runs CrossEntropyLoss on the head's output as it is (no ``.float()``
+            # copy, unlike transformers' causal-LM loss): log-softmax output, its gradient and the logits'
+            # gradient, 3 tensors in the logits' dtype (checked against the trace: bench/simulated_referee.py).
+            # Under autocast (full fine-tuning with master weights) cross_entropy runs in fp32: the 12 below.
+            m = get_method(plan.method)
+            autocast = not m.adapter and plan.master_weights and e < 4
+            if not autocast:
+                return tokens * model.vocab_size * 3 * m.activation_bytes_per_element(plan, e)
         capped = 0
         if model.softcapping:
             # final-logit soft-capping keeps tanh's output (fp32 logits under QLoRA's kbit upcast)
@@ -368,25 +646,10 @@ class AnalyticalEstimator:
         return tokens * model.vocab_size * (12 + capped)
 
     # ---- speed ------------------------------------------------------------------------------------
-    def flops_per_token(
-        self, model: ModelSpec, plan: TrainingPlan, adapter_params: int | None = None, adapted: list | None = None
-    ) -> float:
-        m = get_method(plan.method)
-        if adapter_params is None or adapted is None:
-            adapter_params, groups = self.adapters(model, plan)
-            adapted = [lin for _, lins in groups for lin in lins]
-        lin = 2 * (model.linear_weight_params + model.vocab_size * model.hidden_size)
-        s = plan.seq_len
-        attn = 0.0
-        for blk in model.blocks:
-            causal = 0.5 if (blk.kind == "decoder" and plan.attention != "eager") else 1.0
-            per_layer = 4 * s * model.q_dim * causal
-            if blk.kind == "cross_decoder":
-                per_layer += 4 * s * model.q_dim
-            attn += blk.count * per_layer
-        f = m.flops_per_token(lin, attn, adapter_params, plan.grad_checkpointing)
-        f += m.extra_flops_per_token(model, plan, adapted)
-        return f + m.extra_flops_per_step(model, plan, adapted) / (plan.micro_batch * plan.seq_len)
+    def flops_per_token(self, model: ModelSpec, plan: TrainingPlan) -> float:
+        """FLOPs per token of one micro-step (``speed_counts.flops_per_token`` with this plan's adapters)."""
+        adapter_params, groups = self.adapters(model, plan)
+        return sc.flops_per_token(model, plan, adapter_params, [lin for _, lins in groups for lin in lins])
 
     def memory_totals(self, gpu: GpuSpec, allocated, static):
         """(reserved, device total) for an allocated peak on `gpu` (the device layer's, with these coefficients)."""

@@ -162,6 +162,10 @@ class Family:
     hf_keys: Mapping[str, HfValue] = field(default_factory=lambda: dict(LLAMA_FORMAT_KEYS))
     #: fixed keys the rebuilt config.json ends with
     hf_constants: Mapping[str, Any] = field(default_factory=dict)
+    #: transformers' module names of the token embedding and of the output head: what the generic LoRA /
+    #: modules_to_save names ``embed_tokens`` and ``lm_head`` resolve to (peft matches the last name component)
+    embedding_module: str = "embed_tokens"
+    head_module: str = "lm_head"
 
     @property
     def fused_qkv(self) -> bool:

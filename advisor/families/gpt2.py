@@ -25,6 +25,7 @@ FAMILY = Family(
     attention_layout=(("c_attn", ("q", "k", "v"), "h", "3h", True), ("c_proj", ("o",), "h", "h", True)),
     mlp_layout=mlp_rows("c_fc", "c_proj", True),
     dropout_key="resid_pdrop",
+    embedding_module="wte",
     hf_keys=dict(
         n_embd="hidden_size",
         n_inner="intermediate_size",

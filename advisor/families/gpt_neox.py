@@ -32,4 +32,5 @@ FAMILY = Family(
     mlp_layout=mlp_rows("dense_h_to_4h", "dense_4h_to_h", True),
     config_flags=("tie_word_embeddings", "attention_bias"),
     hf_keys=dict(LLAMA_FORMAT_KEYS, attention_bias="attention_bias"),
+    embedding_module="embed_in",  # the head is lm_head in transformers 5 (embed_out in older checkpoints)
 )

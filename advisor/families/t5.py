@@ -1,7 +1,12 @@
 """T5 (and mT5, UMT5): encoder-decoder, relative position buckets, RMS-style LayerNorm, no biases.
 
 Quirks: "gated-gelu" runs as gelu_new; dropout stays on in training (``dropout_rate``); the
-feed-forward output ``wo`` stays fp32 under bitsandbytes (``_keep_in_fp32_modules``).
+feed-forward output ``wo`` stays fp32 under bitsandbytes (``_keep_in_fp32_modules``); the head is
+always tied to the shared embedding: transformers 5 forces ``T5Config.tie_word_embeddings = True``
+whatever config.json says ("we tie weights always and force it to be `True`",
+``transformers/models/t5/configuration_t5.py``; the old flag only decides ``scale_decoder_outputs``),
+so the model we train (and the trace referees) holds one vocab x hidden matrix, not two: T5 v1.1 /
+Flan-T5 checkpoints' own lm_head is dropped at load.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ class T5Family(Family):
             num_decoder_layers=int(c.first("num_decoder_layers") or core["num_layers"]),
             relative_attention_num_buckets=int(c.first("relative_attention_num_buckets")),
             head_dim=int(c.first("d_kv")),
+            # transformers 5 ties T5's head whatever config.json says (module docstring)
+            tie_word_embeddings=True,
         )
 
 
@@ -78,6 +85,7 @@ FAMILY = T5Family(
     mlp_layout=mlp_rows("wi", "wo", False),
     gated_mlp_layout=mlp_rows("wi_1", "wo", False, gate="wi_0"),
     dropout_key="dropout_rate",
+    embedding_module="shared",
     hf_keys=dict(
         d_model="hidden_size",
         d_ff="intermediate_size",

@@ -81,6 +81,23 @@ class Method:
         """Trainable parameters an adapted linear adds."""
         return r * (lin.in_features + lin.out_features)
 
+    def saved_module_params(self, model: ModelSpec, plan: TrainingPlan) -> int:
+        """Parameters of the trainable copies peft's modules_to_save makes (ModulesToSaveWrapper deep-copies the
+        module and freezes the original). A tied head is copied too: the copy is a new, untied matrix and the
+        embedding lookup keeps reading the frozen original (peft's default, ensure_weight_tying=False)."""
+        if not plan.modules_to_save:
+            return 0
+        from advisor.plans import outer_linears, resolve_modules_to_save  # plans imports this package
+
+        resolve_modules_to_save(model, plan)  # what peft cannot train (T5's shared embedding) is a clear error
+        outer = outer_linears(model)
+        return sum(outer[name].params for name in plan.modules_to_save)
+
+    def saved_module_bytes_per_param(self, plan: TrainingPlan, e: int) -> int:
+        """Bytes per parameter (and per gradient, per AdamW state) of a modules_to_save copy: the module's own
+        dtype, since peft upcasts only adapter weights (torch AdamW keeps its states in the parameter's dtype)."""
+        return e
+
     def activation_bytes_per_element(self, plan: TrainingPlan, e: int) -> int:
         """Bytes per element of the blocks' activations (QLoRA's fp32 upcast makes them 4)."""
         return e
@@ -91,6 +108,11 @@ class Method:
 
     def adapted_layer_saved_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
         """Extra bytes per token an adapted linear saves beyond LoRA's own."""
+        return 0.0
+
+    def adapted_head_backward_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        """Bytes per token alive while an adapted output head back-propagates (after the loss's own tensors are
+        freed); 0 where that moment is below the loss's peak (LoRA: only r-wide tensors)."""
         return 0.0
 
     def adapted_layer_saved_constant(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
@@ -104,6 +126,31 @@ class Method:
     def forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
         """Short-lived bytes the method allocates in forward only (one layer at a time): alive at the
         backward peak only when checkpointing recomputes a block there."""
+        return 0.0
+
+    def input_cast_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """Like ``forward_temporaries``, per token-wide input (not a whole-weight computation, so kept apart
+        from DoRA's weight norm, which the calibrated speed model reads as adapter weight traffic).
+
+        peft LoRA with dropout and adapters wider than the activations: the layer casts its input to the adapter
+        dtype before the dropout (``_cast_input_dtype``); that copy lives while the dropout and lora_A run, next to
+        the layer's input itself where no one saves it (the MLP product before the down projection): (e + a) bytes
+        per input feature of the widest adapted layer (trace, random referee row 177: the recomputed down
+        projection's product and its fp32 copy at the backward peak, next to the saved dropout output and mask)."""
+        if not self.adapter or plan.lora_dropout <= 0 or plan.framework != "hf":
+            return 0.0
+        ea = self.activation_bytes_per_element(plan, e)
+        a = self.state_bytes_per_param(plan, e)
+        if a <= ea:
+            return 0.0
+        widest = max(
+            (lin.in_features for lin in adapted if not set(lin.roles) & {"embed_tokens", "lm_head"}), default=0
+        )
+        return plan.micro_batch * plan.seq_len * (ea + a) * widest
+
+    def embedding_forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        """Short-lived bytes an adapted token embedding allocates at the very start of forward (when only the
+        weights and states are alive)."""
         return 0.0
 
     def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
@@ -124,8 +171,17 @@ class Method:
         return f
 
     def extra_flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
-        """Per-token FLOPs beyond the dense count."""
-        return 0.0
+        """Per-token FLOPs beyond the dense count (``flops_per_token``, 6 per adapter parameter).
+
+        * modules_to_save lm_head: the trained copy's weight gradient, one more vocab x hidden matmul in
+          backward (2 V h); a trained embedding copy gets its gradient by a scatter (no matmul);
+        * LoRA on the token embedding: its A (r x vocab) is looked up, not multiplied: of the 6 r (V + h) the
+          dense count gives it, only the B matmul's 6 r h happen (the lookup's gradient is a scatter)."""
+        f = 0.0
+        if "lm_head" in plan.modules_to_save:
+            f += 2 * model.vocab_size * model.hidden_size
+        f -= sum(6 * plan.lora_r * lin.in_features for lin in adapted if "embed_tokens" in lin.roles)
+        return f
 
     def extra_flops_per_step(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
         """FLOPs per micro-step that do not scale with the tokens."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from advisor.methods.base import Method
+from advisor.units import DTYPE_BYTES
 
 if TYPE_CHECKING:
     from advisor.plans import TrainingPlan
@@ -39,6 +40,13 @@ class DoRA(Method):
     def adapted_layer_saved_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
         base = a if plan.lora_dropout > 0 else e
         return lin.out_features * (base + a)
+
+    def adapted_head_backward_bytes(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
+        """DoRA on the output head peaks in the head's own backward, vocab wide: its saved base output (the
+        adapter dtype on the dropout path), LoRA output and scaled LoRA output; the logits' gradient in the
+        compute dtype and cast to the adapter dtype, and the two products with the magnitude scale."""
+        base = a if plan.lora_dropout > 0 else e
+        return lin.out_features * ((base + 2 * a) + (3 * a + e))
 
     def adapted_layer_saved_constant(self, lin: Linear, plan: TrainingPlan, e: int, a: int) -> float:
         """Bytes an adapted layer saves independent of the tokens: the cast weight of the dropout path."""
@@ -55,12 +63,21 @@ class DoRA(Method):
             (
                 lin.in_features * (lin.in_features + plan.lora_r) * a + (3 + cast) * lin.weight_params * a
                 for lin in adapted
+                if "embed_tokens" not in lin.roles
             ),
             default=0.0,
         )
 
+    def embedding_forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
+        """DoRA on the token embedding (peft DoraEmbeddingLayer): the weight norm of ``W + s * (A @ B)`` makes
+        the vocab x hidden product, its scaled copy and the sum, in the adapter dtype (the sum promotes the
+        half weight); no identity matrix, unlike a linear. At the start of forward, alone with the weights."""
+        a = self.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
+        return sum(3 * lin.weight_params * a for lin in adapted if "embed_tokens" in lin.roles)
+
     def extra_flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
-        per_token = 0.0
+        per_token = super().extra_flops_per_token(model, plan, adapted)
+        adapted = [lin for lin in adapted if "embed_tokens" not in lin.roles]  # an embedding has no base matmul
         if plan.lora_dropout > 0:  # the second base matmul: forward, and the input gradient in backward
             per_token += sum(4 * lin.weight_params for lin in adapted)
             if plan.grad_checkpointing:
@@ -68,14 +85,18 @@ class DoRA(Method):
         return per_token
 
     def extra_flops_per_step(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
-        """FLOPs per micro-step that do not scale with tokens: lora_weight from the identity and the norm."""
-        forwards = 2 if plan.grad_checkpointing else 1
-        return forwards * sum(
-            2 * lin.in_features * lin.in_features * plan.lora_r
-            + 2 * lin.in_features * plan.lora_r * lin.out_features
-            + 3 * lin.weight_params
-            for lin in adapted
-        )
+        """FLOPs per micro-step that do not scale with tokens: lora_weight from the identity and the norm (the
+        embedding's from A @ B, no identity); blocks run it again when checkpointing recomputes them, the head
+        and the embedding (outside the blocks) once."""
+        total = 0.0
+        for lin in adapted:
+            outer = bool({"lm_head", "embed_tokens"} & set(lin.roles))
+            forwards = 2 if plan.grad_checkpointing and not outer else 1
+            identity = 0 if "embed_tokens" in lin.roles else 2 * lin.in_features * lin.in_features * plan.lora_r
+            total += forwards * (
+                identity + 2 * lin.in_features * plan.lora_r * lin.out_features + 3 * lin.weight_params
+            )
+        return total
 
 
 METHOD = DoRA(

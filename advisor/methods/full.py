@@ -18,12 +18,15 @@ class FullFineTuning(Method):
         errs = []
         if plan.optimizer.startswith("paged") and plan.sharding == "fsdp":
             errs.append(("optimizer", "paged optimisers do not combine with FSDP sharding"))
+        if plan.modules_to_save:
+            errs.append(("modules_to_save", "full fine-tuning trains every module already (adapter methods only)"))
         return errs
 
     def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
         if plan.master_weights and e < 4:
-            # fp32 master weights; autocast caches half copies of the linears in forward for backward
-            return 4 * model.param_count, e * model.linear_weight_params
+            # fp32 master weights; autocast caches half copies of the linears in forward for backward, the output
+            # head's too (vocab x hidden, tied or not: the head's matmul casts it; the embedding lookup does not)
+            return 4 * model.param_count, e * (model.linear_weight_params + model.vocab_size * model.hidden_size)
         return e * model.param_count, 0.0
 
     def trainable_params(self, model: ModelSpec, adapter_params: int) -> int:
@@ -35,7 +38,21 @@ class FullFineTuning(Method):
     def block_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, n_attn: int, e: int) -> float:
         # inputs of every linear are saved for the weight gradients (+ normalised outputs)
         h, q, i = model.hidden_size, model.q_dim, model.intermediate_size
-        return e * (n_attn * (h + q) + h + i + h)
+        amp = plan.master_weights and e < 4
+        # AMP and transformers' gelu_new (a Python composite): torch.pow autocasts to fp32 and the rest of the
+        # composite follows by type promotion, so its three saved tensors are fp32, not the half dtype counted
+        # per block (trace: GPT-2 exactly, Phi within 1 i per layer)
+        gelu = 3 * (4 - e) * i if amp and plan.framework == "hf" and model.hidden_act == "gelu_new" else 0
+        if amp and model.norm == "rmsnorm" and not model.is_encoder_decoder:
+            # AMP (fp32 master weights under autocast) in an RMSNorm decoder: the residual stream is fp32, so
+            # each norm's normalised output is fp32, kept for its trainable weight's gradient, and every linear
+            # reading it casts it to the half dtype itself (autocast caches only the weights' casts): one
+            # saved half copy per q/k/v/gate/up module (one per fused module)
+            readers = {
+                lin.name for b in model.blocks for lin in b.linears if set(lin.roles) & {"q", "k", "v", "gate", "up"}
+            }
+            return e * (n_attn * q + i) + model.norms_per_layer * 4 * h + len(readers) * e * h + gelu
+        return e * (n_attn * (h + q) + h + i + h) + gelu
 
     def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
         if model.tie_word_embeddings:

@@ -40,6 +40,10 @@ class QLoRA(Method):
     def gathered_bytes_per_param(self, e: int) -> float:
         return 0.5
 
+    def saved_module_bytes_per_param(self, plan: TrainingPlan, e: int) -> int:
+        """prepare_model_for_kbit_training made the head and the embedding fp32 before peft copies them."""
+        return 4 if upcast(plan) else e
+
     def activation_bytes_per_element(self, plan: TrainingPlan, e: int) -> int:
         return 4 if upcast(plan) else e
 

@@ -14,6 +14,14 @@ from advisor.simulated.results import TraceResult
 
 #: Bump when the trace changes what it counts: old cache entries stop matching.
 SIM_VERSION = 3
+#: Bump when the trace changes what it counts for paged optimisers only (their entries stop matching):
+#: 2 = paged state buffers never counted live, not even between their creation and mark_paged
+PAGED_VERSION = 2
+#: Bump when the trace changes what it counts for T5-style models under SDPA only (their entries stop matching):
+#: 1 = an additive bias that requires grad runs CUDA's memory-efficient kernel (out + logsumexp kept), not the math path
+BIAS_SDPA_VERSION = 1
+#: model types whose attention passes an additive position bias to SDPA
+BIAS_SDPA_MODEL_TYPES = ("t5", "mt5", "umt5")
 CACHE_ENV = "TUNEADVISOR_SIMULATED_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/tuneadvisor/simulated")
 
@@ -47,12 +55,22 @@ def _plan_key(plan: TrainingPlan) -> dict:
     for k in ("gpu_id", "notes"):
         d.pop(k, None)
     d["lora_targets"] = list(plan.lora_targets)
+    # fields added after traces were cached enter the key only when set, so older entries still match
+    if not d.get("modules_to_save"):
+        d.pop("modules_to_save", None)
+    else:
+        d["modules_to_save"] = list(plan.modules_to_save)
     return d
 
 
 def cache_key(config: dict, plan: TrainingPlan, versions: dict[str, str] | None = None) -> str:
+    versions = dict(versions or library_versions())
+    if plan.optimizer.startswith("paged"):
+        versions["paged"] = str(PAGED_VERSION)
+    if plan.attention == "sdpa" and config.get("model_type") in BIAS_SDPA_MODEL_TYPES:
+        versions["bias_sdpa"] = str(BIAS_SDPA_VERSION)
     blob = json.dumps(
-        {"config": config, "plan": _plan_key(plan), "versions": versions or library_versions()},
+        {"config": config, "plan": _plan_key(plan), "versions": versions},
         sort_keys=True,
         default=str,
     )

@@ -48,6 +48,11 @@ def cuda_kernel_choices():
     * SDPA with dropout: CUDA's flash / memory-efficient kernels draw the mask from a Philox seed
       inside the kernel (nothing saved); the CPU falls back to the math path and keeps the s x s
       probabilities. Traced without the dropout: the tensors the fused kernel keeps.
+    * SDPA with an additive bias that requires grad (T5's trained position bias, or the zero bias
+      T5 creates with requires_grad under checkpointing): the CPU takes the math path and keeps the
+      fp32 b x heads x s x s scores and probabilities; CUDA runs the memory-efficient kernel, which
+      keeps only the output and the logsumexp and materialises the bias gradient in backward. On
+      fake tensors such calls go to that kernel's own fake implementation (real CPU tensors cannot).
 
     * autocast: CUDA's autocast runs pow, exp, log, rsqrt, reciprocal, logsumexp, layer_norm and
       softplus in fp32 (aten/src/ATen/autocast_mode.cpp); CPU autocast leaves them in the half dtype.
@@ -59,6 +64,7 @@ def cuda_kernel_choices():
     """
     import torch
     import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import is_fake
 
     dropout, sdpa = F.dropout, F.scaled_dot_product_attention
     halves = (torch.float16, torch.bfloat16)
@@ -85,7 +91,30 @@ def cuda_kernel_choices():
             args = (*args[:4], 0.0, *args[5:])
         elif kwargs.get("dropout_p"):
             kwargs = {**kwargs, "dropout_p": 0.0}
+        bias = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+        if isinstance(bias, torch.Tensor) and bias.requires_grad and torch.is_grad_enabled() and is_fake(args[0]):
+            return efficient_sdpa(*args, **kwargs)
         return sdpa(*args, **kwargs)
+
+    def efficient_sdpa(query, key, value, attn_mask, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        # CUDA's aten::scaled_dot_product_attention, memory-efficient branch (attention.cpp): the
+        # bias is cast to the query dtype (autocast casts it there on CUDA); a bias whose strides are
+        # not multiples of 8 is padded to a multiple of 8 along its last dim and sliced back
+        # (preprocess_mask / pad_bias); then the kernel keeps out + logsumexp, and backward
+        # materialises grad_q/k/v and grad_bias.
+        if attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)
+        strides, last = attn_mask.stride(), attn_mask.shape[-1]
+        if strides[-1] != 1 or any(st % 8 for st in strides[:-1]):
+            attn_mask = F.pad(attn_mask, (0, 8 - last % 8))[..., :last]
+        if enable_gqa and key.shape[-3] != query.shape[-3]:
+            rep = query.shape[-3] // key.shape[-3]
+            key, value = key.repeat_interleave(rep, -3), value.repeat_interleave(rep, -3)
+        attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        out = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, attn_mask, True, 0.0, is_causal, scale=scale
+        )
+        return out[0]
 
     F.dropout, F.scaled_dot_product_attention = fused_dropout, flash_sdpa
     for mod, name, fn in originals:

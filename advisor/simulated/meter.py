@@ -124,8 +124,15 @@ class LiveBytesMeter(TorchDispatchMode):
             self.live -= self.r_bytes[cur]
 
     def mark_paged(self, t) -> None:
-        """A buffer bitsandbytes would place in CUDA unified memory: outside the device count."""
+        """A buffer bitsandbytes would place in CUDA unified memory: outside the device count. A new one is
+        never live on the device, not even for an instant: the peak stays what it was (before: the peak took
+        the buffer in between its creation and this call, one largest-parameter-sized spike at the optimiser
+        step of paged plans)."""
+        new = id(t.untyped_storage()) not in self._alive if isinstance(t, torch.Tensor) else False
+        peak = (self.peak, self.peak_event, self.peak_phase, dict(self.phase_peak))
         rec = self.track(t, "paged", "optimizer_states")
+        if new:
+            self.peak, self.peak_event, self.peak_phase, self.phase_peak = peak
         if rec is not None and not self.r_paged[rec]:
             self.r_paged[rec] = True
             self.live -= self.r_bytes[rec]

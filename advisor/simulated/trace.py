@@ -101,7 +101,8 @@ def trace_step(
         with real_run_decisions(), cuda_kernel_choices(), fake_mode, meter:
             materialize(model, real_init=not fake)
             params = [p for p in model.parameters() if p.requires_grad]
-            adapter_ids = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+            # adapters: LoRA / DoRA weights and the trained copies of peft's modules_to_save
+            adapter_ids = {id(p) for n, p in model.named_parameters() if "lora_" in n or "modules_to_save." in n}
             meter.categorise([p for p in model.parameters() if id(p) not in adapter_ids], "weights")
             meter.categorise([p for p in model.parameters() if id(p) in adapter_ids], "adapters")
             meter.categorise(list(model.buffers()), "weights")
@@ -203,10 +204,12 @@ def _optimizer(params: list, plan: TrainingPlan, meter: LiveBytesMeter):
         opt = make_optimizer(plan.optimizer, params, lr=1e-4)
 
     def get_state_buffer(p, dtype=torch.float32):
-        buf = torch.zeros_like(p, dtype=dtype)
         if paged and p.numel() >= BNB_PAGED_MIN_NUMEL:
+            with meter.paused():  # cudaMallocManaged: never in the device allocator
+                buf = torch.zeros_like(p, dtype=dtype)
             meter.mark_paged(buf)
-        return buf
+            return buf
+        return torch.zeros_like(p, dtype=dtype)
 
     opt.get_state_buffer = get_state_buffer  # the CUDA branch of Optimizer8bit.get_state_buffer
     return opt

@@ -37,7 +37,7 @@ from advisor.errors import InvalidInputError
 from advisor.methods import get_method
 from advisor.plans import TrainingPlan
 from advisor.specs import ModelSpec
-from advisor.stack.targets import lora_target_modules
+from advisor.stack.targets import lora_target_modules, modules_to_save_names
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -201,7 +201,10 @@ def build(
     with _weights_dir(source, config, seed, method.quantized, dtype, device) as weights_dir:
         model = _load(config, weights_dir, plan, device, dtype)
     lora_modules = lora_target_modules(spec, plan) if method.adapter else ()
-    model = _prepare_for_training(model, plan, list(lora_modules), spec.is_encoder_decoder, dtype, meta=False)
+    saved = modules_to_save_names(spec, plan) if method.adapter else ()
+    model = _prepare_for_training(
+        model, plan, list(lora_modules), spec.is_encoder_decoder, dtype, meta=False, saved=saved
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(plan.optimizer, params, learning_rate, weight_decay)
@@ -284,9 +287,11 @@ def _prepare_for_training(
     half: torch.dtype,
     *,
     meta: bool,
+    saved: tuple[str, ...] = (),
 ) -> torch.nn.Module:
     """QLoRA's k-bit preparation, activation checkpointing and LoRA / DoRA adapters, as the plan says.
 
+    `saved`: peft modules_to_save (a frozen original and a trainable copy of each, in the module's dtype).
     Other stacks (litgpt, torchtune) keep adapters in the model dtype and skip peft's fp32 upcast."""
     method = get_method(plan.method)
     hf_stack = _hf_stack(plan)
@@ -309,8 +314,17 @@ def _prepare_for_training(
         return model
     from peft import LoraConfig, TaskType, get_peft_model
 
+    present = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [n for n in (*targets, *saved) if n not in present]
+    if missing:  # peft would silently leave them out: the run would train less than the plan says
+        raise InvalidInputError(
+            f"{type(model).__name__} has no module named {', '.join(missing)}",
+            field="modules_to_save" if set(missing) <= set(saved) else "lora_targets",
+        )
     kwargs = method.peft_config(plan, targets)  # the method's own settings (use_dora for DoRA)
     kwargs["task_type"] = TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
+    if saved:
+        kwargs["modules_to_save"] = list(saved)
     cfg = LoraConfig(**kwargs)
     # peft upcasts adapters to fp32; litgpt / torchtune keep them in the model dtype. On the meta
     # device the adapters are created there too (low_cpu_mem_usage) and materialised with the rest.
@@ -358,7 +372,10 @@ def build_meta(config: dict[str, Any], plan: TrainingPlan, targets: list[str] | 
         param_count = sum(p.numel() for p in model.parameters())
         if get_method(plan.method).quantized:
             _quantize_linears(model, plan, half)
-        model = _prepare_for_training(model, plan, list(targets), bool(cfg.is_encoder_decoder), half, meta=True)
+        saved = modules_to_save_names(spec_of(cfg), plan) if get_method(plan.method).adapter else ()
+        model = _prepare_for_training(
+            model, plan, list(targets), bool(cfg.is_encoder_decoder), half, meta=True, saved=saved
+        )
     model.train()
     return MetaModel(model=model, config=cfg, param_count=param_count, notes=notes)
 

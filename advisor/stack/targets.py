@@ -6,10 +6,15 @@ or the model's own module names) to qualified module names; peft matches the las
 
 from __future__ import annotations
 
-from advisor.plans import TrainingPlan, resolve_targets
+from advisor.plans import TrainingPlan, resolve_modules_to_save, resolve_targets
 from advisor.specs import ModelSpec
 
 
 def lora_target_modules(spec: ModelSpec, plan: TrainingPlan) -> tuple[str, ...]:
     """The bare module names (sorted) the plan's targets resolve to."""
     return tuple(sorted({n.split(".")[-1] for n in resolve_targets(spec, plan.lora_targets)}))
+
+
+def modules_to_save_names(spec: ModelSpec, plan: TrainingPlan) -> tuple[str, ...]:
+    """peft modules_to_save: the real names of the modules the plan trains whole next to its adapters."""
+    return resolve_modules_to_save(spec, plan)
