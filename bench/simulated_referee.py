@@ -2,8 +2,10 @@
 
     python -m bench.simulated_referee                 # all models x plans (~20 min on 2 cores, cached after)
     python -m bench.simulated_referee --models llama-2-7b --plans lora-ckpt
+    python -m bench.simulated_referee --random 300 --seed 0   # the random design (bench/referee_design.py)
 
-Writes bench/results/simulated_referee.{json,md}. Both sides are the allocated peak of one GPU
+Writes bench/results/simulated_referee.{json,md} (the random design: simulated_referee_random.{json,md},
+target 95% of rows within 2%). Both sides are the allocated peak of one GPU
 (analytical: its allocated peak; simulated: the traced tensor peak + the same fixed 64 MiB), so the
 difference is the estimators' disagreement, not allocator or CUDA-context constants. Rows that differ
 by more than 5% are flagged; docs/simulated.md says which side is wrong and why. Each trace's seconds
@@ -16,6 +18,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import sys
 import time
 import warnings
@@ -28,6 +31,7 @@ from advisor.families import hf_config
 from advisor.plans import TrainingPlan
 from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.units import GIB
+from bench.referee_design import draw, model_of
 
 OUT = Path(__file__).resolve().parent / "results"
 FLAG = 0.05
@@ -176,15 +180,250 @@ def write(rows: list[dict], cmd: str) -> None:
     (OUT / "simulated_referee.md").write_text("\n".join(lines) + "\n")
 
 
+# ---- the random design ------------------------------------------------------------------------------
+TARGET = 0.02  # the issue's target: 95% of the random design within 2%
+TARGET_SHARE = 0.95
+
+
+def random_row(sim: SimulatedEstimator, ana: AnalyticalEstimator, d: dict) -> dict:
+    """One design row: analytical and simulated allocated peaks, phases and breakdowns of both sides."""
+    model = model_of(d)
+    gpu = default_catalog().gpu("h100-80gb")
+    plan = TrainingPlan(gpu_id=gpu.id, **{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()})
+    t0 = time.perf_counter()
+    s = sim.estimate(model, gpu, plan)
+    wall = time.perf_counter() - t0
+    a = ana.estimate(model, gpu, plan)
+    sa, aa = s.memory.allocated_peak_bytes, a.memory.allocated_peak_bytes
+    terms = ana.plan_terms(model, plan, cpu=False).terms
+    return {
+        "id": d["id"],
+        "model": model.name,
+        "model_type": d["model_type"],
+        "size": d["size"],
+        "params_b": round(model.param_count / 1e9, 4),
+        "method": plan.method,
+        "plan_fields": d["plan"],
+        "analytical_gib": round(aa / GIB, 4),
+        "simulated_gib": round(sa / GIB, 4),
+        "diff_pct": round(100 * (aa - sa) / sa, 2),
+        "analytical_memory_error_pct": round(100 * (aa - sa) / sa, 2),
+        "flag": abs(aa - sa) > TARGET * sa,
+        "analytical_phase": a.memory.peak_phase,
+        "simulated_phase": s.trace.peak_phase,
+        "simulated_phases_gib": {k: round(v / GIB, 4) for k, v in s.phases.items()},
+        "analytical_breakdown_gib": _gib(a.memory.components),
+        "analytical_terms_gib": {k: round(v / GIB, 4) for k, v in terms.items() if k in _BYTE_TERMS},
+        "simulated_breakdown_gib": _gib(s.memory.components),
+        "trace_seconds": round(s.trace.seconds, 2),
+        "trace_cpu_seconds": round(s.trace.cpu_seconds, 2),
+        "cached": wall < 0.5 * s.trace.seconds,
+    }
+
+
+_BYTE_TERMS = (
+    "weights",
+    "adapters",
+    "optimizer_states",
+    "gradients",
+    "accumulated_gradients",
+    "activations",
+    "recomputed_block",
+    "backward_transient",
+    "autocast_copies",
+    "logits",
+    "quant_temporaries",
+    "forward_temporaries",
+    "modules_to_save",
+)
+
+
+def _stats(diffs: list[float]) -> dict:
+    a = sorted(abs(x) for x in diffs)
+    if not a:
+        return {"n": 0}
+    return {
+        "n": len(a),
+        "within_2pct": round(sum(x <= 100 * TARGET for x in a) / len(a), 3),
+        "median_pct": round(statistics.median(a), 2),
+        "p90_pct": round(a[min(len(a) - 1, int(0.9 * len(a)))], 2),
+        "worst_pct": round(a[-1], 2),
+    }
+
+
+def write_random(rows: list[dict], design: list[dict], cmd: str, seed: int, explanations: dict) -> dict:
+    OUT.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in rows if "error" not in r]
+    summary = {"all": _stats([r["diff_pct"] for r in ok])}
+    for key in ("model_type", "method", "size"):
+        for v in sorted({r[key] for r in ok}):
+            summary[f"{key}={v}"] = _stats([r["diff_pct"] for r in ok if r[key] == v])
+    for key, fn in (
+        ("dtype", lambda r: r["plan_fields"]["dtype"]),
+        ("ckpt", lambda r: r["plan_fields"]["grad_checkpointing"]),
+        ("attention", lambda r: r["plan_fields"]["attention"]),
+        ("optimizer", lambda r: r["plan_fields"]["optimizer"]),
+    ):
+        for v in sorted({fn(r) for r in ok}, key=str):
+            summary[f"{key}={v}"] = _stats([r["diff_pct"] for r in ok if fn(r) == v])
+    doc = {
+        "command": cmd,
+        "commit": _commit(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "versions": library_versions(),
+        "seed": seed,
+        "target": f"{TARGET_SHARE:.0%} of rows within {TARGET:.0%}",
+        "summary": summary,
+        "errors": len(rows) - len(ok),
+        "explanations": explanations,
+        "design": design,
+        "rows": rows,
+    }
+    (OUT / "simulated_referee_random.json").write_text(json.dumps(doc, indent=1) + "\n")
+    st = summary["all"]
+    met = st.get("n") and st["within_2pct"] >= TARGET_SHARE
+    lines = [
+        "# Analytical vs simulated peak memory over a random design",
+        "",
+        f"`{cmd}` at {doc['commit']} · one GPU (h100-80gb), allocated peak (both sides + the same 64 MiB fixed "
+        f"buffers) · torch {doc['versions']['torch']}, transformers {doc['versions']['transformers']}, "
+        f"peft {doc['versions']['peft']}, bitsandbytes {doc['versions']['bitsandbytes']}",
+        "",
+        "Design: bench/referee_design.py (seeded; the drawn rows are in the JSON's `design`). diff = (analytical - "
+        f"simulated) / simulated. Target: {doc['target']}: **{'met' if met else 'not met'}**.",
+        "",
+        "| slice | n | within 2% | median | p90 | worst |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, v in summary.items():
+        if v.get("n"):
+            lines.append(
+                f"| {k} | {v['n']} | {v['within_2pct']:.1%} | {v['median_pct']:.2f}% | {v['p90_pct']:.2f}% | "
+                f"{v['worst_pct']:.2f}% |"
+            )
+    lines += [
+        "",
+        f"{len(rows) - len(ok)} design rows could not be traced or estimated (listed below)."
+        if len(rows) > len(ok)
+        else "",
+    ]
+    flagged = sorted((r for r in ok if r["flag"]), key=lambda r: -abs(r["diff_pct"]))
+    lines += [
+        "",
+        f"## Rows beyond 2% ({len(flagged)})",
+        "",
+        "| id | model | size | plan | analytical GiB | simulated GiB | diff | phase (ana / sim) | which side, why |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in flagged:
+        pf = r["plan_fields"]
+        desc = (
+            f"{pf['method']} {pf['dtype']} {pf['micro_batch']}x{pf['seq_len']} "
+            f"{'ckpt' if pf['grad_checkpointing'] else 'no-ckpt'} {pf['optimizer']} {pf['attention']} "
+            f"ga{pf['grad_accum']}"
+            + (f" r{pf['lora_r']} {'+'.join(pf['lora_targets'])}" if "lora_targets" in pf else "")
+            + (f" save {'+'.join(pf['modules_to_save'])}" if pf.get("modules_to_save") else "")
+        )
+        why = explanations.get(str(r["id"])) or diagnose(r)
+        lines.append(
+            f"| {r['id']} | {r['model']} | {r['size']} | {desc} | {r['analytical_gib']:.3f} | {r['simulated_gib']:.3f} | "
+            f"{r['diff_pct']:+.2f}% | {r['analytical_phase']} / {r['simulated_phase']} | {why} |"
+        )
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        lines += ["", "## Rows not traced", "", "| id | model | error |", "|---|---|---|"]
+        lines += [f"| {r['id']} | {r['model']} | {r['error'][:160]} |" for r in errs]
+    cpu = sum(r.get("trace_cpu_seconds", 0) for r in ok)
+    lines += [
+        "",
+        f"Trace CPU time, summed over rows (each row's own trace; cached rows keep the time of the run that traced "
+        f"them): {cpu / 60:.1f} min; slowest {max((r.get('trace_cpu_seconds', 0) for r in ok), default=0):.1f} s.",
+    ]
+    (OUT / "simulated_referee_random.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+#: causes checked on the trace (tensor by tensor at the peak) that the analytical model does not count yet;
+#: a row matching one is explained by it, every other row by the component breakdowns of both sides
+KNOWN_GAPS = (
+    (
+        lambda r: (
+            r["model_type"] == "t5"
+            and r["plan_fields"]["attention"] == "sdpa"
+            and (r["method"] == "full" or r["plan_fields"]["grad_checkpointing"])
+        ),
+        "T5 SDPA with an additive mask that requires grad (full fine-tuning trains the relative position bias; "
+        "with checkpointing the cross-attention's zero bias is created with requires_grad=True): the CPU trace "
+        "takes SDPA's math path (batch x heads x s x s scores and fp32 softmax kept, their gradients in backward) "
+        "where CUDA runs memory-efficient attention with a bias gradient; the analytical model counts one bias "
+        "per token per self-attention layer. A trace limitation as much as an analytical gap: not modelled",
+    ),
+)
+
+
+def diagnose(r: dict) -> str:
+    """Which side is wrong and why, from the trace: the simulated side runs the real transformers + peft +
+    bitsandbytes code, so the analytical side is the one off unless a trace limitation is named; the cause is
+    a checked known gap, else the component where the two breakdowns differ most at their peaks."""
+    for match, why in KNOWN_GAPS:
+        if match(r):
+            return f"analytical: {why}"
+    a, s = r["analytical_breakdown_gib"], r["simulated_breakdown_gib"]
+    comp = max(set(a) | set(s), key=lambda k: abs(a.get(k, 0) - s.get(k, 0)))
+    same = (r["analytical_phase"] == "optimizer step") == (r["simulated_phase"] == "optimizer_step")
+    where = "" if same else (f"; peak phase differs (analytical {r['analytical_phase']}, trace {r['simulated_phase']})")
+    return (
+        f"analytical {'over' if r['diff_pct'] > 0 else 'under'}counts {comp}: {a.get(comp, 0):.3f} GiB vs "
+        f"{s.get(comp, 0):.3f} GiB in the trace{where}"
+    )
+
+
+EXPLANATIONS = OUT / "simulated_referee_random_explanations.json"
+
+
+def run_random(n: int, seed: int, cmd: str, only: set[int] | None = None) -> int:
+    sim, ana = SimulatedEstimator(), AnalyticalEstimator()
+    design = draw(n, seed)
+    explanations = json.loads(EXPLANATIONS.read_text()) if EXPLANATIONS.exists() else {}
+    rows = []
+    for d in design:
+        if only is not None and d["id"] not in only:
+            continue
+        try:
+            r = random_row(sim, ana, d)
+        except Exception as exc:  # a plan the trace or the estimator refuses is a result, not a crash
+            r = {"id": d["id"], "model": d["base"], "error": f"{type(exc).__name__}: {exc}"}
+            print(f"{d['id']:4d} {d['base']:24s} ERROR {r['error'][:200]}", flush=True)
+        else:
+            print(
+                f"{d['id']:4d} {r['model']:40s} {d['plan']['method']:6s} ana {r['analytical_gib']:9.3f} "
+                f"sim {r['simulated_gib']:9.3f} {r['diff_pct']:+7.2f}%  {r['trace_cpu_seconds']:6.1f} cpu-s"
+                + (" cached" if r["cached"] else ""),
+                flush=True,
+            )
+        rows.append(r)
+        if len(rows) % 10 == 0:
+            write_random(rows, design, cmd, seed, explanations)
+    summary = write_random(rows, design, cmd, seed, explanations)
+    print(json.dumps(summary["all"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--plans", default=",".join(PLANS))
+    ap.add_argument("--random", type=int, default=0, help="trace N configurations of the random design instead")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random design")
+    ap.add_argument("--only", default="", help="comma-separated design row ids (debugging)")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     warnings.simplefilter("ignore")
-    sim, ana = SimulatedEstimator(), AnalyticalEstimator()
     cmd = "python -m bench.simulated_referee" + (f" {' '.join(argv)}" if argv else "")
+    if args.random:
+        only = {int(x) for x in args.only.split(",") if x} or None
+        return run_random(args.random, args.seed, cmd, only)
+    sim, ana = SimulatedEstimator(), AnalyticalEstimator()
     rows = []
     for name in args.models.split(","):
         for label in args.plans.split(","):
