@@ -2,6 +2,7 @@
 
     python -m calibration.bench --device cpu --budget quick --threads 1
         -> bench/results/calibration_<device>.json / .md, the profile, its report and plots
+    python -m calibration.bench ... --reuse     # the same, refitting the trials already measured in --work
 
 Measured and written (numbers, never timing assertions):
 
@@ -209,6 +210,18 @@ def published_scaled_check() -> list[dict[str, Any]]:
     return out
 
 
+def _measured(run_dir: Path) -> list[TrialResult]:
+    """Every trial measured in `run_dir` (this run's and, with --reuse, earlier runs'), one per trial id,
+    with its fastest undisturbed step time over repeated lines."""
+    from calibration.fit import merge_passes
+    from calibration.runner import read_measurements
+
+    return [
+        TrialResult(**{k: v for k, v in r.items() if k != "timing_passes"})
+        for r in merge_passes(read_measurements(run_dir))
+    ]
+
+
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     from advisor.stack.device import describe, resolve_device
     from calibration.calibrate import calibrate
@@ -216,9 +229,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     from calibration.runner import load_average, run_design
 
     work = Path(args.work)
-    if work.exists():
+    if work.exists() and not args.reuse:
         shutil.rmtree(work)
-    command = "python -m calibration.bench " + " ".join(sys.argv[1:])
+    command = "python -m calibration.bench " + " ".join(a for a in sys.argv[1:] if a != "--reuse")
     load_start = load_average()
     t0 = time.perf_counter()
     res = calibrate(
@@ -232,6 +245,11 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
         command=command,
     )
     wall = time.perf_counter() - t0
+    wall_file = work / "calibration_wall_s.json"
+    if args.reuse and wall_file.exists():
+        # resumed: the earlier runs' wall time, plus this run's if it measured trials (a pure refit adds nothing)
+        wall = float(json.loads(wall_file.read_text())["wall_s"]) + (wall if sum(res.counts.values()) else 0.0)
+    wall_file.write_text(json.dumps({"wall_s": wall}))
     profile: Profile = res.profile
     gpu = profile.gpu
     dev = resolve_device(args.device)
@@ -281,6 +299,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
     # extrapolation ---------------------------------------------------------------------------------
     extra = extrapolation_trials(gpu, dev, args.threads, gpu.gpu_class != "cpu")
     ex = run_design(extra, work / "extrapolate", meta={"device": gpu.to_dict()}, progress=True)
+    ex.results = _measured(work / "extrapolate")
     cal = CalibratedEstimator(profile)
     ana = AnalyticalEstimator()
     cal_rows = predict(ex.results, cal, gpu)
@@ -307,6 +326,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
             t for i, t in enumerate(design(other, "quick", device_str="cpu", threads=other_threads)) if i % 5 == 0
         ]
         sc = run_design(subset, work / "scaled", meta={"device": other.to_dict()}, progress=True)
+        sc.results = _measured(work / "scaled")
         scaled = CalibratedEstimator(profile, gpu=other, scaled=True)
         sc_rows = predict(sc.results, scaled, other)
         unscaled_rows = predict(sc.results, cal, gpu)
@@ -334,6 +354,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], Any]:
                 )
             )
         rs = run_design(real, work / "real-size", meta={"device": gpu.to_dict()}, progress=True)
+        rs.results = _measured(work / "real-size")
         cal_r, ana_r = predict(rs.results, cal, gpu), predict(rs.results, ana, gpu)
         out["real_size"] = {
             "model": name,
@@ -468,6 +489,11 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results file stem (default: calibration_<cpu|gpu id>)")
     p.add_argument("--skip-scaled", action="store_true")
     p.add_argument("--real-size", default=None, help="also train a catalog model at full size, e.g. qwen2.5-0.5b:qwen2")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep --work: trials already measured there are not run again (a refit after the terms changed)",
+    )
     args = p.parse_args()
     out, res = run(args)
     results = Path(args.results)

@@ -67,7 +67,7 @@ def calibrate(
     `with_jobs`: finished jobs' measurements from the service's job store (``calibration.feedback``) join
     the fit where they are comparable (same device, same meter)."""
     from advisor.stack.device import best_of, describe, resolve_device, software_versions
-    from calibration.design import design
+    from calibration.design import budget_for, design
     from calibration.feedback import read_job_feedback
     from calibration.fit import write_fit
     from calibration.report import write_report
@@ -91,7 +91,10 @@ def calibrate(
         "threads": raw.get("threads") if gpu.gpu_class == "cpu" else None,
         "command": command,
     }
-    summary = run_design(trials, out, meta=meta, progress=progress, on_result=on_result, on_stage=on_stage)
+    passes = budget_for(gpu, budget).timing_passes
+    summary = run_design(
+        trials, out, meta=meta, progress=progress, on_result=on_result, on_stage=on_stage, timing_passes=passes
+    )
     if on_stage is not None:
         on_stage("fitting", None, 0, 0)
     if gpu.gpu_class == "cpu":  # measured again now that the trials are done; the faster figures are kept

@@ -3,16 +3,23 @@
 Why this shape (the model itself is documented in ``advisor.estimators.calibrated``):
 
 * every coefficient multiplies a physical quantity (bytes of a term, FLOPs over peak, bytes over
-  bandwidth, a count of per-op overheads), so all are constrained non-negative (``positive=True``),
-  and the compute coefficient is at least 1 (no step runs faster than the device's peak matmul);
+  bandwidth, host ops), so all are constrained non-negative (``positive=True``), and the GEMM
+  coefficient is at least 1 (no step runs faster than the device's peak matmul);
+* every coefficient is pulled toward its prior, the analytical model's own value (1 for a byte term,
+  0 for a term the analytical model does not have, ``speed_priors`` for the time terms), by a ridge
+  on the relative scale (``RIDGE_MEMORY``, ``RIDGE_SPEED``): a profile is a set of small corrections
+  of the physics, not a free regression, so it extrapolates to vocabularies, widths and families the
+  trials never had as the analytical terms do (checked on out-of-design real runs:
+  ``python -m bench.cpu_truth``);
 * errors are relative (a 2 MiB miss matters on a 10 MiB trial, not on a 10 GiB one), so each trial
   is weighted by 1/measured^2 (least squares on relative error);
-* with checkpointing the peak is a max of two phases; phases are assigned from the analytical prior,
-  then re-assigned from the fit until stable;
+* memory: the analytical model's own phases and max() are kept, so the allocated peak is piecewise
+  linear in the scales; Gauss-Newton linearises it around the current scales and re-solves until stable;
 * held-out error: leave one configuration group (architecture) out, fit on the rest, predict it;
   the analytical model is scored on the same trials beside it;
 * step times measured while other processes were busy (CPU contention > 25%, or a step spread
-  > 1.5x) are left out of the speed fit and counted in the profile's provenance;
+  > 1.5x) are left out of the speed fit and counted in the profile's provenance; a trial measured
+  more than once (re-measured, later timing passes) keeps its fastest undisturbed step time;
 * finished jobs' measurements (``calibration.feedback``) join as extra rows, each job model its own
   group, when the job ran on this device and recorded the meter the profile is fitted on (a whole-
   process RSS is not live-tensor bytes: such rows are skipped and counted, with the reason). The rows
@@ -41,16 +48,14 @@ from advisor.catalog import model_from_config
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstimator
 from advisor.estimators.calibrated import (
-    FAMILY_TERMS_CKPT,
-    FAMILY_TERMS_NO_CKPT,
-    MEMORY_TERMS_CKPT,
-    MEMORY_TERMS_NO_CKPT,
+    MEMORY_PRIOR,
     SPEED_TERMS,
     Features,
     features,
     memory_prediction,
     speed_features,
     speed_prediction,
+    speed_priors,
 )
 from advisor.plans import TrainingPlan
 from advisor.profiles import FittedRange, HeldOut, Profile, range_inputs
@@ -61,21 +66,6 @@ from calibration.trial import timing_disturbed
 
 #: the job rows a fit used (and skipped), written beside measurements.jsonl
 JOB_MEASUREMENTS = "job_measurements.jsonl"
-
-#: terms the analytical model does not have (its structure = these at 0, the others at 1)
-ZERO_PRIOR = ("fixed_bytes", "attention_scores", "gradients")
-#: feature name in Features.memory for each memory coefficient
-_MEM_FEATURE = {
-    "blocks": "blocks",
-    "attention_scores": "scores",
-    "recompute_block": "block",
-    "residuals": "residuals",
-    "tail": "tail",
-    "logits": "logits",
-    "quant_temporaries": "quant_temporaries",
-    "backward_transient": "backward_transient",
-    "gradients": "gradients",
-}
 
 
 @dataclass
@@ -102,10 +92,25 @@ def load_run(run_dir: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]
     if not meta_path.exists():
         raise InvalidInputError(f"{d} has no {RUN_META}: not a calibration run directory", field="run_dir")
     meta = json.loads(meta_path.read_text())
+    return meta, merge_passes(read_measurements(d / MEASUREMENTS))
+
+
+def merge_passes(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial id: the latest line, with the fastest undisturbed step time over all its successful
+    lines (re-measured disturbed trials, later timing passes: a shared machine only ever makes a step slower)."""
     latest: dict[str, dict[str, Any]] = {}
-    for r in read_measurements(d / MEASUREMENTS):
+    times: dict[str, list[float]] = {}
+    for r in rows:
         latest[r["trial_id"]] = r
-    return meta, list(latest.values())
+        if r.get("status") == "ok" and r.get("step_time_s") and usable_timing(r):
+            times.setdefault(r["trial_id"], []).append(float(r["step_time_s"]))
+    out = []
+    for tid, r in latest.items():
+        if r.get("status") == "ok" and times.get(tid):
+            r = {**r, "step_time_s": min(times[tid]), "timing_spread": None, "cpu_contention": None}
+            r["timing_passes"] = len(times[tid])
+        out.append(r)
+    return out
 
 
 def device_of(meta: dict[str, Any]) -> GpuSpec:
@@ -148,133 +153,90 @@ def build_trials(rows: Iterable[dict[str, Any]], gpu: GpuSpec) -> list[Trial]:
 
 
 # ---- memory ----------------------------------------------------------------------------------------
-def _columns(trials: list[Trial], ckpt: bool) -> list[tuple[str, str | None]]:
-    """(coefficient, family or None) for every column of the memory design matrix."""
-    fams = sorted({t.f.family for t in trials})
-    fam_terms = FAMILY_TERMS_CKPT if ckpt else FAMILY_TERMS_NO_CKPT
-    shared = MEMORY_TERMS_CKPT if ckpt else MEMORY_TERMS_NO_CKPT
-    return [(n, fam) for n in fam_terms for fam in fams] + [(n, None) for n in shared]
+#: ridge strength toward the priors, in squared relative error: moving a coefficient by its own scale
+#: (``_PRIOR_SCALE``) costs as much as RIDGE_MEMORY (RIDGE_SPEED) trials off by 100%; small enough that a few
+#: trials that insist move it, large enough that a term the trials barely inform stays at its physics
+RIDGE_MEMORY = 1e-3
+RIDGE_SPEED = 1e-3
+#: the GEMM coefficient's floor (1/MFU): a step's matmuls cannot beat the device's measured peak
+GEMM_FLOOR = 1.0
 
 
-def _value(t: Trial, name: str, family: str | None, phase: int) -> float:
-    """Column value for trial t; phase (checkpointing only): 0 = end of forward, 1 = recompute."""
-    if family is not None and t.f.family != family:
-        return 0.0
-    if name == "fixed_bytes":
-        return 1.0
-    m = t.f.memory
-    if not t.f.checkpointing:
-        return m[_MEM_FEATURE[name]]
-    if name == "residuals":
-        return m["residuals"]
-    if name == "attention_scores":
-        return m["scores_one_layer"] if phase == 1 else 0.0
-    if name == "gradients":
-        return m["gradients"]
-    in_forward = name in ("tail", "logits")
-    return m[_MEM_FEATURE[name]] if (phase == 0) == in_forward else 0.0
-
-
-def _nnls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+def _nnls(
+    x: np.ndarray,
+    y: np.ndarray,
+    w: np.ndarray,
+    prior: np.ndarray | None = None,
+    scale: np.ndarray | None = None,
+    ridge: float = 0.0,
+) -> np.ndarray:
+    """Non-negative weighted least squares, pulled toward `prior` (ridge: ridge x ((theta - prior)/scale)^2
+    per coefficient, against the weighted squared residuals of the trials)."""
     if len(y) == 0:
-        return np.zeros(x.shape[1])
+        return np.zeros(x.shape[1]) if prior is None else prior.copy()
+    if prior is not None and ridge > 0:
+        k = x.shape[1]
+        sc = np.ones(k) if scale is None else scale
+        x = np.vstack([x, np.diag(1.0 / sc)])
+        y = np.concatenate([y, prior / sc])
+        w = np.concatenate([w, np.full(k, ridge)])
     return LinearRegression(positive=True, fit_intercept=False).fit(x, y, sample_weight=w).coef_
 
 
-def _to_coef(cols: list[tuple[str, str | None]], theta: np.ndarray) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for (name, fam), v in zip(cols, theta, strict=True):
-        if fam is None:
-            out[name] = float(v)
-        else:
-            out.setdefault(name, {})[fam] = float(v)
-    return out
+#: finite-difference step of the scales (the allocated peak is piecewise linear in them)
+_SCALE_STEP = 0.01
 
 
-def _unit_coef(cols: list[tuple[str, str | None]]) -> dict[str, Any]:
-    theta = np.array([0.0 if n in ZERO_PRIOR else 1.0 for n, _ in cols])
-    return _to_coef(cols, theta)
-
-
-def _fit_regime(trials: list[Trial], ckpt: bool, g: float = 1.0) -> dict[str, Any]:
-    """One regime's coefficients on the trials whose peak is its forward/backward phase."""
-    cols = _columns(trials, ckpt)
-    coef = _unit_coef(cols)
-    if not trials:
-        return coef
-    y = np.array([t.memory - t.f.static for t in trials])
-    w = 1.0 / np.array([t.memory for t in trials]) ** 2
-    key = "checkpointing" if ckpt else "no_checkpointing"
-    prior = np.array([0.0 if n in ZERO_PRIOR else 1.0 for n, _ in cols])
-    phases = [0] * len(trials)
-    keep = np.ones(len(trials), bool)
-    for _ in range(10):
-        if ckpt:  # which phase holds the peak, under the current coefficients
-            phases = [_ckpt_phase({key: coef}, t) for t in trials]
-        x = np.array([[_value(t, n, fam, ph) for n, fam in cols] for t, ph in zip(trials, phases, strict=True)])
-        # a coefficient no kept trial informs (e.g. a family never in that phase) keeps its prior
-        free = (np.abs(x[keep]) > 0).any(axis=0)
-        theta = prior.copy()
-        rhs = y[keep] - x[keep][:, ~free] @ prior[~free]
-        theta[free] = _nnls(x[keep][:, free], rhs, w[keep])
-        new = _to_coef(cols, theta)
-        # trials whose peak is the optimiser step say nothing about activations: leave them out
-        step = {key: new, "optimizer_step": {"gradients": g}}
-        new_keep = np.array([memory_prediction(step, t.f)[1] != "optimizer step" for t in trials])
-        if new == coef and (new_keep == keep).all():
-            break
-        coef, keep = new, (new_keep if new_keep.any() else keep)
-    return coef
-
-
-def _ckpt_phase(coef: dict[str, Any], t: Trial) -> int:
-    k = coef["checkpointing"]
-    m = t.f.memory
-    fwd = k["tail"] * m["tail"] + k["logits"] * m["logits"]
-    fam = t.f.family
-    rec = (
-        (k.get("recompute_block") or {}).get(fam, 1.0) * m["block"]
-        + (k.get("attention_scores") or {}).get(fam, 0.0) * m["scores_one_layer"]
-        + k["quant_temporaries"] * m["quant_temporaries"]
-        + k["backward_transient"] * m["backward_transient"]
+def _memory_theta(coef: dict[str, Any], fams: list[str]) -> np.ndarray:
+    a = coef.get("activation_scale") or {}
+    return np.array(
+        [float(a.get(f, MEMORY_PRIOR["activation_scale"])) for f in fams]
+        + [float(coef.get("logits_scale", MEMORY_PRIOR["logits_scale"])), float(coef.get("fixed_bytes", 0.0))]
     )
-    return 0 if fwd >= rec else 1
+
+
+def _memory_coef(theta: np.ndarray, fams: list[str]) -> dict[str, Any]:
+    return {
+        "activation_scale": {f: float(v) for f, v in zip(fams, theta[: len(fams)], strict=True)},
+        "logits_scale": float(theta[len(fams)]),
+        "fixed_bytes": float(theta[len(fams) + 1]),
+    }
 
 
 def fit_memory(trials: list[Trial]) -> dict[str, Any]:
-    """Memory coefficients of both regimes and of the optimiser step, alternating until stable.
-
-    g (optimiser step: weights + adapters + states + g*gradients) comes from the trials whose gradients
-    are a real share of their memory (full fine-tuning) and whose forward/backward phase, as fitted,
-    under-explains the measured peak; g >= 1 (the gradients themselves are alive)."""
-    g = 1.0
-    coef: dict[str, Any] = {}
-    for _ in range(6):
-        coef = {
-            "no_checkpointing": _fit_regime([t for t in trials if not t.f.checkpointing], False, g),
-            "checkpointing": _fit_regime([t for t in trials if t.f.checkpointing], True, g),
-            "optimizer_step": {"gradients": g},
-        }
-        new_g = _fit_optimizer_step(coef, trials)
-        if abs(new_g - g) < 1e-3:
+    """The memory corrections (``advisor.estimators.calibrated``: the analytical model with a per-family
+    activation scale, a logits scale and constant bytes), by Gauss-Newton on the relative errors: the
+    allocated peak is a max of linear pieces in the scales, so each step linearises it around the current
+    scales (finite differences) and solves the non-negative, ridge-regularised least squares (toward the
+    analytical model: scales 1, no constant)."""
+    fams = sorted({t.f.family for t in trials})
+    prior = np.array([MEMORY_PRIOR["activation_scale"]] * len(fams) + [MEMORY_PRIOR["logits_scale"], 0.0])
+    theta = prior.copy()
+    if not trials:
+        return _memory_coef(theta, fams)
+    m = np.array([t.memory for t in trials])
+    # the constant moves on the scale of the trials' median transient bytes (what a constant that size explains)
+    transient = np.median([max(t.memory - t.f.static, 1.0) for t in trials])
+    scale = np.array([1.0] * (len(fams) + 1) + [max(float(transient), 1.0)])
+    for _ in range(12):
+        coef = _memory_coef(theta, fams)
+        x = np.zeros((len(trials), len(theta)))
+        y = np.zeros(len(trials))
+        for i, t in enumerate(trials):
+            p0 = memory_prediction(coef, t.f)[0]
+            j = fams.index(t.f.family)
+            bumped_a = _memory_coef(theta + _SCALE_STEP * np.eye(len(theta))[j], fams)
+            bumped_l = _memory_coef(theta + _SCALE_STEP * np.eye(len(theta))[len(fams)], fams)
+            x[i, j] = (memory_prediction(bumped_a, t.f)[0] - p0) / _SCALE_STEP
+            x[i, len(fams)] = (memory_prediction(bumped_l, t.f)[0] - p0) / _SCALE_STEP
+            x[i, len(fams) + 1] = 1.0
+            y[i] = m[i] - p0 + x[i] @ theta  # linearised: p(theta') = p0 + x (theta' - theta)
+        new = _nnls(x, y, 1.0 / m**2, prior, scale, RIDGE_MEMORY)
+        if np.allclose(new, theta, rtol=1e-4, atol=1e-6 * scale):
+            theta = new
             break
-        g = new_g
-    coef["optimizer_step"] = {"gradients": g}
-    return coef
-
-
-def _fit_optimizer_step(coef: dict[str, Any], trials: list[Trial]) -> float:
-    ratios = []
-    for t in trials:
-        grads = t.f.memory["gradients"]
-        if grads < 0.05 * t.memory:  # LoRA: the adapters' gradients are too small to tell
-            continue
-        k = coef["checkpointing" if t.f.checkpointing else "no_checkpointing"]
-        forward_backward = memory_prediction({**coef, "optimizer_step": {"gradients": 0.0}}, t.f)[0]
-        if forward_backward >= 0.93 * t.memory:  # explained by the forward/backward phase
-            continue
-        ratios.append((t.memory - t.f.optimizer_static - k["fixed_bytes"]) / grads)
-    return max(1.0, float(np.median(ratios))) if ratios else 1.0
+        theta = new
+    return _memory_coef(theta, fams)
 
 
 def predict_memory(coef: dict[str, Any], t: Trial) -> float:
@@ -282,16 +244,30 @@ def predict_memory(coef: dict[str, Any], t: Trial) -> float:
 
 
 # ---- speed -------------------------------------------------------------------------------------------
-def fit_speed(trials: list[Trial], memory_coef: dict[str, Any]) -> dict[str, float]:
-    """Speed coefficients; compute's is 1 + a non-negative part (mfu <= 1)."""
+def fit_speed(trials: list[Trial], memory_coef: dict[str, Any], gpu: GpuSpec | None = None) -> dict[str, float]:
+    """Speed coefficients: non-negative corrections of the analytical time terms, pulled toward their
+    priors (``speed_priors``: the analytical model's values) by a ridge on the relative scale, so a term the
+    trials barely move keeps its physics and the profile extrapolates as the analytical terms do. The GEMM
+    coefficient is at least 1 (no step beats the measured peak)."""
+    priors = speed_priors(gpu) if gpu is not None else {n: 0.0 for n in SPEED_TERMS} | {"gemm": 1.0}
     timed = [t for t in trials if t.step_time]
     if not timed:
-        return {name: 0.0 for name in SPEED_TERMS} | {"compute": 1.0}
+        return dict(priors)
+    p = np.array([priors[n] for n in SPEED_TERMS])
     feats = [speed_features(memory_coef, t.f) for t in timed]
     x = np.array([[f[n] for n in SPEED_TERMS] for f in feats])
     y = np.array([t.step_time for t in timed], float)
-    theta = _nnls(x, y - x[:, 0], 1.0 / y**2)
-    theta[0] += 1.0
+    # scales: a prior's own size; a zero prior on the scale of the step it would have to explain
+    typical = {
+        n: float(np.median(y[x[:, i] > 0] / x[x[:, i] > 0, i])) if (x[:, i] > 0).any() else 1.0
+        for i, n in enumerate(SPEED_TERMS)
+    }
+    scale = np.array([p[i] if p[i] > 0 else typical[n] for i, n in enumerate(SPEED_TERMS)])
+    # gemm >= GEMM_FLOOR: fit gemm - floor (non-negative) on the time left after the floor's pass at the peak
+    g = SPEED_TERMS.index("gemm")
+    shift = np.zeros(len(SPEED_TERMS))
+    shift[g] = GEMM_FLOOR
+    theta = _nnls(x, y - x @ shift, 1.0 / y**2, np.maximum(p - shift, 0.0), scale, RIDGE_SPEED) + shift
     return {n: float(v) for n, v in zip(SPEED_TERMS, theta, strict=True)}
 
 
@@ -314,7 +290,7 @@ def fit_runtime(trials: list[Trial], gpu: GpuSpec) -> dict[str, float]:
 
 def fit_all(trials: list[Trial], gpu: GpuSpec) -> dict[str, Any]:
     memory = fit_memory(trials)
-    return {"memory": memory, "speed": fit_speed(trials, memory), "runtime": fit_runtime(trials, gpu)}
+    return {"memory": memory, "speed": fit_speed(trials, memory, gpu), "runtime": fit_runtime(trials, gpu)}
 
 
 # ---- validation -------------------------------------------------------------------------------------
@@ -438,7 +414,7 @@ def fit_run(
             "reserved": "cuda:max_memory_reserved" if cuda else None,
             "device_total": next((r["memory"].get("device_total_meter") for r in rows if r.get("memory")), None),
             "rss": "getrusage(RUSAGE_SELF).ru_maxrss of the trial process (recorded, not fitted)",
-            "step_time": "median of the last quiet window of timed steps: "
+            "step_time": "last quiet window of timed steps (minimum of process CPU times, else median): "
             + STEP_METERS.get(_step_meter(rows), "wall clock (time.perf_counter)"),
             "device_peak_flops": gpu.spec_source or "catalog",
         },
@@ -456,7 +432,10 @@ def fit_run(
             "load_average_start": meta.get("load_average_start"),
             "load_average_end": meta.get("load_average_end"),
             "threads": meta.get("threads"),
-            "fit": "sklearn LinearRegression(positive=True), weights 1/measured^2, leave-one-configuration-group-out",
+            "fit": "corrections of the analytical terms: sklearn LinearRegression(positive=True) (memory: "
+            "Gauss-Newton on the analytical model's scales), weights 1/measured^2, ridge toward the analytical "
+            f"priors (memory {RIDGE_MEMORY}, speed {RIDGE_SPEED}), leave-one-configuration-group-out; "
+            "step time: fastest undisturbed of each trial's timing passes",
             "job_measurements": _job_provenance(jobs, job_used, job_skipped, gpu),
         },
     )

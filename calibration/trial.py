@@ -10,7 +10,8 @@ bottom like a recipe:
 3. memory: the peak over one steady-state step (CUDA allocator statistics, or the live-tensor
    meter on the CPU, which is left off while timing because it slows every op);
 4. time: ``timed_steps`` steps, synchronised on CUDA, median step time (more steps, up to 4x, while
-   the last ones disagree by more than 25%: other processes sharing a CPU make single steps slow).
+   the last ones disagree by more than 25%: other processes sharing a CPU make single steps slow); a
+   single-threaded CPU trial is timed by its process CPU time, and the minimum of that window is kept.
 
     python -m calibration.trial trial.json result.json     # run one trial by hand
 """
@@ -213,7 +214,9 @@ def _measure(spec: TrialSpec, res: TrialResult) -> None:
     res.memory = reading.to_dict()
     res.step_times_s = [round(t, 6) for t in times]
     res.step_wall_times_s = [round(t, 6) for t in walls]
-    res.step_time_s = statistics.median(last) if last else None
+    # process CPU time can only be inflated by neighbours (cache and memory-bandwidth contention), never
+    # deflated: its minimum over the quiet window is the least disturbed figure; wall clocks keep the median
+    res.step_time_s = (min(last) if cpu_clock else statistics.median(last)) if last else None
     res.timing_spread = round(max(last) / min(last), 3) if last else None
     others = contention.stolen_fraction(torch.get_num_threads())
     res.cpu_contention = None if others is None else round(others, 3)

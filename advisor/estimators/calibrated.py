@@ -1,40 +1,46 @@
 """Calibrated estimator: the analytical model's terms times coefficients fitted on one device (a profile).
 
-Why not only new values for the analytical constants: measured on a real stack, the peak is a max
-over phases the analytical model adds together (with checkpointing, the end of the forward pass
-holds the logits and the loss; the recomputed block comes later, after they are freed), and the
-activation bytes of a block differ by family (GPT-2's unfused GELU and dropout masks, attention
-scores some kernels materialise). So the analytical terms become features, and each term gets a
-coefficient per regime, fitted by ``calibration.fit``. Everything here is pure Python: a profile is
-data, loaded without scikit-learn or torch.
+Why corrections of the analytical model rather than a free regression: a profile is fitted on a small
+design (a few architectures, short sequences, small vocabularies) and then asked about everything
+else; a regression of its own structure extrapolates its design's accidents, a few multiplicative
+corrections of the analytical model's physics extrapolate as the physics does (checked on real runs
+outside the design: ``python -m bench.cpu_truth``). Every coefficient is pulled toward its prior (the
+analytical model's value) by the fit (``calibration.fit``). Everything here is pure Python: a profile
+is data, loaded without scikit-learn or torch.
 
-Memory (allocated peak, bytes); ``f`` is the model family, ``L`` its layer count:
+Memory (allocated peak, bytes): the analytical model itself (its phases, heads and max(), every term
+it counts) with two of its documented scales fitted, plus a constant:
 
-    static        = weights + adapters + optimizer states (+ gradients kept by accumulation)   (x1, exact)
-    no checkpoint = static + b[f]*blocks + a[f]*scores + t*tail + l*logits + q*quant + x*transient + d*grads + c
-    checkpoint    = static + r*residuals + d*grads + c
-                    + max(t*tail + l*logits,  k[f]*block + a[f]*scores/L + q*quant + x*transient)
-    optimizer     = weights + adapters + optimizer states + g*gradients + c   (g >= 1: the step's temporaries)
-    peak          = max(the forward/backward phase, the optimizer phase)
+    allocated = analytical(activation_scale = a[f], logits_scale = l).allocated + c
 
-``blocks`` are the saved activations of all blocks, ``block`` one block's (recomputed under
-checkpointing), ``residuals`` the checkpointed block inputs, ``tail`` the final norm and embedding
-output, ``scores`` the attention probabilities b*heads*s^2*L*4 bytes (kept only by some attention
-kernels, e.g. SDPA's math path under dropout), ``transient`` the analytical backward temporaries,
-``grads`` the trainable parameters' gradients (full fine-tuning builds them during backward, so a
-share of them is alive at the activation peak). A
-family without trials in the profile keeps the analytical 1.0 and no scores term (the estimate says so).
+``a[f]`` scales every saved activation, the recomputed block and the backward temporaries of family
+``f`` (the structural count of its transformers code), ``l`` the loss's tokens x vocabulary tensors,
+``c`` what the meter sees that no term counts (small buffers, the RNG state). A family without trials
+in the profile keeps a = 1 (the estimate says so).
 
-Speed (seconds per micro-step); F = FLOPs per token, P = the dtype's peak FLOP/s, BW = bandwidth:
+Speed (seconds per micro-step): every coefficient multiplies one of the analytical model's own time
+terms at the device's peak FLOP/s (P) and bandwidth (BW), so a profile is a set of *corrections* of
+physical quantities, each with a prior (the analytical model's value, ``speed_priors``) the fit is
+pulled toward (ridge), and it extrapolates as the physics does:
 
-    x1*tokens*F/P + x2*F/P + xn*tokens*F/P*128/hidden
-      + x3*(3*activations + optimizer traffic)/BW + x4*(dequantisation traffic)/BW
-      + x5*layers*passes + x6*(LoRA modules)*passes + x7
+    x_gemm * tokens*(F - F_attn)/P          the GEMMs (x_gemm = 1/MFU; >= its floor: nothing beats the peak)
+  + x_narrow * tokens*(F - F_attn)/P * 128/hidden     small-K GEMMs lose efficiency (narrow models)
+  + x_attn * tokens*F_attn/P                the attention kernels (SDPA)
+  + x_eager * tokens*F_eager/P              attention as matmuls over the full s x s: eager, and a CPU's SDPA
+                                            math path (attention dropout on: no fused CPU kernel)
+  + x_traffic * (element-wise and LoRA-matmul traffic)/BW
+  + x_opt * (the optimiser step's traffic)/BW
+  + x_dequant * (NF4 dequantisation traffic)/BW
+  + x_weights * (per-step temporaries on whole adapted weights)/BW   DoRA's weight norm, every forward pass
+  + x_logits * (logits and loss bytes)/BW   the loss's passes over tokens x vocabulary (softmax, its gradient)
+  + x_fresh * (the same bytes)/BW           CPU only, where a tokens x vocabulary fp32 tensor exceeds glibc's
+                                            mmap threshold (32 MiB): fresh pages (faults, zeroing) every step
+  + x_host * host ops                       seconds per op the host issues (Python, dispatcher, launch)
+  + x_step                                  seconds per micro-step
 
-x1 = 1/MFU and x3 = 1/bandwidth efficiency are inverse efficiencies (x1 >= 1: no step beats the
-peak), x2 the per-step matmul overhead, xn the loss of narrow matmuls (small hidden sizes);
-``activations`` are the calibrated activation bytes (the memory fit's, so a family's extra
-element-wise tensors cost time too); x5..x7 are seconds of per-op overhead. The *scaled* rule for a catalog GPU without a profile: take the nearest calibrated
+F is ``flops_per_token``, F_attn its attention share, host ops ``SpeedCounts.host_ops`` (what the
+analytical model counts for the GPU host-bound floor; on a CPU the ops run inline, so they add).
+The *scaled* rule for a catalog GPU without a profile: take the nearest calibrated
 GPU (same class; nearest in log peak FLOP/s and log bandwidth), keep its efficiencies and overheads
 and its memory coefficients, and apply them to the target's own peak and bandwidth (so compute time
 scales with the FLOP/s ratio and memory-bound time with the bandwidth ratio). Such estimates say
@@ -44,7 +50,8 @@ The multi-GPU terms (communication) stay analytical: trials run on one device.
 
 The estimator is not an analytical one with other constants: it makes its own plan terms (the
 calibrated memory peak and traffic above, from the analytical terms as features) and its own device
-coefficients (1/x1 as MFU, x2/x1 as the tokens at half efficiency, x5 as the per-block overhead), and
+coefficients (1/x_gemm as MFU at every token count; on a GPU x_host as the host seconds per op of the
+host-bound floor; every other term folded into the traffic, as seconds at the device's bandwidth), and
 both go through the one device layer (``advisor.estimators.device``) like the analytical model's. The
 features are the analytical terms of ``TERMS_VERSION`` (``advisor.estimators.terms``); a profile
 fitted on other terms is refused when it is loaded.
@@ -62,54 +69,52 @@ from advisor.estimators.analytical import DEFAULT_COEFFICIENTS, AnalyticalEstima
 from advisor.estimators.base import Estimate, build_estimate
 from advisor.estimators.device import DeviceCoefficients, peak_flops
 from advisor.estimators.terms import PlanTerms
+from advisor.methods import get_method
 from advisor.plans import TrainingPlan
 from advisor.profiles import Profile
 from advisor.specs import GpuSpec, ModelSpec
+from advisor.units import DTYPE_BYTES
 
 
 class StaleProfileError(InvalidInputError):
     """A profile fitted on other analytical terms than this advisor computes (refit it)."""
 
 
-#: the coefficient a family without trials keeps (the analytical structural count as is)
-PRIOR = {"blocks": 1.0, "recompute_block": 1.0, "attention_scores": 0.0}
-MEMORY_TERMS_NO_CKPT = ("tail", "logits", "quant_temporaries", "backward_transient", "gradients", "fixed_bytes")
-MEMORY_TERMS_CKPT = (
-    "residuals",
-    "tail",
-    "logits",
-    "quant_temporaries",
-    "backward_transient",
-    "gradients",
-    "fixed_bytes",
-)
+#: the memory coefficients: activation scale per family, logits scale, constant bytes (see the docstring)
+MEMORY_COEFFICIENTS = ("activation_scale", "logits_scale", "fixed_bytes")
+#: what the memory coefficients are pulled toward: the analytical model as is
+MEMORY_PRIOR = {"activation_scale": 1.0, "logits_scale": 1.0, "fixed_bytes": 0.0}
 SPEED_TERMS = (
-    "compute",
-    "compute_per_step",
-    "compute_narrow",
-    "memory_traffic",
+    "gemm",
+    "narrow",
+    "attention",
+    "eager_attention",
+    "traffic",
+    "optimizer_traffic",
     "dequant_traffic",
-    "layer_passes_s",
-    "adapter_passes_s",
+    "adapter_weight_traffic",
+    "logits",
+    "logits_fresh",
+    "host_ops",
     "step_s",
 )
-FAMILY_TERMS_NO_CKPT = ("blocks", "attention_scores")
-#: the analytical prior for how often element-wise ops move the saved activations (Coefficients.elementwise_passes)
-ELEMENTWISE_PASSES = DEFAULT_COEFFICIENTS.elementwise_passes
-#: matmuls narrower than this lose efficiency (the compute_narrow term scales with NARROW_WIDTH / hidden size)
+#: glibc's largest mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX, 64-bit): a CPU tensor above it is always a fresh
+#: mmap, so every step pays page faults and zeroing on it (process CPU time); smaller ones are reused from the heap
+FRESH_PAGES_BYTES = 32 * 2**20
+#: matmuls narrower than this lose efficiency (the narrow term scales with NARROW_WIDTH / hidden size)
 NARROW_WIDTH = 128
-FAMILY_TERMS_CKPT = ("recompute_block", "attention_scores")
 
 
 @dataclass(frozen=True)
 class Features:
-    """The analytical terms of one plan, split the way the calibrated model combines them (bytes, seconds)."""
+    """One plan as the calibrated model sees it: what the memory model re-evaluates, and the speed terms."""
 
     family: str
     checkpointing: bool
-    static: float  # weights + adapters + optimizer states + accumulated gradients
-    optimizer_static: float  # weights + adapters + optimizer states (what the optimiser step adds gradients to)
-    memory: dict[str, float]  # blocks, block, residuals, tail, scores, logits, quant, transient, gradients
+    model: ModelSpec
+    plan: TrainingPlan
+    cpu: bool
+    static: float  # weights + adapters + optimizer states + accumulated gradients (analytical, unscaled)
     speed: dict[str, float]  # SPEED_TERMS, each already divided so its coefficient is dimensionless or seconds
 
 
@@ -117,119 +122,124 @@ def features(base: AnalyticalEstimator, model: ModelSpec, gpu: GpuSpec, plan: Tr
     """Features of `plan` on `gpu` from an analytical estimator with the default coefficients."""
     cpu = gpu.gpu_class == "cpu"
     t = base.terms(model, plan, cpu)
-    nock = replace(plan, grad_checkpointing=False)
-    blocks_all = base.terms(model, nock, cpu)["activations"]
-    # one block and the tail (final norm, embedding output), from the same model at one and two layers
-    a1 = base.terms(_with_layers(model, 1), nock, cpu)["activations"]
-    a2 = base.terms(_with_layers(model, 2), nock, cpu)["activations"]
-    l1, l2 = _with_layers(model, 1).total_layers, _with_layers(model, 2).total_layers
-    block = max(0.0, (a2 - a1) / (l2 - l1))
-    tail = max(0.0, a1 - l1 * block)
-    blocks = max(0.0, blocks_all - tail)
-    residuals = max(0.0, t["activations"] - block - tail) if plan.grad_checkpointing else 0.0
     b, s = plan.micro_batch, plan.seq_len
-    scores = 4.0 * b * model.num_attention_heads * s * s * model.total_layers
-    memory = {
-        "blocks": blocks,
-        "block": block,
-        "residuals": residuals,
-        "tail": tail,
-        "scores": scores,
-        "scores_one_layer": scores / max(1, model.total_layers),
-        "logits": t["logits"],
-        "quant_temporaries": t["quant_temporaries"],
-        "backward_transient": t["backward_transient"],
-        "gradients": t["gradients"],
-    }
     static = t["weights"] + t["adapters"] + t["optimizer_states"] + t["accumulated_gradients"]
-    optimizer_static = t["weights"] + t["adapters"] + t["optimizer_states"]
-    peak = peak_flops(gpu, plan.dtype)
+    # the rate the device layer's GEMM efficiency is relative to: the achievable matmul rate (the peak on a CPU)
+    peak = dev.matmul_flops(gpu, plan.dtype)
     bw = gpu.memory_bandwidth_gbps * 1e9
     tokens = b * s
-    passes = 3 if plan.grad_checkpointing else 2
+    pt = base.plan_terms(model, plan, cpu)
+    fpt = t["flops_per_token"]
+    # attention as matmuls over the full s x s (eager; the CPU's SDPA math path): apart from the fused kernels
+    f_eager = _eager_attention_flops(model, plan, cpu)
+    f_attn = 0.0 if f_eager else min(float(pt.speed.attention_flops_per_token), fpt)
+    # the attention FLOPs flops_per_token holds (eager: the full s x s; otherwise the fused kernels' causal count)
+    f_in = min(f_eager if plan.attention == "eager" else float(pt.speed.attention_flops_per_token), fpt)
+    # the GEMMs at the peak, in the device layer's waves of output tiles (1 on a CPU or an unknown SM count)
+    sms = 0.0 if cpu else float(gpu.sm_count or 0)
+    gemm = tokens * (fpt - f_in) / peak / float(dev.wave_efficiency(tokens, pt.speed.gemm_n, sms))
+    other_traffic = max(0.0, pt.memory_traffic_bytes - t["quant_traffic_bytes"] - t["optimizer_traffic_bytes"])
+    # per-step adapter work on whole weights (DoRA's weight norm: W + BA and its norm, every forward pass)
+    method = get_method(plan.method)
+    _, groups = base.adapters(model, plan)
+    e = DTYPE_BYTES[plan.dtype]
+    weight_tmp = sum(
+        blk.count * method.forward_temporaries(model, plan, [lin], e) for blk, lins in groups for lin in lins
+    )
     speed = {
-        "compute": tokens * t["flops_per_token"] / peak,
-        "compute_per_step": t["flops_per_token"] / peak,
-        "compute_narrow": tokens * t["flops_per_token"] / peak * NARROW_WIDTH / model.hidden_size,
+        "gemm": gemm,
+        "narrow": gemm * NARROW_WIDTH / model.hidden_size,
+        "attention": tokens * f_attn / peak,
+        "eager_attention": tokens * f_eager / peak,
+        # not a term: the attention time inside flops_per_token at the peak (what the device layer charges at x_gemm)
+        "attention_in_flops": tokens * f_in / peak,
+        "traffic": other_traffic / bw,
         "optimizer_traffic": t["optimizer_traffic_bytes"] / bw,
-        "per_byte": 1.0 / bw,
         "dequant_traffic": t["quant_traffic_bytes"] / bw,
-        "layer_passes_s": float(model.total_layers * passes),
-        "adapter_passes_s": float(t["lora_modules"] * passes),
+        "adapter_weight_traffic": weight_tmp * (pt.passes - 1) / bw,
+        "logits": t["logits"] / bw,
+        # a CPU's logits-sized tensors (fp32 tokens x vocabulary) above the mmap threshold are fresh pages each step
+        "logits_fresh": t["logits"] / bw if cpu and tokens * model.vocab_size * 4 > FRESH_PAGES_BYTES else 0.0,
+        "host_ops": float(pt.speed.host_ops),
         "step_s": 1.0,
     }
-    return Features(model.family, plan.grad_checkpointing, static, optimizer_static, memory, speed)
+    return Features(model.family, plan.grad_checkpointing, model, plan, cpu, static, speed)
 
 
-def _with_layers(model: ModelSpec, n: int) -> ModelSpec:
-    return replace(model, num_layers=n, num_decoder_layers=n if model.is_encoder_decoder else None)
+def _eager_attention_flops(model: ModelSpec, plan: TrainingPlan, cpu: bool) -> float:
+    """FLOPs per token of attention run as plain matmuls over the full s x s scores (every head: forward,
+    backward at twice the forward, and the recompute): eager attention, and on a CPU SDPA's math path, which
+    runs whenever attention dropout is on (PyTorch's CPU flash kernel refuses dropout: GPT-2, T5); 0 where a
+    fused SDPA kernel runs."""
+    hf = plan.framework == "hf"
+    eager = plan.attention == "eager" or (hf and not model.sdpa)
+    math_path = cpu and hf and model.dropout > 0
+    if not (eager or math_path):
+        return 0.0
+    s = plan.seq_len
+    per_pass = sum(blk.count * 4 * s * model.q_dim * (2 if blk.kind == "cross_decoder" else 1) for blk in model.blocks)
+    return per_pass * (4 if plan.grad_checkpointing else 3)
 
 
 # ---- the fitted model ------------------------------------------------------------------------------
-def _fam(table: dict[str, Any], name: str, family: str) -> float:
-    per = table.get(name) or {}
-    return float(per.get(family, PRIOR[name]))
+_SCALED: dict[tuple[float, float], AnalyticalEstimator] = {}
 
 
-def memory_prediction(coef: dict[str, Any], f: Features) -> tuple[float, str, dict[str, float]]:
-    """(allocated peak, peak phase, named parts) of the calibrated memory model for one plan."""
-    m = f.memory
-    if f.checkpointing:
-        k = coef["checkpointing"]
-        fwd = k["tail"] * m["tail"] + k["logits"] * m["logits"]
-        rec = (
-            _fam(k, "recompute_block", f.family) * m["block"]
-            + _fam(k, "attention_scores", f.family) * m["scores_one_layer"]
-            + k["quant_temporaries"] * m["quant_temporaries"]
-            + k["backward_transient"] * m["backward_transient"]
-        )
-        resid = k["residuals"] * m["residuals"] + k.get("gradients", 0.0) * m["gradients"]
-        if fwd >= rec:
-            parts = {"activations": resid + k["tail"] * m["tail"], "logits": k["logits"] * m["logits"]}
-        else:
-            parts = {
-                "activations": resid + rec - k["quant_temporaries"] * m["quant_temporaries"],
-                "quant_temporaries": k["quant_temporaries"] * m["quant_temporaries"],
-            }
-    else:
-        k = coef["no_checkpointing"]
-        parts = {
-            "activations": _fam(k, "blocks", f.family) * m["blocks"]
-            + _fam(k, "attention_scores", f.family) * m["scores"]
-            + k["tail"] * m["tail"]
-            + k["backward_transient"] * m["backward_transient"]
-            + k.get("gradients", 0.0) * m["gradients"],
-            "logits": k["logits"] * m["logits"],
-            "quant_temporaries": k["quant_temporaries"] * m["quant_temporaries"],
-        }
-    fixed = float(k["fixed_bytes"])
-    phase_a = f.static + sum(parts.values()) + fixed
-    g = float((coef.get("optimizer_step") or {}).get("gradients", 1.0))
-    phase_b = f.optimizer_static + g * m["gradients"] + fixed
-    if phase_a >= phase_b:
-        return phase_a, "forward/backward", parts
-    return phase_b, "optimizer step", {}
+def scaled_analytical(activation_scale: float, logits_scale: float) -> AnalyticalEstimator:
+    """The analytical model with these two scales (cached: the fit evaluates a few hundred of them)."""
+    key = (round(activation_scale, 12), round(logits_scale, 12))
+    est = _SCALED.get(key)
+    if est is None:
+        if len(_SCALED) > 512:
+            _SCALED.clear()
+        k = replace(DEFAULT_COEFFICIENTS, activation_scale=key[0], logits_scale=key[1])
+        est = _SCALED[key] = AnalyticalEstimator(k)
+    return est
 
 
-def activation_bytes(memory_coef: dict[str, Any], f: Features) -> float:
-    """The calibrated bytes of all saved activations without checkpointing (what element-wise ops move)."""
-    k = memory_coef["no_checkpointing"]
-    m = f.memory
+def memory_scales(coef: dict[str, Any], family: str) -> tuple[float, float, float]:
+    """(activation scale of `family`, logits scale, constant bytes); a family without trials keeps 1."""
+    per = coef.get("activation_scale") or {}
     return (
-        _fam(k, "blocks", f.family) * m["blocks"]
-        + _fam(k, "attention_scores", f.family) * m["scores"]
-        + k["tail"] * m["tail"]
+        float(per.get(family, MEMORY_PRIOR["activation_scale"])),
+        float(coef.get("logits_scale", MEMORY_PRIOR["logits_scale"])),
+        float(coef.get("fixed_bytes", MEMORY_PRIOR["fixed_bytes"])),
     )
+
+
+def memory_prediction(coef: dict[str, Any], f: Features) -> tuple[float, str, PlanTerms]:
+    """(allocated peak, peak phase, the scaled analytical terms) of the calibrated memory model for one plan."""
+    a, lg, c = memory_scales(coef, f.family)
+    t = scaled_analytical(a, lg).plan_terms(f.model, f.plan, f.cpu)
+    return t.allocated + c, t.peak_phase, t
+
+
+def speed_priors(gpu: GpuSpec) -> dict[str, float]:
+    """The analytical model's value of each speed coefficient on `gpu` (what the fit is pulled toward, and
+    what a term no trial informs keeps): 1/MFU prior for the GEMMs and attention, 1/bandwidth efficiency
+    for the traffic terms, the host seconds per op; no narrow-GEMM loss, no per-step constant."""
+    k = DEFAULT_COEFFICIENTS.device
+    mfu = k.mfu if k.mfu is not None else dev.MFU_PRIOR.get(gpu.gpu_class, 0.45)
+    return {
+        "gemm": 1.0 / mfu,
+        "narrow": 0.0,
+        "attention": 1.0 / mfu,
+        "eager_attention": 1.0 / mfu,
+        "traffic": 1.0 / k.bandwidth_efficiency,
+        "optimizer_traffic": 1.0 / k.bandwidth_efficiency,
+        "dequant_traffic": 1.0 / k.bandwidth_efficiency,
+        "adapter_weight_traffic": 1.0 / k.bandwidth_efficiency,
+        "logits": 1.0,
+        "logits_fresh": 0.0,
+        "host_ops": k.host_op_s,
+        "step_s": 0.0,
+    }
 
 
 def speed_features(memory_coef: dict[str, Any], f: Features) -> dict[str, float]:
-    """SPEED_TERMS for one plan; the traffic term moves the *calibrated* activation bytes (so GPT-2's extra
-    element-wise tensors, found by the memory fit, cost time too) ELEMENTWISE_PASSES times."""
-    out = {name: f.speed[name] for name in SPEED_TERMS if name in f.speed}
-    out["memory_traffic"] = (
-        f.speed["optimizer_traffic"] + ELEMENTWISE_PASSES * activation_bytes(memory_coef, f) * f.speed["per_byte"]
-    )
-    return out
+    """SPEED_TERMS for one plan (seconds at the device's peak and bandwidth, host ops, 1). `memory_coef` is
+    not used (kept for callers: older speed features moved the calibrated activation bytes)."""
+    return {name: float(f.speed[name]) for name in SPEED_TERMS}
 
 
 def speed_prediction(coef: dict[str, Any], f: Features) -> float:
@@ -256,15 +266,27 @@ class CalibratedEstimator:
         self.source = ("scaled:" if scaled else "calibrated:") + profile.id
         self.memory_coef = coef["memory"]
         self.speed_coef = {k: float(v) for k, v in coef["speed"].items()}
-        x1 = max(self.speed_coef["compute"], 1e-9)
+        missing = [name for name in SPEED_TERMS if name not in self.speed_coef]
+        missing += [name for name in MEMORY_COEFFICIENTS if name not in coef["memory"]]
+        if missing:
+            raise StaleProfileError(
+                f"profile {profile.id} has no coefficient for {', '.join(missing)}: it was fitted on an older "
+                "form of the calibrated model; refit it (python -m calibration.fit RUN_DIR) or calibrate again",
+                field="gpu",
+            )
+        x_gemm = max(self.speed_coef["gemm"], 1e-9)
         runtime = coef.get("runtime", {})
         self.coefficients = DeviceCoefficients(
             allocator_fragmentation=float(runtime.get("allocator_fragmentation", 0.0)),
             cuda_context_bytes=int(runtime.get("cuda_context_bytes", 0)),
-            mfu=1.0 / x1,
-            tokens_half_efficiency=self.speed_coef.get("compute_per_step", 0.0) / x1,
+            mfu=1.0 / x_gemm,
+            tokens_half_efficiency=0.0,  # the narrow and per-step terms carry what small steps lose
             bandwidth_efficiency=1.0,  # the fitted traffic coefficients are folded into the terms' traffic
-            layer_overhead_s=self.speed_coef.get("layer_passes_s", 0.0),
+            layer_overhead_s=0.0,  # per-op host time is the host_ops term
+            gpu_layer_overhead_s=0.0,
+            # a GPU: the fitted host seconds per op set the host-bound floor (the device layer's max());
+            # a CPU runs its ops inline: they are added with the other terms below
+            host_op_s=self.speed_coef["host_ops"],
         )
         self._base = AnalyticalEstimator(DEFAULT_COEFFICIENTS)
         self._calibrated: dict[tuple, tuple[ModelSpec, PlanTerms]] = {}
@@ -280,32 +302,39 @@ class CalibratedEstimator:
             return hit[1]
         base = self._base.plan_terms(model, plan, cpu)
         f = features(self._base, model, self.gpu, plan)
-        allocated, phase, parts = memory_prediction(self.memory_coef, f)
-        t = base.terms
-        components = {
-            "weights": int(t["weights"]),
-            "adapters": int(t["adapters"]),
-            "gradients": int(t["gradients"] if phase == "optimizer step" else t["accumulated_gradients"]),
-            "optimizer_states": int(t["optimizer_states"]),
-            "activations": int(parts.get("activations", 0.0)),
-            "logits": int(parts.get("logits", 0.0)),
-            "quant_temporaries": int(parts.get("quant_temporaries", 0.0)),
-            "adapter_temporaries": 0,  # not in the fitted model (no DoRA trials): see the fitted-range note
-        }
-        # everything but the matmul time at the fitted MFU (x1, x2) rides on the memory-bound term, as
-        # bytes at the device's bandwidth: traffic, narrow-matmul inefficiency, per-op overheads
-        # (layer overheads stay in the device coefficients' layer_overhead_s, as in the analytical model)
+        allocated, phase, mt = memory_prediction(self.memory_coef, f)
+        # the device layer charges every FLOP at the fitted GEMM efficiency (1/x_gemm); everything else rides
+        # on the memory-bound term, as seconds at the profiled device's bandwidth: the attention kernels' (SDPA
+        # and eager) difference from the GEMMs, narrow GEMMs, traffic, dequantisation, the loss, the per-step constant
+        # and, on a CPU, the host ops (a GPU takes them as its host-bound floor instead)
         sc = self.speed_coef
         x = speed_features(self.memory_coef, f)
-        rest = ("compute_narrow", "memory_traffic", "dequant_traffic", "adapter_passes_s", "step_s")
-        traffic = sum(sc.get(name, 0.0) * x[name] for name in rest) * self.gpu.memory_bandwidth_gbps * 1e9
+        rest = [
+            "narrow",
+            "traffic",
+            "optimizer_traffic",
+            "dequant_traffic",
+            "adapter_weight_traffic",
+            "logits",
+            "logits_fresh",
+            "step_s",
+        ] + (["host_ops"] if cpu else [])
+        seconds = (
+            sum(sc[name] * x[name] for name in rest)
+            + sc["attention"] * x["attention"]
+            + sc["eager_attention"] * x["eager_attention"]
+            - sc["gemm"] * f.speed["attention_in_flops"]
+        )
+        traffic = seconds * self.gpu.memory_bandwidth_gbps * 1e9
         terms = replace(
             base,
-            components=components,
+            components=dict(mt.components),  # the constant bytes show as runtime overhead
             allocated=allocated,
-            static=f.static,
+            static=mt.static,
             peak_phase=phase,
             memory_traffic_bytes=traffic,
+            speed=replace(base.speed, attention_flops_per_token=0.0),
+            allocator_slack=float("nan"),  # the profile's fitted fragmentation (runtime) stands for the slack
         )
         if len(self._calibrated) > 50_000:
             self._calibrated.clear()

@@ -11,6 +11,7 @@ from advisor.catalog import default_catalog
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.estimators.calibrated import CalibratedEstimator, nearest_profile
+from advisor.estimators.device import matmul_flops, wave_efficiency
 from advisor.plans import TrainingPlan
 from advisor.profiles import FittedRange, HeldOut, Profile, ProfileStore
 from advisor.service import AdvisorService
@@ -21,27 +22,21 @@ H100 = CAT.gpu("h100-sxm")
 LLAMA = CAT.model("llama-3.2-1b")
 
 
-def coefficients(compute: float = 2.0, traffic: float = 1.5, layer_s: float = 1e-4) -> dict:
-    unit = {"tail": 1.0, "logits": 1.0, "quant_temporaries": 1.0, "backward_transient": 1.0, "gradients": 0.0}
+def coefficients(compute: float = 2.0, traffic: float = 1.5, host_s: float = 1e-5) -> dict:
     return {
-        "memory": {
-            "no_checkpointing": {"blocks": {"llama": 1.1}, "attention_scores": {}, **unit, "fixed_bytes": 1e6},
-            "checkpointing": {
-                "recompute_block": {"llama": 1.0},
-                "attention_scores": {},
-                "residuals": 1.0,
-                **unit,
-                "fixed_bytes": 1e6,
-            },
-        },
+        "memory": {"activation_scale": {"llama": 1.1}, "logits_scale": 1.0, "fixed_bytes": 1e6},
         "speed": {
-            "compute": compute,
-            "compute_per_step": 0.0,
-            "compute_narrow": 0.0,
-            "memory_traffic": traffic,
+            "gemm": compute,
+            "narrow": 0.0,
+            "attention": compute,
+            "eager_attention": compute,
+            "traffic": traffic,
+            "optimizer_traffic": traffic,
             "dequant_traffic": 2.0,
-            "layer_passes_s": layer_s,
-            "adapter_passes_s": 0.0,
+            "adapter_weight_traffic": 1.5,
+            "logits": 1.0,
+            "logits_fresh": 0.0,
+            "host_ops": host_s,
             "step_s": 0.0,
         },
         "runtime": {"allocator_fragmentation": 0.1, "cuda_context_bytes": 600 * 2**20},
@@ -126,11 +121,13 @@ def test_calibrated_estimator_on_its_device():
     assert m.reserved_peak_bytes >= m.allocated_peak_bytes
     assert sum(m.components.values()) == m.device_total_bytes
     assert any(n.startswith("calibrated on NVIDIA A100") for n in e.notes)
-    # compute at mfu 1/2 of the catalog peak, 1.5x the bandwidth time, 1e-4 s per layer and pass
+    # compute: every FLOP at mfu 1/2 of the card's achievable matmul rate, in the device layer's waves of tiles
     a = AnalyticalEstimator()
     terms = a.terms(LLAMA, plan(A100))
     tokens = 2 * 1024
-    compute = 2.0 * tokens * terms["flops_per_token"] / (A100.bf16_tflops * 1e12)
+    speed = a.plan_terms(LLAMA, plan(A100)).speed
+    wave = float(wave_efficiency(tokens, speed.gemm_n, A100.sm_count))
+    compute = 2.0 * tokens * terms["flops_per_token"] / matmul_flops(A100, "bf16") / wave
     assert e.speed.compute_s == pytest.approx(compute, rel=1e-9)
 
 
@@ -143,7 +140,11 @@ def test_scaled_rule_keeps_efficiencies_and_applies_the_targets_peak_and_bandwid
     assert scaled.source == "scaled:a100-80gb-20260101-000000"
     src = svc.estimator_for(A100).estimate(LLAMA, A100, plan(A100))
     dst = scaled.estimate(LLAMA, H100, plan(H100))
-    assert dst.speed.compute_s / src.speed.compute_s == pytest.approx(A100.bf16_tflops / H100.bf16_tflops, rel=1e-9)
+    # compute scales with the peak ratio (and the device layer's wave quantisation on each card's SMs)
+    speed = AnalyticalEstimator().plan_terms(LLAMA, plan(A100)).speed
+    waves = [float(wave_efficiency(2 * 1024, speed.gemm_n, g.sm_count)) for g in (A100, H100)]
+    ratio = matmul_flops(A100, "bf16") / matmul_flops(H100, "bf16") * waves[0] / waves[1]
+    assert dst.speed.compute_s / src.speed.compute_s == pytest.approx(ratio, rel=1e-9)
     bw = A100.memory_bandwidth_gbps / H100.memory_bandwidth_gbps
     assert dst.speed.memory_bound_s / src.speed.memory_bound_s == pytest.approx(bw, rel=1e-9)
     # the memory coefficients carry over: same allocated peak
@@ -216,3 +217,18 @@ def test_a_profile_fitted_on_other_terms_is_refused_loudly(tmp_path):
     assert not ok and "a100-80gb-20260101-000000" in detail
     # other devices are not affected (the stale profile is not used for the scaled rule either)
     assert svc.estimate(LLAMA, H100, plan(H100)).estimate.source == "analytical"
+
+
+def test_a_profile_of_an_older_calibrated_form_is_refused():
+    """Profiles fitted before the calibrated model became corrections of the analytical terms (free per-phase
+    memory regressions, compute/layer_passes_s speed terms) are refused by name, not read with silent defaults."""
+    from advisor.estimators.calibrated import StaleProfileError
+
+    old = coefficients()
+    old["speed"] = {"compute": 2.0, "compute_per_step": 0.0, "memory_traffic": 1.5, "layer_passes_s": 1e-4}
+    with pytest.raises(StaleProfileError, match="gemm"):
+        CalibratedEstimator(replace(profile(), coefficients=old))
+    old = coefficients()
+    old["memory"] = {"no_checkpointing": {"blocks": {"llama": 1.0}}, "checkpointing": {}}
+    with pytest.raises(StaleProfileError, match="activation_scale"):
+        CalibratedEstimator(replace(profile(), coefficients=old))

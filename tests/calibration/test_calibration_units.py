@@ -146,7 +146,7 @@ def test_gpu_design_reaches_a_real_fraction_of_the_card():
         assert plan.dtype == "bf16"
         fractions.append(est.estimate(spec, h100, plan).memory.device_total_bytes / h100.memory_bytes)
     assert max(fractions) > 0.6 and max(fractions) <= 0.85
-    assert {TrainingPlan.from_dict(t.plan).method for t in trials} == {"full", "lora", "qlora"}
+    assert {TrainingPlan.from_dict(t.plan).method for t in trials} == {"full", "lora", "qlora", "dora"}
 
 
 def test_trial_failures_are_classified():
