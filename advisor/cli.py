@@ -1,6 +1,10 @@
 """advisor: models | gpus | estimate | recommend (and the edges added by later issues).
 
 Readable tables by default, JSON with --json. Bad input: one line naming the flag, exit code 2.
+`estimate` and `recommend` carry the verdict in the exit code (with --json too), so
+`advisor estimate ... && accelerate launch ...` only launches a plan that fits with its error band:
+0 fits, 1 does not fit or its memory band crosses the GPU's memory (recommend: no plan fits with its
+band), 2 bad input.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from advisor.api import views
 from advisor.calibrate_cli import positive_int  # the argparse type both command sets use
 from advisor.catalog import build_catalog
 from advisor.errors import AdvisorError
+from advisor.estimators.uncertainty import BAND_CROSSES, FITS
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import PLAN_FIELDS, make_plan
 from advisor.recommend import OBJECTIVES, Constraints
@@ -47,6 +52,19 @@ FLAGS = {
     "source": "--source",
     **calibrate_cli.FLAGS,
 }
+
+
+#: exit codes of `estimate` and `recommend` (what a shell guard reads)
+EXIT_FITS, EXIT_NO_FIT, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_CODES_HELP = (
+    "exit status: 0 the plan fits with its error band; 1 it does not fit, or its memory band (the p90 error the "
+    "benches measured for this kind of estimate) crosses the GPU's memory; 2 bad input. "
+    "So `advisor estimate ... && accelerate launch ...` only launches a plan that fits."
+)
+RECOMMEND_EXIT_HELP = (
+    "exit status: 0 at least one plan fits with its error band; 1 no plan fits, or every plan's memory band "
+    "crosses its GPU's memory; 2 bad input."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gpus", help="list catalog GPUs with prices")
     _catalog_args(p)
 
-    p = sub.add_parser("estimate", help="memory breakdown and speed of one plan")
+    p = sub.add_parser(
+        "estimate",
+        help="memory breakdown and speed of one plan (exit 0 fits, 1 does not fit or band crosses, 2 bad input)",
+        description="Memory breakdown, error band and speed of one plan. " + EXIT_CODES_HELP,
+    )
     p.add_argument("--model", required=True, help="catalog name, HF id, path to config.json, or a size like 13B")
     p.add_argument("--gpu", required=True)
     _plan_args(p)
@@ -151,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _catalog_args(p)
 
-    p = sub.add_parser("recommend", help="ranked plans for a model, GPU and workload")
+    p = sub.add_parser(
+        "recommend",
+        help="ranked plans for a model, GPU and workload (exit 0 a plan fits, 1 none fits, 2 bad input)",
+        description="Ranked plans for a model, GPU and workload. " + RECOMMEND_EXIT_HELP,
+    )
     p.add_argument("--model", required=True)
     p.add_argument(
         "--gpu", action="append", default=None, help="GPU id or alias (repeat for several); default: every catalog GPU"
@@ -235,9 +261,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     plan = make_plan(args.method, gpu, **fields)
     workload = Workload.given(seq_len=plan.seq_len)  # for the hours and cost; its assumptions are stated
     res = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source, workload=workload)
+    code = EXIT_FITS if res.estimate.memory.verdict == FITS else EXIT_NO_FIT
     if args.json:
         print(json.dumps(views.as_json(views.estimate_response(res)), indent=1))
-        return 0
+        return code
     est, mem, speed = res.estimate, res.estimate.memory, res.estimate.speed
     print(
         f"{model.name} ({model.param_count / 1e9:.2f}B params) · {plan.method} on {plan.num_gpus}x {gpu.name} · "
@@ -247,19 +274,27 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     rows = [[k, f"{v / GIB:.2f}"] for k, v in mem.components.items()]
     rows.append(["= peak (device total)", f"{mem.device_total_bytes / GIB:.2f}"])
     print(_table(rows, ["memory per GPU", "GiB"]))
-    verdict = "FITS" if mem.fits else "DOES NOT FIT"
+    verdict = {FITS: "FITS", BAND_CROSSES: "MAY NOT FIT"}.get(mem.verdict, "DOES NOT FIT")
     print(
         f"{verdict}: {mem.device_total_bytes / GIB:.2f} of {mem.device_bytes / GIB:.2f} GiB "
         f"(headroom {mem.headroom_bytes / GIB:.2f} GiB; allocated peak {mem.allocated_peak_bytes / GIB:.2f}, "
         f"reserved {mem.reserved_peak_bytes / GIB:.2f}; peak during {mem.peak_phase})"
     )
+    print(f"band: {mem.verdict_reason}")
+    if mem.band is not None:
+        print(f"band basis: {mem.band.basis}")
     if mem.paged_bytes:
         print(f"paged optimiser states: {mem.paged_bytes / GIB:.2f} GiB in unified memory (not counted above)")
     phases = getattr(est, "phases", None)  # a simulated estimate's traced phases
     if phases:
         print("traced live GiB: " + " · ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in phases.items()))
+    step_band = (
+        f" (band {speed.step_time_low_s:.3f}-{speed.step_time_high_s:.3f} s, p90 {speed.band.p90_pct:.1f}%)"
+        if speed.band is not None and speed.band.p90_pct is not None
+        else " (no step-time band: " + (speed.band.basis if speed.band else "none") + ")"
+    )
     print(
-        f"step time {speed.step_time_s:.3f} s · {speed.tokens_per_s:.0f} tokens/s · MFU {speed.mfu:.2f} · "
+        f"step time {speed.step_time_s:.3f} s{step_band} · {speed.tokens_per_s:.0f} tokens/s · MFU {speed.mfu:.2f} · "
         f"source {est.source}"
     )
     if res.claim is not None:
@@ -267,7 +302,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         print(f"claim {c.claimed_gib:.2f} GiB: {'possible' if c.possible else 'IMPOSSIBLE'}: {c.reason}")
     for n in est.notes:
         print(f"note: {n}")
-    return 0
+    return code
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -284,9 +319,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     res = svc.recommend(req)
+    safe = any(r.candidate.estimate.memory.verdict == FITS for r in res.recommendation.plans)
+    code = EXIT_FITS if safe else EXIT_NO_FIT
     if args.json:
         print(json.dumps(views.as_json(views.recommend_response(res)), indent=1))
-        return 0
+        return code
     rec, m = res.recommendation, res.model
     print(
         f"{m.name} ({m.param_count / 1e9:.3f}B params) · objective {rec.objective} · "
@@ -309,7 +346,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                     p.micro_batch,
                     "on" if p.grad_checkpointing else "off",
                     p.optimizer,
-                    f"{e.memory.device_total_bytes / GIB:.1f}",
+                    f"{e.memory.device_total_bytes / GIB:.1f}" + ("!" if e.memory.verdict == BAND_CROSSES else ""),
+                    f"{e.memory.low_bytes / GIB:.1f}-{e.memory.high_bytes / GIB:.1f}",
                     f"{e.speed.step_time_s:.2f}",
                     f"{e.speed.tokens_per_s:.0f}",
                     f"{c.cost.hours:.2f}",
@@ -319,9 +357,25 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(
             _table(
                 rows,
-                ["#", "method", "gpus", "lora", "mb", "ckpt", "optimizer", "peak GiB", "step s", "tok/s", "hours", "$"],
+                [
+                    "#",
+                    "method",
+                    "gpus",
+                    "lora",
+                    "mb",
+                    "ckpt",
+                    "optimizer",
+                    "peak GiB",
+                    "band GiB",
+                    "step s",
+                    "tok/s",
+                    "hours",
+                    "$",
+                ],
             )
         )
+        if any(r.candidate.estimate.memory.verdict == BAND_CROSSES for r in rec.plans):
+            print("!: the memory band crosses the GPU's memory (may run out of memory); ranked after the safe plans")
         print(f"why #1: {rec.plans[0].why}")
     else:
         print("no plan fits.")
@@ -329,7 +383,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         print(f"rejected {r.group}: {r.reason}. {r.to_fix}")
     for n in rec.notes:
         print(f"note: {n}")
-    return 0
+    return code
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -351,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdvisorError as exc:
         flag = FLAGS.get(exc.field or "", exc.field or "input")
         print(f"advisor {args.command}: error: {flag}: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ import numpy as np
 from advisor.cost import DEFAULT_CONVERGENCE, CostEstimate, estimate_cost
 from advisor.errors import InvalidInputError
 from advisor.estimators import device as dev
+from advisor.estimators import uncertainty as unc
 from advisor.estimators.base import Estimate, Estimator, estimate_of
-from advisor.estimators.terms import PlanTerms
+from advisor.estimators.terms import PlanTerms, SpeedCounts
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec, Workload
@@ -75,6 +76,7 @@ class Recommendation:
     n_candidates: int
     n_feasible: int
     notes: list[str] = field(default_factory=list)
+    n_risky: int = 0  # feasible candidates whose memory band crosses the GPU's memory
     smallest_single_gpu_gib: dict[str, float] = field(default_factory=dict)  # per method, for the study notes
 
 
@@ -88,8 +90,12 @@ def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
     p, m = c.plan, c.estimate.memory
     knobs = f"micro-batch {p.micro_batch}, {'with' if p.grad_checkpointing else 'no'} checkpointing, {p.optimizer}"
     fit = f"peak {m.device_total_bytes / GIB:.1f} of {m.device_bytes / GIB:.1f} GiB"
+    if m.band is not None and m.band.p90_pct is not None:
+        fit += f" (band {m.low_bytes / GIB:.1f}-{m.high_bytes / GIB:.1f})"
     cost = "" if c.cost.cost_usd is None else f", ${c.cost.cost_usd:,.2f}"
     head = f"{p.method} on {p.num_gpus}x {c.gpu.name}: {fit}, {c.cost.hours:.2f} h{cost} ({knobs})"
+    if m.verdict == unc.BAND_CROSSES:
+        head = f"RISKY, the memory band crosses the card: {head}"
     if best is None or best is c:
         lead = {
             "cost": "cheapest plan that fits",
@@ -117,6 +123,7 @@ class TermColumns:
     tokens: np.ndarray
     ngpu: np.ndarray
     method: np.ndarray  # index into METHOD_NAMES
+    slack: np.ndarray  # the plans' allocator slack (PlanTerms.allocator_slack; NaN: the device's transient share)
 
 
 @dataclass
@@ -125,6 +132,7 @@ class PlanTable(TermColumns):
 
     shapes: list[TrainingPlan]  # gpu_id left empty
     terms: list[PlanTerms]
+    speed: SpeedCounts  # the terms' other speed counts, one array per field
     group: np.ndarray  # index into group_names
     group_names: list[str]
 
@@ -136,6 +144,7 @@ def build_table(estimator: Estimator, model: ModelSpec, shapes: list[TrainingPla
     return PlanTable(
         shapes=shapes,
         terms=terms,
+        speed=SpeedCounts.stack([c.speed for c in terms]),
         alloc=np.array([c.allocated for c in terms]),
         static=np.array([c.static for c in terms]),
         fpt=np.array([c.flops_per_token for c in terms]),
@@ -145,6 +154,7 @@ def build_table(estimator: Estimator, model: ModelSpec, shapes: list[TrainingPla
         tokens=np.array([p.micro_batch * p.seq_len for p in shapes], dtype=float),
         ngpu=np.array([p.num_gpus for p in shapes], dtype=float),
         method=np.array([METHOD_NAMES.index(p.method) for p in shapes]),
+        slack=np.array([c.allocator_slack for c in terms], dtype=float),
         group=np.array(group),
         group_names=list(names),
     )
@@ -187,6 +197,7 @@ class SearchTable(TermColumns):
 
     parts: list[tuple[GpuSpec, str, PlanTable, Estimator]]
     device: dev.DeviceColumns
+    speed: SpeedCounts  # the plans' other speed counts (``PlanTable.speed``), rows in this table's order
     price: np.ndarray  # $/GPU-hour, inf where the GPU has no price
     single: np.ndarray  # one GPU per plan
     part: np.ndarray  # which GPU (index into parts) each row is on
@@ -196,8 +207,17 @@ class SearchTable(TermColumns):
     by_part_group: _Segments  # (GPU, group): the best plan of each
     by_group: _Segments  # group across GPU types: the closest plan of each rejected group
     group_size: dict[str, int]
+    #: per row, the memory band's upper end over the estimate (1 / (1 - p90) of its source and kind of plan)
+    mem_high: np.ndarray
     _estimates: dict[int, Estimate] = field(default_factory=dict)
     _evaluation: dev.Evaluation | None = None
+    _band_over: np.ndarray | None = None
+
+    def band_over(self, layers: int) -> np.ndarray:
+        """Rows whose memory band's upper end is over the GPU's memory (made once, like the evaluation)."""
+        if self._band_over is None:
+            self._band_over = self.evaluation(layers).total * self.mem_high > self.device.memory_bytes
+        return self._band_over
 
     def evaluation(self, layers: int) -> dev.Evaluation:
         """The device layer over every row (independent of the workload and the objective: made once)."""
@@ -213,6 +233,8 @@ class SearchTable(TermColumns):
                 self.tokens,
                 self.ngpu,
                 layers,
+                self.speed,
+                allocator_slack=self.slack,
             )
         return self._evaluation
 
@@ -246,6 +268,7 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
         return np.concatenate([getattr(t, name) for _, _, t, _ in tables])
 
     group = np.concatenate(groups)
+    mem_high = np.concatenate([_mem_high(gpu, t, estimator) for gpu, _, t, estimator in tables])
     part = np.repeat(np.arange(len(tables)), sizes)
     # rows by GPU, then by group within it (stable): the best-per-group passes need no gathers
     order = np.argsort(part * len(names) + group, kind="stable")
@@ -259,6 +282,12 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
         **{f.name: col(f.name)[order] for f in fields(TermColumns)},
         parts=list(tables),
         device=dev.DeviceColumns(**{f.name: getattr(device, f.name)[order] for f in fields(dev.DeviceColumns)}),
+        speed=SpeedCounts(
+            **{
+                f: np.concatenate([getattr(t.speed, f) for _, _, t, _ in tables])[order]
+                for f in SpeedCounts.__dataclass_fields__
+            }
+        ),
         price=price.astype(float)[order],
         single=ngpu == 1,
         part=part,
@@ -268,7 +297,23 @@ def stack_tables(tables: list[tuple[GpuSpec, str, PlanTable, Estimator]]) -> Sea
         by_part_group=_Segments(part * len(group_names) + group),
         by_group=_Segments(group),
         group_size={group_names[g]: int(c) for g, c in zip(labels, counts, strict=True)},
+        mem_high=mem_high[order],
     )
+
+
+def _mem_high(gpu: GpuSpec, t: PlanTable, estimator: Estimator) -> np.ndarray:
+    """Per candidate of one GPU, the memory band's upper end as a multiple of the estimate: one band lookup
+    per kind of plan (method x stack x scale), not per row."""
+    cpu = gpu.gpu_class == "cpu"
+    kinds: dict[tuple[str, str, int], float] = {}
+    out = np.empty(len(t.shapes))
+    for i, p in enumerate(t.shapes):
+        k = (p.method, p.framework, min(p.num_gpus, 2))
+        f = kinds.get(k)
+        if f is None:
+            f = kinds[k] = unc.band_for(estimator.source, "memory", p.method, p.framework, p.num_gpus, cpu).high(1.0)
+        out[i] = f
+    return out
 
 
 def search(
@@ -299,9 +344,17 @@ def search(
     dl_ok = hours <= constraints.deadline_hours if constraints.deadline_hours is not None else everything
     bud_ok = cost <= constraints.max_budget_usd if constraints.max_budget_usd is not None else everything
     ok = mem_ok & dl_ok & bud_ok
+    # a plan whose memory band crosses the card may run out of memory: within its group a safe plan is
+    # preferred to it, and it ranks after every safe plan (flagged in its verdict and `why`)
+    risky = ok & t.band_over(model.total_layers)
     keys = {"cost": (cost, hours), "time": (hours, cost), "fit": (t.ngpu, hours, cost)}[objective]
-    rows = t.by_part_group.best(ok, *keys)
-    ranked_rows = rows[np.lexsort(tuple(k[rows] for k in reversed(keys)))][:limit] if rows.size else rows
+    ranking = (risky, *keys) if risky.any() else keys  # no risky row: the extra key would change nothing
+    rows = t.by_part_group.best(ok, *ranking)
+    if rows.size:
+        order = np.lexsort(tuple(k[rows] for k in reversed(ranking)))
+        ranked_rows = rows[order][:limit]
+    else:
+        ranked_rows = rows
     feasible_groups = set(np.unique(t.group[rows]).tolist())
 
     def materialise(row: int) -> Candidate:
@@ -337,6 +390,7 @@ def search(
         rejected=rejections,
         n_candidates=len(t.alloc),
         n_feasible=int(ok.sum()),
+        n_risky=int(risky.sum()),
         smallest_single_gpu_gib=smallest,
     )
 

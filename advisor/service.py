@@ -12,8 +12,9 @@ from advisor.catalog import Catalog, default_catalog, model_from_config, resolve
 from advisor.cost import CostEstimate
 from advisor.errors import InvalidInputError
 from advisor.estimators.analytical import AnalyticalEstimator
-from advisor.estimators.base import Estimate, Estimator
+from advisor.estimators.base import Estimate, Estimator, with_bands
 from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError, nearest_profile
+from advisor.estimators.uncertainty import FITS
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_shapes
 from advisor.profiles import ProfileStore
@@ -157,7 +158,7 @@ class AdvisorService:
         context_note = model.check_seq_len(plan.seq_len, field="plan.seq_len")
         if source == "simulated":
             try:
-                est = self.simulated().estimate(model, gpu, plan)
+                est = with_bands(self.simulated().estimate(model, gpu, plan), gpu)  # the trace's own error band
             except (RuntimeError, TimeoutError) as exc:
                 raise InvalidInputError(f"{exc}; the analytical source answers at once", field="source") from exc
         else:
@@ -258,6 +259,16 @@ class AdvisorService:
             rec.notes.append(context_note)
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
+        elif all(r.candidate.estimate.memory.verdict != FITS for r in rec.plans):
+            rec.notes.append(
+                "every plan's memory band crosses its GPU's memory: they may run out of memory (see each plan's "
+                "verdict_reason); more GPUs, a larger card or a lighter method leave a margin"
+            )
+        elif rec.n_risky:
+            rec.notes.append(
+                f"{rec.n_risky} feasible candidates have a memory band that crosses the GPU's memory: each group keeps "
+                "a safe plan where it has one, and risky plans rank after every safe one"
+            )
         simulations = None
         if req.simulate_top:
             from advisor.simulated import simulate_ranked

@@ -51,7 +51,7 @@ def test_recommend_json_plans_first_to_last(capsys):
     )
     d = json.loads(out)
     assert code == 0 and d["plans"][0]["rank"] == 1
-    hours = [p["hours"] for p in d["plans"]]
+    hours = [(p["verdict"] != "fits", p["hours"]) for p in d["plans"]]
     assert hours == sorted(hours)
     assert "cost_usd" in d["plans"][0] and "peak_memory_gib" in d["plans"][0]
 
@@ -104,3 +104,61 @@ def test_models_and_gpus(capsys):
     assert code == 0 and "llama-2-70b" in out
     code, out, _ = run(capsys, "gpus", "--json")
     assert any(g["id"] == "rtx-4090" for g in json.loads(out))
+
+
+# ---- exit codes carry the verdict (0 fits, 1 does not fit or the band crosses, 2 bad input) -----------
+from advisor.estimators import uncertainty as unc  # noqa: E402
+
+QLORA_4090 = ["estimate", "--model", "llama-2-7b", "--gpu", "4090", "--method", "qlora", "--micro-batch", "4"]
+
+
+def wide_band(monkeypatch, p90_pct: float) -> None:
+    """Every estimate gets a band of `p90_pct` (the committed table's numbers change as the benches do)."""
+    band = unc.ErrorBand(p90_pct, 99, "test band")
+    monkeypatch.setattr(unc, "band_for", lambda *a, **k: band)
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_estimate_exit_code_is_the_verdict(capsys, monkeypatch, json_flag):
+    wide_band(monkeypatch, 10.0)
+    code, out, _ = run(capsys, *QLORA_4090, *json_flag)  # ~14 GiB of 24: the whole band fits
+    assert code == 0 and ("FITS" in out or json.loads(out)["verdict"] == "fits")
+    # full fine-tuning of 7B on a 24 GB card does not fit: exit 1 (it exited 0 before), with --json too
+    code, out, _ = run(capsys, "estimate", "--model", "llama-2-7b", "--gpu", "4090", "--method", "full", *json_flag)
+    assert code == 1 and ("DOES NOT FIT" in out or json.loads(out)["verdict"] == "does_not_fit")
+    # the estimate fits but its band's upper end (14 / (1 - 0.5) = 29 GiB) does not: exit 1
+    wide_band(monkeypatch, 50.0)
+    code, out, _ = run(capsys, *QLORA_4090, *json_flag)
+    if json_flag:
+        d = json.loads(out)
+        assert d["fits"] is True and d["verdict"] == "band_crosses_limit"
+        assert d["peak_memory_band_gib"]["high"] > d["device_memory_gib"] > d["peak_memory_gib"]
+    else:
+        assert "MAY NOT FIT" in out and "crosses" in out
+    assert code == 1
+    # bad input: 2
+    code, _, err = run(capsys, "estimate", "--model", "llama-2-7bb", "--gpu", "4090", "--method", "lora", *json_flag)
+    assert code == 2 and "--model" in err
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_recommend_exit_code_is_1_when_no_plan_fits(capsys, json_flag):
+    argv = ["recommend", "--model", "llama-65b", "--gpu", "4090", "--max-gpus", "1", "--methods", "full"]
+    code, out, _ = run(capsys, *argv, *json_flag)
+    assert code == 1  # "no plan fits" exited 0 before
+    assert "no plan fits" in out if not json_flag else json.loads(out)["plans"] == []
+    code, _, _ = run(capsys, "recommend", "--model", "llama-2-7b", "--gpu", "a100-80gb", *json_flag)
+    assert code == 0
+
+
+def test_recommend_exit_code_is_1_when_every_plan_may_run_out_of_memory(capsys, monkeypatch):
+    wide_band(monkeypatch, 89.0)  # every upper end is 9x its estimate: no plan on one 4090 is safe
+    code, out, _ = run(capsys, "recommend", "--model", "llama-2-7b", "--gpu", "4090", "--max-gpus", "1")
+    assert code == 1 and "!" in out and "may run out of memory" in out
+
+
+def test_help_documents_the_exit_codes(capsys):
+    for cmd in ("estimate", "recommend"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "exit status: 0" in capsys.readouterr().out

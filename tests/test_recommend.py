@@ -3,6 +3,7 @@
 import pytest
 
 from advisor.errors import InvalidInputError
+from advisor.estimators.uncertainty import FITS
 from advisor.recommend import Constraints
 from advisor.service import AdvisorService, RecommendRequest
 from advisor.specs import Workload
@@ -13,6 +14,10 @@ SVC = AdvisorService()
 def rec(model, gpus, objective="cost", **kw):
     constraints = Constraints(**kw)
     return SVC.recommend(RecommendRequest(model=model, gpus=gpus, objective=objective, constraints=constraints))
+
+
+def risky(ranked) -> bool:
+    return ranked.candidate.estimate.memory.verdict != FITS
 
 
 def methods(r):
@@ -76,10 +81,11 @@ def test_whole_catalog_search_evaluates_thousands_of_plans():
 
 def test_ranking_follows_the_objective():
     r = rec("llama-2-7b", ("a100-80gb", "rtx-4090", "h100-sxm"), objective="cost")
-    costs = [p.candidate.cost.cost_usd for p in r.recommendation.plans]
+    # safe plans first (a plan whose memory band crosses its GPU's memory ranks after them), each by the objective
+    costs = [(risky(p), p.candidate.cost.cost_usd) for p in r.recommendation.plans]
     assert costs == sorted(costs)
     r = rec("llama-2-7b", ("a100-80gb", "rtx-4090", "h100-sxm"), objective="time")
-    hours = [p.candidate.cost.hours for p in r.recommendation.plans]
+    hours = [(risky(p), p.candidate.cost.hours) for p in r.recommendation.plans]
     assert hours == sorted(hours)
 
 

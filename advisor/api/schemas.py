@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, create_model, model_validator
 
+from advisor.estimators.uncertainty import VERDICTS
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES
 from advisor.plans import ATTENTIONS, FRAMEWORKS, OPTIMIZERS, PLAN_FIELDS, SHARDINGS
 from advisor.units import DTYPES
@@ -25,6 +26,7 @@ Attention = Literal[ATTENTIONS]  # type: ignore[valid-type]
 Sharding = Literal[SHARDINGS]  # type: ignore[valid-type]
 Framework = Literal[FRAMEWORKS]  # type: ignore[valid-type]
 Objective = Literal["cost", "time", "fit"]
+Verdict = Literal[VERDICTS]  # type: ignore[valid-type]
 EstimateSource = Literal["auto", "analytical", "simulated"]
 
 _SEGMENT = r"[A-Za-z0-9][A-Za-z0-9 ()+,._:@-]*"
@@ -254,10 +256,11 @@ def _plan_field(f: Any, for_input: bool) -> tuple[Any, Any]:
         ann: Any = GpuName if for_input else str
     elif meta["choices"]:
         ann = Literal[meta["choices"]]  # type: ignore[valid-type]
-    elif f.name == "lora_targets":
-        ann = list[LoraTarget] if for_input else list[str]
     elif f.name == "notes":
         ann = list[Annotated[str, StringConstraints(max_length=1000)]] if for_input else list[str]
+    elif isinstance(f.default, tuple):  # lora_targets, modules_to_save: a JSON list (of its items, when given)
+        item: Any = Literal[meta["items"]] if meta.get("items") else LoraTarget  # type: ignore[valid-type]
+        ann = list[item] if for_input else list[str]
     else:
         ann = type(f.default)
     if not for_input:
@@ -268,10 +271,10 @@ def _plan_field(f: Any, for_input: bool) -> tuple[Any, Any]:
         kw.update(ge=lo, le=hi) if incl else kw.update(ge=lo, lt=hi)
         if isinstance(f.default, float):
             kw["allow_inf_nan"] = False
-    if f.name == "lora_targets":
-        kw.update(default_factory=lambda: list(f.default), min_length=1, max_length=64)
-    elif f.name == "notes":
+    if f.name == "notes":
         kw.update(default_factory=list, max_length=32)
+    elif isinstance(f.default, tuple):
+        kw.update(default_factory=lambda: list(f.default), min_length=1 if f.default else 0, max_length=64)
     elif resolved:
         return ann | None, Field(None, **kw)
     elif f.name == "method":
@@ -360,6 +363,17 @@ class ModelSummary(BaseModel):
     note: str
 
 
+class ErrorBandOut(BaseModel):
+    """Where the real value may lie: the estimate x over 1 + p90 to x over 1 - p90, with p90 the 90th
+    percentile of |predicted - measured| / measured that the benches saw for this source and kind of plan."""
+
+    low: float
+    high: float
+    p90_pct: float | None = Field(description="null when no bench measures this kind of plan (low = high = x)")
+    n: int = Field(description="bench rows behind p90_pct")
+    basis: str = Field(description="the cell of the band table, its bench files, and any fall-back to a coarser cell")
+
+
 class EstimateFields(BaseModel):
     """Memory (per GPU, GiB) and speed of one plan, and which estimator produced them."""
 
@@ -370,11 +384,18 @@ class EstimateFields(BaseModel):
     reserved_peak_gib: float
     device_memory_gib: float
     headroom_gib: float
-    fits: bool
+    fits: bool = Field(description="the estimate is within the device's memory (also when its band crosses it)")
+    verdict: Verdict = Field(
+        description="fits: the whole memory band is under the device's memory; band_crosses_limit: the estimate "
+        "fits but the band's upper end does not (may run out of memory); does_not_fit: the estimate is over"
+    )
+    verdict_reason: str
+    peak_memory_band_gib: ErrorBandOut = Field(description="band of peak_memory_gib")
     peak_phase: str
     paged_optimizer_gib: float
     breakdown_gib: dict[str, float] = Field(description="named components summing to peak_memory_gib")
     step_time_s: float
+    step_time_band_s: ErrorBandOut = Field(description="band of step_time_s")
     tokens_per_s: float
     flops_per_token: float
     time_split_s: TimeSplit
@@ -434,6 +455,7 @@ class RecommendResponse(BaseModel):
     )
     candidates_evaluated: int
     candidates_feasible: int
+    candidates_risky: int = Field(description="feasible candidates whose memory band crosses the GPU's memory")
     assumptions: list[str] = Field(description="defaults assumed for what the request left out")
     notes: list[str]
     simulations: list[SimulationOut] | None = Field(None, description="only when simulate_top > 0")
@@ -479,6 +501,13 @@ class GpuOut(BaseModel):
     price_source: str
     spec_source: str
     note: str
+    sm_count: int | None = Field(None, description="streaming multiprocessors (wave quantisation of matmuls)")
+    peer_link: str = Field("pcie", description="GPU-to-GPU link: nvlink | pcie | pcie-host (no peer-to-peer)")
+    link_source: str = Field("", description="where sm_count and peer_link come from")
+    matmul_tflops_measured: float | None = Field(
+        None, description="sustained dense half-precision matmul TFLOP/s measured on the card (null: none published)"
+    )
+    matmul_source: str = Field("", description="where matmul_tflops_measured comes from")
 
 
 class GpuList(BaseModel):

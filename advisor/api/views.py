@@ -15,6 +15,7 @@ from typing import Any
 from advisor.api import schemas as S
 from advisor.cost import CostEstimate
 from advisor.estimators.base import Estimate
+from advisor.estimators.uncertainty import ErrorBand
 from advisor.plans import TrainingPlan
 from advisor.recommend import RankedPlan, Rejection
 from advisor.service import EstimateResult, RecommendResult
@@ -53,6 +54,18 @@ def workload_out(w: Workload) -> dict[str, Any]:
     }
 
 
+def band_out(value: float, band: ErrorBand | None, scale: float, digits: int) -> dict[str, Any]:
+    """An ErrorBandOut of `value` (bytes or seconds) in the display unit (`value / scale`)."""
+    b = band or ErrorBand(None, 0, "no band attached")
+    return {
+        "low": round(b.low(value) / scale, digits),
+        "high": round(b.high(value) / scale, digits),
+        "p90_pct": b.p90_pct,
+        "n": b.n,
+        "basis": b.basis,
+    }
+
+
 def estimate_fields(e: Estimate) -> dict[str, Any]:
     """The EstimateFields of one estimate (a simulated one adds its traced phases)."""
     m, s = e.memory, e.speed
@@ -65,10 +78,14 @@ def estimate_fields(e: Estimate) -> dict[str, Any]:
         "device_memory_gib": _gib(m.device_bytes),
         "headroom_gib": _gib(m.headroom_bytes),
         "fits": m.fits,
+        "verdict": m.verdict,
+        "verdict_reason": m.verdict_reason,
+        "peak_memory_band_gib": band_out(m.device_total_bytes, m.band, GIB, 3),
         "peak_phase": m.peak_phase,
         "paged_optimizer_gib": _gib(m.paged_bytes),
         "breakdown_gib": {k: _gib(v) for k, v in m.components.items()},
         "step_time_s": round(s.step_time_s, 4),
+        "step_time_band_s": band_out(s.step_time_s, s.band, 1.0, 4),
         "tokens_per_s": round(s.tokens_per_s, 1),
         "flops_per_token": s.flops_per_token,
         "time_split_s": {
@@ -148,6 +165,7 @@ def recommend_response(res: RecommendResult, extra_assumptions: list[str] | None
             "rejected": [rejection(r) for r in rec.rejected],
             "candidates_evaluated": rec.n_candidates,
             "candidates_feasible": rec.n_feasible,
+            "candidates_risky": rec.n_risky,
             "assumptions": [*res.assumptions, *(extra_assumptions or [])],
             "notes": list(rec.notes),
             "simulations": res.simulations,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from advisor.estimators import device as dev
+from advisor.estimators import uncertainty as unc
 from advisor.estimators.terms import PlanTerms
 from advisor.plans import TrainingPlan
 from advisor.specs import GpuSpec, ModelSpec
@@ -37,14 +38,38 @@ class MemoryEstimate:
     paged_bytes: int  # paged optimiser states: unified memory, may spill to host RAM, not in the totals
     peak_phase: str  # "forward/backward" or "optimizer step"
     device_bytes: int
+    #: how far the device total may be from the real run (``advisor.estimators.uncertainty``); None only
+    #: before ``with_bands`` attached it
+    band: unc.ErrorBand | None = None
 
     @property
     def fits(self) -> bool:
+        """The point estimate is within the device's memory (True also when the band crosses the limit:
+        ``verdict`` tells the two apart)."""
         return self.device_total_bytes <= self.device_bytes
 
     @property
     def headroom_bytes(self) -> int:
         return self.device_bytes - self.device_total_bytes
+
+    @property
+    def low_bytes(self) -> int:
+        """The band's low end of the device total."""
+        return int(self.band.low(self.device_total_bytes)) if self.band else self.device_total_bytes
+
+    @property
+    def high_bytes(self) -> int:
+        """The band's high end of the device total: the peak if the error is as large as the benches' p90."""
+        return int(self.band.high(self.device_total_bytes)) if self.band else self.device_total_bytes
+
+    @property
+    def verdict(self) -> str:
+        """fits | band_crosses_limit | does_not_fit (``uncertainty.verdict``)."""
+        return unc.verdict(self.device_total_bytes, self.device_bytes, self.band)[0]
+
+    @property
+    def verdict_reason(self) -> str:
+        return unc.verdict(self.device_total_bytes, self.device_bytes, self.band)[1]
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,15 @@ class SpeedEstimate:
     memory_bound_s: float
     communication_s: float
     mfu: float
+    band: unc.ErrorBand | None = None  # how far the step time may be from the real run
+
+    @property
+    def step_time_low_s(self) -> float:
+        return self.band.low(self.step_time_s) if self.band else self.step_time_s
+
+    @property
+    def step_time_high_s(self) -> float:
+        return self.band.high(self.step_time_s) if self.band else self.step_time_s
 
 
 @dataclass(frozen=True)
@@ -98,6 +132,8 @@ def build_estimate(estimator: Estimator, model: ModelSpec, gpu: GpuSpec, plan: T
         plan.micro_batch * plan.seq_len,
         plan.num_gpus,
         model.total_layers,
+        t.speed,
+        allocator_slack=t.allocator_slack,
     )
     return estimate_of(estimator, model, gpu, plan, t, ev)
 
@@ -131,7 +167,20 @@ def estimate_of(
     if model.assumed:
         notes.append(model.note)
     notes.extend(estimator.notes(model, gpu, plan))
-    return Estimate(plan=plan, memory=memory, speed=speed, source=estimator.source, notes=tuple(notes))
+    est = Estimate(plan=plan, memory=memory, speed=speed, source=estimator.source, notes=tuple(notes))
+    return with_bands(est, gpu)
+
+
+def with_bands(est: Estimate, gpu: GpuSpec) -> Estimate:
+    """The estimate with its error bands (memory and step time) for its source and kind of plan, from the
+    committed band table; an estimate that has them already is returned as is. Every estimator's result
+    passes here (``estimate_of``; the service for the simulated source), so every answer carries one."""
+    if est.memory.band is not None and est.speed.band is not None:
+        return est
+    p, cpu = est.plan, gpu.gpu_class == "cpu"
+    mem = unc.band_for(est.source, "memory", p.method, p.framework, p.num_gpus, cpu)
+    step = unc.band_for(est.source, "step_time", p.method, p.framework, p.num_gpus, cpu)
+    return replace(est, memory=replace(est.memory, band=mem), speed=replace(est.speed, band=step))
 
 
 def speed_notes(gpu: GpuSpec, plan: TrainingPlan) -> list[str]:

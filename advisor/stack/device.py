@@ -33,7 +33,14 @@ def resolve_device(choice: str) -> str:
     if choice == "cpu":
         return "cpu"
     if torch.cuda.is_available():
-        return "cuda:0" if choice in ("auto", "cuda") else choice
+        if choice in ("auto", "cuda"):
+            return "cuda:0"
+        index = choice.split(":", 1)[1]
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise InvalidInputError(
+                f"{choice}: torch sees {torch.cuda.device_count()} CUDA device(s) (cuda:0..)", field="device"
+            )
+        return choice
     if choice == "auto":
         return "cpu"
     raise InvalidInputError("no CUDA device is visible to torch: use --device cpu", field="device")
@@ -153,7 +160,9 @@ def _describe_cuda(dev: torch.device, catalog: Catalog) -> tuple[GpuSpec, dict[s
     props = torch.cuda.get_device_properties(dev)
     total = int(props.total_memory)
     name = torch.cuda.get_device_name(dev)
-    bf16 = torch.cuda.is_bf16_supported()
+    # native bf16 (Ampere, compute capability 8.0, and later) of THIS device: torch.cuda.is_bf16_supported()
+    # asks about the current device and, by default, also says True where bf16 is only emulated (V100, T4)
+    bf16 = torch.cuda.get_device_capability(dev) >= (8, 0)
     half = torch.bfloat16 if bf16 else torch.float16
     raw: dict[str, Any] = {
         "name": name,

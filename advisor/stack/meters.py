@@ -164,43 +164,76 @@ def cuda_reset(device: torch.device) -> None:
     torch.cuda.reset_peak_memory_stats(device)
 
 
+def _nvml_handle(pynvml: Any, device: torch.device) -> Any:
+    """The NVML handle of this CUDA device. NVML numbers GPUs in PCI bus order and ignores
+    CUDA_VISIBLE_DEVICES, while torch's index counts the visible devices in CUDA_DEVICE_ORDER (fastest
+    first by default): the same index can name two different GPUs, so match by UUID where torch has it."""
+    props = torch.cuda.get_device_properties(device)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}")
+    return pynvml.nvmlDeviceGetHandleByIndex(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def cuda_device_used_bytes(device: torch.device) -> tuple[int, str]:
-    """Memory used on the device as the driver sees it: NVML, else nvidia-smi, else cudaMemGetInfo."""
+    """Memory this process uses on the device as the driver sees it (CUDA context, allocator pools, cuBLAS
+    workspaces; the unified memory of paged optimisers is reported apart by the estimator): NVML's per-process figure, else the
+    device-wide NVML / nvidia-smi figure (includes other processes: only right on a device of our own),
+    else cudaMemGetInfo (device-wide too)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "nvml:memory.used"
+        try:
+            handle = _nvml_handle(pynvml, device)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                used = getattr(proc, "usedGpuMemory", None)
+                if proc.pid == os.getpid() and isinstance(used, int) and used > 0:
+                    return used, "nvml:process.usedGpuMemory"
+            # our pid is not listed (a container's PID namespace): the device-wide figure
+            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), "nvml:memory.used (device-wide)"
+        finally:
+            pynvml.nvmlShutdown()
     except Exception:  # pynvml missing or NVML unavailable: fall through to the CLI
         pass
     smi = shutil.which("nvidia-smi")
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    ident = (str(uuid) if str(uuid).startswith("GPU-") else f"GPU-{uuid}") if uuid is not None else str(index)
     if smi:
         try:
             out = subprocess.run(
-                [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"--id={index}"],
+                [smi, "--query-gpu=memory.used", "--format=csv,noheader,nounits", f"--id={ident}"],
                 capture_output=True,
                 text=True,
                 timeout=20,
                 check=True,
             ).stdout.strip()
-            return int(float(out.splitlines()[0]) * 1024**2), "nvidia-smi:memory.used"
+            return int(float(out.splitlines()[0]) * 1024**2), "nvidia-smi:memory.used (device-wide)"
         except (subprocess.SubprocessError, ValueError, IndexError, OSError):
             pass
     free, total = torch.cuda.mem_get_info(device)
-    return int(total - free), "cudaMemGetInfo:total-free"
+    return int(total - free), "cudaMemGetInfo:total-free (device-wide)"
 
 
 def cuda_reading(device: torch.device, rss_baseline: int) -> MemoryReading:
+    """The step's peaks from the caching allocator's statistics, and the device total at the peak.
+
+    The driver's figure is read after the step, when the allocator may hold less than at its peak
+    (``max_memory_reserved`` is the peak of its pools, ``memory_reserved`` what it holds now), so the
+    peak device total is the driver's figure now plus the pools' peak over their present size: what
+    nvidia-smi showed at the peak (context, workspaces and the pools' peak)."""
     torch.cuda.synchronize(device)
     used, meter = cuda_device_used_bytes(device)
+    reserved_now = int(torch.cuda.memory_reserved(device))
+    reserved_peak = int(torch.cuda.max_memory_reserved(device))
     return MemoryReading(
         meter=CUDA_ALLOCATED_METER,
         peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-        reserved_bytes=int(torch.cuda.max_memory_reserved(device)),
-        device_total_bytes=used,
-        device_total_meter=meter,
+        reserved_bytes=reserved_peak,
+        device_total_bytes=used + max(0, reserved_peak - reserved_now),
+        device_total_meter=meter + " + (max_memory_reserved - memory_reserved)",
         rss_peak_bytes=rss_peak_bytes(),
         rss_baseline_bytes=rss_baseline,
     )

@@ -32,8 +32,8 @@ def test_minimal_body_answers_ranked_plans_with_stated_defaults(client: TestClie
     assert d["objective"] == "cost"
     assert d["plans"], "a 7B model has feasible plans on a 24 GB card"
     assert [p["rank"] for p in d["plans"]] == list(range(1, len(d["plans"]) + 1))
-    costs = [p["cost_usd"] for p in d["plans"]]
-    assert costs == sorted(costs), "objective cost ranks cheapest first"
+    costs = [(p["verdict"] != "fits", p["cost_usd"]) for p in d["plans"]]
+    assert costs == sorted(costs), "objective cost ranks cheapest first (plans whose band crosses the card last)"
     top = d["plans"][0]
     for key in ("breakdown_gib", "step_time_s", "tokens_per_s", "hours", "cost_usd", "source", "why"):
         assert key in top
@@ -75,7 +75,7 @@ def test_http_answer_equals_the_service_answer(client: TestClient, app) -> None:
     assert [p["hours"] for p in d["plans"]] == [p["hours"] for p in core["plans"]]
     assert {p["plan"]["method"] for p in d["plans"]} <= {"lora", "qlora"}
     assert all(p["plan"]["num_gpus"] <= 4 for p in d["plans"])
-    hours = [p["hours"] for p in d["plans"]]
+    hours = [(p["verdict"] != "fits", p["hours"]) for p in d["plans"]]
     assert hours == sorted(hours)
 
 
@@ -218,3 +218,18 @@ def test_json_that_is_not_an_object_or_not_json_is_a_422(client: TestClient) -> 
     assert r.status_code == 422
     r = client.post("/v1/recommend", content=b'{"model": "\xff\xfe"}', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["field"] == "body" and "UTF-8" in r.json()["errors"][0]["message"]
+
+
+def test_answers_carry_the_error_band_and_the_three_way_verdict(client: TestClient) -> None:
+    r = client.post("/v1/estimate", json={"model": "llama-2-7b", "gpu": "rtx-4090", "plan": {"method": "qlora"}})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    band = d["peak_memory_band_gib"]
+    assert band["low"] <= d["peak_memory_gib"] <= band["high"] and band["basis"]
+    assert d["verdict"] in ("fits", "band_crosses_limit", "does_not_fit") and d["verdict_reason"]
+    assert d["fits"] == (d["verdict"] != "does_not_fit")
+    assert d["step_time_band_s"]["low"] <= d["step_time_s"] <= d["step_time_band_s"]["high"]
+    r = client.post("/v1/estimate", json={"model": "llama-2-7b", "gpu": "rtx-4090", "plan": {"method": "full"}})
+    assert r.json()["verdict"] == "does_not_fit" and r.json()["fits"] is False
+    rec = client.post("/v1/recommend", json=MINIMAL).json()
+    assert rec["candidates_risky"] >= 0 and all("verdict" in p for p in rec["plans"])
