@@ -135,7 +135,9 @@ def test_dora_costs_more_than_lora_by_its_magnitudes_and_temporaries():
     assert n_dora - n_lora == 32 * 2 * 4096
     a, b = est.estimate(model, gpu, lora), est.estimate(model, gpu, dora)
     assert b.memory.allocated_peak_bytes > a.memory.allocated_peak_bytes
-    assert b.memory.components["adapter_temporaries"] > 0  # the weight-norm temporaries, recomputed with the block
+    # the weight-norm temporaries are counted; on q/v they are a peak candidate of their own (at that moment the
+    # recomputed block holds only its input), which here stays under the block's backward peak
+    assert est.plan_terms(model, dora).terms["forward_temporaries"] > 0
     assert b.speed.flops_per_token > a.speed.flops_per_token  # the second base matmul under dropout
     nodrop = replace(dora, lora_dropout=0.0)
     assert est.estimate(model, gpu, nodrop).speed.flops_per_token < b.speed.flops_per_token

@@ -153,6 +153,11 @@ class Method:
         weights and states are alive)."""
         return 0.0
 
+    def retained_weight_gradients(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """Bytes of gradients for weights no optimiser owns, computed in a layer's backward and held until the
+        whole backward ends (the graph that owns them is freed with the loss), for one block's adapted layers."""
+        return 0.0
+
     def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
         """Gradient bytes alive at the optimiser step beyond the trainable parameters' own."""
         return 0.0

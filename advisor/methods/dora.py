@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from advisor.specs import Linear, ModelSpec
 
 
+#: families whose linears are transformers' Conv1D (weight stored in x out; peft sets fan_in_fan_out=True)
+CONV1D_FAMILIES = ("gpt2",)
+
+
 @dataclass(frozen=True)
 class DoRA(Method):
     def adapter_params(self, lin: Linear, r: int) -> int:
@@ -74,6 +78,21 @@ class DoRA(Method):
         half weight); no identity matrix, unlike a linear. At the start of forward, alone with the weights."""
         a = self.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
         return sum(3 * lin.weight_params * a for lin in adapted if "embed_tokens" in lin.roles)
+
+    def retained_weight_gradients(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
+        """GPT-2's Conv1D layers (peft ``fan_in_fan_out=True``) on the dropout path: peft's ``transpose(weight,
+        True)`` wraps the transposed base weight in a NEW ``nn.Parameter`` (requires_grad=True by default), and
+        ``F.linear(dropout(x), that)`` then computes its ``out x in`` weight gradient in backward; AccumulateGrad
+        stores it on that throw-away leaf, which the graph keeps until backward ends. Only when ``weight.to(x.dtype)``
+        returns the Parameter itself: adapters in the weights' dtype (x is cast to the adapter dtype first); any
+        cast makes a plain tensor without grad. (CPU truth truth10-047, GPT-2 DoRA with checkpointing: the two later
+        blocks' c_attn / attn c_proj / mlp c_proj weight gradients, 20 MiB, alive in the first block's backward.)"""
+        if model.family not in CONV1D_FAMILIES or plan.lora_dropout <= 0 or plan.framework != "hf":
+            return 0.0
+        a = self.state_bytes_per_param(plan, e)
+        if a != e:
+            return 0.0
+        return sum(lin.weight_params * a for lin in adapted if not set(lin.roles) & {"embed_tokens", "lm_head"})
 
     def extra_flops_per_token(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
         per_token = super().extra_flops_per_token(model, plan, adapted)
