@@ -17,7 +17,9 @@ RESEARCH = ROOT / "reference" / "gpu_catalog_research.csv"
 EXTRA = [
     ("t4", "T4", "NVIDIA T4", "datacenter", 15360, 8.1, 16, ["T4", "Tesla T4", "t4-16gb"]),
     ("l4", "L4", "NVIDIA L4", "datacenter", 23034, 30.3, 32, ["L4", "l4-24gb"]),
-    ("a10g", "A10G", "NVIDIA A10G", "datacenter", 22888, 31.2, 32, ["A10G", "a10g-24gb", "A10"]),
+    ("a10g", "A10G", "NVIDIA A10G", "datacenter", 22888, 31.2, 32, ["A10G", "a10g-24gb"]),
+    ("a10", "A10", "NVIDIA A10", "datacenter", 23028, 31.2, 32, ["A10", "a10-24gb"]),
+    ("a40", "A40", "NVIDIA A40", "datacenter", 46068, 37.4, 32, ["A40", "a40-48gb"]),
     ("v100-16gb", "V100-16GB", "NVIDIA V100 16GB", "datacenter", 16160, 15.7, 300, ["V100", "V100 16GB", "tesla-v100"]),
     ("v100-32gb", "V100-32GB", "NVIDIA V100 32GB", "datacenter", 32510, 15.7, 300, ["V100 32GB"]),
     (
@@ -28,7 +30,7 @@ EXTRA = [
         40960,
         19.5,
         600,
-        ["A100 40GB", "A100-SXM4-40GB", "a100-40"],
+        ["A100", "A100 40GB", "A100-SXM4-40GB", "a100-40"],
     ),
     (
         "a100-80gb",
@@ -38,7 +40,7 @@ EXTRA = [
         81920,
         19.5,
         600,
-        ["A100", "A100 80GB", "A100-SXM4-80GB", "a100-80"],
+        ["A100-80GB", "A100 80GB", "A100-SXM4-80GB", "a100-80"],
     ),
     (
         "h100-sxm",
@@ -50,9 +52,45 @@ EXTRA = [
         900,
         ["H100", "H100 SXM", "H100-SXM5-80GB", "h100-80gb"],
     ),
+    (
+        "a100-40gb-pcie",
+        "A100-40GB-PCIe",
+        "NVIDIA A100 40GB (PCIe)",
+        "datacenter",
+        40960,
+        19.5,
+        32,
+        ["A100-PCIE-40GB", "A100 40GB PCIe"],
+    ),
+    (
+        "a100-80gb-pcie",
+        "A100-80GB-PCIe",
+        "NVIDIA A100 80GB (PCIe)",
+        "datacenter",
+        81920,
+        19.5,
+        32,
+        ["A100-PCIE-80GB", "A100 80GB PCIe"],
+    ),
+    ("h100-nvl", "H100-NVL", "NVIDIA H100 NVL (94GB)", "datacenter", 95830, 60.0, 64, ["H100 NVL", "H100-NVL"]),
+    ("gh200", "GH200", "NVIDIA GH200 (96GB HBM3)", "datacenter", 97280, 67.0, 64, ["GH200", "GH200 480GB"]),
+    ("b200", "B200", "NVIDIA B200 (HGX, 180GB)", "datacenter", 183296, 80.0, 1800, ["B200", "HGX B200"]),
     ("h100-pcie", "H100-PCIe", "NVIDIA H100 80GB (PCIe)", "datacenter", 81559, 51.0, 64, ["H100 PCIe"]),
     ("h200", "H200", "NVIDIA H200 (SXM, 141GB)", "datacenter", 143771, 67.0, 900, ["H200", "H200 141GB"]),
     ("l40s", "L40S", "NVIDIA L40S", "datacenter", 46068, 91.6, 32, ["L40S", "NVIDIA L40S"]),
+    ("l40", "L40", "NVIDIA L40", "datacenter", 46068, 90.5, 32, ["L40", "l40-48gb"]),
+    (
+        "rtx-6000-ada",
+        "RTX6000-Ada",
+        "NVIDIA RTX 6000 Ada Generation",
+        "datacenter",
+        49140,
+        91.1,
+        32,
+        ["RTX 6000 Ada", "RTX6000-Ada", "RTX 6000 Ada Generation"],
+    ),
+    ("rtx-4080", "RTX4080", "NVIDIA GeForce RTX 4080", "consumer", 16376, 48.7, 32, ["RTX 4080", "4080", "rtx4080"]),
+    ("rtx-5090", "RTX5090", "NVIDIA GeForce RTX 5090", "consumer", 32607, 104.8, 64, ["RTX 5090", "5090", "rtx5090"]),
     (
         "rtx-3060-12gb",
         "RTX3060-12GB",
@@ -67,6 +105,7 @@ EXTRA = [
     ("rtx-4090", "RTX4090", "NVIDIA GeForce RTX 4090", "consumer", 24564, 82.6, 32, ["RTX 4090", "4090", "rtx4090"]),
     ("rtx-a6000", "RTXA6000", "NVIDIA RTX A6000", "datacenter", 49140, 38.7, 56, ["A6000", "RTX A6000", "rtxa6000"]),
     ("mi300x", "MI300X", "AMD Instinct MI300X", "datacenter", 196592, 163.4, 896, ["MI300X", "AMD MI300X"]),
+    ("mi325x", "MI325X", "AMD Instinct MI325X", "datacenter", 262128, 163.4, 896, ["MI325X", "AMD MI325X"]),
 ]
 
 CORRECTED = "2026-11-30"
@@ -84,6 +123,12 @@ FP16_FP32_ACCUMULATE = {
     "(142 with FP16 accumulate)",
     "rtx-4090": "NVIDIA Ada Lovelace (AD102) whitepaper, Appendix A: Peak FP16 Tensor TFLOPS with FP32 Accumulate "
     "165.2 (330.3 with FP16 accumulate)",
+    "rtx-4080": "FP16 tensor 390 TFLOPS with sparsity (Tom's Hardware table at holynerdvana.com, read 2026-11-30) = 194.9 "
+    "dense with FP16 accumulate; 97.5 with FP32 accumulate is the GeForce half rate as the Ada whitepaper's Appendix A "
+    "gives it (that whitepaper was not opened)",
+    "rtx-5090": "FP16 tensor 838.4 TFLOPS with sparsity (spheron.network RTX 5090 spec table, read 2026-11-30) = 419 dense "
+    "with FP16 accumulate; 209.5 with FP32 accumulate is the GeForce half rate as the RTX Blackwell whitepaper gives it "
+    "(that whitepaper was not opened)",
 }
 
 # Streaming multiprocessors (compute units on AMD) and the peer link between GPUs of one machine:
@@ -107,7 +152,118 @@ TOPOLOGY = {
     "rtx-4090": (128, "pcie-host", "NVIDIA Ada AD102 whitepaper: 128 SMs; GeForce 40-series: P2P disabled"),
     "rtx-a6000": (84, "pcie", "NVIDIA RTX A6000 datasheet: 84 SMs (10752 CUDA cores), PCIe Gen4 x16 with P2P"),
     "mi300x": (304, "nvlink", "AMD MI300X datasheet: 304 CUs, Infinity Fabric 896 GB/s peer bandwidth (OAM)"),
+    "mi325x": (
+        304,
+        "nvlink",
+        "304 CUs (unanswered.io MI325X guide, read 2026-11-30); seven Infinity Fabric links per OAM GPU "
+        "(wiaix.com MI325X page, read 2026-11-30); the 896 GB/s peer figure is the MI300X's, not read for the MI325X",
+    ),
+    "a10": (
+        72,
+        "pcie",
+        "72 SMs / 9216 CUDA cores (sysrqmts.com A10 PCIe table, TechPowerUp-derived, read 2026-11-30); PCIe Gen4 x16, "
+        "no NVLink",
+    ),
+    "a40": (
+        84,
+        "pcie",
+        "NVIDIA A40 datasheet as reproduced at ecer.com (read 2026-11-30): 10,752 CUDA cores, 84 RT cores (= 84 SMs), "
+        "PCIe Gen4 x16, NVLink bridge 112.5 GB/s (pairs only)",
+    ),
+    "a100-40gb-pcie": (
+        108,
+        "pcie",
+        "108 SMs (glennklockwood.com/garden/processors/A100, read 2026-11-30); PCIe Gen4 x16 (NVLink bridge: "
+        "pairs only)",
+    ),
+    "a100-80gb-pcie": (
+        108,
+        "pcie",
+        "108 SMs (glennklockwood.com/garden/processors/A100, read 2026-11-30); PCIe Gen4 x16 (NVLink bridge: "
+        "pairs only)",
+    ),
+    "h100-nvl": (
+        132,
+        "pcie",
+        "132 SMs as cudaGetDeviceProperties reports an H100 NVL (public benchmark notes, stored file id "
+        "65910594837, read 2026-11-30); PCIe Gen5 x16, NVLink bridge 600 GB/s pairs only (H100 datasheet NVL column, same notes)",
+    ),
+    "gh200": (
+        132,
+        "pcie",
+        "132 compute units in an OpenCL printout of a GH200 480GB (mredenti/PowerCapping "
+        "configuration/OpenCL_benchmark.md, read 2026-11-30); NVLink-C2C 900 GB/s to its Grace CPU (GH200 datasheet table in "
+        "atineoSE/coding-model-seeks-gpu gh200_specs.md); one GPU per node (GPU-to-GPU NVLink only in NVL systems)",
+    ),
+    "b200": (148, "nvlink", "NVIDIA Blackwell B200: 148 SMs; HGX B200 NVLink 5 1.8 TB/s per GPU (NVSwitch)"),
+    "l40": (
+        142,
+        "pcie",
+        "NVIDIA L40 datasheet as reproduced at mullet.se (read 2026-11-30): 18,176 CUDA cores, 142 RT cores (= 142 "
+        "SMs), PCIe Gen4 x16, no NVLink",
+    ),
+    "rtx-6000-ada": (
+        142,
+        "pcie",
+        "NVIDIA RTX 6000 Ada datasheet table in atineoSE/coding-model-seeks-gpu "
+        "rtx6000ada_specs.md (read 2026-11-30): 18,176 CUDA cores, 142 RT cores (= 142 SMs), PCIe 4.0 x16, NVLink: No; "
+        "PCIe P2P on this professional card is assumed, not read",
+    ),
+    "rtx-4080": (
+        76,
+        "pcie-host",
+        "76 SMs / 9728 cores (Tom's Hardware table at holynerdvana.com, read 2026-11-30); GeForce 40-series: "
+        "P2P disabled",
+    ),
+    "rtx-5090": (
+        170,
+        "pcie-host",
+        "170 SMs / 21,760 shaders (pocketmags.com RTX 5090 review spec box and "
+        "spheron.network spec table, read 2026-11-30); PCIe Gen5 x16; GeForce: no P2P",
+    ),
 }
+
+NEW_RECORDED = "2026-11-30"
+# usable memory of the cards added on NEW_RECORDED where no driver printout was read: derived (stated in the
+# spec source). B200: 179 GB as nvidia-smi reports it on an HGX B200 (docs.vultr.com inference-cookbook hardware
+# overview, updated 2026-03-11); GH200: 96 GB less the 361 MiB an H100 80GB board keeps (81920 - 81559);
+# MI325X: 256 GiB less the 16 MiB rocm-smi keeps on the MI300X (196608 - 196592).
+USABLE_DERIVED = {
+    "b200": "179 GiB as nvidia-smi reports an HGX B200 (docs.vultr.com NVIDIA HGX B200 hardware overview)",
+    "mi325x": "256 GiB less the 16 MiB rocm-smi keeps on an MI300X (derived, not read from a driver)",
+}
+
+# Usable MiB of the cards added on NEW_RECORDED with where the figure was read (2026-11-30), or a plain statement that it
+# was not read: a figure that no printout backs says so instead of claiming to be the driver's.
+VAST9 = "skypilot-org/skypilot-catalog catalogs/v9/vast/vms.csv @a5be5386 GpuInfo"
+USABLE_SOURCE = {
+    "h100-nvl": f"nvidia-smi on an H100 NVL in public benchmark notes (stored file id 65910594837) and {VAST9} 1x-H100_NVL 95830",
+    "gh200": "OpenCL global memory of a GH200 480GB, driver 555.42.06 (mredenti/PowerCapping configuration/OpenCL_benchmark.md: "
+    "97280 MB VRAM); nvidia-smi's total was not read",
+    "rtx-5090": f"{VAST9} 1x-RTX_5090 32607",
+    "rtx-6000-ada": f"{VAST9} 2x-RTX_6000Ada 98280 = 2 x 49140",
+    "a100-40gb-pcie": f"{VAST9} 2x-A100_PCIE 81920 = 2 x 40960",
+    "a100-80gb-pcie": "80 GiB nominal, as the catalogs list an A100 80GB (no PCIe-card driver printout read)",
+    "a10": "NOT read: no A10 driver printout found (Lambda's catalog lists 24576 nominal); kept from the first entry, unverified",
+    "a40": "NOT read: the L40S's nvidia-smi total, assumed for this 48 GB GDDR6 card, unverified",
+    "l40": "NOT read: the L40S's nvidia-smi total, assumed for this 48 GB GDDR6 card, unverified",
+    "rtx-4080": "NOT read: no RTX 4080 driver printout found; unverified",
+}
+
+# Non-CUDA platforms: what differs there, with its source; shown on every plan on such a card.
+BNB_ROCM = (
+    "bitsandbytes installation guide v0.50.0 (huggingface.co/docs/bitsandbytes/v0.50.0/installation, read "
+    "2026-11-30): 'official support for NVIDIA GPUs, AMD GPUs, Intel XPUs, Apple Silicon, and Intel Gaudi' "
+    "(v0.48.1 still called AMD ROCm experimental)"
+)
+ROCM_CAVEAT = (
+    "ROCm, not CUDA: PyTorch runs on AMD's ROCm/HIP stack. QLoRA (4-bit NF4) and 8-bit optimisers need "
+    "bitsandbytes >= 0.50, the first release with official AMD GPU support (ROCm 6.1+; 4-bit blocks of 128, not 64); "
+    "paged optimisers use HIP managed memory and are not separately documented for ROCm; CUDA-only kernels "
+    "(flash-attn CUDA wheels, Liger, Unsloth) need their ROCm builds; speed is calibrated on NVIDIA cards "
+    "(bitsandbytes v0.50.0 installation guide, read 2026-11-30)"
+)
+PLATFORM = {"mi300x": ("rocm", ROCM_CAVEAT), "mi325x": ("rocm", ROCM_CAVEAT)}
 
 # Sustained dense half-precision matmul TFLOP/s measured on the card (GpuSpec.matmul_tflops_measured): bf16 torch.mm
 # (fp16 on the T4, which has no bf16 tensor cores). Rule: the large-shape figure (8192^3) where the source lists
@@ -168,7 +324,7 @@ def main() -> None:
             {
                 "id": gid,
                 "name": name,
-                "vendor": "amd" if gid.startswith("mi") else "nvidia",
+                "vendor": "amd" if gid in PLATFORM else "nvidia",
                 "gpu_class": cls,
                 "aliases": aliases,
                 "memory_gb": float(r["memory_gb"]),
@@ -179,17 +335,33 @@ def main() -> None:
                 "memory_bandwidth_gbps": float(r["mem_bw_gbps"]),
                 "bf16_supported": bf16,
                 "interconnect_gbps": float(peer),
-                "price_usd_per_hour": float(r["price_usd_per_gpu_hr"]),
-                "price_date": RECORDED,
-                "price_source": f"{r['price_basis']} [{r['price_source']}] via reference/gpu_catalog_research.csv",
+                "price_usd_per_hour": float(r["price_usd_per_gpu_hr"]) if r["price_usd_per_gpu_hr"] else None,
+                # no research-table price: the date is when that was recorded (the offers in prices.json carry their own dates)
+                "price_date": RECORDED if r["price_usd_per_gpu_hr"] else NEW_RECORDED,
+                "price_source": f"{r['price_basis']} [{r['price_source']}] via reference/gpu_catalog_research.csv"
+                if r["price_usd_per_gpu_hr"]
+                else "no price in the research table: advisor/catalog/data/prices.json lists the offers",
                 "spec_source": f"{spec_source}; usable memory {mib} MiB "
-                "as the driver reports the board; FP32 non-tensor and peer bandwidth from the vendor datasheet",
+                + (
+                    f"({USABLE_DERIVED[gid]}); recorded {NEW_RECORDED}"
+                    if gid in USABLE_DERIVED
+                    else f"({USABLE_SOURCE[gid]}); recorded {NEW_RECORDED}"
+                    if gid in USABLE_SOURCE
+                    else "as the driver reports the board"
+                )
+                + (
+                    "; FP32 non-tensor from the spec source above; peer link: see link_source"
+                    if gid in USABLE_SOURCE or gid in USABLE_DERIVED
+                    else "; FP32 non-tensor and peer bandwidth from the vendor datasheet"
+                ),
+                "platform": PLATFORM.get(gid, ("cuda", ""))[0],
+                "caveat": PLATFORM.get(gid, ("cuda", ""))[1],
                 "sm_count": sms,
                 "peer_link": link,
                 "link_source": f"{link_source} (recorded {CORRECTED})",
                 "matmul_tflops_measured": MATMUL[gid][0] if gid in MATMUL else None,
                 "matmul_source": f"{MATMUL[gid][1]} (recorded {MATMUL_RECORDED})" if gid in MATMUL else "",
-                "note": r["notes"],
+                "note": r["notes"] + (f"; caveat source: {BNB_ROCM}" if gid in PLATFORM else ""),
             }
         )
     doc = {
