@@ -3,15 +3,25 @@
 Each row is the architecture block of the model's published config.json on the Hugging Face hub
 (source URL per entry); `published_params` is the exact count the model card or the safetensors
 index metadata states, which tests/test_catalog.py checks our parameter formula against.
+The rows in `HUB_MODELS` are read instead from the published config.json files under
+reference/hub_configs/ through advisor.catalog.model_from_config (the path a user's config.json or a
+Hub id takes), with the published count, its source and the date read from reference/hub_configs/INDEX.json.
 """
 
 import json
+import sys
+from dataclasses import fields
 from pathlib import Path
 
-try:
-    from tools.model_table import MODELS
-except ImportError:  # run as a script: tools/ itself is on sys.path
-    from model_table import MODELS
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: tools/ itself is on sys.path, the repo root is not
+    sys.path.insert(0, str(ROOT))
+
+from advisor.catalog import model_from_config  # noqa: E402
+from advisor.specs import ModelSpec  # noqa: E402
+from tools.model_table import HUB_MODELS, MODELS  # noqa: E402
+
+HUB_CONFIGS = ROOT / "reference" / "hub_configs"
 
 RECORDED = "2026-11-25"
 HF = "https://huggingface.co/{}/blob/main/config.json"
@@ -55,7 +65,42 @@ RUNTIME = {
 }
 
 
+def hub_row(entry: dict, index: dict[str, dict]) -> dict:
+    """A catalog row from reference/hub_configs/<hf_id>/config.json read the way a user's config.json is
+    (advisor.catalog.model_from_config), the published count and its source from INDEX.json. Only the
+    fields that differ from ModelSpec's defaults are written (the row stays readable)."""
+    meta = index.get(entry["hf_id"])
+    if meta is None:
+        raise SystemExit(f"{entry['hf_id']}: not in reference/hub_configs/INDEX.json (add its config.json first)")
+    cfg = json.loads((HUB_CONFIGS / meta["config"]).read_text())
+    spec = model_from_config(cfg, name=entry["name"])
+    row: dict = {}
+    for f in fields(ModelSpec):
+        value = getattr(spec, f.name)
+        if f.name in ("name", "note", "source", "published_params", "hf_id", "aliases"):
+            continue
+        if value != f.default:
+            row[f.name] = list(value) if isinstance(value, tuple) else value
+    active = (
+        f"; active parameters per token {meta['active_params']:,} (model card)" if meta.get("active_params") else ""
+    )
+    return dict(
+        name=entry["name"],
+        hf_id=entry["hf_id"],
+        aliases=list(entry.get("aliases", ())),
+        **row,
+        published_params=meta["published_params"],
+        source=(
+            f"{meta['mirrors']} (reference/hub_configs/{meta['config']}: copied key for key from "
+            f"{'a public copy of it (INDEX.json note)' if meta['source_url'] == meta['mirrors'] else meta['source_url']}, "
+            f"recorded {meta['read']}); published_params: {meta['published_params_source']}{active}; "
+            f"released {meta['released']}{'; gated on the Hub' if meta['gated'] else ''}"
+        ),
+    )
+
+
 def main() -> None:
+    index = {r["repo"]: r for r in json.loads((HUB_CONFIGS / "INDEX.json").read_text())["models"]}
     out = []
     for m in MODELS:
         row = dict(m, **RUNTIME.get(m["name"], {}))
@@ -64,6 +109,11 @@ def main() -> None:
             + f" (architecture fields); published_params from the model card / safetensors metadata; recorded {RECORDED}"
         )
         out.append(row)
+    names = {r["name"] for r in out}
+    for entry in HUB_MODELS:
+        if entry["name"] in names:
+            raise SystemExit(f"{entry['name']}: both a hand-written row and a hub_configs row")
+        out.append(hub_row(entry, index))
     doc = {
         "schema": "tuneadvisor.models/1",
         "recorded": RECORDED,

@@ -579,3 +579,39 @@ MODELS = [
         published_params=2851598336,
     ),
 ]
+
+#: Rows read from the published config.json files under reference/hub_configs/ (copied from public
+#: copies of the Hub files; source URL, date read and published count per repo in
+#: reference/hub_configs/INDEX.json). tools/build_model_catalog.py reads each config with
+#: advisor.catalog.model_from_config (the family that claims its model_type, with transformers' config
+#: class defaults for missing keys), so no architecture number is typed twice; published_params and
+#: its source come from INDEX.json.
+HUB_MODELS = [
+    dict(name="qwen3-0.6b", hf_id="Qwen/Qwen3-0.6B", aliases=["Qwen3-0.6B", "Qwen/Qwen3-0.6B-Base"]),
+    dict(name="qwen3-8b", hf_id="Qwen/Qwen3-8B", aliases=["Qwen3-8B", "Qwen/Qwen3-8B-Base"]),
+    dict(name="qwen3-14b", hf_id="Qwen/Qwen3-14B", aliases=["Qwen3-14B", "Qwen/Qwen3-14B-Base"]),
+    dict(name="qwen3-32b", hf_id="Qwen/Qwen3-32B", aliases=["Qwen3-32B"]),
+    dict(name="qwen2.5-3b", hf_id="Qwen/Qwen2.5-3B", aliases=["Qwen2.5-3B", "Qwen/Qwen2.5-3B-Instruct"]),
+    dict(name="phi-4", hf_id="microsoft/phi-4", aliases=["Phi-4", "phi4"]),
+    dict(name="phi-4-mini", hf_id="microsoft/Phi-4-mini-instruct", aliases=["Phi-4-mini", "phi4-mini"]),
+    dict(name="llama-3.3-70b", hf_id="meta-llama/Llama-3.3-70B-Instruct", aliases=["Llama-3.3-70B", "llama3.3-70b"]),
+    dict(
+        name="granite-3.3-8b",
+        hf_id="ibm-granite/granite-3.3-8b-instruct",
+        aliases=["Granite-3.3-8B", "ibm-granite/granite-3.3-8b-base"],
+    ),
+    dict(
+        name="smollm2-1.7b",
+        hf_id="HuggingFaceTB/SmolLM2-1.7B-Instruct",
+        aliases=["SmolLM2-1.7B", "HuggingFaceTB/SmolLM2-1.7B"],
+    ),
+    # mixture-of-experts (advisor/families/moe.py)
+    dict(
+        name="qwen3-30b-a3b",
+        hf_id="Qwen/Qwen3-30B-A3B",
+        aliases=["Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Base", "qwen3-30b"],
+    ),
+    dict(name="gpt-oss-20b", hf_id="openai/gpt-oss-20b", aliases=["gpt-oss:20b", "GPT-OSS-20B"]),
+    dict(name="gpt-oss-120b", hf_id="openai/gpt-oss-120b", aliases=["gpt-oss:120b", "GPT-OSS-120B"]),
+    dict(name="deepseek-v3", hf_id="deepseek-ai/DeepSeek-V3", aliases=["DeepSeek-V3", "deepseek-ai/DeepSeek-V3-0324"]),
+]
