@@ -250,6 +250,7 @@ class _BaseClient(Generic[HttpClient]):
         dtype: str | None = None,
         limit: int | None = None,
         convergence: ConvergenceLike = None,
+        model_revision: str | None = None,
     ) -> _Call[RecommendResponse]:
         """Ranked training plans for a model, GPU(s) and workload (POST /v1/recommend)."""
         fields = _given(
@@ -260,6 +261,7 @@ class _BaseClient(Generic[HttpClient]):
             dtype=dtype,
             limit=limit,
             convergence=None if convergence is None else dict(convergence),
+            model_revision=model_revision,
         )
         body = RecommendRequest(model=_model_ref(model), **fields)
         return _Call("POST", "/v1/recommend", RecommendResponse, _dump(body))
@@ -274,6 +276,7 @@ class _BaseClient(Generic[HttpClient]):
         claimed_memory_gib: float | None = None,
         source: str | None = None,
         convergence: ConvergenceLike = None,
+        model_revision: str | None = None,
     ) -> _Call[EstimateResponse]:
         """Memory breakdown, speed, hours and cost of one plan (POST /v1/estimate); a plan from a
         recommendation is posted back as is."""
@@ -287,6 +290,7 @@ class _BaseClient(Generic[HttpClient]):
             claimed_memory_gib=claimed_memory_gib,
             source=source,
             convergence=None if convergence is None else dict(convergence),
+            model_revision=model_revision,
         )
         body = EstimateRequest(model=_model_ref(model), plan=plan_in, **fields)
         return _Call("POST", "/v1/estimate", EstimateResponse, _dump(body))

@@ -101,7 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # calibration profiles from the server's data dir: a calibrated CPU joins the catalog (reads, never writes)
     profiles = ProfileStore(settings.resolved_data_dir / PROFILE_SUBDIR)
     catalog = build_catalog(settings.gpu_files, settings.price_file)
-    service = AdvisorService(catalog, profiles=profiles, allow_model_paths=False)
+    service = AdvisorService(catalog, profiles=profiles, allow_model_paths=False, hub=settings.hub_options())
 
     app = FastAPI(
         title="tuneadvisor",

@@ -13,6 +13,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from advisor.hub import HubOptions
+
 DEFAULT_DATA_DIR = Path("~/.local/share/tuneadvisor")
 
 
@@ -73,6 +75,19 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(512 * 2**20, ge=1024, le=2**40, description="largest training file upload")
     max_file_examples: int = Field(1_000_000, ge=1, le=10**9, description="most examples per training file")
 
+    # ---- Hugging Face Hub look-ups (advisor.hub): model ids outside the catalog ------------------------
+    # the token, cache (HF_HOME), offline mode (HF_HUB_OFFLINE) and endpoint (HF_ENDPOINT) are huggingface_hub's own
+    hub_lookups: bool = Field(
+        True, description="resolve Hugging Face ids (org/name) on the Hub; off for air-gapped deployments"
+    )
+    hub_endpoint: str | None = Field(
+        None, pattern=r"^https?://", description="Hub endpoint or mirror (default: HF_ENDPOINT, else huggingface.co)"
+    )
+    hub_timeout_s: float = Field(10.0, gt=0, le=300, description="timeout of each request to the Hub")
+    hub_deadline_s: float = Field(
+        30.0, gt=0, le=600, description="the whole resolution of one Hub id, retries included"
+    )
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _path_list(cls, value: object) -> object:
@@ -95,6 +110,15 @@ class Settings(BaseSettings):
     @property
     def resolved_data_dir(self) -> Path:
         return self.data_dir.expanduser()
+
+    def hub_options(self) -> HubOptions:
+        """How the service resolves Hugging Face ids (advisor.hub), from the hub_* settings."""
+        return HubOptions(
+            enabled=self.hub_lookups,
+            endpoint=self.hub_endpoint,
+            request_timeout_s=self.hub_timeout_s,
+            deadline_s=self.hub_deadline_s,
+        )
 
     @property
     def resolved_database_url(self) -> str:

@@ -44,7 +44,8 @@ def client(app: FastAPI) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def live_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 for the whole session (default settings, temp data dir; CPU-heavy
-    simulation off, so fuzzed bodies cannot queue minutes of traces)."""
-    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("live-data"), allow_simulation=False))
+    simulation off, so fuzzed bodies cannot queue minutes of traces; Hub look-ups off, so fuzzed 'org/name'
+    models never leave this machine)."""
+    app = create_app(Settings(data_dir=tmp_path_factory.mktemp("live-data"), allow_simulation=False, hub_lookups=False))
     with serve_in_thread(app) as url:
         yield url
