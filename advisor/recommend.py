@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, fields
+import math
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+from advisor.catalog.prices import price_label
 from advisor.cost import DEFAULT_CONVERGENCE, CostEstimate, estimate_cost
 from advisor.errors import InvalidInputError
 from advisor.estimators import device as dev
@@ -15,6 +17,7 @@ from advisor.estimators.base import Estimate, Estimator, estimate_of
 from advisor.estimators.terms import PlanTerms, SpeedCounts
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import TrainingPlan
+from advisor.platforms import platform_notes
 from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.units import GIB
 
@@ -28,6 +31,9 @@ class Constraints:
     deadline_hours: float | None = None
     max_gpus: int = 8
     methods: tuple[str, ...] = DEFAULT_SEARCH
+    #: GPUs named with a count (SkyPilot's ``A100:8``): (gpu id, count) pairs; plans on that GPU use exactly
+    #: that many (a GPU not listed: any count up to max_gpus)
+    gpu_counts: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_budget_usd is not None and not self.max_budget_usd > 0:
@@ -66,6 +72,24 @@ class Rejection:
     to_fix: str
     closest: Candidate | None
     count: int
+    kind: str = ""  # memory | deadline | budget: what the group's closest plan misses
+
+
+#: the order rejections are listed in: those a constraint (budget, deadline) rejects come first, closest to
+#: it first (cost for the budget, hours for the deadline), then those that do not fit in memory
+_REJECTION_ORDER = {"budget": 0, "deadline": 1, "memory": 2}
+
+
+def _rejection_key(r: Rejection, objective: str) -> tuple[float, ...]:
+    c = r.closest
+    if c is None:
+        return (3.0, 0.0, 0.0)
+    cost = c.cost.cost_usd if c.cost.cost_usd is not None else float("inf")
+    if r.kind == "memory":
+        over = c.estimate.memory.device_total_bytes - c.estimate.memory.device_bytes
+        return (2.0, float(over), cost)
+    first, second = (c.cost.hours, cost) if r.kind == "deadline" or objective == "time" else (cost, c.cost.hours)
+    return (float(_REJECTION_ORDER.get(r.kind, 3)), first, second)
 
 
 @dataclass
@@ -92,7 +116,7 @@ def _why(c: Candidate, objective: str, best: Candidate | None) -> str:
     fit = f"peak {m.device_total_bytes / GIB:.1f} of {m.device_bytes / GIB:.1f} GiB"
     if m.band is not None and m.band.p90_pct is not None:
         fit += f" (band {m.low_bytes / GIB:.1f}-{m.high_bytes / GIB:.1f})"
-    cost = "" if c.cost.cost_usd is None else f", ${c.cost.cost_usd:,.2f}"
+    cost = "" if c.cost.cost_usd is None else f", ${c.cost.cost_usd:,.2f} at {price_label(c.gpu)}"
     head = f"{p.method} on {p.num_gpus}x {c.gpu.name}: {fit}, {c.cost.hours:.2f} h{cost} ({knobs})"
     if m.verdict == unc.BAND_CROSSES:
         head = f"RISKY, the memory band crosses the card: {head}"
@@ -249,6 +273,7 @@ class SearchTable(TermColumns):
             ev = self.evaluation(model.total_layers)
             one = dev.Evaluation(**{f: getattr(ev, f)[row] for f in _EVALUATION_FIELDS})
             est = estimate_of(estimator, model, gpu, plan, t.terms[local], one)
+            est = replace(est, notes=platform_notes(gpu, est.notes))  # a ROCm card's caveat on every plan
             if len(self._estimates) > 4096:
                 self._estimates.clear()
             self._estimates[row] = est
@@ -340,10 +365,10 @@ def search(
     hours = workload.total_tokens * conv[t.method] / ev.tokens_per_s / 3600
     with np.errstate(invalid="ignore"):
         cost = hours * t.ngpu * t.price
-    everything = np.ones_like(mem_ok)
+    everything = _count_mask(t, constraints)  # rows whose GPU count is allowed (all, unless named `A100:8`)
     dl_ok = hours <= constraints.deadline_hours if constraints.deadline_hours is not None else everything
     bud_ok = cost <= constraints.max_budget_usd if constraints.max_budget_usd is not None else everything
-    ok = mem_ok & dl_ok & bud_ok
+    ok = mem_ok & dl_ok & bud_ok & everything
     # a plan whose memory band crosses the card may run out of memory: within its group a safe plan is
     # preferred to it, and it ranks after every safe plan (flagged in its verdict and `why`)
     risky = ok & t.band_over(model.total_layers)
@@ -367,6 +392,8 @@ def search(
 
     rejections = []
     closest: dict[int, tuple[str, int]] = {}  # group -> (kind, its closest row), the most telling kind first
+    mem_ok = mem_ok & everything
+    dl_ok = dl_ok & everything
     for kind, rs in (
         ("memory", t.by_group.best(everything, total)),
         ("deadline", t.by_group.best(mem_ok, hours)),
@@ -374,11 +401,11 @@ def search(
     ):
         closest.update(zip(t.group[rs].tolist(), ((kind, int(r)) for r in rs), strict=True))
     for g, name in enumerate(t.group_names):
-        if g in feasible_groups:
+        if g in feasible_groups or g not in closest:  # no row of the group has an allowed GPU count
             continue
         kind, row = closest[g]
         rejections.append(_explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts)))
-    rejections.sort(key=lambda r: r.closest.estimate.memory.device_total_bytes if r.closest else 0)
+    rejections.sort(key=lambda r: _rejection_key(r, objective))
     smallest = {}
     for mi, m in enumerate(METHOD_NAMES):
         sel = t.single & (t.method == mi)
@@ -396,6 +423,15 @@ def search(
 
 
 _EVALUATION_FIELDS = [f.name for f in fields(dev.Evaluation)]
+
+
+def _count_mask(t: SearchTable, k: Constraints) -> np.ndarray:
+    """Rows whose GPU count is allowed: exactly the count a GPU was named with (``A100:8``), else any."""
+    if not k.gpu_counts:
+        return np.ones(t.part.shape, dtype=bool)
+    want = dict(k.gpu_counts)
+    per_part = np.array([want.get(gpu.id, 0) for gpu, *_ in t.parts])[t.part]
+    return (per_part == 0) | (t.ngpu == per_part)
 
 
 def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int) -> Rejection:
@@ -418,19 +454,70 @@ def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_
         fixes.append(f"a GPU with more than {m.device_total_bytes / GIB:.0f} GiB")
         if short <= 0:  # fits the card but not the 5% headroom the `fit` objective keeps
             reason += f" and the fit objective keeps {FIT_HEADROOM:.0%} free"
-            return Rejection(group, reason, "To fix: " + "; or ".join(fixes), c, count)
+            return Rejection(group, reason, "To fix: " + "; or ".join(fixes), c, count, "memory")
         return Rejection(
-            group, reason + f" (short by {short / GIB:.1f} GiB)", "To fix: " + "; or ".join(fixes), c, count
+            group, reason + f" (short by {short / GIB:.1f} GiB)", "To fix: " + "; or ".join(fixes), c, count, "memory"
         )
     if kind == "deadline":
         reason = f"takes {c.cost.hours:.1f} h at best, over the {k.deadline_hours:g} h deadline{where}"
         return Rejection(
-            group, reason, "To fix: more or faster GPUs, fewer tokens or epochs, or a later deadline", c, count
+            group,
+            reason,
+            f"To fix: a deadline of {_ceil_to(c.cost.hours, 0.1):g} h or later; or more or faster GPUs; "
+            "or fewer tokens or epochs",
+            c,
+            count,
+            "deadline",
+        )
+    if c.cost.cost_usd is None:
+        return Rejection(
+            group,
+            f"fits only on GPUs without a price ({c.gpu.id}: {c.gpu.price_source}): its cost cannot be held to "
+            f"the ${k.max_budget_usd:,.2f} budget",
+            "To fix: bring a price file with this GPU's price, or other providers",
+            c,
+            count,
+            "budget",
         )
     reason = f"costs ${c.cost.cost_usd:,.2f} at best, over the ${k.max_budget_usd:,.2f} budget{where}"
     return Rejection(
-        group, reason, "To fix: a cheaper GPU, qlora on a smaller card, fewer tokens, or a larger budget", c, count
+        group,
+        reason,
+        f"To fix: a budget of ${_ceil_to(c.cost.cost_usd or 0.0, 1):,.0f} or more; or spot prices or another "
+        "provider; or fewer tokens",
+        c,
+        count,
+        "budget",
     )
+
+
+def _ceil_to(x: float, step: float) -> float:
+    """x rounded up to a multiple of step (what to raise a budget or deadline to)."""
+    return round(math.ceil(x / step - 1e-9) * step, 6)
+
+
+def closest_notes(rec: Recommendation, k: Constraints, n: int = 3) -> list[str]:
+    """When no plan fits: the closest plans by the constraint that rejected them (cost for a budget, hours
+    for a deadline) and what it would take, e.g. 'raise the budget to $75'."""
+    notes = []
+    for kind in ("budget", "deadline"):
+        rs = [r for r in rec.rejected if r.kind == kind and r.closest is not None][:n]
+        for r in rs:
+            c = r.closest
+            assert c is not None
+            price = price_label(c.gpu)
+            if kind == "budget" and c.cost.cost_usd is not None:
+                need = f"raise the budget to ${_ceil_to(c.cost.cost_usd, 1):,.0f}"
+                if c.gpu.price_basis == "on-demand":
+                    need += " or price it on spot (price_basis spot) where the provider lists spot"
+            else:
+                need = f"move the deadline to {_ceil_to(c.cost.hours, 0.1):g} h"
+            cost = "" if c.cost.cost_usd is None else f", ${c.cost.cost_usd:,.2f}"
+            notes.append(
+                f"closest by {'cost' if kind == 'budget' else 'time'}: {r.group} on {c.plan.num_gpus}x {c.gpu.id} "
+                f"({c.cost.hours:.2f} h{cost}, {price}): {need}"
+            )
+    return notes
 
 
 def make_candidate(

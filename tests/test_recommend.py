@@ -175,3 +175,84 @@ def test_seq_len_beyond_the_context_window():
     assert any("beyond llama-2-7b's context window (4096)" in n for n in long.notes)
     rec = SVC.recommend(RecommendRequest(model="llama-2-7b", gpus=("a100-80gb",), workload=Workload(seq_len=8192)))
     assert any("context window" in n for n in rec.recommendation.notes)
+
+
+# ---- issue 11: budget order, GPU counts, ROCm caveats ---------------------------------------------------
+def _svc_g():
+    from advisor.catalog import default_catalog
+    from advisor.service import AdvisorService
+
+    return AdvisorService(default_catalog())
+
+
+def test_budget_rejections_are_ordered_by_cost_and_say_what_it_takes():
+    """llama-3-70b, 200M tokens, $50: every group costs more; the list starts at the cheapest, and the notes
+    name the closest plans with the budget they need."""
+    from advisor.recommend import Constraints as C
+    from advisor.service import RecommendRequest as R
+    from advisor.specs import Workload as W
+
+    res = _svc_g().recommend(R(model="llama-3-70b", workload=W(dataset_tokens=200_000_000), constraints=C(50.0)))
+    rec = res.recommendation
+    assert not rec.plans
+    budget = [r for r in rec.rejected if r.kind == "budget" and r.closest.cost.cost_usd is not None]
+    costs = [r.closest.cost.cost_usd for r in budget]
+    assert len(costs) >= 3 and costs == sorted(costs)
+    assert rec.rejected[0] is budget[0]  # the closest to the budget comes first, not the smallest in memory
+    cheapest = costs[0]
+    assert f"${cheapest:,.2f} at best" in rec.rejected[0].reason
+    need = f"${int(-(-cheapest // 1)):,}"
+    assert need in rec.rejected[0].to_fix
+    closest = [n for n in rec.notes if n.startswith("closest by cost")]
+    assert closest and f"raise the budget to {need}" in closest[0] and "on-demand at" in closest[0]
+
+
+def test_deadline_rejections_are_ordered_by_time():
+    from advisor.recommend import Constraints as C
+    from advisor.service import RecommendRequest as R
+    from advisor.specs import Workload as W
+
+    res = _svc_g().recommend(
+        R(
+            model="llama-3-70b",
+            workload=W(dataset_tokens=200_000_000),
+            objective="time",
+            constraints=C(deadline_hours=0.5),
+        )
+    )
+    dl = [r for r in res.recommendation.rejected if r.kind == "deadline"]
+    hours = [r.closest.cost.hours for r in dl]
+    assert len(hours) >= 3 and hours == sorted(hours)
+    assert any(n.startswith("closest by time") and "move the deadline to" in n for n in res.recommendation.notes)
+
+
+def test_gpu_count_from_the_name():
+    from advisor.service import RecommendRequest as R
+    from advisor.specs import Workload as W
+
+    res = _svc_g().recommend(R(model="llama-3-8b", gpus=("A100:8",), workload=W(dataset_tokens=20_000_000)))
+    plans = res.recommendation.plans
+    assert plans and {r.candidate.plan.num_gpus for r in plans} == {8}
+    assert {r.candidate.gpu.id for r in plans} == {"a100-40gb"}
+    mixed = _svc_g().recommend(
+        R(model="llama-3-8b", gpus=("A100:8", "L4"), workload=W(dataset_tokens=20_000_000), limit=40)
+    )
+    by_gpu = {}
+    for r in mixed.recommendation.plans:
+        by_gpu.setdefault(r.candidate.gpu.id, set()).add(r.candidate.plan.num_gpus)
+    assert by_gpu["a100-40gb"] == {8} and len(by_gpu.get("l4", set())) >= 1
+
+
+def test_rocm_caveat_on_every_plan_and_no_cuda_wording():
+    from advisor.service import RecommendRequest as R
+    from advisor.specs import Workload as W
+
+    svc = _svc_g()
+    res = svc.recommend(R(model="llama-3-8b", gpus=("MI300X",), workload=W(dataset_tokens=20_000_000), limit=20))
+    mi = svc.catalog.gpu("MI300X")
+    assert res.recommendation.plans
+    for r in res.recommendation.plans:
+        notes = r.candidate.estimate.notes
+        assert mi.caveat in notes
+        assert not any("CUDA unified" in n for n in notes)
+    assert any(r.candidate.plan.optimizer.startswith("paged") for r in res.recommendation.plans)
