@@ -20,14 +20,24 @@ from advisor.api import serve as serve_cli
 from advisor.api import views
 from advisor.calibrate_cli import positive_int  # the argparse type both command sets use
 from advisor.catalog import build_catalog
-from advisor.errors import AdvisorError
+from advisor.catalog.prices import price_label
+from advisor.errors import AdvisorError, InvalidInputError
 from advisor.estimators.uncertainty import BAND_CROSSES, FITS
+from advisor.hub import HubOptions
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import PLAN_FIELDS, make_plan
 from advisor.recommend import OBJECTIVES, Constraints
 from advisor.service import AdvisorService, RecommendRequest
-from advisor.specs import Workload
+from advisor.specs import ModelSpec, Workload
 from advisor.units import DTYPES, GIB
+
+
+def _params_text(m, digits: int) -> str:
+    """E.g. "7.24B params"; a mixture of experts also says how many a token runs through."""
+    text = f"{m.param_count / 1e9:.{digits}f}B params"
+    if m.is_moe:
+        text += f", {m.active_param_count / 1e9:.{digits}f}B active: {m.experts_per_token} of {m.num_experts} experts"
+    return text
 
 
 def _flag(name: str) -> str:
@@ -49,6 +59,9 @@ FLAGS = {
     "methods": "--methods",
     "gpu_file": "--gpu-file",
     "price_file": "--price-file",
+    "providers": "--provider",
+    "model_revision": "--revision",
+    "price_basis": "--price-basis",
     "source": "--source",
     **calibrate_cli.FLAGS,
 }
@@ -141,7 +154,12 @@ def _catalog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-file", action="append", default=[], help="extra/overriding GPUs (JSON, same fields as the catalog)"
     )
-    p.add_argument("--price-file", help='price overrides: {"prices": {"a100-80gb": {"price_usd_per_hour": 1.5}}}')
+    p.add_argument(
+        "--price-file",
+        help='price overrides: {"prices": {"a100-80gb": {"price_usd_per_hour": 1.5}}} or provider offers: '
+        '{"offers": [{"gpu": "h100-sxm", "provider": "mycloud", "region": "eu", "on_demand_usd_per_gpu_hour": 2.1, '
+        '"spot_usd_per_gpu_hour": 1.2, "source": "...", "date": "2026-11-30"}]}',
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -162,7 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory breakdown, error band and speed of one plan. " + EXIT_CODES_HELP,
     )
     p.add_argument("--model", required=True, help="catalog name, HF id, path to config.json, or a size like 13B")
-    p.add_argument("--gpu", required=True)
+    _hub_args(p)
+    p.add_argument(
+        "--gpu",
+        required=True,
+        help="SkyPilot name (A100 = 40 GB, A100-80GB, H100, L4, A10, A10G), id or alias; A100:8 sets 8 GPUs",
+    )
     _plan_args(p)
     p.add_argument("--claim-gib", type=_positive_float, default=None, help="check a published peak-memory claim")
     p.add_argument(
@@ -178,10 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="ranked plans for a model, GPU and workload (exit 0 a plan fits, 1 none fits, 2 bad input)",
         description="Ranked plans for a model, GPU and workload. " + RECOMMEND_EXIT_HELP,
     )
-    p.add_argument("--model", required=True)
     p.add_argument(
-        "--gpu", action="append", default=None, help="GPU id or alias (repeat for several); default: every catalog GPU"
+        "--model",
+        required=True,
+        help="catalog name, Hugging Face id (org/name), path to config.json, or a size like 13B",
     )
+    _hub_args(p)
+    p.add_argument(
+        "--gpu",
+        action="append",
+        default=None,
+        help="SkyPilot name (A100 = 40 GB, A100-80GB, H100, L4, A10), id or alias, with a count (A100:8) or a memory "
+        "filter (80GB+); repeat for several; default: every catalog GPU",
+    )
+    p.add_argument(
+        "--provider",
+        type=_csv,
+        default=None,
+        help="price GPUs at these providers only (comma-separated: aws,gcp,lambda,runpod,vast,...); default: the "
+        "cheapest listed provider per GPU",
+    )
+    p.add_argument("--price-basis", choices=("on-demand", "spot"), default="on-demand", help="default on-demand")
     p.add_argument("--dataset-tokens", type=_tokens, default=None, help="default 10M")
     p.add_argument("--seq-len", type=positive_int, default=None, help="default 2048")
     p.add_argument("--epochs", type=_positive_float, default=None, help="default 1")
@@ -203,8 +243,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- commands ----------------------------------------------------------------------------------
+def _hub_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--revision", default=None, help="branch, tag or commit sha of a Hugging Face model (also --model org/name@rev)"
+    )
+    p.add_argument(
+        "--no-hub",
+        action="store_true",
+        help="never look model ids up on the Hugging Face Hub (as ADVISOR_HUB_LOOKUPS=0); HF_TOKEN, HF_HOME, "
+        "HF_HUB_OFFLINE and HF_ENDPOINT apply to look-ups as in huggingface_hub",
+    )
+
+
 def _service(args: argparse.Namespace) -> AdvisorService:
-    return AdvisorService(build_catalog(args.gpu_file, args.price_file))
+    hub = HubOptions.from_env(enabled=False if getattr(args, "no_hub", False) else None)
+    return AdvisorService(build_catalog(args.gpu_file, args.price_file), hub=hub)
+
+
+def _checkpoint_lines(m: ModelSpec) -> list[str]:
+    """What the Hub said about a model's checkpoint (nothing for catalog models)."""
+    if m.checkpoint_params is None and m.revision is None:
+        return []
+    at = f" at {m.revision[:12]}" if m.revision else ""
+    if m.checkpoint_params is None:
+        lines = [f"checkpoint: {m.hf_id}{at}"]
+    else:
+        stored = ", ".join(f"{d} {n / 1e9:.3f}B" for d, n in m.checkpoint_dtypes)
+        lines = [f"checkpoint: {m.hf_id}{at}: {m.checkpoint_params:,} parameters stored ({stored})"]
+    return lines + ([f"model note: {m.note}"] if m.note else [])
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -255,9 +321,16 @@ def cmd_gpus(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     svc = _service(args)
-    model = svc.model(args.model)
-    gpu = svc.gpu(args.gpu)
+    model = svc.model(args.model, args.revision)
+    gpu, count = svc.gpu_and_count(args.gpu)
     fields = {f.name: getattr(args, f.name) for f in PLAN_FIELDS if f.metadata["cli"] and f.name != "method"}
+    if count is not None:
+        if fields.get("num_gpus") not in (None, count):
+            raise InvalidInputError(
+                f"--gpu {args.gpu} says {count} GPUs, --num-gpus says {fields['num_gpus']}. To fix: give one count",
+                field="gpu",
+            )
+        fields["num_gpus"] = count
     plan = make_plan(args.method, gpu, **fields)
     workload = Workload.given(seq_len=plan.seq_len)  # for the hours and cost; its assumptions are stated
     res = svc.estimate(model, gpu, plan, claimed_memory_gib=args.claim_gib, source=args.source, workload=workload)
@@ -267,10 +340,12 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         return code
     est, mem, speed = res.estimate, res.estimate.memory, res.estimate.speed
     print(
-        f"{model.name} ({model.param_count / 1e9:.2f}B params) · {plan.method} on {plan.num_gpus}x {gpu.name} · "
+        f"{model.name} ({_params_text(model, 2)}) · {plan.method} on {plan.num_gpus}x {gpu.name} · "
         f"{plan.dtype} · micro-batch {plan.micro_batch} x {plan.seq_len} tokens · "
         f"checkpointing {'on' if plan.grad_checkpointing else 'off'} · {plan.optimizer}"
     )
+    for line in _checkpoint_lines(model):
+        print(line)
     rows = [[k, f"{v / GIB:.2f}"] for k, v in mem.components.items()]
     rows.append(["= peak (device total)", f"{mem.device_total_bytes / GIB:.2f}"])
     print(_table(rows, ["memory per GPU", "GiB"]))
@@ -284,7 +359,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if mem.band is not None:
         print(f"band basis: {mem.band.basis}")
     if mem.paged_bytes:
-        print(f"paged optimiser states: {mem.paged_bytes / GIB:.2f} GiB in unified memory (not counted above)")
+        print(
+            f"paged optimiser states: {mem.paged_bytes / GIB:.2f} GiB in managed memory, may spill to host RAM (not counted above)"
+        )
     phases = getattr(est, "phases", None)  # a simulated estimate's traced phases
     if phases:
         print("traced live GiB: " + " · ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in phases.items()))
@@ -317,6 +394,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         constraints=Constraints(args.max_budget_usd, args.deadline_hours, args.max_gpus, methods),
         dtype=args.dtype,
         limit=args.limit,
+        providers=args.provider,
+        price_basis=args.price_basis,
+        model_revision=args.revision,
     )
     res = svc.recommend(req)
     safe = any(r.candidate.estimate.memory.verdict == FITS for r in res.recommendation.plans)
@@ -326,10 +406,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         return code
     rec, m = res.recommendation, res.model
     print(
-        f"{m.name} ({m.param_count / 1e9:.3f}B params) · objective {rec.objective} · "
+        f"{m.name} ({_params_text(m, 3)}) · objective {rec.objective} · "
         f"{res.workload.total_tokens:,.0f} tokens at seq {res.workload.seq_len} · "
         f"{rec.n_candidates} plans evaluated, {rec.n_feasible} fit"
     )
+    for line in _checkpoint_lines(m):
+        print(line)
     for a in res.assumptions:
         print(f"assumed: {a}")
     if rec.plans:
@@ -377,6 +459,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if any(r.candidate.estimate.memory.verdict == BAND_CROSSES for r in rec.plans):
             print("!: the memory band crosses the GPU's memory (may run out of memory); ranked after the safe plans")
         print(f"why #1: {rec.plans[0].why}")
+        for gpu in dict.fromkeys(r.candidate.gpu for r in rec.plans):
+            print(
+                f"price {gpu.id}: {price_label(gpu)} ({gpu.price_source}{', ' + gpu.price_date if gpu.price_date else ''})"
+            )
+            if gpu.caveat:
+                print(f"caveat {gpu.id}: {gpu.caveat}")
     else:
         print("no plan fits.")
     for r in rec.rejected[:6]:

@@ -38,6 +38,10 @@ FRAMEWORKS = ("hf", "litgpt", "torchtune")
 #: the modules outside the blocks a plan can adapt (LoRA) or train whole (modules_to_save), by their generic
 #: names; each family says what transformers calls them (``Family.head_module`` / ``embedding_module``)
 OUTER_MODULES = ("lm_head", "embed_tokens")
+#: the LoRA target word for a mixture of experts' fused expert parameters (every sparse layer's gate_up_proj and
+#: down_proj): peft reaches them only through ``target_parameters`` (lora.ParamWrapper), and its all-linear leaves
+#: them out, so they are asked for explicitly (advisor/estimators/moe.py counts what they cost)
+EXPERTS = "experts"
 
 
 def _f(
@@ -101,7 +105,8 @@ class TrainingPlan:
     lora_targets: tuple[str, ...] = _f(
         (ALL_LINEAR,),
         "adapted modules: all-linear (the blocks' linears, as peft's), roles (q,k,v,o,gate,up,down), the output "
-        "head lm_head, the token embedding embed_tokens, or module names",
+        "head lm_head, the token embedding embed_tokens, experts (a mixture of experts' fused expert parameters, "
+        "peft target_parameters; needs lora_dropout 0), or module names",
     )
     #: full fine-tuning under mixed precision keeps fp32 master weights (AMP, the HF Trainer default);
     #: False = "pure" half-precision training (params, grads and AdamW states in the half dtype).
@@ -208,6 +213,38 @@ def validation_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
     if both:
         errs.append(("modules_to_save", f"{', '.join(sorted(both))}: either a LoRA target or trained whole, not both"))
     errs.extend(get_method(plan.method).validate(plan))
+    errs.extend(_expert_target_errors(plan))
+    return errs
+
+
+def targets_experts(targets: Iterable[str]) -> bool:
+    """Whether LoRA targets name a mixture of experts' fused expert parameters (the word or a parameter name)."""
+    return any(t.strip() == EXPERTS or t.strip().startswith(EXPERTS + ".") for t in targets)
+
+
+def _expert_target_errors(plan: TrainingPlan) -> list[tuple[str, str]]:
+    """peft's lora.ParamWrapper (LoRA on a bare parameter) refuses dropout (x cannot be factored out of a weight
+    update) and DoRA; one LoraConfig serves every target, so the whole plan needs them off."""
+    m = get_method(plan.method)
+    if not m.adapter or not targets_experts(plan.lora_targets):
+        return []
+    errs = []
+    if plan.lora_dropout != 0:
+        errs.append(
+            (
+                "lora_dropout",
+                f"LoRA on the experts (peft target_parameters) cannot use dropout, got {plan.lora_dropout}. "
+                "To fix: set lora_dropout to 0, or drop experts from lora_targets",
+            )
+        )
+    if m.dora:
+        errs.append(
+            (
+                "method",
+                "DoRA cannot adapt the experts (peft's ParamWrapper refuses use_dora). To fix: use lora or qlora, "
+                "or drop experts from lora_targets",
+            )
+        )
     return errs
 
 
@@ -336,13 +373,19 @@ def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
     roles (q, k, v, o, gate, up, down), ``lm_head`` and ``embed_tokens`` (the output head and the token
     embedding, whatever the family calls them) and the model's own peft module names (q_proj, c_attn,
     wi_0, embed_out, wte, ...). A fused module (c_attn, qkv_proj) is targeted when any role it serves is
-    asked for, as peft can only wrap the whole module.
+    asked for, as peft can only wrap the whole module. ``experts`` (or one of the layout's expert parameter names,
+    ``experts.gate_up_proj`` / ``experts.down_proj``) adds a mixture of experts' fused expert parameters, which the
+    builder hands to peft as ``target_parameters`` (``advisor.stack.targets.lora_target_parameters``).
     """
     names: set[str] = set()
     module_roles: dict[str, set[str]] = {}
+    expert_params: set[str] = set()
     for b in model.blocks:
         for lin in b.linears:
-            module_roles.setdefault(lin.name, set()).update(lin.roles)
+            if lin.lora_target:  # MoE experts / routers are bare parameters: peft's target_modules cannot wrap them
+                module_roles.setdefault(lin.name, set()).update(lin.roles)
+            elif lin.kind == "experts":  # reached through peft's target_parameters instead (the `experts` word)
+                expert_params.add(lin.name)
     bare = {n.split(".")[-1] for n in module_roles}
     outer = outer_module_names(model)
     for t in targets:
@@ -359,12 +402,28 @@ def resolve_targets(model: ModelSpec, targets: Iterable[str]) -> frozenset[str]:
             names.add(_outer_module(model, next(g for g, n in outer.items() if n == t), "lora_targets"))
         elif t in bare:
             names.update(n for n in module_roles if n.split(".")[-1] == t)
+        elif t == EXPERTS or t in expert_params:
+            if not expert_params:
+                raise InvalidInputError(
+                    f"lora_targets: {model.name} has no experts (not a mixture of experts). To fix: drop {t!r} from "
+                    "lora_targets (all-linear adapts every linear of its MLP)",
+                    field="lora_targets",
+                )
+            names.update(expert_params if t == EXPERTS else {t})
         else:
+            words = f"{', '.join(OUTER_MODULES)}{', ' + EXPERTS if expert_params else ''}"
             raise InvalidInputError(
                 f"unknown LoRA target {t!r} for {model.name}: use all-linear, roles "
-                f"({', '.join(ROLES)}), {', '.join(OUTER_MODULES)} or module names ({', '.join(sorted(bare))})",
+                f"({', '.join(ROLES)}), {words} or module names ({', '.join(sorted(bare | expert_params))})",
                 field="lora_targets",
             )
+    if not names and model.is_moe:
+        raise InvalidInputError(
+            f"lora_targets {', '.join(targets)} reach no module of {model.name}: a mixture of experts' MLP is fused "
+            "expert parameters, which peft's target_modules cannot wrap. To fix: target the attention (q, k, v, o), "
+            f"all-linear, or the experts themselves with {EXPERTS!r} (peft target_parameters, lora_dropout 0)",
+            field="lora_targets",
+        )
     if not names:
         raise InvalidInputError("lora_targets is empty", field="lora_targets")
     return frozenset(names)

@@ -16,7 +16,9 @@ from advisor.estimators.base import Estimate, Estimator, with_bands
 from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError, nearest_profile
 from advisor.estimators.uncertainty import FITS
 from advisor.hardware import LOCAL_NAMES, local_gpus
+from advisor.hub import HubOptions
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_shapes
+from advisor.platforms import platform_notes
 from advisor.profiles import ProfileStore
 from advisor.recommend import (
     Constraints,
@@ -24,6 +26,7 @@ from advisor.recommend import (
     Recommendation,
     SearchTable,
     build_table,
+    closest_notes,
     make_candidate,
     search,
     stack_tables,
@@ -50,6 +53,11 @@ class RecommendRequest:
     # bounded: traces stop when simulate_budget_s is spent (a running trace is killed at the deadline)
     simulate_top: int = 0
     simulate_budget_s: float = 120.0
+    # prices: the providers to price GPUs at (None: the cheapest listed provider per GPU) and the basis
+    providers: tuple[str, ...] | None = None
+    price_basis: str = "on-demand"
+    # a branch, tag or commit sha of a Hugging Face model (also `org/name@revision` in `model`)
+    model_revision: str | None = None
 
 
 @dataclass
@@ -78,9 +86,15 @@ class EstimateResult:
 
 class AdvisorService:
     def __init__(
-        self, catalog: Catalog | None = None, profiles: ProfileStore | None = None, allow_model_paths: bool = True
+        self,
+        catalog: Catalog | None = None,
+        profiles: ProfileStore | None = None,
+        allow_model_paths: bool = True,
+        hub: HubOptions | None = None,
     ):
         self.allow_model_paths = allow_model_paths  # False in the HTTP service: clients post configs inline
+        # Hugging Face Hub look-ups for ids outside the catalog (advisor.hub): on unless turned off
+        self.hub = hub if hub is not None else HubOptions.from_env()
         # calibration profiles (default: <data dir>/profiles); a calibrated device the catalog lacks
         # (a CPU) joins the catalog so it can be named like a GPU
         self.profiles = profiles if profiles is not None else ProfileStore.default()
@@ -102,18 +116,57 @@ class AdvisorService:
         return self._simulated
 
     # ---- resolution -----------------------------------------------------------------------------
-    def model(self, model: str | dict[str, Any]) -> ModelSpec:
+    def model(self, model: str | dict[str, Any], revision: str | None = None) -> ModelSpec:
+        """A posted config, or a name: catalog, size, local path (CLI only), Hugging Face id (advisor.hub)."""
         if isinstance(model, dict):
+            if revision is not None:
+                raise InvalidInputError(
+                    "model_revision applies to a Hugging Face id, not to an inline config. To fix: leave it out",
+                    field="model_revision",
+                )
             return model_from_config(
                 model, name=str(model.get("_name_or_path") or model.get("name") or "inline-config")
             )
-        return resolve_model(model, self.catalog, allow_paths=self.allow_model_paths)
+        return resolve_model(model, self.catalog, allow_paths=self.allow_model_paths, revision=revision, hub=self.hub)
 
     def gpu(self, name: str) -> GpuSpec:
         """A catalog GPU by id/alias, or 'local' for the first GPU nvidia-smi sees in this box."""
+        return self.gpu_and_count(name)[0]
+
+    def gpu_and_count(self, name: str, catalog: Catalog | None = None) -> tuple[GpuSpec, int | None]:
+        """One card and the count it was named with (``A100:8`` -> the 40 GB A100, 8); a memory filter
+        that matches several cards is an error listing them (an estimate is for one card)."""
         if name.strip().lower() in LOCAL_NAMES:
-            return local_gpus(self.catalog)[0]
-        return self.catalog.gpu(name)
+            return local_gpus(self.catalog)[0], None
+        gpus, count = (catalog or self.catalog).gpus_for(name)
+        if len(gpus) > 1:
+            listed = ", ".join(g.id for g in gpus)
+            raise InvalidInputError(
+                f"{name!r} matches {len(gpus)} GPUs ({listed}): an estimate is for one. To fix: name one of them",
+                field="gpu",
+            )
+        return gpus[0], count
+
+    def _request_gpus(self, names: tuple[str, ...], catalog: Catalog) -> tuple[list[GpuSpec], dict[str, int]]:
+        """The cards a request names (names, ``NAME:COUNT``, ``80GB+``) and the counts given with them."""
+        gpus: dict[str, GpuSpec] = {}
+        counts: dict[str, int] = {}
+        for name in names:
+            if name.strip().lower() in LOCAL_NAMES:
+                found = [local_gpus(catalog)[0]]
+                count = None
+            else:
+                found, count = catalog.gpus_for(name)
+            for g in found:
+                gpus.setdefault(g.id, g)
+                if count is not None:
+                    if counts.get(g.id, count) != count:
+                        raise InvalidInputError(
+                            f"{g.id} is named with two counts ({counts[g.id]} and {count}). To fix: one count per GPU",
+                            field="gpu",
+                        )
+                    counts[g.id] = count
+        return list(gpus.values()), counts
 
     def estimator_for(self, gpu: GpuSpec, installed: list | None = None) -> Estimator:
         """The estimator for a device: calibrated where a profile matches it (name and memory); else the
@@ -164,6 +217,7 @@ class AdvisorService:
         else:
             estimator = self.analytical if source == "analytical" else self.estimator_for(gpu)
             est = estimator.estimate(model, gpu, plan)
+        est = replace(est, notes=platform_notes(gpu, est.notes))
         if context_note:
             est = replace(est, notes=(*est.notes, context_note))
         assumptions = [*(workload.stated_defaults if workload else ()), *([model.note] if model.assumed else [])]
@@ -212,7 +266,11 @@ class AdvisorService:
             dt = dtype or gpu.default_dtype()
             estimator = self.estimator_for(gpu, installed)
             parts.append((gpu, dt, self._table(estimator, model, space, seq_len, dt, gpu), estimator))
-        key = (id(model), tuple((g.id, dt, id(t), id(e)) for g, dt, t, e in parts))
+        # the GPU's price is part of the key: the same cards priced at another provider or basis
+        key = (
+            id(model),
+            tuple((g.id, g.price_usd_per_hour, g.price_source, dt, id(t), id(e)) for g, dt, t, e in parts),
+        )
         hit = self._stacked.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
@@ -224,33 +282,57 @@ class AdvisorService:
 
     # ---- recommend --------------------------------------------------------------------------------
     def recommend(self, req: RecommendRequest) -> RecommendResult:
-        model = self.model(req.model)
+        model = self.model(req.model, req.model_revision)
         context_note = model.check_seq_len(req.workload.seq_len)
         assumptions = list(req.workload.stated_defaults)
         if model.assumed:
             assumptions.append(model.note)
+        catalog = self.catalog
+        if req.providers or req.price_basis != "on-demand":
+            catalog = catalog.priced(req.providers, req.price_basis)
+        counts: dict[str, int] = {}
         if req.gpus:
-            gpus = [self.gpu(g) for g in req.gpus]
+            gpus, counts = self._request_gpus(req.gpus, catalog)
         else:
             if req.objective == "fit":
                 raise InvalidInputError("objective 'fit' needs your GPU: name one with gpu", field="gpu")
-            gpus = list(self.catalog.gpus)
+            gpus = list(catalog.gpus)
             assumptions.append("no GPU named: searched every catalog GPU")
+            if req.providers:
+                offered = [g for g in gpus if g.price_usd_per_hour is not None]
+                if not offered:
+                    raise InvalidInputError(
+                        f"no catalog GPU has a {req.price_basis} price at {', '.join(req.providers)}. "
+                        "To fix: other providers, or price_basis on-demand",
+                        field="providers",
+                    )
+                gpus = offered
+                assumptions.append(f"searched the GPUs {', '.join(req.providers)} list {req.price_basis} prices for")
+        assumptions.append(
+            f"prices: {req.price_basis}, "
+            + (f"the cheapest of {', '.join(req.providers)}" if req.providers else "the cheapest listed provider")
+            + " per GPU (each plan names its provider, region and source)"
+        )
         if req.dtype == "bf16":
             no_bf16 = [g.id for g in gpus if not g.bf16_supported]
             if no_bf16 and len(no_bf16) == len(gpus):
                 raise InvalidInputError(f"{', '.join(no_bf16)} cannot train in bf16: use fp16", field="dtype")
             gpus = [g for g in gpus if g.bf16_supported]
-        space = SearchSpace(
-            methods=req.constraints.methods,
-            gpu_counts=tuple(n for n in (1, 2, 4, 8, 16, 32) if n <= req.constraints.max_gpus),
-        )
+        searched = {n for n in (1, 2, 4, 8, 16, 32) if n <= req.constraints.max_gpus}
+        if counts and len(counts) == len(gpus):
+            searched = set(counts.values())  # every GPU named with its count: those counts only
+        else:
+            searched |= set(counts.values())
+        space = SearchSpace(methods=req.constraints.methods, gpu_counts=tuple(sorted(searched)))
+        constraints = req.constraints
+        if counts:
+            constraints = replace(constraints, gpu_counts=tuple(sorted(counts.items())))
         rec = search(
             model,
             self._search_table(model, gpus, space, req.workload.seq_len, req.dtype),
             req.workload,
             req.objective,
-            req.constraints,
+            constraints,
             req.convergence,
             req.limit,
         )
@@ -259,6 +341,7 @@ class AdvisorService:
             rec.notes.append(context_note)
         if not rec.plans:
             rec.notes.append("no plan fits: see `rejected` for the closest candidates and what to change")
+            rec.notes.extend(closest_notes(rec, req.constraints))
         elif all(r.candidate.estimate.memory.verdict != FITS for r in rec.plans):
             rec.notes.append(
                 "every plan's memory band crosses its GPU's memory: they may run out of memory (see each plan's "

@@ -56,6 +56,44 @@ class ModelSpec:
     source: str = ""
     assumed: bool = False  # True when the architecture was guessed (e.g. from a bare size like "13B")
     note: str = ""
+    # the Hugging Face model_type the spec was read from and is rebuilt as ("": the family decides from the names)
+    model_type: str = ""
+    # RMSNorm on the queries and keys before RoPE (Qwen3, Gemma-3, OLMo-2, EXAONE-4): per head (head_dim weights
+    # each) or, for OLMo-2/3, over the whole projection (the family counts its weights)
+    qk_norm: bool = False
+    # local attention: the window (None: every layer attends to the whole sequence) and which layers are global:
+    # 0 = every layer slides (Mistral v0.1, Ministral); N = layer i is global when (i + 1) % N == 0 (Gemma-3 6,
+    # Gemma-2 2, Cohere2 / OLMo-3 / EXAONE-4 4), as transformers' config classes derive ``layer_types``
+    sliding_window: int | None = None
+    sliding_window_pattern: int = 0
+    # mixture-of-experts (0 / False: a dense model). Experts are transformers' fused 3-D parameters (all resident);
+    # each token runs `experts_per_token` of `num_experts` experts of width `moe_intermediate_size`, plus an
+    # always-on shared MLP of width `shared_expert_intermediate_size` (DeepSeek: n_shared_experts x its width;
+    # Qwen2-MoE: its own key, behind a sigmoid `shared_expert_gate`)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    shared_expert_gate: bool = False
+    first_dense_layers: int = 0  # DeepSeek's first_k_dense_replace: the first layers keep a dense MLP
+    moe_layer_step: int = 1  # Qwen2/3-MoE decoder_sparse_step: layer i is sparse when (i + 1) % step == 0
+    router_bias: bool = False  # gpt-oss: the router has a bias
+    expert_bias: bool = False  # gpt-oss: biased expert projections
+    attention_sinks: bool = False  # gpt-oss: one learned sink logit per head
+    # the router renormalises its top-k probabilities (Mixtral always; Qwen-MoE, OLMoE, DeepSeek by config)
+    norm_topk_prob: bool = False
+    # DeepSeek multi-head latent attention (kv_lora_rank 0: not MLA)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # from the Hugging Face Hub (advisor.hub): the exact parameter count and per-dtype counts the checkpoint's
+    # safetensors metadata states (None / (): not read), and the commit the config was read at. Estimates keep
+    # the architecture's count (param_count); a difference over 0.5% is said in `note`
+    checkpoint_params: int | None = None
+    checkpoint_dtypes: tuple[tuple[str, int], ...] = ()
+    revision: str | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -70,6 +108,10 @@ class ModelSpec:
             errors.append("num_key_value_heads must divide num_attention_heads")
         if self.norm not in ("rmsnorm", "layernorm"):
             errors.append("norm must be rmsnorm or layernorm")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            errors.append("sliding_window must be positive (or null: no local attention)")
+        if self.sliding_window_pattern < 0:
+            errors.append("sliding_window_pattern must be >= 0 (0: every layer slides)")
         if (
             fam is not None
             and not fam.encoder_decoder
@@ -120,6 +162,14 @@ class ModelSpec:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_size
 
+    @cached_property
+    def sliding_layers(self) -> int:
+        """How many layers attend through a sliding window (the rest attend to the whole sequence)."""
+        if self.sliding_window is None:
+            return 0
+        n = self.sliding_window_pattern
+        return self.num_layers if n <= 0 else sum(1 for i in range(self.num_layers) if (i + 1) % n)
+
     @property
     def is_encoder_decoder(self) -> bool:
         return self.family_spec.encoder_decoder
@@ -167,7 +217,8 @@ class ModelSpec:
         """Linear weights bitsandbytes quantises (transformers skips `_keep_in_fp32_modules`)."""
         keep = set(self.keep_fp32_modules)
         return sum(
-            b.count * sum(lin.weight_params for lin in b.linears if lin.name.split(".")[-1] not in keep)
+            b.count
+            * sum(lin.weight_params for lin in b.linears if lin.is_linear and lin.name.split(".")[-1] not in keep)
             for b in self.blocks
         )
 
@@ -178,22 +229,45 @@ class ModelSpec:
         )
         return self.embedding_params + blocks + self.final_norm_params + self.lm_head_params
 
+    @property
+    def is_moe(self) -> bool:
+        """A mixture-of-experts model (its blocks hold fused expert parameters)."""
+        return self.num_experts > 0
+
+    @cached_property
+    def expert_params(self) -> int:
+        """Parameters of all routed experts (every MoE layer's fused expert tensors, biases included)."""
+        return sum(b.count * sum(lin.params for lin in b.linears if lin.kind == "experts") for b in self.blocks)
+
+    @cached_property
+    def active_param_count(self) -> int:
+        """Parameters one token runs through: the total less the routed experts it is not sent to (each token
+        runs `experts_per_token` of `num_experts`; embeddings, attention, router and shared experts always)."""
+        if not self.is_moe:
+            return self.param_count
+        idle = self.expert_params * (self.num_experts - self.experts_per_token) / self.num_experts
+        return self.param_count - round(idle)
+
     @cached_property
     def module_names(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}
         for b in self.blocks:
             for lin in b.linears:
-                seen.setdefault(lin.name.split(".")[-1], None)
+                if lin.lora_target:  # peft's target_modules wrap modules, not MoE experts' bare parameters
+                    seen.setdefault(lin.name.split(".")[-1], None)
         return tuple(seen)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["aliases"] = list(self.aliases)
         d["keep_fp32_modules"] = list(self.keep_fp32_modules)
+        d["checkpoint_dtypes"] = dict(self.checkpoint_dtypes)
         return d
 
 
 GPU_CLASSES = ("datacenter", "consumer", "cpu")
+#: The software platform PyTorch runs on: CUDA (NVIDIA), ROCm (AMD), or the CPU.
+GPU_PLATFORMS = ("cuda", "rocm", "cpu")
 #: How GPUs of one machine reach each other: nvlink (NVLink / NVSwitch / Infinity Fabric boards), pcie (PCIe
 #: with peer-to-peer DMA), pcie-host (no peer-to-peer: every transfer is staged through host memory, as on
 #: GeForce cards, whose drivers do not enable P2P).
@@ -235,6 +309,14 @@ class GpuSpec:
     # efficiency is relative to this rate (advisor.estimators.device.matmul_flops)
     matmul_tflops_measured: float | None = None
     matmul_source: str = ""  # where matmul_tflops_measured comes from (repository / page, date, software)
+    # the software platform PyTorch runs on for this card: cuda | rocm | cpu; a non-CUDA card carries a caveat
+    # (what differs there, with its source) that every plan on it shows (advisor.platforms)
+    platform: str = "cuda"
+    caveat: str = ""
+    # where price_usd_per_hour comes from: the provider, its region and the basis (on-demand | spot | user)
+    price_provider: str = ""
+    price_region: str = ""
+    price_basis: str = ""
 
     def __post_init__(self) -> None:
         """Every number the estimators divide by or multiply with is a positive finite number (a GPU file
@@ -267,6 +349,8 @@ class GpuSpec:
             errors.append(f"peer_link must be one of {', '.join(PEER_LINKS)}, got {self.peer_link!r}")
         if self.gpu_class not in GPU_CLASSES:
             errors.append(f"gpu_class must be one of {', '.join(GPU_CLASSES)}, got {self.gpu_class!r}")
+        if self.platform not in GPU_PLATFORMS:
+            errors.append(f"platform must be one of {', '.join(GPU_PLATFORMS)}, got {self.platform!r}")
         if not isinstance(self.bf16_supported, bool):
             errors.append(f"bf16_supported must be true or false, got {self.bf16_supported!r}")
         if errors:

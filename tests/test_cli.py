@@ -162,3 +162,41 @@ def test_help_documents_the_exit_codes(capsys):
         with pytest.raises(SystemExit):
             main([cmd, "--help"])
         assert "exit status: 0" in capsys.readouterr().out
+
+
+def test_gpu_names_counts_and_ambiguity(capsys):
+    code, out, _ = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "A100:8", "--method", "lora", "--json")
+    d = json.loads(out)
+    assert code in (0, 1) and d["gpu"]["id"] == "a100-40gb" and d["plan"]["num_gpus"] == 8
+    code, _, err = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "RTX 6000", "--method", "lora")
+    assert code == 2 and "--gpu" in err and "rtx-6000-ada" in err and "rtx-a6000" in err
+    code, _, err = run(
+        capsys, "estimate", "--model", "llama-3-8b", "--gpu", "A100:8", "--num-gpus", "2", "--method", "lora"
+    )
+    assert code == 2 and "To fix" in err
+    code, _, err = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "80GB+", "--method", "lora")
+    assert code == 2 and "h100-sxm" in err
+
+
+def test_recommend_providers_and_rocm_caveat(capsys):
+    code, out, _ = run(
+        capsys, "recommend", "--model", "llama-3-8b", "--gpu", "A100", "--provider", "aws", "--dataset-tokens", "20M"
+    )
+    assert code == 0 and "price a100-40gb: $2.745/GPU-h on-demand at aws (us-east-1)" in out
+    code, out, _ = run(capsys, "recommend", "--model", "llama-3-8b", "--gpu", "MI300X", "--dataset-tokens", "20M")
+    assert "caveat mi300x: ROCm, not CUDA" in out
+    code, out, _ = run(
+        capsys,
+        "estimate",
+        "--model",
+        "llama-3-8b",
+        "--gpu",
+        "mi300x",
+        "--method",
+        "qlora",
+        "--optimizer",
+        "paged-adamw-8bit",
+    )
+    assert "ROCm, not CUDA" in out and "CUDA unified" not in out
+    code, _, err = run(capsys, "recommend", "--model", "llama-3-8b", "--provider", "nosuch")
+    assert code == 2 and "--provider" in err

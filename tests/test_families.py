@@ -24,7 +24,7 @@ ARCH = [
 
 
 def test_registry():
-    assert tuple(FAMILIES) == specs.FAMILIES == ("llama", "phi3", "gpt2", "phi", "gpt_neox", "t5")
+    assert tuple(FAMILIES) == specs.FAMILIES == ("llama", "phi3", "gpt2", "phi", "gpt_neox", "t5", "moe")
     assert specs.Linear is Linear and specs.Block is families.Block and specs.ROLES == families.ROLES
     for name, fam in FAMILIES.items():
         assert fam.name == name and get_family(name) is fam and fam.model_types
@@ -144,6 +144,8 @@ def test_minimal_config_reads_like_the_full_one_transformers_writes():
             core = dict(model_type=mt, n_embd=512, n_layer=2, n_head=32, vocab_size=1000)
         if fam.name == "t5":
             core = dict(model_type=mt, d_model=512, num_layers=2, num_heads=32, vocab_size=1000)
+        if mt == "deepseek_v2":
+            core["num_experts_per_tok"] = 6  # DeepSeek-V2's; its config class has no default (None)
         bare = model_from_config(dict(core))
         full_cfg = transformers.AutoConfig.for_model(**core).to_dict()
         full = model_from_config(json.loads(json.dumps(full_cfg, default=str)))

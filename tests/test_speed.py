@@ -160,11 +160,22 @@ def test_gradient_reduction_hides_only_under_backward():
 
 def test_fsdp_shards_the_autocast_half_copies():
     model = CAT.model("llama-2-7b")
-    p = _plan("full", "a100-80gb", num_gpus=4, sharding="fsdp", master_weights=True, optimizer="adamw-8bit")
+    p = _plan(
+        "full",
+        "a100-80gb",
+        num_gpus=4,
+        sharding="fsdp",
+        master_weights=True,
+        optimizer="adamw-8bit",
+        grad_checkpointing=False,
+    )
     t = EST.plan_terms(model, p)
     single = EST.plan_terms(model, replace(p, num_gpus=1, sharding="none")).terms["autocast_copies"]
     assert single >= 2 * model.linear_weight_params  # every linear's half copy (and the head's, when counted)
     assert t.terms["autocast_copies"] == pytest.approx(single / 4)
+    # with checkpointing the blocks save no copy: at the loss only the head's half copy is alive
+    ckpt = EST.plan_terms(model, replace(p, num_gpus=1, sharding="none", grad_checkpointing=True))
+    assert ckpt.terms["autocast_copies"] == pytest.approx(2 * model.vocab_size * model.hidden_size)
 
 
 # ---- 3. host-bound floor -------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def to_recommend_request(body: RecommendRequest) -> tuple[CoreRecommendRequest, 
         limit=body.limit,
         simulate_top=body.simulate_top,
         simulate_budget_s=body.simulate_budget_s,
+        providers=tuple(body.providers) if body.providers else None,
+        price_basis=body.price_basis,
+        model_revision=body.model_revision,
     )
     return req, stated
 

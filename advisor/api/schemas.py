@@ -37,7 +37,12 @@ ModelName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=200, pattern=rf"^(https?://)?{_SEGMENT}(/{_SEGMENT})*$"),
 ]
-GpuName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ()+,._/-]*$")]
+#: A Hugging Face revision: a branch, tag or commit sha.
+Revision = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+GpuName = Annotated[
+    str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ()+,._/:-]*$")
+]
+ProviderName = Annotated[str, StringConstraints(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 LoraTarget = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
@@ -230,6 +235,18 @@ class RecommendRequest(_Strict):
     simulate_budget_s: float = Field(
         120.0, gt=0, le=3600, allow_inf_nan=False, description="wall-clock budget for all traces together"
     )
+    model_revision: Revision | None = Field(
+        None,
+        description="branch, tag or commit sha of a Hugging Face `model` id (also `org/name@revision`); default main",
+    )
+    providers: list[ProviderName] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="price GPUs at these providers only (aws, gcp, lambda, runpod, vast, ...); omitted: the cheapest "
+        "listed provider per GPU. Searching every GPU, only those the providers price are searched",
+    )
+    price_basis: Literal["on-demand", "spot"] = Field("on-demand", description="which published price to use")
 
 
 class SimulationOut(BaseModel):
@@ -330,6 +347,10 @@ class EstimateRequest(_Strict):
         description="auto: calibrated where a profile matches, else analytical; simulated: one training step "
         "traced under FakeTensorMode (needs the train extra on the server; seconds to a minute, cached)",
     )
+    model_revision: Revision | None = Field(
+        None,
+        description="branch, tag or commit sha of a Hugging Face `model` id (also `org/name@revision`); default main",
+    )
 
 
 # ---- responses -------------------------------------------------------------------------------------
@@ -361,6 +382,21 @@ class ModelSummary(BaseModel):
     assumed: bool = Field(description="true when the architecture was guessed (e.g. from a bare size)")
     source: str
     note: str
+    checkpoint_params: int | None = Field(
+        None, description="Hugging Face models: the exact count the checkpoint's safetensors metadata states"
+    )
+    checkpoint_dtypes: dict[str, int] = Field(
+        default_factory=dict, description="stored dtype -> parameters of that dtype in the checkpoint (e.g. BF16)"
+    )
+    revision: str | None = Field(None, description="Hugging Face models: the commit the config.json was read at")
+    active_params: int | None = Field(
+        None,
+        description="parameters one token runs through (mixture of experts: its top-k experts, the router, shared "
+        "experts, attention, embeddings and head); equals params for a dense model",
+    )
+    active_params_b: float | None = None
+    num_experts: int = Field(0, description="routed experts per sparse layer (0: a dense model)")
+    experts_per_token: int = Field(0, description="experts each token is routed to (top-k)")
 
 
 class ErrorBandOut(BaseModel):
@@ -420,6 +456,13 @@ class PlanGpu(BaseModel):
     id: str
     name: str
     price_usd_per_hour: float | None
+    price_provider: str = Field("", description="the provider whose price this is ('user': a price file's override)")
+    price_region: str = ""
+    price_basis: str = Field("", description="on-demand | spot | user")
+    price_source: str = Field("", description="where the price was read, and when (price_date)")
+    price_date: str = ""
+    platform: str = Field("cuda", description="cuda | rocm | cpu")
+    caveat: str = Field("", description="what differs on a non-CUDA card (ROCm); also in the plan's notes")
 
 
 class RankedPlan(EstimateFields, CostFields):
@@ -508,6 +551,11 @@ class GpuOut(BaseModel):
         None, description="sustained dense half-precision matmul TFLOP/s measured on the card (null: none published)"
     )
     matmul_source: str = Field("", description="where matmul_tflops_measured comes from")
+    platform: str = Field("cuda", description="cuda | rocm | cpu: the software platform PyTorch runs on")
+    caveat: str = Field("", description="what differs on a non-CUDA card, with its source; shown on every plan")
+    price_provider: str = Field("", description="provider of price_usd_per_hour (cheapest listed on-demand)")
+    price_region: str = ""
+    price_basis: str = Field("", description="on-demand | spot | user")
 
 
 class GpuList(BaseModel):
@@ -550,6 +598,37 @@ class ModelOut(BaseModel):
     source: str
     assumed: bool
     note: str
+    checkpoint_params: int | None = Field(
+        None, description="Hugging Face models: the exact count the checkpoint's safetensors metadata states"
+    )
+    checkpoint_dtypes: dict[str, int] = Field(
+        default_factory=dict, description="stored dtype -> parameters of that dtype in the checkpoint (e.g. BF16)"
+    )
+    revision: str | None = Field(None, description="Hugging Face models: the commit the config.json was read at")
+    model_type: str = Field("", description="the Hugging Face model_type the spec was read from ('': the family's)")
+    qk_norm: bool = Field(False, description="RMSNorm on queries and keys before RoPE (Qwen3, Gemma-3, OLMo-2)")
+    sliding_window: int | None = Field(None, description="tokens a local-attention layer sees (None: all global)")
+    sliding_window_pattern: int = Field(
+        0, description="0: every layer local when sliding_window is set; N: every N-th layer is global"
+    )
+    active_params: int | None = Field(None, description="parameters one token runs through (MoE: top-k experts)")
+    active_params_b: float | None = None
+    num_experts: int = Field(0, description="routed experts per sparse layer (0: a dense model)")
+    experts_per_token: int = Field(0, description="experts each token is routed to (top-k)")
+    moe_intermediate_size: int = Field(0, description="width of one routed expert's MLP")
+    shared_expert_intermediate_size: int = Field(0, description="width of the always-on shared expert MLP")
+    shared_expert_gate: bool = False
+    first_dense_layers: int = 0
+    moe_layer_step: int = 1
+    router_bias: bool = False
+    expert_bias: bool = False
+    attention_sinks: bool = False
+    norm_topk_prob: bool = False
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
 
 class ModelList(BaseModel):

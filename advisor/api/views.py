@@ -17,9 +17,10 @@ from advisor.cost import CostEstimate
 from advisor.estimators.base import Estimate
 from advisor.estimators.uncertainty import ErrorBand
 from advisor.plans import TrainingPlan
+from advisor.platforms import platform_of
 from advisor.recommend import RankedPlan, Rejection
 from advisor.service import EstimateResult, RecommendResult
-from advisor.specs import ModelSpec, Workload
+from advisor.specs import GpuSpec, ModelSpec, Workload
 from advisor.study import ClaimCheck
 from advisor.units import GIB
 
@@ -42,6 +43,13 @@ def model_summary(m: ModelSpec) -> dict[str, Any]:
         "assumed": m.assumed,
         "source": m.source,
         "note": m.note,
+        "checkpoint_params": m.checkpoint_params,
+        "checkpoint_dtypes": dict(m.checkpoint_dtypes),
+        "revision": m.revision,
+        "active_params": m.active_param_count,
+        "active_params_b": round(m.active_param_count / 1e9, 3),
+        "num_experts": m.num_experts,
+        "experts_per_token": m.experts_per_token,
     }
 
 
@@ -135,8 +143,24 @@ def ranked_plan(r: RankedPlan) -> dict[str, Any]:
         **estimate_fields(c.estimate),
         **cost_fields(c.cost),
         "rank": r.rank,
-        "gpu": {"id": c.gpu.id, "name": c.gpu.name, "price_usd_per_hour": c.gpu.price_usd_per_hour},
+        "gpu": plan_gpu(c.gpu),
         "why": r.why,
+    }
+
+
+def plan_gpu(g: GpuSpec) -> dict[str, Any]:
+    """The GPU of a plan with where its price comes from (provider, region, basis, source, date) and its caveat."""
+    return {
+        "id": g.id,
+        "name": g.name,
+        "price_usd_per_hour": g.price_usd_per_hour,
+        "price_provider": g.price_provider,
+        "price_region": g.price_region,
+        "price_basis": g.price_basis,
+        "price_source": g.price_source,
+        "price_date": g.price_date,
+        "platform": platform_of(g),
+        "caveat": g.caveat,
     }
 
 

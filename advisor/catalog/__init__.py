@@ -17,8 +17,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from advisor.catalog import gpu_names, prices
 from advisor.errors import ClosedModelError, InvalidInputError, UnknownGpuError, UnknownModelError
 from advisor.families import family_for_model_type, get_family
+from advisor.hub import HubOptions, parse_hub_id, resolve_hub_model
 from advisor.specs import GpuSpec, ModelSpec
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -58,6 +60,8 @@ class Catalog:
     models: tuple[ModelSpec, ...]
     gpus: tuple[GpuSpec, ...]
     closed_models: dict[str, str]
+    #: published prices per provider (data/prices.json, plus a price file's offers): advisor.catalog.prices
+    offers: tuple[prices.Offer, ...] = ()
 
     # ---- indexes ---------------------------------------------------------------------------
     @property
@@ -85,13 +89,14 @@ class Catalog:
         )
 
     def gpu(self, name: str) -> GpuSpec:
-        key = _norm_gpu_key(name)
-        spec = self._gpu_index.get(key)
-        if spec is not None:
-            return spec
-        raise UnknownGpuError(
-            f"unknown GPU {name!r}.", field="gpu", suggestions=_close(key, self._gpu_index, lambda s: s.id)
-        )
+        """One card by SkyPilot name (``A100`` = 40 GB, ``A100-80GB``, ``A10`` not ``A10G``), catalog id, name
+        or alias (advisor.catalog.gpu_names); a name two cards share is an error listing both."""
+        return gpu_names.lookup(name, self.gpus)
+
+    def gpus_for(self, text: str, field: str = "gpu") -> tuple[list[GpuSpec], int | None]:
+        """The cards one ``--gpu`` value names (``A100:8``, ``80GB+``, ``L4``) and its GPU count (None: any)."""
+        q = gpu_names.parse(text, field)
+        return gpu_names.resolve(q, self.gpus, field), q.count
 
     def _closed_reason(self, key: str) -> str | None:
         for prefix, reason in self.closed_models.items():
@@ -106,6 +111,26 @@ class Catalog:
         for g in extra:
             by_id[g.id] = g
         return replace(self, gpus=tuple(by_id.values()))
+
+    def priced(self, providers: tuple[str, ...] | list[str] | None = None, basis: str = "on-demand") -> Catalog:
+        """Every GPU priced by its cheapest offer among `providers` (None: all) on `basis` (on-demand | spot);
+        the GPU then names the provider, region, basis and source of its price."""
+        chosen = prices.check_request(providers, basis, self.offers)
+        return replace(self, gpus=prices.price_gpus(self.gpus, self.offers, chosen, basis))
+
+    def with_offers(self, offers: Iterable[prices.Offer]) -> Catalog:
+        """Offers added to the price list; one for the same GPU, provider and region replaces it."""
+        by_key = {(o.gpu, o.provider, o.region): o for o in self.offers}
+        known = {g.id for g in self.gpus}
+        for o in offers:
+            if o.gpu not in known:
+                raise UnknownGpuError(
+                    f"price offer for unknown GPU {o.gpu!r}.",
+                    field="price_file",
+                    suggestions=difflib.get_close_matches(o.gpu, sorted(known), n=3),
+                )
+            by_key[(o.gpu, o.provider, o.region)] = o
+        return replace(self, offers=tuple(by_key.values()))
 
     def with_prices(self, prices: dict[str, dict[str, Any]]) -> Catalog:
         """Override $/h per GPU id: {"a100-80gb": {"price_usd_per_hour": 1.5, "price_date": ..., "price_source": ...}}."""
@@ -132,6 +157,9 @@ class Catalog:
                     price_usd_per_hour=float(price),
                     price_date=str(p.get("price_date", "")),
                     price_source=str(p.get("price_source", "user override")),
+                    price_provider=str(p.get("provider", "user")),
+                    price_region=str(p.get("region", "")),
+                    price_basis="user",
                 )
             )
         return replace(self, gpus=tuple(gpus))
@@ -181,26 +209,47 @@ def load_gpu_file(path: str | Path) -> list[GpuSpec]:
 
 
 def load_price_file(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The old price-file format: {"prices": {"a100-80gb": {"price_usd_per_hour": 1.5, ...}}} ({} if the file
+    has only offers)."""
+    return _read_price_file(path)[0]
+
+
+def load_price_offers(path: str | Path) -> list[prices.Offer]:
+    """The provider format of a price file: {"offers": [{"gpu", "provider", "region", "on_demand_usd_per_gpu_hour",
+    "spot_usd_per_gpu_hour", "source", "date"}]} (the shape of data/prices.json); [] if it has none."""
+    return _read_price_file(path)[1]
+
+
+def _read_price_file(path: str | Path) -> tuple[dict[str, dict[str, Any]], list[prices.Offer]]:
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
-        prices = doc["prices"]
-        if not isinstance(prices, dict):
+        if not isinstance(doc, dict) or ("prices" not in doc and "offers" not in doc):
+            raise KeyError("the file needs 'prices' (per GPU id) or 'offers' (per GPU and provider)")
+        flat = doc.get("prices", {})
+        if not isinstance(flat, dict):
             raise TypeError("'prices' must be an object keyed by GPU id")
-        return prices
+        rows = doc.get("offers", [])
+        if not isinstance(rows, list):
+            raise TypeError("'offers' must be a list of offers")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InvalidInputError(f"cannot read price file {str(p)!r}: {exc}", field="price_file") from exc
+    return flat, [prices.offer_from_row(r) if isinstance(r, dict) else prices.offer_from_row({}) for r in rows]
 
 
 @cache
 def default_catalog() -> Catalog:
     models_doc = json.loads((DATA_DIR / "models.json").read_text())
     gpus_doc = json.loads((DATA_DIR / "gpus.json").read_text())
-    return Catalog(
+    prices_doc = json.loads((DATA_DIR / "prices.json").read_text())
+    cat = Catalog(
         models=tuple(_model_from_row(r) for r in models_doc["models"]),
         gpus=tuple(_gpu_from_row(r) for r in gpus_doc["gpus"]),
         closed_models=dict(models_doc.get("closed_models", {})),
+        offers=tuple(prices.offer_from_row(r, field="prices") for r in prices_doc["offers"]),
     )
+    # the default cost basis: each GPU at its cheapest published on-demand offer, named on every plan
+    return cat.priced(None, prices.DEFAULT_BASIS)
 
 
 def build_catalog(gpu_files: Iterable[str | Path] = (), price_file: str | Path | None = None) -> Catalog:
@@ -211,17 +260,18 @@ def build_catalog(gpu_files: Iterable[str | Path] = (), price_file: str | Path |
     if extra:
         cat = cat.with_gpus(extra)
     if price_file:
-        cat = cat.with_prices(load_price_file(price_file))
+        flat, offers = _read_price_file(price_file)
+        if offers:
+            cat = cat.with_offers(offers).priced(None, prices.DEFAULT_BASIS)
+        if flat:
+            cat = cat.with_prices(flat)
     return cat
 
 
 # ---- models from config.json or size -----------------------------------------------------------
-_UNSUPPORTED_TYPES = {
-    "mixtral": "mixture-of-experts models are not modelled yet",
-    "qwen2_moe": "mixture-of-experts models are not modelled yet",
-    "deepseek_v2": "mixture-of-experts models are not modelled yet",
-    "deepseek_v3": "mixture-of-experts models are not modelled yet",
-}
+_UNSUPPORTED_TYPES: dict[str, str] = {}
+#: config.json keys that make a model a mixture of experts: an unknown type with them is not Llama-format
+_EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
@@ -234,6 +284,12 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
         raise InvalidInputError(f"model_type {mtype!r}: {_UNSUPPORTED_TYPES[mtype]}", field="model")
     family = family_for_model_type(mtype)
     note = ""
+    if family is None and any(cfg.get(k) for k in _EXPERT_KEYS):
+        raise InvalidInputError(
+            f"model_type {mtype!r} is a mixture-of-experts model of an architecture not modelled. To fix: use one of "
+            "the modelled MoE types (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss, deepseek_v2, deepseek_v3)",
+            field="model",
+        )
     if family is None:
         family = get_family("llama")
         note = f"model_type {mtype!r} read as a Llama-format config"
@@ -301,26 +357,67 @@ def model_from_size(size: str) -> ModelSpec:
     )
 
 
-def resolve_model(name: str, catalog: Catalog | None = None, allow_paths: bool = True) -> ModelSpec:
-    """Catalog name/alias/HF id, path to a config.json (or its folder), or a size like '13B'.
+def resolve_model(
+    name: str,
+    catalog: Catalog | None = None,
+    allow_paths: bool = True,
+    *,
+    revision: str | None = None,
+    hub: HubOptions | None = None,
+) -> ModelSpec:
+    """A model by name, in this order: a catalog name / alias / Hugging Face id (no network), a size like
+    '13B', a path to a config.json or its folder (allow_paths only), then anything shaped like a Hub id
+    (``org/name``, ``org/name@revision``) through advisor.hub when `hub` allows look-ups
+    (default: ``HubOptions.from_env()``, i.e. on unless ``ADVISOR_HUB_LOOKUPS=0``).
 
-    allow_paths=False (the HTTP service) never touches the filesystem: a client must not make the
-    server read files it names; it posts the config inline instead."""
+    `revision` (a branch, tag or commit sha) asks the Hub for that checkpoint, also for a catalog model
+    with a Hugging Face id. allow_paths=False (the HTTP service) never touches the filesystem: a client
+    must not make the server read files it names; it names a Hub id or posts the config inline instead."""
     if not isinstance(name, str) or not name.strip():
         raise InvalidInputError("model must be a non-empty string", field="model")
+    if revision is not None and not str(revision).strip():
+        raise InvalidInputError("model_revision must be a non-empty branch, tag or commit sha", field="model_revision")
     cat = catalog or default_catalog()
-    if _SIZE_RE.match(name):
-        return model_from_size(name)
+    hub_ref = parse_hub_id(name)
+    asks_revision = revision is not None or (hub_ref is not None and hub_ref[1] is not None)
     try:
-        return cat.model(name)
+        spec = cat.model(name)
     except UnknownModelError as exc:
-        if allow_paths:
-            p = Path(name).expanduser()
-            if p.exists():
-                return model_from_config_path(p)
-            raise
-        raise UnknownModelError(
-            f"unknown model {name!r}: not in the catalog and not a size like '13B'; post its config.json inline.",
-            field="model",
-            suggestions=exc.suggestions,
-        ) from None
+        miss = exc
+    else:
+        if not asks_revision:
+            return spec
+        if hub_ref is None and spec.hf_id is None:
+            raise InvalidInputError(
+                f"{spec.name} has no Hugging Face id, so a revision cannot apply. To fix: leave the revision out",
+                field="model_revision",
+            )
+        if hub_ref is None:
+            name, hub_ref = spec.hf_id, (spec.hf_id, None)
+    if _SIZE_RE.match(name):
+        if revision is not None:
+            raise InvalidInputError(
+                "a revision applies to Hugging Face ids only, not to a size. To fix: leave the revision out",
+                field="model_revision",
+            )
+        return model_from_size(name)
+    if revision is not None and hub_ref is None:
+        raise InvalidInputError(
+            f"a revision applies to Hugging Face ids (org/name) only, not to {name!r}. To fix: leave the revision out",
+            field="model_revision",
+        )
+    if allow_paths and not asks_revision:
+        p = Path(name).expanduser()
+        if p.exists():
+            return model_from_config_path(p)
+    if hub_ref is not None:
+        opts = hub if hub is not None else HubOptions.from_env()
+        return resolve_hub_model(name.strip(), revision, opts, revision_field="model_revision")
+    if allow_paths:
+        raise miss
+    raise UnknownModelError(
+        f"unknown model {name!r}: not in the catalog, not a Hugging Face id (org/name) and not a size like '13B'; "
+        "post its config.json inline.",
+        field="model",
+        suggestions=miss.suggestions,
+    ) from None

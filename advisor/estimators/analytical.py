@@ -33,11 +33,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from advisor.estimators import device as dev
+from advisor.estimators import moe
 from advisor.estimators import speed_counts as sc
 from advisor.estimators.base import Estimate, MemoryEstimate, SpeedEstimate, build_estimate
 from advisor.estimators.device import DeviceCoefficients
 from advisor.estimators.terms import PlanTerms
 from advisor.families import get_family
+from advisor.families.llama import NORM_WEIGHT_IN_FP32, POST_NORM, QK_NORM_OVER_PROJECTION
 from advisor.methods import get_method
 from advisor.plans import TrainingPlan, outer_linears, resolve_targets
 from advisor.specs import Block, GpuSpec, ModelSpec
@@ -189,9 +191,16 @@ class AnalyticalEstimator:
             quant_tmp = max(quant_tmp, model.vocab_size * model.hidden_size * e)
         e_act = m.activation_bytes_per_element(plan, e)
         backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
+        # a sparse MLP's backward: k gradient rows per token (advisor/estimators/moe.py); a moment of its own (no
+        # dequantised weight alongside: the experts are not quantised), compared with the dense one below
+        moe_transient = (
+            tokens * moe.backward_transient_bytes(model, plan, e_act, cpu) * k.activation_scale if model.is_moe else 0.0
+        )
         # eager attention's own backward moment (s x s per head), when larger than the MLP's (see the method)
         backward_transient = max(
-            backward_transient, self.eager_attention_backward_bytes(model, plan) * k.activation_scale
+            backward_transient,
+            self.eager_attention_backward_bytes(model, plan, self.after_attention_saved_bytes(model, plan, groups))
+            * k.activation_scale,
         )
         # cuBLAS workspaces and small CUDA buffers: none on a CPU device
         fixed = 0 if cpu else k.fixed_allocated_bytes
@@ -246,7 +255,39 @@ class AnalyticalEstimator:
         head_copy_grad = (
             model.vocab_size * model.hidden_size * saved_e / shard if "lm_head" in plan.modules_to_save else 0
         )
-        heads = {"logits": loss_head, "block": block + rec_tmp + quant_tmp + head_copy_grad}
+        # full fine-tuning of a mixture of experts: the first sparse block's recomputed backward (the last one run)
+        # comes with every later block's gradients (and the head's) alive; its experts make that moment the peak
+        # where a dense model's peak is the loss or the optimiser step (advisor/estimators/moe.py)
+        moe_grads = 0.0
+        if model.is_moe and not m.adapter and plan.grad_checkpointing and not accumulated:
+            moe_grads = moe.gradients_before_first_block(model, grads)
+        # LoRA on the experts (advisor/estimators/moe.py): a sparse layer's backward writes a folded weight's whole
+        # gradient; the adapters' gradients are large (r per expert), and the later layers' are alive while the first
+        # recomputed block back-propagates
+        expert_bwd = max(
+            (moe.expert_lora_backward_bytes(model, plan, e_act, lins, tokens) for _, lins in groups), default=0.0
+        )
+        if expert_bwd:
+            moe_transient = max(
+                moe_transient + tokens * moe.expert_lora_rows_transient_bytes(model, plan, e_act, cpu), expert_bwd
+            )
+            if plan.grad_checkpointing and not accumulated:
+                # (where the block's own moment is not its experts' but attention's or a dequantised weight's, the
+                # trace peaks in the first recomputed block, with its own adapters' gradients only: gpt-oss rows)
+                experts_peak = moe_transient >= rec_tmp + quant_tmp
+                moe_grads = moe.adapter_gradients_before_first_block(model, grads, experts_peak)
+        # the eager mask is alive at a recomputed block's backward moment as well (trace: families referee rows 19,
+        # 109, 116, 134, the b x s x s `where` output next to the softmax backward's tensors), whatever the family.
+        # Without checkpointing it is alive too, but counting it there over-shoots (rows 7, 9: +5%, like the loss's
+        # moment above): another term of the no-checkpointing eager moments over-counts by about as much (open)
+        block_mask = 0.0
+        if plan.grad_checkpointing:
+            block_mask = self.eager_mask_bytes(model, plan) if not model.softcapping else eager_mask
+        heads = {
+            "logits": loss_head,
+            "block": block + max(rec_tmp + quant_tmp, moe_transient) + head_copy_grad + moe_grads + block_mask,
+        }
+        quant_at_block = quant_tmp if rec_tmp + quant_tmp >= moe_transient else 0.0
         if not plan.grad_checkpointing or head_fwd_tmp or fwd_in:
             heads["forward_temporaries"] = max(head_fwd_tmp, fwd_in if plan.grad_checkpointing else fwd_tmp)
         # without checkpointing the last block's weight norms run before that block has saved its tensors (and
@@ -268,7 +309,14 @@ class AnalyticalEstimator:
         if retained:
             heads["block"] += retained_blk
             heads["retained_weight_gradients"] = max(0.0, retained - (act - emb_saved * k.activation_scale))
-        head = max(heads, key=heads.__getitem__)  # ties: the loss first
+        # the half copies autocast made alive at each moment (AMP): all of them without checkpointing (each linear's
+        # backward holds its copy); with it, the forward's are freed with the autocast cache when forward ends (the
+        # checkpointed blocks keep only their inputs) and only what the moment itself re-made is alive (see the method)
+        copies = {name: autocast_copies for name in heads}
+        if plan.grad_checkpointing and autocast_copies and plan.sharding != "fsdp":
+            copies.update(self.checkpointed_autocast_copies(model, e))
+        head = max(heads, key=lambda name: heads[name] + copies[name])  # ties: the loss first
+        autocast_copies = copies[head]
         backward_head = heads[head]
         rec_fwd = fwd_tmp if plan.grad_checkpointing and fwd_tmp > backward_transient else 0.0
         phase_a = static + autocast_copies + accumulated + act + backward_head
@@ -287,7 +335,8 @@ class AnalyticalEstimator:
         components = {
             "weights": int(weights + (autocast_copies if in_fb else 0)),
             "adapters": int(adapters),
-            "gradients": int(
+            "gradients": int(moe_grads if in_fb and head == "block" else 0)
+            + int(
                 grads
                 if (not in_fb or plan.grad_accum > 1)
                 else head_copy_grad + retained_blk
@@ -300,12 +349,16 @@ class AnalyticalEstimator:
             "activations": int(
                 (emb_saved * k.activation_scale if head == "retained_weight_gradients" else act)
                 + (eager_mask if head == "logits" else 0)
-                + (heads["block"] - rec_fwd - quant_tmp - head_copy_grad - retained_blk if head == "block" else 0)
+                + (
+                    heads["block"] - rec_fwd - quant_at_block - head_copy_grad - retained_blk - moe_grads
+                    if head == "block"
+                    else 0
+                )
                 if in_fb
                 else 0
             ),
             "logits": int(logits if in_fb and head == "logits" else 0),
-            "quant_temporaries": int(quant_tmp if in_fb and head == "block" else 0),
+            "quant_temporaries": int(quant_at_block if in_fb and head == "block" else 0),
             "adapter_temporaries": int(
                 rec_fwd if head == "block" else heads["forward_temporaries"] if head == "forward_temporaries" else 0
             )
@@ -320,6 +373,17 @@ class AnalyticalEstimator:
                 "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
             )
         notes.extend(n for n in m.notes(plan) if n not in notes)
+        if model.is_moe and m.quantized:
+            notes.append(
+                "mixture of experts under QLoRA: bitsandbytes quantises nn.Linear layers only, so the fused expert "
+                "parameters stay unquantised (and k-bit preparation upcasts them to fp32 with the norms)"
+            )
+        if any(lin.kind == "experts" for lin in adapted):
+            notes.append(
+                "LoRA on the experts (peft target_parameters): every forward folds the adapters into a new copy of each "
+                "layer's expert weights, kept for backward (all layers' without checkpointing), and backward writes "
+                "that copy's full gradient; lora_dropout must be 0"
+            )
 
         # speed counts (GPU-independent) -----------------------------------------------------------
         fpt = sc.flops_per_token(model, plan, adapter_params, adapted)
@@ -330,9 +394,18 @@ class AnalyticalEstimator:
             if not plan.grad_checkpointing
             else self.activation_bytes(model, replace(plan, grad_checkpointing=False), groups, cpu) * k.activation_scale
         )
+        # folded expert weights (LoRA on the experts) are written and read by the fold and the grouped matmuls, whose
+        # traffic moe.expert_lora_traffic_bytes counts: not element-wise activations
+        full_act -= sum(
+            b.count * moe.expert_lora_saved_constant(model, plan, e_act, moe.adapted_experts(lins))
+            for b, lins in groups
+        )
         opt_traffic = 28 if plan.optimizer in ("adamw", "paged-adamw-32bit") else 16
         optimizer_traffic = trainable * opt_traffic / shard / plan.grad_accum
         mem_bytes = quant_traffic + full_act * k.elementwise_passes + optimizer_traffic
+        if model.is_moe:  # the expert dispatch's gathers and scatters (advisor/estimators/moe.py)
+            mem_bytes += tokens * moe.routing_traffic_bytes(model, plan, e_act, passes)
+            mem_bytes += moe.expert_lora_traffic_bytes(model, plan, e_act, adapted)  # folding expert adapters
         # narrow LoRA matmuls (rank r): memory-bound, they move their full-width input and output
         lora_traffic = sc.lora_matmul_traffic(plan, adapted, tokens, passes)
         mem_bytes += lora_traffic
@@ -405,13 +478,34 @@ class AnalyticalEstimator:
         targeted = {b_.kind: lins for b_, lins in groups}
         kept = 0.0
         largest_block = 0.0
-        for blk in model.blocks:
-            per_tok, const = self._block_bytes(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu)
-            largest_block = max(largest_block, per_tok * tokens + const)
+        # LoRA on the experts alone, without checkpointing: nothing before the first experts needs a gradient, so
+        # the layers before them save nothing and the first sparse layer only its MLP's part (advisor/estimators/moe.py)
+        frozen_prefix = not plan.grad_checkpointing and moe.only_experts_train(model, plan, groups)
+        # adapters without checkpointing: the residual stream entering the first block needs no gradient (see the
+        # method); what the first layer's ops before its first adapted linear would have saved is not saved
+        first_free = not frozen_prefix and self._input_needs_no_grad(model, plan, groups)
+        # AMP (fp32 master weights under autocast): the embedding output is fp32 and so is every residual sum, so the
+        # checkpoints keep fp32 block inputs, not half ones (trace: families referee row 57, Llama twin, bf16 AMP:
+        # six fp32 inputs of b x s x h alive at the loss)
+        m_ = get_method(plan.method)
+        amp = plan.framework == "hf" and not m_.adapter and plan.master_weights and DTYPE_BYTES[plan.dtype] < 4
+        e_residual = 4 if amp else e
+        for n_blk, blk in enumerate(model.blocks):
+            parts: dict[str, float] = {}
+            per_tok, const = self._block_bytes(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu, parts)
+            if first_free and n_blk == 0 and blk.kind == "decoder":
+                kept -= tokens * self.first_block_unsaved_bytes(model, plan, targeted.get(blk.kind, []), parts)
+            if frozen_prefix:
+                kept -= moe.unsaved_before_first_experts(
+                    model, plan, blk, targeted.get(blk.kind, []), e, per_tok * tokens + const, tokens, cpu
+                )
+            # sliding-window layers whose window is shorter than the sequence get an SDPA mask: their own extra
+            masked, mask_bytes = self.sliding_mask_layers(model, plan, e) if blk.kind == "decoder" else (0, 0.0)
+            largest_block = max(largest_block, per_tok * tokens + const + (mask_bytes if masked else 0.0))
             if plan.grad_checkpointing:
-                kept += blk.count * e * model.hidden_size * tokens
+                kept += blk.count * e_residual * model.hidden_size * tokens
             else:
-                kept += blk.count * (per_tok * tokens + const)
+                kept += blk.count * (per_tok * tokens + const) + masked * mask_bytes
         # final norm (fp32 upcast + output) and the embedding output when it requires grad
         if plan.framework == "litgpt":
             # litgpt: frozen embedding and head save neither; the final norm keeps its input (RMSNorm: fp32 upcast)
@@ -419,6 +513,89 @@ class AnalyticalEstimator:
         else:
             kept += tokens * model.hidden_size * (4 + e)
         return kept, (largest_block if plan.grad_checkpointing else 0.0)
+
+    @staticmethod
+    def checkpointed_autocast_copies(model: ModelSpec, e: int) -> dict[str, float]:
+        """AMP (fp32 master weights under autocast) with checkpointing: the half copies alive at each moment. The
+        autocast cache is dropped when the forward's autocast context exits, and the checkpointed blocks saved no
+        copy (only their inputs), so at the loss's moment only the output head's copy is alive (its matmul, outside
+        the checkpoints, saved it), and at a recomputed block's moment only that layer's linears' copies, cast again
+        by the recomputation (experts excepted: grouped_mm is no autocast op). Trace: families referee rows 150 and
+        109 (Llama twins, AMP, checkpointing): no copy of another layer at the first layer's backward."""
+        layer = max(
+            (sum(lin.weight_params for lin in b.linears if lin.kind != "experts") for b in model.blocks), default=0
+        )
+        head = model.vocab_size * model.hidden_size
+        return {"logits": e * head, "block": e * layer, "forward_temporaries": e * layer}
+
+    @staticmethod
+    def _input_needs_no_grad(model: ModelSpec, plan: TrainingPlan, groups) -> bool:
+        """Whether the first decoder layer's input needs no gradient: transformers' stack, adapters (the token
+        embedding frozen, not adapted, not a modules_to_save copy), no checkpointing (with it, peft's
+        enable_input_require_grads marks the embedding output), a decoder-only model without dropout masks or a
+        parallel residual (layouts not checked against a trace)."""
+        m = get_method(plan.method)
+        if plan.framework != "hf" or not m.adapter or plan.grad_checkpointing or model.is_encoder_decoder:
+            return False
+        if "embed_tokens" in plan.modules_to_save or model.dropout > 0 or get_family(model.family).norms_share_input:
+            return False
+        if any("embed_tokens" in lin.roles for _, lins in groups for lin in lins):
+            return False
+        return bool(model.blocks) and model.blocks[0].kind == "decoder"
+
+    @staticmethod
+    def first_block_unsaved_bytes(model: ModelSpec, plan: TrainingPlan, lins, parts: dict[str, float]) -> float:
+        """Bytes per token of the first layer's generic count that autograd does not save when that layer's input
+        needs no gradient (``_input_needs_no_grad``). An op saves tensors for backward only when one of its inputs
+        requires a gradient, so until the first adapted linear the layer keeps nothing:
+
+        * the norms that read the block input (pre-norm layouts: the input norm; post-norm OLMo-2/3, EXAONE-4:
+          none, their first norm reads the attention output);
+        * none of q/k/v adapted: the attention core (q, k, v, the output; eager attention's fp32 softmax and half
+          probabilities, s x s per head; q/k-norm upcasts), and with o not adapted either, the norms up to the MLP
+          input (Llama's post-attention norm; Gemma's post-attention and pre-feed-forward norms) and, of a gated MLP,
+          what only an adapted gate / up makes need a gradient: gate alone keeps the gate output and the up output,
+          up alone keeps the activation's output, neither keeps none of the three.
+
+        Trace (families referee row 45, its Llama twin: 5 layers, LoRA on gate/up/down, eager, s = 4360): four
+        layers' softmax and probabilities alive at the last layer's backward, not five (+20.5% while counted)."""
+        roles = {r for lin in lins for r in lin.roles}
+        if not roles:
+            return 0.0  # the layer holds no adapter: left as counted (a layout not checked against a trace)
+        post_norm = model.model_type in POST_NORM
+        before_attn = 0 if post_norm else 1
+        # (the norm after the MLP: post-norm and sandwich layouts; it reads the MLP output)
+        before_mlp = model.norms_per_layer - before_attn - (1 if post_norm or model.norms_per_layer == 4 else 0)
+        free = before_attn * parts.get("norm", 0.0)
+        if roles & {"q", "k", "v"}:
+            return free
+        free += parts.get("attn", 0.0)
+        if "o" in roles:
+            return free
+        free += max(before_mlp, 0) * parts.get("norm", 0.0)
+        if model.gated_mlp and parts.get("mlp_saved") == 3 and not model.is_moe:  # (a sparse MLP: moe.py's count)
+            kept = (2 if "gate" in roles else 0) + (1 if "up" in roles and "gate" not in roles else 0)
+            kept = 3 if {"gate", "up"} <= roles else kept
+            free += parts.get("mlp", 0.0) * (3 - kept) / 3
+        return free
+
+    @staticmethod
+    def sliding_mask_layers(model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[int, float]:
+        """(layers, bytes each) of the sliding-window layers that run SDPA with an explicit mask, beyond what a
+        full-attention layer saves. transformers skips the mask (``is_causal``) unless a window shorter than the
+        sequence must be cut out (masking_utils._ignore_causal_mask_sdpa: kv_length >= sliding_window); with a
+        mask, PyTorch's SDPA converts the boolean mask into a float one in the query dtype, (b, 1, s, s), which
+        the memory-efficient kernel keeps for backward (a copy per layer), and transformers stops passing grouped
+        k / v to SDPA (use_gqa_in_sdpa: only without a mask), repeating them to every query head (repeat_kv):
+        k and v are saved q-wide. Eager attention repeats and masks every layer anyway (counted per block)."""
+        window = model.sliding_window
+        hf_sdpa = plan.framework == "hf" and plan.attention != "eager" and model.sdpa
+        if window is None or not hf_sdpa or plan.seq_len < window:
+            return 0, 0.0
+        tokens = plan.micro_batch * plan.seq_len
+        # (> 256: repeated anyway; one k / v head: repeat_kv's reshape of the expanded head is a view, no copy)
+        repeat = 0 if model.head_size > 256 or model.kv_heads == 1 else 2 * e * (model.q_dim - model.kv_dim)
+        return model.sliding_layers, tokens * plan.seq_len * e + tokens * repeat
 
     @staticmethod
     def eager_mask_bytes(model: ModelSpec, plan: TrainingPlan) -> float:
@@ -439,9 +616,19 @@ class AnalyticalEstimator:
         return masks * plan.micro_batch * plan.seq_len**2 * e
 
     def _block_bytes(
-        self, model: ModelSpec, blk: Block, plan: TrainingPlan, lora_lins, e: int, s: int, cpu: bool = False
+        self,
+        model: ModelSpec,
+        blk: Block,
+        plan: TrainingPlan,
+        lora_lins,
+        e: int,
+        s: int,
+        cpu: bool = False,
+        parts: dict[str, float] | None = None,
     ) -> tuple[float, float]:
-        """(bytes per token, bytes independent of the tokens) one block saves for backward."""
+        """(bytes per token, bytes independent of the tokens) one block saves for backward. `parts`, when given, is
+        filled with the frozen base's share by place (one norm, the attention core, q/k-norm, the MLP): what
+        ``first_block_unsaved_bytes`` takes off the first block."""
         m = get_method(plan.method)
         fam = get_family(model.family)
         h, i = model.hidden_size, model.intermediate_size
@@ -463,12 +650,21 @@ class AnalyticalEstimator:
             norm_total = norm_bytes + (n_norms - 1) * 8
         else:
             norm_total = n_norms * norm_bytes
-        kv_saved = q if (eager and kv < q) else kv  # eager repeats k/v to all heads
+        # eager repeats k/v to all heads; so does transformers' SDPA path for heads wider than 256 (use_gqa_in_sdpa)
+        kv_saved = q if ((eager or (hf and model.head_size > 256)) and kv < q) else kv
         attn = 2 * e * q + 2 * e * kv_saved
         if litgpt:
             attn = self._litgpt_attention_bytes(model, e)
         if eager:
-            attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
+            if hf and model.attention_sinks:
+                # gpt-oss: a softmax over the scores and the sink column in the compute dtype (its probabilities, s + 1
+                # wide, kept whole: the scores are a slice of them) and the int64 row maxima it subtracts first
+                # (AMP: the fp32 sinks promote the logits, so the probabilities are fp32 and the matmul keeps their
+                # cast to the compute dtype as well)
+                amp = not m.adapter and plan.master_weights and e < 4
+                attn += (4 if amp else e) * nh * (s + 1) + (e * nh * s if amp else 0) + 8 * nh
+            else:
+                attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
             if (hf or litgpt) and model.softcapping:
                 attn += e * nh * s  # tanh soft-capping keeps its output for backward
             if hf and model.dropout > 0:
@@ -480,6 +676,8 @@ class AnalyticalEstimator:
             # training (GPT-2, T5) runs its math path, which saves the softmax output, the dropout's noise
             # tensor (a float tensor on the CPU, not a bool mask) and the dropped probabilities: 3 per score
             attn += 3 * e * nh * s
+        if hf and model.kv_lora_rank and not eager:  # DeepSeek's latent attention (advisor/estimators/moe.py)
+            attn = moe.mla_attention_saved_bytes(model, plan, e)
         if hf and fam.sdpa_keeps_fused_qkv:
             attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
         # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
@@ -497,12 +695,22 @@ class AnalyticalEstimator:
             self_attn_bias = 0
         # gelu_new is a Python composite in transformers (x^3, tanh, sums, products): four saved tensors
         mlp_saved = (3 if model.gated_mlp else 1) + (3 if hf and model.hidden_act == "gelu_new" else 0)
-        per_tok = norm_total + n_attn * attn + self_attn_bias + mlp_saved * e * i
+        mlp_bytes = moe.sparse_mlp_saved_bytes(model, plan, e, cpu) if moe.is_sparse(blk) else mlp_saved * e * i
+        # LoRA on the fused experts (peft target_parameters) saves folded weights, not per-linear LoRA tensors
+        expert_lins, lora_lins = moe.adapted_experts(lora_lins), [lin for lin in lora_lins if lin.kind != "experts"]
+        mlp_bytes += moe.expert_lora_saved_bytes(model, plan, e, expert_lins, cpu)
+        per_tok = norm_total + n_attn * attn + self_attn_bias + mlp_bytes
+        if parts is not None:
+            parts.update(norm=norm_bytes, attn=n_attn * attn + self_attn_bias, mlp=mlp_bytes, mlp_saved=mlp_saved)
         if model.dropout > 0:
             # 1-byte masks on each residual branch (and T5's inside the feed-forward)
             per_tok += (n_attn + 1) * h + (i if fam.mlp_dropout else 0)
         per_tok += m.block_saved_bytes(model, plan, n_attn, e)
-        const = bias_const
+        if hf and model.qk_norm:
+            per_tok += qk_norm_saved_bytes(model, trainable_norms=not m.adapter, e=e)
+            if parts is not None:
+                parts["attn"] += qk_norm_saved_bytes(model, trainable_norms=not m.adapter, e=e)
+        const = bias_const + moe.expert_lora_saved_constant(model, plan, e, expert_lins)
         if m.adapter:
             a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
             seen_inputs: set[tuple[str, int]] = set()
@@ -663,7 +871,9 @@ class AnalyticalEstimator:
             head_bwd += tokens * bwd + const if bwd else 0.0
         return head, emb, head_bwd
 
-    def eager_attention_backward_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
+    def eager_attention_backward_bytes(
+        self, model: ModelSpec, plan: TrainingPlan, after_attention: float = 0.0
+    ) -> float:
         """Bytes eager attention adds while it back-propagates its softmax (transformers' eager_attention_forward:
         fp32 softmax, probabilities cast to the compute dtype): the probabilities' gradient cast to fp32 and the
         softmax backward's output, s x s per head, next to the saved fp32 softmax, while the layer's half
@@ -680,8 +890,38 @@ class AnalyticalEstimator:
         s2 = tokens * model.num_attention_heads * plan.seq_len * per_score
         gelu_new = plan.framework == "hf" and model.hidden_act == "gelu_new"
         mlp_saved = (3 if model.gated_mlp else 1) + (3 if gelu_new else 0)
-        freed = tokens * (mlp_saved * e * i + 4 * h + (4 + e) * h)
+        # (after_attention: per token, what the method and the adapters of o_proj and the MLP saved: their backward
+        # ran before the attention's, so it is freed too; see after_attention_saved_bytes)
+        freed = tokens * (mlp_saved * e * i + 4 * h + (4 + e) * h + after_attention)
         return max(0.0, s2 - freed)
+
+    def after_attention_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, groups) -> float:
+        """Bytes per token a decoder layer saves after its attention core beyond the frozen MLP's count: the
+        adapters of o_proj and the MLP (lora_A outputs, dropout masks and outputs, DoRA's extras) and, in full
+        fine-tuning, the inputs o_proj, the MLP's input projections and down_proj keep for their weight gradients
+        (AMP: the post-attention norm's fp32 output and the half copies gate / up cast from it). All are freed when
+        eager attention back-propagates its softmax (their backward ran first). Trace: families referee rows 134
+        (DoRA on all linears, checkpointing) and 109 (AMP full fine-tuning): +13.7% / +7.5% while held."""
+        m = get_method(plan.method)
+        e = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        blk = next((b for b in model.blocks if b.kind == "decoder"), None)
+        if blk is None:
+            return 0.0
+        if not m.adapter:
+            h, q, i = model.hidden_size, model.q_dim, model.intermediate_size
+            if model.is_moe or not model.gated_mlp:
+                return 0.0  # (layouts not checked against a trace)
+            if plan.master_weights and e < 4 and model.norm == "rmsnorm" and plan.framework == "hf":
+                mlp_in = sum(1 for lin in blk.linears if set(lin.roles) & {"gate", "up"})
+                return e * (q + i) + 4 * h + mlp_in * e * h
+            return e * (q + i + h)
+        lins = next((ls for b, ls in groups if b is blk), [])
+        after = [lin for lin in lins if not set(lin.roles) & {"q", "k", "v"} and lin.kind != "experts"]
+        if not after:
+            return 0.0
+        s = plan.seq_len
+        with_after = self._block_bytes(model, blk, plan, after, e, s)[0]
+        return max(0.0, with_after - self._block_bytes(model, blk, plan, [], e, s)[0])
 
     def logits_bytes(self, model: ModelSpec, plan: TrainingPlan) -> float:
         """The loss's share of the backward peak. The Trainer drops the model output after the loss, so at
@@ -718,6 +958,21 @@ class AnalyticalEstimator:
     def memory_totals(self, gpu: GpuSpec, allocated, static):
         """(reserved, device total) for an allocated peak on `gpu` (the device layer's, with these coefficients)."""
         return dev.memory_totals(self.device(gpu, "fp32"), allocated, static)
+
+
+def qk_norm_saved_bytes(model: ModelSpec, trainable_norms: bool, e: int) -> float:
+    """Bytes per token one layer's q_norm / k_norm save for backward (transformers' RMSNorms on the q and k
+    projections before RoPE: Qwen3, Gemma-3, OLMo-2/3, EXAONE-4): the fp32 upcast of q and k and the fp32
+    reciprocal RMS of each normalised row (per head, or one per token over OLMo's whole projection); with
+    trainable norm weights (full fine-tuning) also the normalised q and k the weight multiplies, in fp32 where
+    the class multiplies in fp32 (Gemma, OLMo) and in the compute dtype where it casts first (Llama-style).
+    Measured on the trace: Qwen3 and Llama of the same widths differ by exactly this (bench/simulated_referee_families)."""
+    q, kv = model.q_dim, model.kv_dim
+    rows = 2 if model.model_type in QK_NORM_OVER_PROJECTION else model.num_attention_heads + model.kv_heads
+    saved = 4 * (q + kv) + 4 * rows
+    if trainable_norms:
+        saved += (4 if model.model_type in NORM_WEIGHT_IN_FP32 else e) * (q + kv)
+    return saved
 
 
 def _input_group(name: str, roles: tuple[str, ...]) -> tuple[str, int]:

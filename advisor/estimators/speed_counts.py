@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 from advisor.estimators import device as dev
+from advisor.estimators import moe
 from advisor.estimators.terms import SpeedCounts
 from advisor.families import get_family
 from advisor.methods import get_method
@@ -24,17 +25,20 @@ def flops_per_token(model: ModelSpec, plan: TrainingPlan, adapter_params: int, a
     adapters, +2N recompute under checkpointing), attention growing with the sequence length (causal
     kernels skip half), the method's extras per token and per step."""
     m = get_method(plan.method)
-    lin = 2 * (model.linear_weight_params + model.vocab_size * model.hidden_size)
+    # a mixture of experts runs each token through its top-k experts only: FLOPs follow the active weights
+    weights = moe.active_linear_weight_params(model) if model.is_moe else model.linear_weight_params
+    lin = 2 * (weights + model.vocab_size * model.hidden_size)
     s = plan.seq_len
     attn = 0.0
     for blk in model.blocks:
-        causal = 0.5 if (blk.kind == "decoder" and plan.attention != "eager") else 1.0
+        causal = 0.5 if (blk.kind in ("decoder", "dense_decoder") and plan.attention != "eager") else 1.0
         per_layer = 4 * s * model.q_dim * causal
         if blk.kind == "cross_decoder":
             per_layer += 4 * s * model.q_dim
         attn += blk.count * per_layer
     f = m.flops_per_token(lin, attn, adapter_params, plan.grad_checkpointing)
     f += m.extra_flops_per_token(model, plan, adapted)
+    f += moe.expert_lora_flops_per_token(model, plan, adapted) if model.is_moe else 0.0
     return f + m.extra_flops_per_step(model, plan, adapted) / (plan.micro_batch * plan.seq_len)
 
 
@@ -49,7 +53,9 @@ def lora_matmul_traffic(plan: TrainingPlan, adapted: list, tokens: int, passes: 
         return 0.0
     a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
     forwards = passes - 1
-    return float(tokens * a * (forwards + 2) * sum(lin.in_features + lin.out_features for lin in adapted))
+    # (adapted experts are folded into their weights instead: advisor/estimators/moe.py expert_lora_traffic_bytes)
+    narrow = [lin for lin in adapted if lin.kind != "experts"]
+    return float(tokens * a * (forwards + 2) * sum(lin.in_features + lin.out_features for lin in narrow))
 
 
 def host_ops(model: ModelSpec, plan: TrainingPlan, groups, passes: int, trainable: int) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from advisor.errors import InvalidInputError
-from advisor.families import gpt2, gpt_neox, llama, phi, phi3, t5
+from advisor.families import gpt2, gpt_neox, llama, moe, phi, phi3, t5
 from advisor.families.base import Config, Family
 from advisor.families.layout import ROLES, Block, Linear
 
@@ -48,7 +48,7 @@ __all__ = [
     "hf_config",
 ]
 
-_MODULES = (llama, phi3, gpt2, phi, gpt_neox, t5)
+_MODULES = (llama, phi3, gpt2, phi, gpt_neox, t5, moe)
 
 #: family name -> Family, in the order they are documented
 FAMILIES: dict[str, Family] = {m.FAMILY.name: m.FAMILY for m in _MODULES}

@@ -78,8 +78,9 @@ class Method:
         return 4 if plan.framework == "hf" else e
 
     def adapter_params(self, lin: Linear, r: int) -> int:
-        """Trainable parameters an adapted linear adds."""
-        return r * (lin.in_features + lin.out_features)
+        """Trainable parameters an adapted linear adds (fused experts: peft's ParamWrapper makes lora_A in x r*E and
+        lora_B r*E x out, an r-rank pair per expert)."""
+        return r * (lin.in_features + lin.out_features) * lin.experts
 
     def saved_module_params(self, model: ModelSpec, plan: TrainingPlan) -> int:
         """Parameters of the trainable copies peft's modules_to_save makes (ModulesToSaveWrapper deep-copies the

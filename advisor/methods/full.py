@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from advisor.families.llama import HALF_INPUT_POST_NORMS
 from advisor.methods.base import Method
 
 if TYPE_CHECKING:
@@ -26,7 +27,11 @@ class FullFineTuning(Method):
         if plan.master_weights and e < 4:
             # fp32 master weights; autocast caches half copies of the linears in forward for backward, the output
             # head's too (vocab x hidden, tied or not: the head's matmul casts it; the embedding lookup does not)
-            return 4 * model.param_count, e * (model.linear_weight_params + model.vocab_size * model.hidden_size)
+            # (MoE experts excepted: grouped_mm is not an autocast op; they compute in fp32, with no cached copy)
+            cast = model.linear_weight_params - sum(
+                b.count * lin.weight_params for b in model.blocks for lin in b.linears if lin.kind == "experts"
+            )
+            return 4 * model.param_count, e * (cast + model.vocab_size * model.hidden_size)
         return e * model.param_count, 0.0
 
     def trainable_params(self, model: ModelSpec, adapter_params: int) -> int:
@@ -51,8 +56,14 @@ class FullFineTuning(Method):
             readers = {
                 lin.name for b in model.blocks for lin in b.linears if set(lin.roles) & {"q", "k", "v", "gate", "up"}
             }
-            return e * (n_attn * q + i) + model.norms_per_layer * 4 * h + len(readers) * e * h + gelu
-        return e * (n_attn * (h + q) + h + i + h) + gelu
+            # (post-norm layers whose norms cast before the weight, EXAONE-4: they normalise the half outputs of
+            # o_proj / down_proj, so their saved normalised input is half, not fp32; trace: -2 e h per layer)
+            norm_e = e if model.model_type in HALF_INPUT_POST_NORMS else 4
+            return e * (n_attn * q + i) + model.norms_per_layer * norm_e * h + len(readers) * e * h + gelu
+        # Gemma-2/3's sandwich norms (four per layer): the two beyond the pre-norms keep their normalised input for
+        # their weights' gradients too (trace, families referee row 89, Gemma-3 fp32: -2.7% without them)
+        sandwich = max(0, model.norms_per_layer - 2) * e * h if not model.is_encoder_decoder else 0
+        return e * (n_attn * (h + q) + h + i + h) + gelu + sandwich
 
     def extra_optimizer_phase_bytes(self, model: ModelSpec, plan: TrainingPlan, grad_bytes: int) -> float:
         if model.tie_word_embeddings:

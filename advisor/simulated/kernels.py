@@ -143,3 +143,56 @@ def prime_bitsandbytes() -> None:
         quiet.setLevel(level)
     if "dynamic" not in F.name2qmap:
         F.name2qmap["dynamic"] = F.create_dynamic_map()
+
+
+@contextlib.contextmanager
+def moe_kernel_choices():
+    """Mixture-of-experts dispatch on fake tensors: transformers' default ``experts_implementation`` is
+    ``grouped_mm`` (integrations/moe.py), and torch's fake (meta) kernel of ``aten._grouped_mm`` accepts
+    bf16 only, as CUDA's does. For other dtypes transformers' own fallback op
+    (``transformers::grouped_mm_fallback``, a per-expert loop with a fake implementation and an autograd
+    formula) is taken instead: it saves the same tensors for backward (the grouped input and the expert
+    weight, plus the int32 offsets), so what the trace counts is what grouped_mm keeps."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    try:
+        from transformers.integrations import moe
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    import torch
+    import torch.nn.functional as F
+
+    orig = moe._can_use_grouped_mm
+    sdpa = F.scaled_dot_product_attention
+
+    def can_use(input, weight, offs):
+        if is_fake(weight) and weight.dtype != torch.bfloat16:
+            return False
+        return orig(input, weight, offs)
+
+    def latent_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        # DeepSeek's multi-head latent attention: q / k heads (nope + rope) wider than v heads. CUDA's flash kernel
+        # needs one head size and is skipped; its memory-efficient kernel takes a narrower v (sdp_utils:
+        # check_head_dim_size_mem_efficient) and keeps only the output and the logsumexp. The CPU has no such
+        # kernel and falls back to the math path (s x s probabilities kept): on fake tensors, CUDA's is taken.
+        if (
+            is_fake(query)
+            and attn_mask is None
+            and not enable_gqa
+            and query.shape[-1] != value.shape[-1]
+            and torch.is_grad_enabled()
+        ):
+            out = torch.ops.aten._scaled_dot_product_efficient_attention(
+                query, key, value, None, True, dropout_p, is_causal, scale=scale
+            )
+            return out[0]
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    moe._can_use_grouped_mm = can_use
+    F.scaled_dot_product_attention = latent_sdpa
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = orig
+        F.scaled_dot_product_attention = sdpa

@@ -45,7 +45,12 @@ from advisor.methods import get_method
 from advisor.plans import TrainingPlan
 from advisor.simulated.cache import library_versions
 from advisor.simulated.estimator import check_plan, stack_notes
-from advisor.simulated.kernels import cuda_kernel_choices, prime_bitsandbytes, real_run_decisions
+from advisor.simulated.kernels import (
+    cuda_kernel_choices,
+    moe_kernel_choices,
+    prime_bitsandbytes,
+    real_run_decisions,
+)
 from advisor.simulated.meter import BNB_PAGED_MIN_NUMEL, LiveBytesMeter
 from advisor.simulated.results import TraceResult
 from advisor.stack.build import TORCH_DTYPES, build_meta, make_optimizer, materialize
@@ -98,7 +103,7 @@ def trace_step(
     gc_was = gc.isenabled()
     gc.disable()  # frees happen when references drop, as in the real run, not when a collection runs
     try:
-        with real_run_decisions(), cuda_kernel_choices(), fake_mode, meter:
+        with real_run_decisions(), cuda_kernel_choices(), moe_kernel_choices(), fake_mode, meter:
             materialize(model, real_init=not fake)
             params = [p for p in model.parameters() if p.requires_grad]
             # adapters: LoRA / DoRA weights and the trained copies of peft's modules_to_save

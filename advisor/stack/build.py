@@ -37,7 +37,7 @@ from advisor.errors import InvalidInputError
 from advisor.methods import get_method
 from advisor.plans import TrainingPlan
 from advisor.specs import ModelSpec
-from advisor.stack.targets import lora_target_modules, modules_to_save_names
+from advisor.stack.targets import lora_target_modules, lora_target_parameters, modules_to_save_names
 
 __all__ = [
     "ATTN_IMPLEMENTATIONS",
@@ -202,8 +202,9 @@ def build(
         model = _load(config, weights_dir, plan, device, dtype)
     lora_modules = lora_target_modules(spec, plan) if method.adapter else ()
     saved = modules_to_save_names(spec, plan) if method.adapter else ()
+    params = lora_target_parameters(spec, plan) if method.adapter else ()
     model = _prepare_for_training(
-        model, plan, list(lora_modules), spec.is_encoder_decoder, dtype, meta=False, saved=saved
+        model, plan, list(lora_modules), spec.is_encoder_decoder, dtype, meta=False, saved=saved, parameters=params
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -288,10 +289,13 @@ def _prepare_for_training(
     *,
     meta: bool,
     saved: tuple[str, ...] = (),
+    parameters: tuple[str, ...] = (),
 ) -> torch.nn.Module:
     """QLoRA's k-bit preparation, activation checkpointing and LoRA / DoRA adapters, as the plan says.
 
     `saved`: peft modules_to_save (a frozen original and a trainable copy of each, in the module's dtype).
+    `parameters`: peft target_parameters (a mixture of experts' fused expert parameters, ``experts.gate_up_proj``:
+    lora.ParamWrapper folds ``W + scale * B A`` per expert into a new weight on every forward).
     Other stacks (litgpt, torchtune) keep adapters in the model dtype and skip peft's fp32 upcast."""
     method = get_method(plan.method)
     hf_stack = _hf_stack(plan)
@@ -321,8 +325,18 @@ def _prepare_for_training(
             f"{type(model).__name__} has no module named {', '.join(missing)}",
             field="modules_to_save" if set(missing) <= set(saved) else "lora_targets",
         )
+    param_names = {n for n, _ in model.named_parameters()}
+    absent = [p for p in parameters if not any(n.endswith("." + p) for n in param_names)]
+    if absent:
+        raise InvalidInputError(
+            f"{type(model).__name__} has no parameter named {', '.join(absent)}", field="lora_targets"
+        )
     kwargs = method.peft_config(plan, targets)  # the method's own settings (use_dora for DoRA)
     kwargs["task_type"] = TaskType.SEQ_2_SEQ_LM if encoder_decoder else TaskType.CAUSAL_LM
+    if parameters:
+        # the experts: peft's lora.ParamWrapper (target_modules [] rather than None: peft would otherwise fill in its
+        # own default targets for the model type)
+        kwargs["target_parameters"] = list(parameters)
     if saved:
         kwargs["modules_to_save"] = list(saved)
     cfg = LoraConfig(**kwargs)
@@ -372,9 +386,11 @@ def build_meta(config: dict[str, Any], plan: TrainingPlan, targets: list[str] | 
         param_count = sum(p.numel() for p in model.parameters())
         if get_method(plan.method).quantized:
             _quantize_linears(model, plan, half)
-        saved = modules_to_save_names(spec_of(cfg), plan) if get_method(plan.method).adapter else ()
+        adapter = get_method(plan.method).adapter
+        saved = modules_to_save_names(spec_of(cfg), plan) if adapter else ()
+        params = lora_target_parameters(spec_of(cfg), plan) if adapter else ()
         model = _prepare_for_training(
-            model, plan, list(targets), bool(cfg.is_encoder_decoder), half, meta=True, saved=saved
+            model, plan, list(targets), bool(cfg.is_encoder_decoder), half, meta=True, saved=saved, parameters=params
         )
     model.train()
     return MetaModel(model=model, config=cfg, param_count=param_count, notes=notes)

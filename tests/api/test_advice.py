@@ -233,3 +233,37 @@ def test_answers_carry_the_error_band_and_the_three_way_verdict(client: TestClie
     assert r.json()["verdict"] == "does_not_fit" and r.json()["fits"] is False
     rec = client.post("/v1/recommend", json=MINIMAL).json()
     assert rec["candidates_risky"] >= 0 and all("verdict" in p for p in rec["plans"])
+
+
+def test_recommend_gpu_names_providers_and_price_fields(client: TestClient):
+    body = {
+        "model": "llama-3-8b",
+        "gpu": ["A100:8", "L4"],
+        "workload": {"dataset_tokens": 20_000_000},
+        "providers": ["aws"],
+        "price_basis": "on-demand",
+        "limit": 20,
+    }
+    r = client.post("/v1/recommend", json=body)
+    assert r.status_code == 200, r.text
+    plans = r.json()["plans"]
+    assert plans
+    for p in plans:
+        g = p["gpu"]
+        assert g["price_provider"] == "aws" and g["price_basis"] == "on-demand" and g["price_source"]
+        if g["id"] == "a100-40gb":
+            assert p["plan"]["num_gpus"] == 8
+    r = client.post("/v1/recommend", json={**body, "gpu": "RTX 6000"})
+    assert r.status_code == 422 and "rtx-6000-ada" in r.text
+    r = client.post("/v1/recommend", json={**body, "providers": ["nosuch"]})
+    assert r.status_code == 422 and "providers" in r.text
+    r = client.post("/v1/recommend", json={**body, "price_basis": "reserved"})
+    assert r.status_code == 422
+
+
+def test_estimate_count_and_rocm_caveat(client: TestClient):
+    r = client.post("/v1/estimate", json={"model": "llama-3-8b", "gpu": "A100:4", "plan": {"method": "lora"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["plan"]["num_gpus"] == 4 and r.json()["gpu"]["id"] == "a100-40gb"
+    r = client.post("/v1/estimate", json={"model": "llama-3-8b", "gpu": "mi300x", "plan": {"method": "qlora"}})
+    assert r.status_code == 200 and any(n.startswith("ROCm, not CUDA") for n in r.json()["notes"])

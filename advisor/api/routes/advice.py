@@ -48,8 +48,17 @@ def estimate(body: EstimateRequest, svc: Service, settings: AppSettings) -> Resp
     gpu_name = body.gpu or body.plan.gpu_id
     if gpu_name is None:
         raise ApiError(422, "invalid_input", "name the GPU: `gpu`, or `plan.gpu_id`", field="gpu")
-    model = svc.model(model_arg(body.model))
-    gpu = svc.gpu(gpu_name)
+    model = svc.model(model_arg(body.model), body.model_revision)
+    gpu, count = svc.gpu_and_count(gpu_name)
+    if count is not None:  # SkyPilot's NAME:COUNT sets the plan's GPUs unless the plan says otherwise
+        if "num_gpus" in body.plan.model_fields_set and body.plan.num_gpus != count:
+            raise ApiError(
+                422,
+                "invalid_input",
+                f"gpu {gpu_name!r} says {count} GPUs, plan.num_gpus says {body.plan.num_gpus}. To fix: give one count",
+                field="gpu",
+            )
+        body = body.model_copy(update={"plan": body.plan.model_copy(update={"num_gpus": count})})
     plan = replace(to_plan(body.plan, gpu), gpu_id=gpu.id)
     result = svc.estimate(
         model,

@@ -23,6 +23,8 @@ def _model(m: ModelSpec) -> dict[str, Any]:
     d["params"] = m.param_count
     d["params_b"] = round(m.param_count / 1e9, 3)
     d["lora_module_names"] = list(m.module_names)
+    d["active_params"] = m.active_param_count
+    d["active_params_b"] = round(m.active_param_count / 1e9, 3)
     return d
 
 
