@@ -349,7 +349,8 @@ class AdvisorService:
             )
         elif rec.n_risky:
             rec.notes.append(
-                f"{rec.n_risky} feasible candidates have a memory band that crosses the GPU's memory: each group keeps "
+                f"{rec.n_risky} feasible candidate{' has' if rec.n_risky == 1 else 's have'} a memory band that "
+                "crosses the GPU's memory: each group keeps "
                 "a safe plan where it has one, and risky plans rank after every safe one"
             )
         simulations = None
