@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from advisor.families import moe as moe_family
 from advisor.methods import get_method
 
 if TYPE_CHECKING:
@@ -57,11 +58,10 @@ def sparse_mlp_saved_bytes(model: ModelSpec, plan: TrainingPlan, e: int, cpu: bo
     dense MLP's count of the block (and, for full fine-tuning, the method's dense down-projection input)."""
     h, mw, k, n_exp = model.hidden_size, model.moe_intermediate_size, model.experts_per_token, model.num_experts
     er = routed_bytes_per_element(model, plan, e)
-    gpt_oss = model.model_type == "gpt_oss"
-    weight_bytes = 4 if model.model_type == "mixtral" else e  # Mixtral's routing weights stay fp32
-    gate_m = 6 if gpt_oss else 3
+    weight_bytes = 4 if model.model_type in moe_family.FP32_SAVED_ROUTING_WEIGHTS else e
+    gate_m = moe_family.EXPERT_ACTIVATION_SAVES.get(model.model_type, 3)
     rows = k * (er * (gate_m * mw + h) + 3 * INDEX_BYTES + weight_bytes)
-    if gpt_oss:
+    if model.model_type in moe_family.TOPK_SOFTMAX_ROUTER_TYPES:
         router = k * (INDEX_BYTES + e)
     else:
         router = 4 * n_exp + k * INDEX_BYTES + ((4 * k + 4) if model.norm_topk_prob else 0)
@@ -111,9 +111,7 @@ def backward_transient_bytes(model: ModelSpec, plan: TrainingPlan, e: int, cpu: 
     transformers' fallback op (other dtypes on CUDA) still holds it: three (real fp32 CPU steps and the simulated
     referee, bench/simulated_referee_moe.py)."""
     er = routed_bytes_per_element(model, plan, e)
-    # DeepSeek's router runs in fp32 too (its top-k weights stay fp32, like Mixtral's): the trace of a DeepSeek-V3
-    # step with LoRA on the experts holds these rows in fp32 at its peak
-    weight_bytes = 4 if model.model_type == "mixtral" or model.kv_lora_rank else e
+    weight_bytes = 4 if model.model_type in moe_family.FP32_BACKWARD_ROUTING_WEIGHTS else e
     rows = 2 if (bf16_experts(plan, er) or cpu) else 3
     return rows * model.experts_per_token * model.hidden_size * max(er, weight_bytes)
 
@@ -215,7 +213,7 @@ def expert_lora_backward_bytes(model: ModelSpec, plan: TrainingPlan, e: int, lin
     if not experts:
         return 0.0
     er = routed_bytes_per_element(model, plan, e)
-    weight_bytes = 4 if model.model_type == "mixtral" or model.kv_lora_rank else e
+    weight_bytes = 4 if model.model_type in moe_family.FP32_BACKWARD_ROUTING_WEIGHTS else e
     rows = tokens * model.experts_per_token * model.hidden_size * max(er, weight_bytes)
     down = [lin.weight_params for lin in experts if lin.name.endswith("down_proj")]
     up = [lin.weight_params for lin in experts if not lin.name.endswith("down_proj")]
@@ -266,8 +264,8 @@ def unsaved_before_first_experts(
         return block_bytes
     k, h, mw = model.experts_per_token, model.hidden_size, model.moe_intermediate_size
     er = routed_bytes_per_element(model, plan, e)
-    gate_m = 6 if model.model_type == "gpt_oss" else 3
-    weight_bytes = 4 if model.model_type == "mixtral" else e
+    gate_m = moe_family.EXPERT_ACTIVATION_SAVES.get(model.model_type, 3)
+    weight_bytes = 4 if model.model_type in moe_family.FP32_SAVED_ROUTING_WEIGHTS else e
     # (the down projection's output is not kept either: it is kept for the routing weights' gradient, and the router
     # needs none here)
     rows = k * (er * gate_m * mw + 3 * INDEX_BYTES + weight_bytes)

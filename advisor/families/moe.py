@@ -182,6 +182,18 @@ def moe_linears(spec: ModelSpec) -> list[Linear]:
 #: and ``experts.down_proj`` through target_parameters (ParamWrapper, which refuses lora_dropout). A dense or shared
 #: MLP of those names (DeepSeek) is therefore never wrapped; LoRA on the experts is not modelled yet, so the
 #: advisor's targets leave those names out (all-linear reaches the attention projections).
+#: How the sparse MLP runs, beyond the config, per model_type (the estimator's MoE terms read these):
+#: routing weights kept fp32 where they weight the routed rows' saved outputs (Mixtral's softmax is not cast back)
+FP32_SAVED_ROUTING_WEIGHTS = frozenset({"mixtral"})
+#: routing weights fp32 at the backward moments of the weighted rows (Mixtral; DeepSeek's fp32 router: the trace of
+#: a DeepSeek-V3 step with LoRA on the experts holds these rows in fp32 at its peak)
+FP32_BACKWARD_ROUTING_WEIGHTS = frozenset({"mixtral", *_DEEPSEEK_TYPES})
+#: m-wide tensors the expert activation saves per routed row: SwiGLU's gate, up and product (3); gpt-oss's clamped,
+#: biased SwiGLU keeps three more (its clamp masks and the sigmoid's input)
+EXPERT_ACTIVATION_SAVES = {"gpt_oss": 6}
+#: routers that softmax only their top-k logits (gpt-oss): k scores saved, not a softmax over every expert
+TOPK_SOFTMAX_ROUTER_TYPES = frozenset({"gpt_oss"})
+
 PEFT_REMAPPED_TYPES = frozenset({"qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"})
 
 
