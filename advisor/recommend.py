@@ -404,7 +404,7 @@ def search(
         if g in feasible_groups or g not in closest:  # no row of the group has an allowed GPU count
             continue
         kind, row = closest[g]
-        rejections.append(_explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts)))
+        rejections.append(_explain(name, kind, materialise(row), t.group_size[name], constraints, len(t.parts), model))
     rejections.sort(key=lambda r: _rejection_key(r, objective))
     smallest = {}
     for mi, m in enumerate(METHOD_NAMES):
@@ -434,7 +434,9 @@ def _count_mask(t: SearchTable, k: Constraints) -> np.ndarray:
     return (per_part == 0) | (t.ngpu == per_part)
 
 
-def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int) -> Rejection:
+def _explain(
+    group: str, kind: str, c: Candidate, count: int, k: Constraints, n_gpu_types: int, model: ModelSpec
+) -> Rejection:
     where = f" (closest of {n_gpu_types} GPU types: {c.gpu.id})" if n_gpu_types > 1 else ""
     if kind == "memory":
         m, p = c.estimate.memory, c.plan
@@ -445,8 +447,14 @@ def _explain(group: str, kind: str, c: Candidate, count: int, k: Constraints, n_
             f"but {c.gpu.name} has {m.device_bytes / GIB:.1f} GiB{where}"
         )
         short = m.device_total_bytes - m.device_bytes
-        lighter = get_method(p.method).lighter
-        fixes = [lighter] if lighter else []
+        method = get_method(p.method)
+        fixes = [method.lighter] if method.lighter else []
+        if model.is_moe and method.quantized:  # the 4-bit method barely shrinks a mixture of experts
+            fixes.insert(
+                0,
+                "use lora sharded with fsdp (QLoRA leaves this mixture of experts' fused expert weights "
+                "unquantised: bitsandbytes quantises nn.Linear only, so it saves little over lora)",
+            )
         if m.components.get("weights", 0) > m.device_bytes * 0.6 and p.num_gpus < k.max_gpus:
             fixes.append(f"shard over {min(k.max_gpus, max(2, p.num_gpus * 2))}+ GPUs with fsdp")
         if not p.grad_checkpointing:

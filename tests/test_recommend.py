@@ -256,3 +256,15 @@ def test_rocm_caveat_on_every_plan_and_no_cuda_wording():
         assert mi.caveat in notes
         assert not any("CUDA unified" in n for n in notes)
     assert any(r.candidate.plan.optimizer.startswith("paged") for r in res.recommendation.plans)
+
+
+def test_moe_qlora_rejection_says_the_experts_stay_unquantised():
+    """QLoRA of a transformers-5 mixture of experts leaves the fused 3-D experts in the compute dtype: a rejected
+    QLoRA group says so and points to LoRA with FSDP, instead of only asking for a larger GPU."""
+    rec = SVC.recommend(RecommendRequest(model="qwen3-30b-a3b", gpus=("H100:8",))).recommendation
+    qlora = [r for r in rec.rejected if r.group.startswith("qlora")]
+    assert qlora, "expected QLoRA groups rejected for memory on 8x H100"
+    assert all("unquantised" in r.to_fix and "fsdp" in r.to_fix for r in qlora)
+    dense = SVC.recommend(RecommendRequest(model="llama-2-70b", gpus=("rtx-4090",))).recommendation
+    assert any(r.group.startswith("qlora") for r in dense.rejected)
+    assert not any("unquantised" in r.to_fix for r in dense.rejected)
