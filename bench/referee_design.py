@@ -54,6 +54,21 @@ def _pick(rng: random.Random, weighted):
     return rng.choices(values, weights=weights)[0]
 
 
+def draw_method_knobs(rng: random.Random, plan: dict[str, Any], method: str, dropouts: tuple[float, ...]) -> None:
+    """The method's own knobs, drawn into `plan`: master weights for full fine-tuning; for the adapters a target
+    set (the last one with a modules_to_save copy), the rank, alpha = 2r and a dropout from `dropouts`."""
+    if method == "full":
+        plan["master_weights"] = rng.random() < 0.8
+        return
+    k = rng.choices(range(len(TARGET_SETS)), weights=[w for _, w in TARGET_SETS])[0]
+    plan["lora_targets"] = list(TARGET_SETS[k][0])
+    if k == len(TARGET_SETS) - 1:
+        plan["modules_to_save"] = [rng.choice(("lm_head", "embed_tokens"))]
+    plan["lora_r"] = rng.choice(LORA_RANKS)
+    plan["lora_alpha"] = 2 * plan["lora_r"]
+    plan["lora_dropout"] = rng.choice(dropouts)
+
+
 def _by_type() -> dict[str, list[ModelSpec]]:
     out: dict[str, list[ModelSpec]] = {}
     for m in default_catalog().models:
@@ -119,20 +134,11 @@ def draw(n: int, seed: int) -> list[dict[str, Any]]:
             "attention": "eager" if rng.random() < 0.15 else "sdpa",
             "grad_accum": _pick(rng, GRAD_ACCUM),
         }
-        if method == "full":
-            plan["master_weights"] = rng.random() < 0.8
-        else:
-            k = rng.choices(range(len(TARGET_SETS)), weights=[w for _, w in TARGET_SETS])[0]
-            plan["lora_targets"] = list(TARGET_SETS[k][0])
-            if k == len(TARGET_SETS) - 1:
-                plan["modules_to_save"] = [rng.choice(("lm_head", "embed_tokens"))]
-            plan["lora_r"] = rng.choice(LORA_RANKS)
-            plan["lora_alpha"] = 2 * plan["lora_r"]
-            plan["lora_dropout"] = rng.choice((0.0, 0.05, 0.05, 0.1))
-            if mtype == "t5":  # T5's shared embedding cannot go through peft (refused): its head instead
-                plan["lora_targets"] = [t if t != "embed_tokens" else "lm_head" for t in plan["lora_targets"]]
-                if plan.get("modules_to_save") == ["embed_tokens"]:
-                    plan["modules_to_save"] = ["lm_head"]
+        draw_method_knobs(rng, plan, method, dropouts=(0.0, 0.05, 0.05, 0.1))
+        if method != "full" and mtype == "t5":  # T5's shared embedding cannot go through peft: its head instead
+            plan["lora_targets"] = [t if t != "embed_tokens" else "lm_head" for t in plan["lora_targets"]]
+            if plan.get("modules_to_save") == ["embed_tokens"]:
+                plan["modules_to_save"] = ["lm_head"]
         rows.append({"id": i, "base": base.name, "model_type": mtype, "size": size, "arch": arch, "plan": plan})
     return rows
 

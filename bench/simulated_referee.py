@@ -238,6 +238,16 @@ _BYTE_TERMS = (
 )
 
 
+def slice_rows(summary: dict[str, dict]) -> list[str]:
+    """The "| slice | n | within 2% | median | p90 | worst |" table's rows, one per slice with rows."""
+    return [
+        f"| {k} | {v['n']} | {v['within_2pct']:.1%} | {v['median_pct']:.2f}% | {v['p90_pct']:.2f}% | "
+        f"{v['worst_pct']:.2f}% |"
+        for k, v in summary.items()
+        if v.get("n")
+    ]
+
+
 def _stats(diffs: list[float]) -> dict:
     a = sorted(abs(x) for x in diffs)
     if not a:
@@ -251,7 +261,11 @@ def _stats(diffs: list[float]) -> dict:
     }
 
 
-def write_random(rows: list[dict], design: list[dict], cmd: str, seed: int, explanations: dict) -> dict:
+def write_random(
+    rows: list[dict], design: list[dict], cmd: str, seed: int, explanations: dict, traces_from: str | None = None
+) -> dict:
+    """Write simulated_referee_random.{json,md}. `traces_from`: the run that traced the rows (a re-score keeps its
+    traces; None: this run traced them)."""
     OUT.mkdir(parents=True, exist_ok=True)
     ok = [r for r in rows if "error" not in r]
     summary = {"all": _stats([r["diff_pct"] for r in ok])}
@@ -266,9 +280,11 @@ def write_random(rows: list[dict], design: list[dict], cmd: str, seed: int, expl
     ):
         for v in sorted({fn(r) for r in ok}, key=str):
             summary[f"{key}={v}"] = _stats([r["diff_pct"] for r in ok if fn(r) == v])
+    commit = _commit()
     doc = {
         "command": cmd,
-        "commit": _commit(),
+        "commit": commit,
+        "traces_from": traces_from or f"{cmd} at {commit}",
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "versions": library_versions(),
         "seed": seed,
@@ -295,12 +311,7 @@ def write_random(rows: list[dict], design: list[dict], cmd: str, seed: int, expl
         "| slice | n | within 2% | median | p90 | worst |",
         "|---|---|---|---|---|---|",
     ]
-    for k, v in summary.items():
-        if v.get("n"):
-            lines.append(
-                f"| {k} | {v['n']} | {v['within_2pct']:.1%} | {v['median_pct']:.2f}% | {v['p90_pct']:.2f}% | "
-                f"{v['worst_pct']:.2f}% |"
-            )
+    lines += slice_rows(summary)
     lines += [
         "",
         f"{len(rows) - len(ok)} design rows could not be traced or estimated (listed below)."
@@ -415,8 +426,9 @@ def rescore_random(cmd: str) -> int:
                 analytical_terms_gib={k: round(v / GIB, 4) for k, v in terms.items() if k in _BYTE_TERMS},
             )
         )
+    traces_from = prev.get("traces_from") or f"{prev['command']} at {prev['commit']}"
     summary = write_random(
-        rows, prev["design"], f"{cmd} (traces from {prev['command']} at {prev['commit']})", prev["seed"], explanations
+        rows, prev["design"], f"{cmd} (traces from {traces_from})", prev["seed"], explanations, traces_from
     )
     print(json.dumps(summary["all"]))
     return 0

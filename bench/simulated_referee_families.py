@@ -37,8 +37,8 @@ from advisor.plans import TrainingPlan
 from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.specs import ModelSpec
 from advisor.units import GIB
-from bench.referee_design import DTYPES, GRAD_ACCUM, LORA_RANKS, MICRO_BATCHES, OPTIMIZERS, TARGET_SETS, _pick
-from bench.simulated_referee import _BYTE_TERMS, _commit, _gib, _stats, diagnose
+from bench.referee_design import DTYPES, GRAD_ACCUM, MICRO_BATCHES, OPTIMIZERS, _pick, draw_method_knobs
+from bench.simulated_referee import _BYTE_TERMS, _commit, _gib, _stats, diagnose, slice_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
@@ -170,16 +170,7 @@ def draw(per_type: int, seed: int, types: list[str]) -> list[dict[str, Any]]:
                 "attention": attention,
                 "grad_accum": _pick(rng, GRAD_ACCUM),
             }
-            if method == "full":
-                plan["master_weights"] = rng.random() < 0.8
-            else:
-                k = rng.choices(range(len(TARGET_SETS)), weights=[w for _, w in TARGET_SETS])[0]
-                plan["lora_targets"] = list(TARGET_SETS[k][0])
-                if k == len(TARGET_SETS) - 1:
-                    plan["modules_to_save"] = [rng.choice(("lm_head", "embed_tokens"))]
-                plan["lora_r"] = rng.choice(LORA_RANKS)
-                plan["lora_alpha"] = 2 * plan["lora_r"]
-                plan["lora_dropout"] = rng.choice((0.0, 0.05, 0.1))
+            draw_method_knobs(rng, plan, method, dropouts=(0.0, 0.05, 0.1))
             rows.append({"id": len(rows), "base": key, "size": size, "arch": arch, "plan": plan})
     return rows
 
@@ -306,12 +297,7 @@ def write(rows: list[dict], design: list[dict], cmd: str, seed: int) -> tuple[di
         "| slice | n | within 2% | median | p90 | worst |",
         "|---|---|---|---|---|---|",
     ]
-    for k, st in summary.items():
-        if st.get("n"):
-            lines.append(
-                f"| {k} | {st['n']} | {st['within_2pct']:.1%} | {st['median_pct']:.2f}% | {st['p90_pct']:.2f}% | "
-                f"{st['worst_pct']:.2f}% |"
-            )
+    lines += slice_rows(summary)
     lines += [
         "",
         "## The family's own difference",
