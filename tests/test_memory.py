@@ -89,7 +89,10 @@ def test_eager_attention_adds_the_s_squared_term_only():
     sdpa = EST.activation_bytes(L7, plan(seq_len=4096, grad_checkpointing=False))
     eager = EST.activation_bytes(L7, plan(seq_len=4096, grad_checkpointing=False, attention="eager"))
     per_layer_s2 = 6 * L7.num_attention_heads * 4096 * 4096  # fp32 softmax + bf16 probabilities
-    assert eager - sdpa == pytest.approx(L7.num_layers * per_layer_s2, rel=0.01)
+    # and the attention output, which SDPA saves itself, is an ordinary matmul's under eager: with o_proj frozen
+    # (LoRA on q, v) nothing saves it (tests/test_peak_moments.py)
+    output = 2 * L7.q_dim * 4096
+    assert eager - sdpa == pytest.approx(L7.num_layers * (per_layer_s2 - output), rel=0.001)
     s2k = EST.activation_bytes(L7, plan(seq_len=2048, grad_checkpointing=False))
     assert sdpa == pytest.approx(2 * s2k, rel=0.01)  # linear in s without eager
 

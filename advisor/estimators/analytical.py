@@ -197,11 +197,12 @@ class AnalyticalEstimator:
             tokens * moe.backward_transient_bytes(model, plan, e_act, cpu) * k.activation_scale if model.is_moe else 0.0
         )
         # eager attention's own backward moment (s x s per head), when larger than the MLP's (see the method)
-        backward_transient = max(
-            backward_transient,
+        attention_bwd = (
             self.eager_attention_backward_bytes(model, plan, self.after_attention_saved_bytes(model, plan, groups))
-            * k.activation_scale,
+            * k.activation_scale
         )
+        attention_moment = attention_bwd > backward_transient  # the block's backward peaks in attention, after its MLP
+        backward_transient = max(backward_transient, attention_bwd)
         # cuBLAS workspaces and small CUDA buffers: none on a CPU device
         fixed = 0 if cpu else k.fixed_allocated_bytes
         static = weights + adapters + opt_bytes + fixed
@@ -220,8 +221,22 @@ class AnalyticalEstimator:
         # 185, 282, 76: +2..+6% while stacked; the trace shows no recomputed tensor of the block at that moment)
         attn_in = [lin for lin in in_blocks if plan.grad_checkpointing and set(lin.roles) <= {"q", "k", "v"}]
         fwd_in = m.forward_temporaries(model, plan, attn_in, e)
+        stacked = [lin for lin in in_blocks if lin not in attn_in]
+        fwd_tmp_raw = max(
+            m.forward_temporaries(model, plan, stacked, e), m.input_cast_temporaries(model, plan, in_blocks, e)
+        )
+        # stacked on the block's saved tensors, a layer's temporaries less what of them that layer itself saves (DoRA's
+        # dropout path: the cast base weight is one of the weight norm's tensors and the saved weight of F.linear,
+        # already in the block's count; families referee rows 18, 104, 152: one out x in fp32 weight counted twice)
+        a_state = m.state_bytes_per_param(plan, e) if m.adapter else e
         fwd_tmp = max(
-            m.forward_temporaries(model, plan, [lin for lin in in_blocks if lin not in attn_in], e),
+            max(
+                (
+                    m.forward_temporaries(model, plan, [lin], e) - m.adapted_layer_saved_constant(lin, plan, e, a_state)
+                    for lin in stacked
+                ),
+                default=0.0,
+            ),
             m.input_cast_temporaries(model, plan, in_blocks, e),
         )
         head_fwd_tmp = m.forward_temporaries(model, plan, [lin for lin in adapted if lin not in in_blocks], e)
@@ -243,10 +258,12 @@ class AnalyticalEstimator:
         loss_head = max(logits + head_saved * k.activation_scale, head_bwd * k.activation_scale)
         # transformers' eager mask(s), alive all step: at the loss's moment on top of the rest (the blocks' eager
         # backward moment, eager_attention_backward_bytes, was checked against traces that hold it already).
-        # Counted for Gemma-2 only so far: the GPT-2 fp32 eager referee trace at the loss's moment
-        # (tests/simulated/test_simulated_estimator.py config2) already matches without its one mask (+3.9% with
-        # it), so another term of that moment over-counts by about as much: open, to be looked at trace-level
-        eager_mask = self.eager_mask_bytes(model, plan) if model.softcapping else 0.0
+        # Gemma-2 (its two masks; counted with or without checkpointing, checked on CPU truth truth10-024, which
+        # checkpoints: the non-checkpointed Gemma-2 case is open) and, whatever the family, under checkpointing: the mask is one
+        # of every checkpointed layer's saved inputs (families referee row 99: a 96 MiB 1 x 5008^2 mask beside the
+        # log-softmax). Without checkpointing no layer keeps it (its add saves nothing): freed with the forward (the
+        # GPT-2 fp32 eager referee trace, tests/simulated/test_simulated_estimator.py config2, matches without it)
+        eager_mask = self.eager_mask_bytes(model, plan) if model.softcapping or plan.grad_checkpointing else 0.0
         loss_head += eager_mask
         # a dequantised weight (QLoRA) lives inside a block's forward or backward, never at the loss: it joins
         # the block's moment only (the random referee: QLoRA rows +4% to +8% while it was added to the loss's)
@@ -261,6 +278,12 @@ class AnalyticalEstimator:
         moe_grads = 0.0
         if model.is_moe and not m.adapter and plan.grad_checkpointing and not accumulated:
             moe_grads = moe.gradients_before_first_block(model, grads)
+        elif not m.adapter and plan.grad_checkpointing and not accumulated and plan.framework == "hf" and shard == 1:
+            # a dense model's recomputed blocks are back-propagated last to first: the first block's moment holds every
+            # later block's gradient (and the head's) while the later blocks' checkpointed inputs are already freed;
+            # it outgrows the last block's moment when a block's parameters outweigh its input (families referee row 3,
+            # Qwen3 eager: 145 MiB of gradients alive at block 0's backward, 0 counted while taken at the last block)
+            moe_grads = self.first_block_moment_gain(model, plan, grads, attention_moment)
         # LoRA on the experts (advisor/estimators/moe.py): a sparse layer's backward writes a folded weight's whole
         # gradient; the adapters' gradients are large (r per expert), and the later layers' are alive while the first
         # recomputed block back-propagates
@@ -295,11 +318,11 @@ class AnalyticalEstimator:
         # block taken off (random referee row 174, mistral 2 layers q+v: +10% while stacked on every block)
         if (
             not plan.grad_checkpointing
-            and fwd_tmp > head_fwd_tmp
+            and fwd_tmp_raw > head_fwd_tmp
             and all(set(lin.roles) <= {"q", "k", "v"} for lin in in_blocks)
         ):
             last_block = self.activation_parts(model, replace(plan, grad_checkpointing=True), groups, cpu)[1]
-            heads["forward_temporaries"] = fwd_tmp - min(last_block * k.activation_scale, act)
+            heads["forward_temporaries"] = fwd_tmp_raw - min(last_block * k.activation_scale, act)
         # gradients of throw-away weight leaves (DoRA on Conv1D, methods/dora.py): each block's appear in its backward
         # and stay to the end of backward: the first block's backward (last) runs with the later blocks' held; at the
         # end all are held, the blocks' saved activations freed
@@ -309,12 +332,21 @@ class AnalyticalEstimator:
         if retained:
             heads["block"] += retained_blk
             heads["retained_weight_gradients"] = max(0.0, retained - (act - emb_saved * k.activation_scale))
+        # full fine-tuning of an untied head: the head's backward writes a fresh vocab x hidden weight gradient while
+        # the saved activations (and any accumulated gradients) are alive, after the loss's tensors are freed
+        head_grad = self.head_gradient_bytes(model, plan) if not m.adapter and shard == 1 else 0.0
+        if head_grad:
+            heads["head_gradient"] = head_grad
         # the half copies autocast made alive at each moment (AMP): all of them without checkpointing (each linear's
         # backward holds its copy); with it, the forward's are freed with the autocast cache when forward ends (the
         # checkpointed blocks keep only their inputs) and only what the moment itself re-made is alive (see the method)
         copies = {name: autocast_copies for name in heads}
         if plan.grad_checkpointing and autocast_copies and plan.sharding != "fsdp":
             copies.update(self.checkpointed_autocast_copies(model, e))
+        if head_grad and autocast_copies:
+            # the loss's moment's copies less the head's half copy, freed with its matmul's backward node before the
+            # gradient's fp32 cast (with checkpointing that leaves none)
+            copies["head_gradient"] = max(0.0, copies["logits"] - e * model.vocab_size * model.hidden_size)
         head = max(heads, key=lambda name: heads[name] + copies[name])  # ties: the loss first
         autocast_copies = copies[head]
         backward_head = heads[head]
@@ -336,6 +368,7 @@ class AnalyticalEstimator:
             "weights": int(weights + (autocast_copies if in_fb else 0)),
             "adapters": int(adapters),
             "gradients": int(moe_grads if in_fb and head == "block" else 0)
+            + int(head_grad if in_fb and head == "head_gradient" else 0)
             + int(
                 grads
                 if (not in_fb or plan.grad_accum > 1)
@@ -515,6 +548,51 @@ class AnalyticalEstimator:
         return kept, (largest_block if plan.grad_checkpointing else 0.0)
 
     @staticmethod
+    def first_block_moment_gain(
+        model: ModelSpec, plan: TrainingPlan, grads: float, attention_moment: bool = False
+    ) -> float:
+        """Full fine-tuning with checkpointing, no accumulation: what the first block's recomputed backward holds
+        beyond the last block's. Backward runs the blocks last to first; when block 0 back-propagates, the gradients
+        of every later block, of the final norm and of the head are alive (the tied embedding's head half too, held in
+        autograd's buffer until the embedding's backward adds its own), and the checkpointed inputs of the later
+        blocks (one residual-stream tensor each) and the final norm's saved tensors are freed. Block 0's backward has
+        begun: its last linear's gradient is alive too (families referee row 3: 8 MiB of down_proj), and when the
+        block's moment is eager attention's backward (`attention_moment`), every linear after the attention core's
+        (o and the MLP's) has its gradient. `grads`: the bytes of all gradients. 0 when the later blocks' inputs outweigh their gradients (long sequences, narrow layers)."""
+        blocks = [b for b in model.blocks if b.kind == "decoder"]
+        if not grads or not blocks or model.param_count <= 0:
+            return 0.0
+        # block 0's own last linear (the MLP's down projection: the first matmul its backward runs) has its weight
+        # gradient by the time the block's backward moments come
+        done = [lin for lin in blocks[0].linears if not set(lin.roles) & {"q", "k", "v"}] if attention_moment else []
+        done = done or blocks[0].linears[-1:]
+        first = sum(lin.params for lin in blocks[0].linears if lin not in done)
+        first += blocks[0].norm_params + blocks[0].extra_params
+        untied_embedding = model.embedding_params if not model.tie_word_embeddings else 0
+        later = model.param_count - first - untied_embedding
+        e = DTYPE_BYTES[plan.dtype]
+        amp = plan.master_weights and e < 4
+        tokens = plan.micro_batch * plan.seq_len
+        n_later = sum(b.count for b in blocks) - 1
+        freed = tokens * model.hidden_size * (n_later * (4 if amp else e) + 4 + e)
+        return max(0.0, grads * max(later, 0) / model.param_count - freed)
+
+    @staticmethod
+    def head_gradient_bytes(model: ModelSpec, plan: TrainingPlan) -> float:
+        """Full fine-tuning, transformers' stack, an untied output head: the fresh weight gradient its backward writes
+        (vocab x hidden), alive with every saved activation once the loss's tensors are freed. Under AMP the matmul's
+        half gradient is cast to the fp32 parameter's dtype: the moment is that cast, its half input and fp32 output
+        both alive (the head's half autocast copy is freed with the matmul's node: the caller takes it off). With
+        accumulation it comes on top of the accumulated gradients until the in-place add (families referee row 40,
+        Phi-4 one layer, bf16 AMP, 4 micro-steps, 160 tokens: a 0.98 GiB bf16 and a 1.96 GiB fp32 head gradient
+        beside the accumulated ones at the trace's peak). Without accumulation it is the head's gradient from then on,
+        alive at the same moment."""
+        if plan.framework != "hf" or not model.lm_head_params:
+            return 0.0
+        e = DTYPE_BYTES[plan.dtype]
+        return model.vocab_size * model.hidden_size * (4 + e if plan.master_weights and e < 4 else e)
+
+    @staticmethod
     def checkpointed_autocast_copies(model: ModelSpec, e: int) -> dict[str, float]:
         """AMP (fp32 master weights under autocast) with checkpointing: the half copies alive at each moment. The
         autocast cache is dropped when the forward's autocast context exits, and the checkpointed blocks saved no
@@ -665,6 +743,16 @@ class AnalyticalEstimator:
                 attn += (4 if amp else e) * nh * (s + 1) + (e * nh * s if amp else 0) + 8 * nh
             else:
                 attn += (4 + (e if e < 4 else 0)) * nh * s  # fp32 softmax + probabilities in the compute dtype
+                o_adapted = any("o" in lin.roles for lin in lora_lins)
+                a_in = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype]) if m.adapter else e
+                if hf and m.adapter and blk.kind == "decoder" and (not o_adapted or plan.lora_dropout > 0 or a_in > e):
+                    # eager's attention output is an ordinary matmul's (SDPA saves its own): only the output projection
+                    # keeps it. A frozen linear saves its weight for the input's gradient, not its input; an adapted
+                    # one's lora_A reads the input itself only without dropout and without a cast to the adapter
+                    # dtype (the dropout output or the cast copy, counted with the adapter, is what it saves)
+                    # (families referee row 28, LoRA on gate/up/down: three q-wide tensors per layer, not four;
+                    # decoder-only: T5's encoder / cross-attention layers are left as counted, not checked at this level)
+                    attn -= e * q
             if (hf or litgpt) and model.softcapping:
                 attn += e * nh * s  # tanh soft-capping keeps its output for backward
             if hf and model.dropout > 0:
