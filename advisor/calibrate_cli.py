@@ -3,7 +3,12 @@
     advisor calibrate [--device auto|cuda|cpu] [--budget quick|standard|thorough] [--out DIR]
     advisor calibrate --fit DIR        # refit DIR's measurements (after a killed or resumed run)
     advisor calibrate --fit DIR --with-jobs   # refit DIR's trials plus finished jobs' measurements
-    advisor calibrate --list           # installed profiles
+    advisor calibrate --list           # installed profiles, and the stale and quarantined ones
+    advisor calibrate --fit DIR --force          # install DIR's profile even if it does not beat the current one
+
+A fitted profile replaces its device's current profile only if it beats it on held-out error and is fitted on
+enough trials (``advisor.profiles.install_decision``); ``--force`` installs it anyway. Ctrl-C or SIGTERM cancels
+a run: the running trial process is killed and the measurements so far are kept (resume with ``--out DIR``).
 
 Importing this module imports neither torch nor scikit-learn nor the ``calibration`` package (the
 advisor CLI imports it to build its parser); the calibration modules are imported when the command
@@ -13,13 +18,25 @@ runs, inside ``cmd_calibrate``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from advisor.errors import InvalidInputError
-from advisor.profiles import PROFILE_SUBDIR, Profile, ProfileStore, default_data_dir
+from advisor.profiles import (
+    MIN_INSTALL_GROUPS,
+    MIN_INSTALL_TRIALS,
+    PROFILE_SUBDIR,
+    InstallDecision,
+    Profile,
+    ProfileStore,
+    default_data_dir,
+)
 
 BUDGET_CHOICES = ("quick", "standard", "thorough")
 #: error field -> flag, for the advisor CLI's one-line errors
@@ -62,6 +79,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-trials", type=positive_int, default=None, help="run at most this many trials of the design")
     p.add_argument("--no-install", action="store_true", help="write the profile into the run directory only")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="install the profile even if it does not beat the device's current one on held-out error or is "
+        f"fitted on fewer than {MIN_INSTALL_TRIALS} trials in {MIN_INSTALL_GROUPS} groups (by default it is then "
+        "kept in the run directory only)",
+    )
+    p.add_argument(
         "--with-jobs",
         action="store_true",
         help="finished fine-tuning jobs' measurements (the service's job store: ADVISOR_DATABASE_URL, else "
@@ -95,23 +119,38 @@ def _summary_lines(profile: Profile) -> list[str]:
     ]
 
 
+def _list(store: ProfileStore, as_json: bool) -> int:
+    """Installed profiles, then the ones never used: stale (other analytical terms) and quarantined (the file
+    does not validate), each with why and where, so the operator can fix or remove it."""
+    profiles, stale, quarantined = store.profiles(), store.stale_profiles(), store.quarantined()
+    if as_json:
+        doc = {
+            "profiles": [p.summary() for p in profiles],
+            "stale": [{**p.summary(), "reason": p.stale_reason()} for p in stale],
+            "quarantined": [{"id": q.id, "file": str(store.root / q.file), "reason": q.reason} for q in quarantined],
+        }
+        print(json.dumps(doc, indent=1))
+        return 0
+    for p in profiles:
+        h = p.held_out
+        print(
+            f"{p.id}  {p.device_name}  {p.device_memory_gib:.1f} GiB  {p.created_at}  "
+            f"memory {h.memory_median_abs_pct_error:.1f}%  step time "
+            + ("-" if h.step_time_median_abs_pct_error is None else f"{h.step_time_median_abs_pct_error:.1f}%")
+        )
+    for p in stale:
+        print(f"STALE {p.id}  {p.device_name}: {p.stale_reason()}")
+    for q in quarantined:
+        print(f"QUARANTINED {q.id}  {store.root / q.file}: {q.reason} (not used: fix or remove the file)")
+    if not (profiles or stale or quarantined):
+        print(f"no profiles in {store.root}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     store = _store(args)
     if args.list:
-        profiles = store.profiles()
-        if args.json:
-            print(json.dumps([p.summary() for p in profiles], indent=1))
-        else:
-            for p in profiles:
-                h = p.held_out
-                print(
-                    f"{p.id}  {p.device_name}  {p.device_memory_gib:.1f} GiB  {p.created_at}  "
-                    f"memory {h.memory_median_abs_pct_error:.1f}%  step time "
-                    + ("-" if h.step_time_median_abs_pct_error is None else f"{h.step_time_median_abs_pct_error:.1f}%")
-                )
-            if not profiles:
-                print(f"no profiles in {store.root}")
-        return 0
+        return _list(store, args.json)
     command = "advisor " + shlex.join(sys.argv[1:])
     try:
         from calibration.calibrate import calibrate
@@ -130,23 +169,38 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             jobs = read_job_feedback(data_dir=args.data_dir)
         profile = write_fit(run_dir, command=command, jobs=jobs)
         report = write_report(run_dir)
-        installed = None if args.no_install else store.save(profile)
+        installed, decision = (None, None) if args.no_install else store.install(profile, force=args.force)
         out_dir = run_dir
     else:
-        result = calibrate(
-            device=args.device,
-            budget=args.budget,
-            out_dir=args.out,
-            data_dir=store.root.parent,
-            threads=args.threads,
-            max_trials=args.max_trials,
-            progress=not args.json,
-            install=not args.no_install,
-            command=command,
-            with_jobs=args.with_jobs,
-        )
+        from calibration.runner import RunCancelled
+
+        try:
+            with _cancel_on_signals() as cancelled:
+                result = calibrate(
+                    device=args.device,
+                    budget=args.budget,
+                    out_dir=args.out,
+                    data_dir=store.root.parent,
+                    threads=args.threads,
+                    max_trials=args.max_trials,
+                    progress=not args.json,
+                    install=not args.no_install,
+                    command=command,
+                    with_jobs=args.with_jobs,
+                    force=args.force,
+                    should_stop=cancelled.is_set,
+                )
+        except RunCancelled as exc:
+            where = exc.out_dir or args.out
+            print(
+                f"calibration cancelled ({exc}); its measurements are kept in {where}: resume with "
+                f"advisor calibrate --out {where}, or fit them with advisor calibrate --fit {where}",
+                file=sys.stderr,
+            )
+            return 130
         assert result.profile is not None
         profile, report, installed, out_dir = result.profile, result.report_path, result.profile_path, result.out_dir
+        decision = result.install_decision
     if args.json:
         print(
             json.dumps(
@@ -155,6 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                     "run_dir": str(out_dir),
                     "report": str(report),
                     "installed": None if installed is None else str(installed),
+                    "install_note": None if decision is None else decision.reason,
                     "job_measurements": profile.provenance.get("job_measurements", {}).get("summary"),
                 },
                 indent=1,
@@ -166,5 +221,36 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.with_jobs:
         print("jobs: " + str(profile.provenance.get("job_measurements", {}).get("summary")))
     print(f"report: {report}")
-    print(f"installed: {installed}" if installed else "not installed (--no-install)")
+    print(_install_line(installed, decision))
     return 0
+
+
+def _install_line(installed: Path | None, decision: InstallDecision | None) -> str:
+    if decision is None:
+        return "not installed (--no-install)"
+    if installed is None:
+        return decision.reason  # "not installed: why, and how to install it anyway"
+    return f"installed: {installed} ({decision.reason.removeprefix('installed: ')})"
+
+
+@contextlib.contextmanager
+def _cancel_on_signals() -> Iterator[threading.Event]:
+    """SIGINT (Ctrl-C) and SIGTERM cancel the run: the running trial process is killed at once and run.json
+    records the cancellation (the default KeyboardInterrupt would leave the trial running until the trial
+    server is torn down). A second Ctrl-C interrupts as usual."""
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # signals reach only the main thread
+        yield event
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

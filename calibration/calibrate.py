@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advisor.profiles import PROFILE_SUBDIR, Profile, ProfileStore, default_data_dir
+from advisor.profiles import PROFILE_SUBDIR, InstallDecision, Profile, ProfileStore, default_data_dir
 from calibration.trial import TrialResult, TrialSpec
 
 #: (trial result, trials done, trials in this run) after each trial
@@ -30,6 +30,8 @@ class CalibrationResult:
     report_path: Path | None
     counts: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    #: whether the profile became its device's profile, and why (None: installing was not asked for)
+    install_decision: InstallDecision | None = None
 
 
 def subset(trials: list[TrialSpec], n: int) -> list[TrialSpec]:
@@ -61,17 +63,24 @@ def calibrate(
     install: bool = True,
     command: str | None = None,
     with_jobs: bool = False,
+    force: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> CalibrationResult:
     """Measure, fit and (by default) install a profile in <data_dir>/profiles. Measurements are kept in out_dir.
 
     `with_jobs`: finished jobs' measurements from the service's job store (``calibration.feedback``) join
-    the fit where they are comparable (same device, same meter)."""
+    the fit where they are comparable (same device, same meter).
+
+    Installing: the profile replaces its device's current one only if it beats it on held-out error and is
+    fitted on enough trials (``advisor.profiles.install_decision``); `force` installs it anyway.
+    `should_stop`: polled while a trial runs; once true the trial processes are killed and
+    ``calibration.runner.RunCancelled`` is raised (the measurements so far stay in out_dir)."""
     from advisor.stack.device import best_of, describe, resolve_device, software_versions
     from calibration.design import budget_for, design
     from calibration.feedback import read_job_feedback
     from calibration.fit import write_fit
     from calibration.report import write_report
-    from calibration.runner import run_design, update_meta
+    from calibration.runner import RunCancelled, run_design, update_meta
 
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -93,8 +102,17 @@ def calibrate(
     }
     passes = budget_for(gpu, budget).timing_passes
     summary = run_design(
-        trials, out, meta=meta, progress=progress, on_result=on_result, on_stage=on_stage, timing_passes=passes
+        trials,
+        out,
+        meta=meta,
+        progress=progress,
+        on_result=on_result,
+        on_stage=on_stage,
+        timing_passes=passes,
+        should_stop=should_stop,
     )
+    if should_stop is not None and should_stop():  # cancelled as the last trial ended: nothing is fitted
+        raise RunCancelled("cancelled before fitting")
     if on_stage is not None:
         on_stage("fitting", None, 0, 0)
     if gpu.gpu_class == "cpu":  # measured again now that the trials are done; the faster figures are kept
@@ -103,7 +121,7 @@ def calibrate(
     jobs = read_job_feedback(data_dir=data_dir) if with_jobs else None
     profile = write_fit(out, command=command, jobs=jobs)
     report = write_report(out)
-    installed = ProfileStore(data / PROFILE_SUBDIR).save(profile) if install else None
+    installed, decision = ProfileStore(data / PROFILE_SUBDIR).install(profile, force) if install else (None, None)
     return CalibrationResult(
         out_dir=out,
         profile=profile,
@@ -111,4 +129,5 @@ def calibrate(
         report_path=report,
         counts=summary.counts,
         wall_s=time.perf_counter() - t0,
+        install_decision=decision,
     )

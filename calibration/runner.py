@@ -9,6 +9,9 @@ Trial processes are forked from a small server interpreter that has imported tor
 peft and bitsandbytes once (a fresh interpreter pays ~6 s for those imports per trial); the server
 never runs a torch op, touches CUDA or starts a thread pool, so each fork starts clean. (Not
 multiprocessing: its children re-import the parent's __main__, which breaks under scripts and CLIs.)
+The server (and so every trial) gets an allow-listed environment (``trial_env``): the process that
+starts a calibration may be the API server, holding API keys and secrets the trials' model code must
+not see. A run can be cancelled (``should_stop``): the running trial process is killed at once.
 
 Files in the output directory:
     run.json             device spec, software versions, design, machine load, timings
@@ -61,8 +64,66 @@ CHILD_ENV = {
 }
 
 
+#: the server's environment variables a trial process keeps (names, then prefixes); everything else is dropped.
+#: Why an allow-list: the API server that starts a calibration holds its API keys, webhook secret, database URL
+#: and tokens in its environment, and a trial runs third-party model code that needs none of them
+CHILD_ENV_KEEP = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "TEMP",
+    "TMP",
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "VIRTUAL_ENV",
+    "CONDA_PREFIX",
+    "LD_LIBRARY_PATH",
+    "LD_PRELOAD",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "TRANSFORMERS_CACHE",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
+CHILD_ENV_KEEP_PREFIXES = (
+    *("LC_", "XDG_", "PYTHON", "CONDA_"),  # locale, user dirs, the interpreter's own settings
+    *("CUDA_", "NVIDIA_", "PYTORCH_", "TORCH_", "BNB_", "HIP_", "ROCR_", "HSA_"),  # the device and its libraries
+    *("OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "NVPL_"),  # CPU thread pools and BLAS
+)
+#: a name like these is dropped even under a kept prefix (a credential is never needed by a trial)
+_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|_KEY$|_KEYS$|^KEY$|AUTH)", re.IGNORECASE)
+
+
+def trial_env(environ: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The environment a trial server (and so every trial process it forks) gets: the allow-listed names of
+    `environ`, less anything named like a credential, plus CHILD_ENV's quiet offline defaults and this
+    checkout on PYTHONPATH."""
+    env = {
+        k: v
+        for k, v in environ.items()
+        if (k in CHILD_ENV_KEEP or k.startswith(CHILD_ENV_KEEP_PREFIXES)) and not _SECRET_NAME.search(k)
+    }
+    for k, v in CHILD_ENV.items():
+        env.setdefault(k, v)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def _safe_name(trial_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", trial_id)
+
+
+class RunCancelled(Exception):
+    """The run was cancelled (``run_design``'s `should_stop`): the running trial was killed, no more start."""
+
+    out_dir: Path | None = None  # the run directory (its measurements stay: a later run there resumes)
 
 
 class TrialServer:
@@ -70,15 +131,15 @@ class TrialServer:
 
     Protocol (JSON lines): we send {spec_path, result_path, log_path}; it answers {"pid"} at once and
     {"exit": code} when that trial process ends (negative: killed by that signal). We own the trial
-    process' pid and kill it on timeout. The server never runs a torch op, so forking it is safe.
+    process' pid and kill it on timeout or cancellation. The server never runs a torch op, so forking it is safe.
     """
 
+    #: how often a running trial checks whether its run was cancelled
+    POLL_S = 0.2
+
     def __init__(self, log_path: Path):
-        env = dict(os.environ)
-        for k, v in CHILD_ENV.items():
-            env.setdefault(k, v)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.current_pid: int | None = None  # the trial process running now
+        env = trial_env(os.environ)  # no API keys, secrets or tokens in the trials
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "calibration.runner", "--serve"],
@@ -103,8 +164,16 @@ class TrialServer:
             raise ConnectionError("trial server exited")
         return json.loads(line)
 
-    def run(self, spec_path: Path, result_path: Path, log_path: Path, timeout_s: float) -> tuple[int | None, bool]:
-        """Run one trial process; returns (exit code, timed out)."""
+    def run(
+        self,
+        spec_path: Path,
+        result_path: Path,
+        log_path: Path,
+        timeout_s: float,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> tuple[int | None, bool]:
+        """Run one trial process; returns (exit code, timed out). `should_stop` is polled every POLL_S while
+        the trial runs: once true the trial process is killed and RunCancelled raised."""
         assert self.proc.stdin is not None
         req = {"spec_path": str(spec_path), "result_path": str(result_path), "log_path": str(log_path)}
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -112,16 +181,40 @@ class TrialServer:
         started = self._read(120)
         if started is None:
             raise ConnectionError("trial server did not start the trial")
-        pid = int(started["pid"])
-        done = self._read(timeout_s)
-        if done is not None:
-            return int(done["exit"]), False
+        pid = self.current_pid = int(started["pid"])
+        try:
+            return self._wait(pid, spec_path, timeout_s, should_stop)
+        finally:
+            self.current_pid = None
+
+    def _wait(
+        self, pid: int, spec_path: Path, timeout_s: float, should_stop: Callable[[], bool] | None
+    ) -> tuple[int | None, bool]:
+        deadline = time.monotonic() + timeout_s
+        done = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done = self._read(min(left, self.POLL_S) if should_stop is not None else left)
+            if done is not None:
+                return int(done["exit"]), False
+            if should_stop is not None and should_stop():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                self._read(60)
+                raise RunCancelled(f"cancelled while trial {spec_path.stem.removesuffix('.trial')} ran (killed)")
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         done = self._read(60)
         return (int(done["exit"]) if done else None), True
 
     def close(self) -> None:
+        """Stop the server; a trial still running (the run was interrupted) is killed first, not waited for."""
+        if self.current_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.current_pid, signal.SIGKILL)
+            self.current_pid = None
         if self.proc.stdin is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
@@ -179,8 +272,14 @@ def serve() -> None:
         out.flush()
 
 
-def run_isolated(spec: TrialSpec, work_dir: Path, server: TrialServer | None = None) -> TrialResult:
-    """Run one trial in a child process; a crash, a kill or a timeout becomes a failed TrialResult."""
+def run_isolated(
+    spec: TrialSpec,
+    work_dir: Path,
+    server: TrialServer | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrialResult:
+    """Run one trial in a child process; a crash, a kill or a timeout becomes a failed TrialResult (a
+    cancellation raises RunCancelled: the trial measured nothing)."""
     work_dir.mkdir(parents=True, exist_ok=True)
     logs = work_dir / "logs"
     logs.mkdir(exist_ok=True)
@@ -194,7 +293,7 @@ def run_isolated(spec: TrialSpec, work_dir: Path, server: TrialServer | None = N
     spec_path.write_text(json.dumps(spec.to_dict(), indent=1))
     t0 = time.perf_counter()
     try:
-        exitcode, timed_out = server.run(spec_path, result_path, log_path, spec.timeout_s)
+        exitcode, timed_out = server.run(spec_path, result_path, log_path, spec.timeout_s, should_stop)
     finally:
         if own:
             server.close()
@@ -343,12 +442,15 @@ def run_design(
     retry_disturbed: bool = True,
     on_stage: Callable[[str, str | None, int, int], None] | None = None,
     timing_passes: int = 1,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunSummary:
     """Run every trial not yet in out_dir/measurements.jsonl; return this run's results.
 
     on_stage(stage, trial id, index, count) is called before each trial; on_result after it.
     `timing_passes` > 1: every trial that succeeded is measured again that many times in all, in later passes
-    over the design (their lines are appended; the fit keeps each trial's fastest undisturbed step time)."""
+    over the design (their lines are appended; the fit keeps each trial's fastest undisturbed step time).
+    `should_stop`: polled before and during each trial; once true the running trial process is killed, run.json
+    records the cancellation and RunCancelled is raised (what was measured stays: a later run resumes it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / MEASUREMENTS
@@ -370,9 +472,11 @@ def run_design(
         nonlocal server
         if on_stage is not None:
             on_stage(stage, spec.id, i, n)
+        if should_stop is not None and should_stop():
+            raise RunCancelled(f"cancelled before trial {spec.id}")
         if server is None or not server.alive():
             server = TrialServer(out / "logs" / "server.log")
-        result = run_isolated(spec, out, server)
+        result = run_isolated(spec, out, server, should_stop)
         _append(path, result.to_dict())
         return result
 
@@ -402,6 +506,10 @@ def run_design(
             for j, spec in enumerate(again):
                 measure(spec, stage, j, len(again))
                 summary.timing_repeats += 1
+    except RunCancelled as exc:
+        _write_meta(out, {"cancelled_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cancelled": str(exc)})
+        exc.out_dir = out
+        raise
     finally:
         if server is not None:
             server.close()

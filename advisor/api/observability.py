@@ -8,6 +8,8 @@ header, a log line and a metric sample. Metrics are labelled by route *template*
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
 import logging
 import os
@@ -23,11 +25,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from advisor.api.errors import error_response
+from advisor.api.errors import Problem, error_response, is_openai_path
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ACCESS_LOGGER = "advisor.access"
+#: method label values: anything else (WebDAV verbs, made-up names) is one value, "other", so a caller
+#: without a key cannot make one time series per request (5,000 random methods made 5,006 series)
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER = "other"
+UNMATCHED = "<unmatched>"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -57,7 +64,8 @@ class Metrics:
         )
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        labels = (method, route, str(status))
+        """One sample; labels come from closed sets (method_label, a route template, a 3-digit status)."""
+        labels = (method_label(method), route, str(status) if 100 <= status <= 599 else OTHER)
         self.requests.labels(*labels).inc()
         self.latency.labels(*labels).observe(seconds)
 
@@ -111,10 +119,44 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(status_code=413, detail=f"request body over the {limit} byte limit")
 
 
+class BodyTimeout(StarletteHTTPException):
+    """Raised from `receive` when the next piece of a body does not come in time (a slow or stalled
+    client holding a worker); FastAPI re-raises HTTPExceptions, the error handlers answer 408."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(status_code=408, detail=f"the request body stalled: nothing arrived for {seconds:g} s")
+
+
+DISK_FULL_DETAIL = (
+    "the server's disk is full: nothing was written. To fix: delete files you no longer need "
+    "(DELETE /v1/files/{id}) or ask the operator to free space"
+)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a full disk or quota: OSError ENOSPC/EDQUOT/EFBIG, or
+    SQLite's "database or disk is full" (SQLITE_FULL, wrapped by SQLAlchemy)."""
+    seen = 0
+    cur: BaseException | None = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if "database or disk is full" in str(cur)[:500]:
+            return True
+        cur, seen = cur.__cause__ or cur.__context__, seen + 1
+    return False
+
+
+def method_label(method: str) -> str:
+    """The method's metric label: itself when it is a standard method, else "other"."""
+    return method if method in KNOWN_METHODS else OTHER
+
+
 def _route_template(scope: Scope) -> str:
+    """The matched route's template (/v1/files/{file_id}); every path no route matched is one value."""
     route = scope.get("route")
     path = getattr(route, "path_format", None) or getattr(route, "path", None)
-    return str(path) if path else "<unmatched>"
+    return str(path) if path else UNMATCHED
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -174,14 +216,26 @@ class RequestContextMiddleware:
 
         received = 0
         limit = self.limit_for(scope.get("path", ""))
+        settings = getattr(getattr(scope.get("app"), "state", None), "settings", None)
+        body_timeout = getattr(settings, "request_body_timeout_s", None)
+        body_done = False
 
         async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done or body_timeout is None:  # after the body: disconnect waits may last the response
+                message = await receive()
+            else:
+                try:
+                    message = await asyncio.wait_for(receive(), body_timeout)
+                except asyncio.TimeoutError:
+                    raise BodyTimeout(body_timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         self.metrics.in_flight.inc()
@@ -194,7 +248,13 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive_limited, send_with_id)
-        except Exception:
+        except Exception as exc:
+            if disk_full(exc) and not started:  # not a bug: the operator must free space; the caller can delete
+                self.log.error("disk full", extra={"fields": {"request_id": request_id, "error": str(exc)[:200]}})
+                problem = Problem(507, "insufficient_storage", DISK_FULL_DETAIL)
+                response = problem.response(request_id, openai=is_openai_path(scope.get("path", "")))
+                await response(scope, receive, send_with_id)
+                return
             # the last line of defence: a bug, never an input, should get here; say so without details
             self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not started:

@@ -87,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from advisor.api.app import create_app
     from advisor.api.observability import configure_logging
+    from advisor.api.slowclients import HeadTimeoutH11Protocol
 
     app = create_app(settings)  # fails here, once, on a bad catalog file (before any worker starts)
     configure_logging(settings.log_level)
@@ -101,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # ours is structured (advisor.access); uvicorn's would double every line
         server_header=False,
         timeout_graceful_shutdown=10,
+        http=HeadTimeoutH11Protocol,  # closes connections whose request head never completes (slowloris)
     )
     if settings.workers > 1:
         # each worker builds its own app from the environment: hand the flags over through it

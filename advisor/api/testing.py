@@ -25,7 +25,10 @@ def serve_in_thread(app: Any, *, startup_timeout_s: float = 20.0) -> Iterator[st
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    from advisor.api.slowclients import HeadTimeoutH11Protocol
+
+    # the same protocol as `advisor serve` (request head deadline)
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", http=HeadTimeoutH11Protocol)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -60,3 +60,7 @@ class FileValidationError(JobsError, status=400, code="invalid_file"):
         text = f"line {line}: {message}" if line else message
         super().__init__(text, field=field, extra={"line": line} if line else None)
         self.line = line
+
+
+class InsufficientStorageError(JobsError, status=507, code="insufficient_storage"):
+    """The server's disk (or quota) is full: the write was refused and nothing half-written was kept."""

@@ -19,7 +19,7 @@ from advisor.methods import get_method
 from advisor.plans import TrainingPlan
 from advisor.simulated.cache import TraceCache, cache_key, unavailable_reason
 from advisor.simulated.results import SimulatedEstimate, TraceResult
-from advisor.simulated.runner import trace_in_subprocess
+from advisor.simulated.runner import run_trace
 from advisor.specs import GpuSpec, ModelSpec
 from advisor.stack.targets import lora_target_modules
 from advisor.units import GIB
@@ -98,12 +98,7 @@ class SimulatedEstimator:
             if hit is not None:
                 return hit
         limit = timeout_s if timeout_s is not None else self.timeout_s
-        if limit is None:
-            from advisor.simulated import trace as traced  # torch from here on
-
-            result = traced.trace_step(config, plan, targets)
-        else:
-            result = trace_in_subprocess(config, plan, targets, limit)
+        result = run_trace(config, plan, targets, limit)  # bounded by the request's pool inside the API
         expected = model.param_count
         if expected and abs(result.param_count - expected) > 0.005 * expected:
             result = replace(

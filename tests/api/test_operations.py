@@ -34,10 +34,10 @@ def test_healthz_and_readyz(client: TestClient) -> None:
 
 
 def test_readyz_fails_with_the_failing_check_named(make_app, tmp_path: Path) -> None:
-    app = make_app(data_dir=tmp_path / "missing")
+    app = make_app(data_dir=tmp_path / "missing", api_keys=["k" * 16])
     add_readiness_check(app, "store", lambda: (_ for _ in ()).throw(ConnectionError("db down")))
     with TestClient(app) as c:
-        r = c.get("/readyz")
+        r = c.get("/readyz", headers={"Authorization": "Bearer " + "k" * 16})  # raw details need a key
     assert r.status_code == 503
     body = r.json()
     assert body["status"] == "not ready"

@@ -22,7 +22,8 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def client():
-    return TestClient(create_app(default_settings()))
+    # anonymous simulation is off by default (tests/api/test_abuse_simulation.py): opened here on purpose
+    return TestClient(create_app(default_settings().model_copy(update={"simulation_without_key": True})))
 
 
 def test_estimate_source_simulated(client):

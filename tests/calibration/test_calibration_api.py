@@ -16,9 +16,11 @@ def client(tmp_path):
     from fastapi.testclient import TestClient
 
     from advisor.api.app import create_app
+    from advisor.api.auth import match_key
     from advisor.api.settings import Settings
 
-    app = create_app(Settings(data_dir=tmp_path, api_keys=[KEY]))
+    # this key may force-install: a 2-trial calibration is otherwise kept in its run directory only
+    app = create_app(Settings(data_dir=tmp_path, api_keys=[KEY], calibration_install_keys=[match_key(KEY, [KEY])]))
     with TestClient(app) as c:
         yield c
 
@@ -43,7 +45,8 @@ def test_bad_requests_name_the_field(client):
 
 def test_a_background_calibration_is_followed_and_then_used(client):
     assert client.get("/v1/calibrations", headers=AUTH).json() == {"runs": [], "profiles": []}
-    r = client.post("/v1/calibrations", json={"device": "cpu", "budget": "quick", "max_trials": 2}, headers=AUTH)
+    body = {"device": "cpu", "budget": "quick", "max_trials": 2, "install": "force"}
+    r = client.post("/v1/calibrations", json=body, headers=AUTH)
     assert r.status_code == 202, r.text
     run = r.json()
     assert run["status"] in ("queued", "running")
@@ -60,6 +63,7 @@ def test_a_background_calibration_is_followed_and_then_used(client):
     assert status["trials_done"] == status["trials_total"] == 2
     profile = status["profile"]
     assert profile["held_out"]["n_trials"] >= 2
+    assert status["installed"] and status["install_note"] == "installed explicitly (force)"
     listing = client.get("/v1/calibrations", headers=AUTH).json()
     assert [p["id"] for p in listing["profiles"]] == [profile["id"]]
     doc = client.get(f"/v1/calibrations/{profile['id']}", headers=AUTH).json()["profile_document"]

@@ -17,9 +17,9 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
-from advisor.api.auth import require_api_key
-from advisor.api.deps import CalibrationRuns
-from advisor.api.errors import error_responses
+from advisor.api.auth import ApiKey, require_api_key
+from advisor.api.deps import AppSettings, CalibrationRuns
+from advisor.api.errors import ApiError, error_responses
 from advisor.api.routes.common import route
 from advisor.api.schemas import ErrorResponse
 
@@ -39,6 +39,12 @@ class CalibrationRequest(BaseModel):
     max_trials: int | None = Field(None, ge=2, le=10_000, description="run at most this many trials of the design")
     threads: int | None = Field(
         None, ge=1, le=1024, description="CPU: torch threads per trial (1 is robust on a shared machine)"
+    )
+    install: Literal["if_better", "force"] = Field(
+        "if_better",
+        description="if_better: the fitted profile becomes the device's profile only if it is fitted on enough "
+        "trials and beats the current profile's held-out errors; force: install it anyway (only API keys listed "
+        "in ADVISOR_CALIBRATION_INSTALL_KEYS; 403 otherwise)",
     )
 
 
@@ -63,7 +69,7 @@ class ProfileSummary(BaseModel):
 
 class CalibrationRun(BaseModel):
     id: str = Field(description="run id (also accepted by GET /v1/calibrations/{id})")
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     device: str
     budget: str
     created_at: str
@@ -75,6 +81,8 @@ class CalibrationRun(BaseModel):
     seconds_left: float | None = Field(None, description="estimate from the trials done so far")
     error: str | None = None
     profile: ProfileSummary | None = Field(None, description="the fitted profile, once succeeded")
+    installed: bool = Field(False, description="whether the fitted profile became the device's profile")
+    install_note: str | None = Field(None, description="why the fitted profile was or was not installed")
 
 
 class CalibrationList(BaseModel):
@@ -96,13 +104,41 @@ class CalibrationStatus(BaseModel):
     "Start a calibration of this server's device in the background",
     CalibrationRun,
     status_code=202,
-    errors=(409, 422),
+    errors=(403, 409, 422),
     responses={503: {"model": ErrorResponse, "description": "this server lacks the calibrate extra (torch, ...)"}},
 )
-def start_calibration(body: CalibrationRequest, cal: CalibrationRuns) -> dict[str, Any]:
-    """Short real LoRA/QLoRA fine-tunes (each in its own process), a fitted profile, installed on success.
-    One run at a time: 409 while another is queued or running. Follow it with GET /v1/calibrations/{id}."""
-    return cal.start(body.device, body.budget, body.max_trials, body.threads).view()
+def start_calibration(
+    body: CalibrationRequest, cal: CalibrationRuns, caller: ApiKey, settings: AppSettings
+) -> dict[str, Any]:
+    """Short real LoRA/QLoRA fine-tunes (each in its own process) and a fitted profile, installed when it is
+    fitted on enough trials and beats the device's current profile on held-out error (or `install: force`
+    from a key in ADVISOR_CALIBRATION_INSTALL_KEYS). One run at a time: 409 while another is queued or running.
+    Follow it with GET /v1/calibrations/{id}; stop it with POST /v1/calibrations/{id}/cancel."""
+    force = body.install == "force"
+    if force and caller.key_id not in settings.calibration_install_keys:
+        raise ApiError(
+            403,
+            "install_not_allowed",
+            f"this API key ({caller.key_id}) may not force-install a calibration profile: the operator lists the "
+            "keys that may in ADVISOR_CALIBRATION_INSTALL_KEYS, or installs with advisor calibrate --fit RUN_DIR "
+            "--force",
+            field="install",
+        )
+    return cal.start(body.device, body.budget, body.max_trials, body.threads, force=force).view()
+
+
+@route(
+    router.post,
+    "/calibrations/{calibration_id}/cancel",
+    "cancelCalibration",
+    "Cancel a queued or running calibration (its trial process is killed)",
+    CalibrationRun,
+    errors=(404, 409),
+)
+def cancel_calibration(calibration_id: str, cal: CalibrationRuns) -> dict[str, Any]:
+    """The run's trial process is killed at once; the run ends `cancelled` (follow it with GET): its
+    measurements stay in its run directory, nothing is fitted or installed. 409 once it has finished."""
+    return cal.cancel(calibration_id).view()
 
 
 @route(
