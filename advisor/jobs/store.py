@@ -48,6 +48,7 @@ from sqlalchemy.pool import StaticPool
 VALIDATING, QUEUED, RUNNING, CANCELLING = "validating_files", "queued", "running", "cancelling"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 ACTIVE = (VALIDATING, QUEUED, RUNNING, CANCELLING)
+PAUSED = "paused"  # no process, not terminal: resumed back to queued (its files are still needed)
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 metadata = MetaData()
@@ -102,6 +103,9 @@ jobs = Table(
     Column("launcher", String(16), nullable=False),
     Column("handle", JSON),
     Column("events_offset", BigInteger, nullable=False, default=0),
+    # the replica that started (or took over) the job and follows it; its host (a local process lives there)
+    Column("owner_replica", String(128)),
+    Column("owner_host", String(255)),
     UniqueConstraint("owner", "idempotency_key", name="uq_ft_jobs_idempotency"),
 )
 
@@ -143,6 +147,20 @@ webhooks = Table(
     Column("next_attempt_at", Float, nullable=False),
     Column("last_error", Text),
     Column("created_at", BigInteger, nullable=False),
+)
+
+
+leases = Table(
+    "ft_leases",
+    metadata,
+    # `replica:<id>`: a replica's liveness; `reconciler`: the one replica that schedules and follows jobs
+    Column("name", String(160), primary_key=True),
+    Column("holder", String(128), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("acquired_at", Float, nullable=False),
+    Column("renewed_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False, index=True),
 )
 
 
@@ -190,12 +208,15 @@ class Store:
         self.engine = make_engine(url)
 
     def create(self) -> None:
-        """Create missing tables. Several workers starting at once may race on it: the loser retries."""
+        """Create the schema in an empty database (Alembic, advisor.jobs.schema); refuse (SchemaError) a
+        database whose schema is older (``advisor db upgrade``) or newer than this advisor's."""
+        from advisor.jobs.schema import ensure
+
         for attempt in range(3):
             try:
-                metadata.create_all(self.engine)
+                ensure(self.engine)
                 return
-            except OperationalError:
+            except OperationalError:  # SQLite: a lock held past the busy timeout while another worker migrates
                 if attempt == 2:
                     raise
                 time.sleep(0.2)
@@ -250,7 +271,8 @@ class Store:
     def file_in_use(self, file_id: str) -> str | None:
         """The id of an active job that trains on `file_id`, if any."""
         q = select(jobs.c.id).where(
-            jobs.c.status.in_(ACTIVE), (jobs.c.training_file == file_id) | (jobs.c.validation_file == file_id)
+            jobs.c.status.in_((*ACTIVE, PAUSED)),
+            (jobs.c.training_file == file_id) | (jobs.c.validation_file == file_id),
         )
         with self.engine.begin() as c:
             return c.execute(q.limit(1)).scalar()
@@ -336,19 +358,61 @@ class Store:
         with self.engine.begin() as c:
             return c.execute(q.values(updated_at=time.time(), **values)).rowcount == 1
 
+    def claim_job(self, job_id: str, replica: str, host: str, started_at: float, lease: str = "reconciler") -> bool:
+        """queued -> running for exactly one caller, recording the owning replica and its host.
+
+        The row is locked first (``FOR UPDATE SKIP LOCKED`` on PostgreSQL: a replica never waits on a row
+        another one is claiming, it skips it); the UPDATE holds only while `replica` holds an unexpired
+        `lease` (a replica that lost the reconciler lease mid-tick cannot start anything). SQLite has no
+        row locks: its BEGIN IMMEDIATE serialises writers, and the conditional UPDATE decides."""
+        now = time.time()
+        held = (
+            select(leases.c.name)
+            .where(leases.c.name == lease, leases.c.holder == replica, leases.c.expires_at >= now)
+            .exists()
+        )
+        with self.engine.begin() as c:
+            if c.dialect.name == "postgresql":
+                locked = c.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.id == job_id, jobs.c.status == QUEUED)
+                    .with_for_update(skip_locked=True)
+                ).first()
+                if locked is None:
+                    return False
+            q = update(jobs).where(
+                jobs.c.id == job_id, jobs.c.status == QUEUED, jobs.c.cancel_requested.is_(False), held
+            )
+            values = {"status": RUNNING, "started_at": started_at, "owner_replica": replica, "owner_host": host}
+            return c.execute(q.values(updated_at=now, **values)).rowcount == 1
+
     # ---- events and checkpoints -------------------------------------------------------------------
     def add_events(
-        self, job_id: str, items: Sequence[dict[str, Any]], offset: int | None = None, job_values: dict | None = None
-    ) -> None:
-        """Append events (and move the job's events-file offset / set job columns) in one transaction."""
+        self,
+        job_id: str,
+        items: Sequence[dict[str, Any]],
+        offset: int | None = None,
+        job_values: dict | None = None,
+        expect_offset: int | None = None,
+    ) -> bool:
+        """Append events (and move the job's events-file offset / set job columns) in one transaction.
+
+        With `expect_offset`, only while the stored offset is still that value (else nothing is written
+        and False comes back): two replicas reading the same events file can never both insert a line."""
         with self.engine.begin() as c:
-            if items:
-                c.execute(insert(events), [{"job_id": job_id, "created_at": _now(), **e} for e in items])
             values = dict(job_values or {})
             if offset is not None:
                 values["events_offset"] = offset
+            if expect_offset is not None:
+                q = update(jobs).where(jobs.c.id == job_id, jobs.c.events_offset == expect_offset)
+                if c.execute(q.values(updated_at=time.time(), **values)).rowcount != 1:
+                    return False
+                values = {}
+            if items:
+                c.execute(insert(events), [{"job_id": job_id, "created_at": _now(), **e} for e in items])
             if values:
                 c.execute(update(jobs).where(jobs.c.id == job_id).values(updated_at=time.time(), **values))
+        return True
 
     def list_events(
         self, job_id: str, after: str | None = None, limit: int = 20, order: str = "desc"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +22,54 @@ import pytest
 # pytest runs with --import-mode=importlib (no sys.path entries per test dir): make the helpers importable
 sys.path.insert(0, str(Path(__file__).parent))
 from jobs_helpers import job_settings, kill_job_processes
+
+#: the PostgreSQL server the store tests use (CI and dev machines run one: trust auth, database `test`)
+PG_URL = os.environ.get("ADVISOR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@contextlib.contextmanager
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (dropped after, connections included): its URL.
+
+    Unreachable server: the test fails (CI and our machines run one), unless ADVISOR_TEST_SKIP_PG=1 says
+    this machine has none, where it is skipped."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import OperationalError
+
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    name = "advisor_t_" + secrets.token_hex(6)
+    try:
+        with admin.connect() as c:
+            c.execute(text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as exc:
+        admin.dispose()
+        if os.environ.get("ADVISOR_TEST_SKIP_PG") != "1":
+            raise
+        pytest.skip(f"PostgreSQL at {PG_URL} is not reachable: {str(exc).splitlines()[0]}")
+    try:
+        yield make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A job database URL on each backend: SQLite in tmp_path, PostgreSQL in a database of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'sub' / 'advisor.db'}"
+    else:
+        with pg_database() as url:
+            yield url
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database (the replica tests: several servers share it)."""
+    with pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

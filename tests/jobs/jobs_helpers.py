@@ -40,7 +40,7 @@ def kill_job_processes(data_dir: Path) -> None:
     from advisor.jobs.store import Store
 
     db = data_dir / "advisor.db"
-    if not db.exists():
+    if not db.exists() or db.read_bytes()[:16] != b"SQLite format 3\x00":  # none, or a damaged one (a test's)
         return
     store = Store(f"sqlite:///{db}")
     try:

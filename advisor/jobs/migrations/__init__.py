@@ -1,0 +1,1 @@
+"""Alembic migrations of the job store (``advisor db upgrade``); see advisor.jobs.schema."""
