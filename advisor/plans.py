@@ -128,6 +128,17 @@ class TrainingPlan:
         "adapter methods: modules trained whole next to the adapters (peft modules_to_save): lm_head, embed_tokens",
         items=OUTER_MODULES,
     )
+    #: GPUs per node: a plan with more GPUs spans ceil(num_gpus / gpus_per_node) nodes, and its collectives cross
+    #: the network between nodes (hierarchically: inside a node over NVLink / PCIe, between nodes over the
+    #: network). Appended after modules_to_save: plan ids index fields by position.
+    gpus_per_node: int = _f(
+        8, "GPUs per node (more GPUs than this: several nodes)", unit="GPUs", bounds=(1, 1024, True)
+    )
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the plan's GPUs span."""
+        return -(-self.num_gpus // self.gpus_per_node)
 
     def __post_init__(self) -> None:
         errs = validation_errors(self)
@@ -453,6 +464,7 @@ class SearchSpace:
     micro_batches: tuple[int, ...] = MICRO_BATCHES
     gpu_counts: tuple[int, ...] = GPU_COUNTS
     checkpointing: tuple[bool, ...] = (True, False)
+    gpus_per_node: int = 8  # more GPUs than this: the plan spans nodes (TrainingPlan.gpus_per_node)
 
 
 def enumerate_plans(
@@ -490,4 +502,5 @@ def enumerate_shapes(seq_len: int, space: SearchSpace, dtype: str, gpu_id: str =
                                     lora_r=r or 16,
                                     lora_alpha=2 * (r or 16),
                                     lora_targets=targets or (ALL_LINEAR,),
+                                    gpus_per_node=space.gpus_per_node,
                                 )

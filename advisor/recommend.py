@@ -34,6 +34,8 @@ class Constraints:
     #: GPUs named with a count (SkyPilot's ``A100:8``): (gpu id, count) pairs; plans on that GPU use exactly
     #: that many (a GPU not listed: any count up to max_gpus)
     gpu_counts: tuple[tuple[str, int], ...] = ()
+    #: GPUs in one node: plans with more GPUs span nodes, their collectives crossing the network between them
+    gpus_per_node: int = 8
 
     def __post_init__(self) -> None:
         if self.max_budget_usd is not None and not self.max_budget_usd > 0:
@@ -42,6 +44,8 @@ class Constraints:
             raise InvalidInputError("deadline_hours must be positive", field="deadline_hours")
         if not 1 <= self.max_gpus <= 1024:
             raise InvalidInputError("max_gpus must be between 1 and 1024", field="max_gpus")
+        if not 1 <= self.gpus_per_node <= 1024:
+            raise InvalidInputError("gpus_per_node must be between 1 and 1024", field="gpus_per_node")
         bad = [m for m in self.methods if m not in METHOD_NAMES]
         if bad or not self.methods:
             raise InvalidInputError(f"methods must be a non-empty subset of {', '.join(METHOD_NAMES)}", field="methods")
@@ -107,6 +111,8 @@ class Recommendation:
 def _group(plan: TrainingPlan, with_gpu: bool = True) -> str:
     shape = f" r={plan.lora_r} {','.join(plan.lora_targets)}" if get_method(plan.method).adapter else ""
     where = f"{plan.num_gpus}x {plan.gpu_id}" if with_gpu else f"{plan.num_gpus} GPU{'s' if plan.num_gpus > 1 else ''}"
+    if plan.nodes > 1:
+        where += f" over {plan.nodes} nodes"
     return f"{plan.method}{shape} on {where}" + (f" ({plan.sharding})" if plan.num_gpus > 1 else "")
 
 

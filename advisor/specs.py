@@ -272,6 +272,20 @@ GPU_PLATFORMS = ("cuda", "rocm", "cpu")
 #: with peer-to-peer DMA), pcie-host (no peer-to-peer: every transfer is staged through host memory, as on
 #: GeForce cards, whose drivers do not enable P2P).
 PEER_LINKS = ("nvlink", "pcie", "pcie-host")
+#: Default network between nodes (Gbit/s per node, source) by board: NVLink (SXM / HGX) boards ship with one
+#: 400 Gb/s InfiniBand NIC per GPU (compute-fabric rails), plain PCIe servers with one 100 Gb/s Ethernet NIC.
+NODE_NETWORK = {
+    "nvlink": (
+        3200.0,
+        "default: 8 x 400 Gb/s InfiniBand per node, one NIC per GPU (NVIDIA DGX H100 user guide: eight "
+        "single-port ConnectX-7 400 Gb/s for the compute fabric)",
+    ),
+    "pcie": (
+        100.0,
+        "default: one 100 Gb/s Ethernet NIC per node (common on cloud GPU instances, e.g. AWS g5.48xlarge / "
+        "GCP a2 without GPUDirect networking)",
+    ),
+}
 
 
 def _positive(v: object) -> bool:
@@ -317,6 +331,18 @@ class GpuSpec:
     price_provider: str = ""
     price_region: str = ""
     price_basis: str = ""
+    # the network between nodes (a plan past gpus_per_node): the node's total bandwidth to other nodes, Gbit/s,
+    # and where it comes from; 0 = the default for the board (NODE_NETWORK: InfiniBand rails on NVLink boards,
+    # one Ethernet NIC otherwise)
+    node_network_gbit_s: float = 0.0
+    node_network_source: str = ""
+
+    @property
+    def node_network(self) -> tuple[float, str]:
+        """(Gbit/s between this GPU's node and the others, source): the catalog's figure, else the default."""
+        if self.node_network_gbit_s > 0:
+            return self.node_network_gbit_s, self.node_network_source or "catalog"
+        return NODE_NETWORK["nvlink" if self.peer_link == "nvlink" else "pcie"]
 
     def __post_init__(self) -> None:
         """Every number the estimators divide by or multiply with is a positive finite number (a GPU file

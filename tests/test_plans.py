@@ -160,8 +160,8 @@ def test_modules_to_save_and_outer_targets_round_trip_through_ids():
     assert plan.modules_to_save == ("embed_tokens",)
     assert decode_plan_id(plan.id) == plan
     assert list(PlanIn(**plan.to_dict()).modules_to_save) == ["embed_tokens"]  # the API takes what it sends
-    # a field appended after notes: ids of plans without it are unchanged (the known id above)
-    assert [f.name for f in PLAN_FIELDS][-1] == "modules_to_save"
+    # fields appended after notes: ids of plans without them are unchanged (the known id above)
+    assert [f.name for f in PLAN_FIELDS][-2:] == ["modules_to_save", "gpus_per_node"]
 
 
 @pytest.mark.parametrize(

@@ -76,6 +76,11 @@ HOST_OP_S = 10e-6
 #: without P2P NCCL copies through pinned host memory: half the PCIe bandwidth, ~50 us per call).
 LINK_EFFICIENCY = {"nvlink": 0.8, "pcie": 0.8, "pcie-host": 0.4}
 LINK_LATENCY_S = {"nvlink": 10e-6, "pcie": 20e-6, "pcie-host": 50e-6}
+#: The network between nodes (``GpuSpec.node_network``): the share of its line rate NCCL's inter-node
+#: collectives reach (nccl-tests bus bandwidth over InfiniBand / RoCE: ~80-90% of line rate; 0.8), and the
+#: latency each collective call adds when it crosses nodes (a network round of RDMA / TCP: ~20 us, a prior).
+NETWORK_EFFICIENCY = 0.8
+NETWORK_LATENCY_S = 20e-6
 
 #: DDP's gradient bucket (torch DistributedDataParallel bucket_cap_mb=25): the last bucket's all-reduce
 #: starts when backward ends, so at least one bucket is never hidden.
@@ -164,6 +169,8 @@ class DeviceColumns:
     attention_half_seq: Any = 0.0
     # the achievable dense matmul rate the GEMMs run at x mfu (``matmul_flops``); 0 = the peak (old callers)
     matmul_flops: Any = 0.0
+    # bytes/s between a node and the others (GpuSpec.node_network x NETWORK_EFFICIENCY); 0 = no network modelled
+    node_network: Any = 0.0
 
     @classmethod
     def of(cls, gpu: GpuSpec, dtype: str, k: DeviceCoefficients) -> DeviceColumns:
@@ -187,6 +194,7 @@ class DeviceColumns:
             host_op_s=0.0 if cpu else k.host_op_s,
             attention_half_seq=0.0 if cpu else ATTENTION_HALF_SEQ,
             matmul_flops=matmul_flops(gpu, dtype),
+            node_network=gpu.node_network[0] / 8 * 1e9 * NETWORK_EFFICIENCY,
         )
 
     @classmethod
@@ -283,6 +291,13 @@ def evaluate(
     gather_s = speed.gather_bytes / link
     grad_s = speed.grad_comm_bytes / link
     latency_s = speed.collectives * d.collective_latency_s
+    # across nodes (hierarchical): the inter-node step of each collective over the node's network, after the
+    # intra-node one; it carries the same overlap as the rest (FSDP prefetch, gradient buckets)
+    crossing = np.asarray(speed.internode_gather_bytes + speed.internode_grad_bytes) > 0
+    net = np.where(np.asarray(d.node_network) > 0, d.node_network, np.inf)
+    gather_s = gather_s + speed.internode_gather_bytes / net
+    grad_s = grad_s + speed.internode_grad_bytes / net
+    latency_s = latency_s + np.where(crossing, speed.collectives * NETWORK_LATENCY_S, 0.0)
     comm = np.where(multi, gather_s + grad_s + latency_s, 0.0)
     # overlap: FSDP prefetches the next block's all-gather under this block's compute (the first block's
     # gather is never hidden); gradients are reduced bucket by bucket as backward produces them, so they

@@ -107,8 +107,14 @@ def speed_counts(
     m = get_method(plan.method)
     n = plan.num_gpus
     gather = grad = collectives = 0.0
+    net_gather = net_grad = 0.0
+    # hierarchical collectives across nodes (NCCL: rings / trees per rail): the payload moves (g-1)/g inside a
+    # node over its GPU link and (N-1)/N between nodes over the node's network; one node: (n-1)/n over the link
+    nodes = plan.nodes
+    g = min(plan.gpus_per_node, n)
+    inter = (nodes - 1) / nodes
     if n > 1:
-        frac = (n - 1) / n
+        frac = (g - 1) / g if nodes > 1 else (n - 1) / n
         # DDP all-reduces the gradients as they are stored (fp32 master / fp32 adapters); FSDP's mixed
         # precision reduces them in the compute dtype (accelerate's MixedPrecision reduce_dtype)
         grad_total = trainable * (min(grad_bytes, e) if plan.sharding == "fsdp" else grad_bytes)
@@ -119,12 +125,16 @@ def speed_counts(
         if plan.sharding == "ddp":
             # ring all-reduce of the trainable gradients: 2 (n-1)/n x bytes, in 25 MiB buckets
             grad = 2 * frac * grad_total * syncs
+            net_grad = 2 * inter * grad_total * syncs
             collectives = math.ceil(grad_total / dev.DDP_BUCKET_BYTES) * syncs
         else:
             # FSDP: every block's weights all-gathered for forward, backward and (with checkpointing) the
             # recompute, resharded after each; gradients reduce-scattered, (n-1)/n x bytes each
-            gather = passes * frac * m.communicated_weight_bytes(model, e)
+            weights = m.communicated_weight_bytes(model, e)
+            gather = passes * frac * weights
             grad = frac * grad_total * syncs
+            net_gather = passes * inter * weights
+            net_grad = inter * grad_total * syncs
             collectives = model.total_layers * (passes + syncs)
     attention = attention_flops_per_token(model, plan)
     return SpeedCounts(
@@ -135,6 +145,8 @@ def speed_counts(
         gather_bytes=gather,
         grad_comm_bytes=grad,
         collectives=collectives,
+        internode_gather_bytes=net_gather,
+        internode_grad_bytes=net_grad,
     )
 
 

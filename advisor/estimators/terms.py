@@ -34,6 +34,10 @@ class SpeedCounts:
       reduce-scatter), amortised over the micro-steps of one optimiser step where the stack skips it on the
       others (``no_sync``).
     * ``collectives``: collective calls per micro-step (each pays the link's latency).
+    * ``internode_gather_bytes`` / ``internode_grad_bytes``: bytes each node sends to the others per micro-step
+      when the plan spans nodes (hierarchical collectives: the inter-node step moves (N-1)/N of the payload
+      per node over its network; ``gather_bytes`` / ``grad_comm_bytes`` then hold the intra-node step, (g-1)/g).
+      0 on one node.
     """
 
     host_ops: float = 0.0
@@ -43,6 +47,8 @@ class SpeedCounts:
     gather_bytes: float = 0.0
     grad_comm_bytes: float = 0.0
     collectives: float = 0.0
+    internode_gather_bytes: float = 0.0
+    internode_grad_bytes: float = 0.0
 
     @classmethod
     def stack(cls, rows: list[SpeedCounts]):

@@ -9,17 +9,19 @@ the store keeps, so a restarted server can find the process again (``adopt``).
   ``DIR/train.log``, SIGTERM to the process group on cancel, SIGKILL after the grace period. A
   re-adopted process is recognised by pid *and* kernel start time, so a recycled pid is never
   mistaken for our job.
-- RayLauncher: the Ray Jobs REST API (``/api/jobs/``) of a cluster's dashboard; our job id is Ray's
-  submission id, Ray's states map back, ``stop`` on cancel. The job directory must be on storage
-  the cluster shares (the training process writes its events and outputs there).
+- RayLauncher: a Ray Train ``TorchTrainer`` per job (``advisor.jobs.ray_train``: one worker per GPU of the
+  plan, across nodes), submitted through the Ray Jobs REST API (``/api/jobs/``) of a cluster's dashboard;
+  our job id is Ray's submission id, Ray's states map back; inputs and outputs go through a
+  ``storage_path`` (shared directory or object store) and are mirrored back into the job directory.
 
 Commands are argv lists built from a validated JobSpec. The Ray Jobs API takes one entrypoint
-string: it is ``shlex.join`` of that same argv (every element quoted), never a template.
+string: it is ``shlex.join`` of an argv list built the same way (every element quoted), never a template.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shlex
 import signal
@@ -106,6 +108,22 @@ def train_argv(spec: JobSpec, job_dir: Path, python: str = sys.executable, port:
     else:
         argv.append("--multi_gpu")
     return [*argv, *tail]
+
+
+def accelerate_env(spec: JobSpec) -> dict[str, str]:
+    """What ``accelerate launch`` (train_argv's flags) tells each process, as environment variables: a Ray Train
+    worker is not started by accelerate, so its Accelerator reads the same settings from here (FSDP and its
+    wrapping for fsdp plans; DDP is accelerate's default for a multi-process group)."""
+    env = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "no"}
+    if spec.plan.num_gpus > 1 and spec.plan.sharding == "fsdp":
+        env |= {
+            "ACCELERATE_USE_FSDP": "true",
+            "FSDP_VERSION": "1",
+            "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+            "FSDP_USE_ORIG_PARAMS": "true",  # LoRA: frozen and trainable parameters share flat parameters
+        }
+    return env
 
 
 def train_env(spec: JobSpec, threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -286,16 +304,37 @@ def _tail(path: Path, max_chars: int) -> str:
         return ""
 
 
-# ---- Ray -------------------------------------------------------------------------------------------
+# ---- Ray ----------------------------------------------------------------------------------------------
 #: Ray job status -> our process state
 RAY_STATES = {"PENDING": PENDING, "RUNNING": RUNNING, "STOPPED": EXITED, "SUCCEEDED": EXITED, "FAILED": EXITED}
+#: seconds between two mirrorings of one job's files from storage (an object store is not polled 10x a second)
+MIRROR_S = 1.0
+
+
+def ray_train_argv(spec: JobSpec, storage: str, python: str = "python", cpus_per_worker: float = 1.0) -> list[str]:
+    """The Ray job's entrypoint: the Ray Train driver of ``advisor.jobs.ray_train`` for this job."""
+    return [
+        python, "-m", "advisor.jobs.ray_train", "--job-id", spec.job_id, "--storage", storage,
+        "--cpus-per-worker", f"{cpus_per_worker:g}",
+    ]  # fmt: skip
 
 
 class RayLauncher:
-    """Jobs on a Ray cluster through the Ray Jobs REST API of its dashboard (``http://head:8265``).
+    """Jobs on a Ray cluster as Ray Train ``TorchTrainer`` runs, submitted through the Ray Jobs REST API of the
+    cluster's dashboard (``http://head:8265``); see ``advisor.jobs.ray_train`` for the driver and the workers.
 
-    Ray queues jobs itself, so `can_start` is always true; the cluster decides where and when.
-    `python` is the interpreter on the cluster's nodes (the advisor package must be installed there).
+    Why the Jobs API and not a driver in the service: the service holds no Ray connection (a restart of either
+    side loses nothing), Ray queues jobs itself (so `can_start` is always true), and stop / status / logs stay
+    Ray's. Our job id is Ray's submission id, so a resubmission after a crash adopts the running job
+    (a job started again after its run ended, e.g. resumed, is submitted as ``<job id>-<n>``).
+
+    `storage_path`: a directory every node and the service share, or an object-store URI (``s3://bucket/prefix``):
+    the launcher puts the job's spec and data files there before submitting, the workers put events, result,
+    measurement, checkpoints and output there, and `poll` mirrors them back into the service's job directory
+    (where the manager reads them as for a local job). Default: ``<data dir>/ray-storage`` (single machine, or a
+    data directory on shared storage). `python` is the interpreter on the cluster's nodes (the advisor package
+    must be installed there); a local model directory must exist at the same path on every node.
+    `auth_token`: Ray's token authentication (``RAY_AUTH_MODE=token``), sent as the dashboard expects it.
     """
 
     name = "ray"
@@ -308,14 +347,23 @@ class RayLauncher:
         timeout_s: float = 30.0,
         extra_env: dict[str, str] | None = None,
         client: httpx.Client | None = None,
+        storage_path: str | None = None,
+        cpus_per_worker: float = 1.0,
+        auth_token: str | None = None,
     ):
         if not address.startswith(("http://", "https://")):
             raise ValueError("the Ray address must be the dashboard's http(s):// URL (Jobs API), e.g. http://head:8265")
+        if cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be positive")
         self.address = address.rstrip("/")
         self.python = python
         self.threads = threads
         self.extra_env = dict(extra_env or {})
-        self.http = client or httpx.Client(base_url=self.address, timeout=timeout_s)
+        self.storage_path = storage_path
+        self.cpus_per_worker = cpus_per_worker
+        headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else None
+        self.http = client or httpx.Client(base_url=self.address, timeout=timeout_s, headers=headers)
+        self._mirrored: dict[str, float] = {}
 
     def can_start(self, spec: JobSpec) -> bool:
         return True
@@ -323,31 +371,66 @@ class RayLauncher:
     def fits_at_all(self, spec: JobSpec) -> bool:
         return True
 
+    def storage_for(self, job_dir: Path) -> str:
+        """The storage_path a job uses: the configured one, else ``<data dir>/ray-storage`` (job_dir is
+        ``<data dir>/jobs/<id>``)."""
+        return self.storage_path or str(job_dir.parent.parent / "ray-storage")
+
     def start(self, spec: JobSpec, job_dir: Path) -> dict[str, Any]:
-        argv = train_argv(spec, job_dir, self.python)
+        from advisor.jobs import ray_train as rt
+
+        storage = self.storage_for(job_dir)
+        job_uri = rt.join(storage, spec.job_id)
+        try:  # what the workers need, where they can reach it; no stale end of an earlier run of this job
+            for stale in (rt.CANCEL, *rt.MIRRORED[1:]):
+                rt.remove(rt.join(job_uri, stale))
+            rt.put_text(json.dumps(spec.to_dict(), indent=1), rt.join(job_uri, "job.json"))
+            rt.put_file(Path(spec.training_file), rt.join(job_uri, rt.INPUTS, "training.jsonl"))
+            if spec.validation_file is not None:
+                rt.put_file(Path(spec.validation_file), rt.join(job_uri, rt.INPUTS, "validation.jsonl"))
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"cannot write the job's inputs to the Ray storage {storage!r}: {exc}") from exc
+        argv = ray_train_argv(spec, storage, self.python, self.cpus_per_worker)
         body: dict[str, Any] = {
             "entrypoint": shlex.join(argv),
             "submission_id": spec.job_id,
-            "runtime_env": {"env_vars": train_env(spec, self.threads, self.extra_env)},
+            "runtime_env": {"env_vars": {**accelerate_env(spec), **train_env(spec, self.threads, self.extra_env)}},
             "metadata": {"advisor_job_id": spec.job_id, "model": spec.model[:200]},
-            "entrypoint_num_cpus": 1,
+            # the driver only waits on the trainer: it takes no CPU a training worker could use
+            "entrypoint_num_cpus": 0,
         }
-        if spec.device == "cuda":
-            body["entrypoint_num_gpus"] = spec.plan.num_gpus
-        try:
-            r = self.http.post("/api/jobs/", json=body)
-        except httpx.HTTPError as exc:
-            raise LaunchError(f"Ray Jobs API at {self.address} unreachable: {exc}") from exc
-        if r.status_code >= 400 and "already exists" not in r.text:  # a resubmission after a crash: adopt it
-            raise LaunchError(f"Ray refused the job: HTTP {r.status_code}: {r.text[:500]}")
+        submission = self._submit(body, spec.job_id)
         return {
             "launcher": self.name,
-            "submission_id": spec.job_id,
+            "submission_id": submission,
             "address": self.address,
+            "storage": job_uri,
+            "job_dir": str(job_dir),
             "log": str(job_dir / LOG),
             "argv": argv,
             "started_at": time.time(),
         }
+
+    def _submit(self, body: dict[str, Any], job_id: str) -> str:
+        """Submit under our job id; where Ray already has it: adopt it while it is active (a resubmission after
+        a service crash), else (a resumed job: the earlier run ended) submit as ``<job id>-<n>``."""
+        for attempt in range(1, 100):
+            sid = job_id if attempt == 1 else f"{job_id}-{attempt}"
+            try:
+                r = self.http.post("/api/jobs/", json={**body, "submission_id": sid})
+            except httpx.HTTPError as exc:
+                raise LaunchError(f"Ray Jobs API at {self.address} unreachable: {exc}") from exc
+            if r.status_code < 400:
+                return sid
+            if "already exists" not in r.text:
+                raise LaunchError(f"Ray refused the job: HTTP {r.status_code}: {r.text[:500]}")
+            try:
+                info = self._info({"submission_id": sid})
+            except httpx.HTTPError as exc:
+                raise LaunchError(f"Ray Jobs API at {self.address} unreachable: {exc}") from exc
+            if info is not None and RAY_STATES.get(str(info.get("status", "")).upper()) != EXITED:
+                return sid
+        raise LaunchError(f"Ray holds 99 ended submissions of {job_id}")
 
     def _info(self, handle: dict[str, Any]) -> dict[str, Any] | None:
         r = self.http.get(f"/api/jobs/{handle['submission_id']}")
@@ -356,20 +439,52 @@ class RayLauncher:
         r.raise_for_status()
         return r.json()
 
+    def mirror(self, handle: dict[str, Any], final: bool = False) -> None:
+        """Copy the job's events (and, once it ended, result, measurement and output) from storage into the
+        service's job directory, where the manager reads them. At most every MIRROR_S unless final."""
+        from advisor.jobs import ray_train as rt
+        from advisor.jobs.train import OUTPUT
+
+        job_uri, job_dir = handle.get("storage"), handle.get("job_dir")
+        if not job_uri or not job_dir:
+            return  # a handle of the former single-entrypoint launcher: its job dir was the shared one
+        key = handle["submission_id"]
+        now = time.monotonic()
+        if not final and now - self._mirrored.get(key, 0.0) < MIRROR_S:
+            return
+        self._mirrored[key] = now
+        names = rt.MIRRORED if final else rt.MIRRORED[:1]
+        with contextlib.suppress(OSError, ValueError):
+            for name in names:
+                rt.get_file(rt.join(job_uri, name), Path(job_dir) / name)
+            if final:
+                rt.get_dir(rt.join(job_uri, OUTPUT), Path(job_dir) / OUTPUT)
+
     def poll(self, handle: dict[str, Any]) -> ProcessState:
         try:
             info = self._info(handle)
         except httpx.HTTPError as exc:  # the cluster may be briefly away: not an end of the job
             return ProcessState(RUNNING, None, f"Ray unreachable: {exc}")
         if info is None:
+            self.mirror(handle, final=True)
             return ProcessState(LOST, None, "Ray does not know this job (cluster restarted?)")
         status = str(info.get("status", "")).upper()
         state = RAY_STATES.get(status, RUNNING)
+        self.mirror(handle, final=state == EXITED)
         code = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": -int(signal.SIGTERM)}.get(status)
         detail = f"Ray {status}" + (f": {info.get('message')}" if info.get("message") else "")
         return ProcessState(state, code if state == EXITED else None, detail)
 
     def cancel(self, handle: dict[str, Any], force: bool = False) -> None:
+        """Graceful: a `cancel` file in storage (the workers stop together and write a cancelled result);
+        forced (after the grace period), or for a handle without storage: Ray's job stop."""
+        job_uri = handle.get("storage")
+        if job_uri and not force:
+            from advisor.jobs import ray_train as rt
+
+            with contextlib.suppress(OSError, ValueError):
+                rt.put_text("cancel requested\n", rt.join(job_uri, rt.CANCEL))
+                return
         with contextlib.suppress(httpx.HTTPError):
             self.http.post(f"/api/jobs/{handle['submission_id']}/stop")
 
@@ -377,7 +492,7 @@ class RayLauncher:
         return None
 
     def release(self, handle: dict[str, Any]) -> None:
-        return None
+        self._mirrored.pop(str(handle.get("submission_id")), None)
 
     def log_tail(self, handle: dict[str, Any], max_chars: int = 2000) -> str:
         try:

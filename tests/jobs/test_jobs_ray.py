@@ -1,19 +1,13 @@
-"""Ray tier: a local `ray start --head` on this machine, real jobs through RayLauncher, Ray stopped after.
+"""Ray tier: a one-node Ray cluster on this machine (``ray_local``: every Ray process in a loopback-only
+network namespace, every listener flag on loopback), real jobs through RayLauncher (a Ray Train TorchTrainer
+per job), the cluster's processes stopped after (exactly those in its namespace; never ``ray stop``).
 
-Skipped where the `ray` extra is not installed. The head is started with ``--block`` in a process
-group of its own, so stopping it (SIGTERM, then SIGKILL to that group) ends exactly the processes
-this test started. The dashboard (the Jobs API) listens on 127.0.0.1 only.
+Skipped where the ray extra is not installed or network namespaces cannot be made: the cluster is never
+started unfenced.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,53 +17,32 @@ from jobs_helpers import AUTH, events, tiny_job, upload, wait_for, wait_job
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.needs_torch]
-RAY = shutil.which("ray")
 
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ray_local import RAY, RayCluster, dump, exposure, netns_unavailable  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if RAY is None:
         pytest.skip("the ray CLI is not on PATH")
-    tmp = tmp_path_factory.mktemp("ray")
-    dash = _port()
-    argv = [
-        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_port()}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--num-gpus=0",
-        "--disable-usage-stats", f"--temp-dir={tmp}",
-    ]  # fmt: skip
-    log = (tmp / "ray-start.log").open("wb")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    why = netns_unavailable()
+    if why:
+        pytest.skip(f"Ray is only started fenced to loopback: {why}")
+    cluster = RayCluster(tmp_path_factory.mktemp("ray"), nodes=1, cpus=2)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/api/version", timeout=2).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray did not start: {(tmp / 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
+        cluster.start()
+        assert exposure(cluster) == [], dump(cluster)
+        yield cluster.url
     finally:
-        proc.terminate()  # `ray start --block` stops what it started on SIGTERM
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(30)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of that group: ours
-        proc.wait(10)
-        log.close()
+        cluster.stop()
 
 
-def test_jobs_run_on_a_ray_cluster(ray_head: str, make_client, tiny_root: Path) -> None:
+def test_jobs_run_on_a_ray_cluster(ray_head: str, make_client, tiny_root: Path, tmp_path: Path) -> None:
+    import json
     import sys
 
-    client = make_client(job_launcher="ray", ray_address=ray_head, ray_python=sys.executable)
+    data = tmp_path / "data"
+    client = make_client(data_dir=data, job_launcher="ray", ray_address=ray_head, ray_python=sys.executable)
     f = upload(client, tiny_root / "train.jsonl")
     r = client.post("/v1/fine_tuning/jobs", headers=AUTH, json=tiny_job(tiny_root / "model", f["id"]))
     assert r.status_code == 200, r.text
@@ -85,17 +58,55 @@ def test_jobs_run_on_a_ray_cluster(ray_head: str, make_client, tiny_root: Path) 
     info = httpx.get(f"{ray_head}/api/jobs/{job_id}", timeout=10).json()
     assert info["submission_id"] == job_id and info["status"] == "SUCCEEDED"
     assert "Running entrypoint" in client.get(f"/v1/fine_tuning/jobs/{job_id}/logs", headers=AUTH).text
+    # started again after it ended (a resumed job): a new Ray submission, not an adoption of the ended one
+    from advisor.jobs.launchers import RayLauncher
 
-    # cancel maps to Ray's stop
+    rl = RayLauncher(ray_head)
+    assert rl._submit({"entrypoint": "true", "entrypoint_num_cpus": 0}, job_id) == f"{job_id}-2"
+    rl.shutdown()
+
+    # cancel: the workers stop together at a step (a `cancel` file in storage), rank 0 writes a cancelled result
     long = tiny_job(tiny_root / "model", f["id"], hyperparameters={"n_epochs": 100})
     job_id = client.post("/v1/fine_tuning/jobs", headers=AUTH, json=long).json()["id"]
     wait_for(lambda: {"e": events(client, job_id)}, lambda d: any(e["type"] == "metrics" for e in d["e"]), timeout=180)
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=AUTH)
     job = wait_job(client, job_id, timeout=120)
     assert job["status"] == "cancelled"
+    # the run's own stop (rank 0 wrote a cancelled result into the default storage, <data dir>/ray-storage)
+    assert json.loads((data / "ray-storage" / job_id / "result.json").read_text())["status"] == "cancelled"
     status = wait_for(
         lambda: httpx.get(f"{ray_head}/api/jobs/{job_id}", timeout=10).json(),
         lambda d: d["status"] in ("STOPPED", "SUCCEEDED", "FAILED"),
         timeout=60,
     )["status"]
-    assert status in ("STOPPED", "SUCCEEDED")  # stopped by Ray, or exited 0 on our SIGTERM handling
+    assert status in ("STOPPED", "SUCCEEDED")  # exited 0 on the graceful stop, or Ray's stop after the grace
+
+
+def test_scaling_and_accelerate_settings_follow_the_plan() -> None:
+    """What the driver asks Ray Train for, and what a worker's Accelerator reads (no cluster needed)."""
+    from dataclasses import replace
+
+    from advisor.jobs.launchers import accelerate_env, ray_train_argv
+    from advisor.jobs.ray_train import scaling
+    from advisor.jobs.spec import JobSpec, ModelSource
+    from advisor.plans import TrainingPlan
+
+    def spec(n: int, sharding: str, device: str) -> JobSpec:
+        plan = TrainingPlan(method="lora", gpu_id="h100-sxm", dtype="bf16", num_gpus=n, sharding=sharding)
+        return JobSpec(
+            job_id="ftjob-0123456789ab", model="/m", source=ModelSource("local", "/m"), plan=plan,
+            training_file="/f.jsonl", n_epochs=1, batch_size=n, learning_rate=1e-4, device=device,
+        )  # fmt: skip
+
+    gpu16 = spec(16, "fsdp", "cuda")
+    assert scaling(gpu16, 4) == {"num_workers": 16, "use_gpu": True, "resources_per_worker": {"CPU": 4, "GPU": 1}}
+    assert scaling(spec(2, "ddp", "cpu"), 1) == {
+        "num_workers": 2,
+        "use_gpu": False,
+        "resources_per_worker": {"CPU": 1},
+    }
+    env = accelerate_env(gpu16)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_USE_ORIG_PARAMS"] == "true"
+    assert "ACCELERATE_USE_FSDP" not in accelerate_env(replace(gpu16, plan=replace(gpu16.plan, sharding="ddp")))
+    argv = ray_train_argv(gpu16, "s3://bucket/prefix", "/usr/bin/python3", 4)
+    assert argv[1:3] == ["-m", "advisor.jobs.ray_train"] and argv[argv.index("--storage") + 1] == "s3://bucket/prefix"
