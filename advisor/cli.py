@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from advisor import calibrate_cli
+from advisor import calibrate_cli, jobs_cli
 from advisor.api import serve as serve_cli
 from advisor.api import views
 from advisor.calibrate_cli import positive_int  # the argparse type both command sets use
@@ -24,6 +24,8 @@ from advisor.catalog.prices import price_label
 from advisor.errors import AdvisorError, InvalidInputError
 from advisor.estimators.uncertainty import BAND_CROSSES, FITS
 from advisor.hub import HubOptions
+from advisor.jobs import db_cli
+from advisor.launchable import launchability
 from advisor.methods import DEFAULT_SEARCH, METHOD_NAMES, get_method
 from advisor.plans import PLAN_FIELDS, make_plan
 from advisor.recommend import OBJECTIVES, Constraints
@@ -239,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _catalog_args(p)
     serve_cli.add_parsers(sub)
     calibrate_cli.add_parser(sub)
+    db_cli.add_parser(sub)
+    jobs_cli.add_parser(sub)
     return parser
 
 
@@ -423,7 +427,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 [
                     r.rank,
                     p.method,
-                    f"{p.num_gpus}x {c.gpu.id}",
+                    f"{p.num_gpus}x {c.gpu.id}" + (f" ({p.nodes} nodes)" if p.nodes > 1 else ""),
                     f"r{p.lora_r} {','.join(p.lora_targets)}" if get_method(p.method).adapter else "",
                     p.micro_batch,
                     "on" if p.grad_checkpointing else "off",
@@ -434,6 +438,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                     f"{e.speed.tokens_per_s:.0f}",
                     f"{c.cost.hours:.2f}",
                     "-" if c.cost.cost_usd is None else f"{c.cost.cost_usd:.2f}",
+                    "yes" if launchability(p).launchable else "no*",
                 ]
             )
         print(
@@ -453,9 +458,14 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                     "tok/s",
                     "hours",
                     "$",
+                    "launch",
                 ],
             )
         )
+        for r in rec.plans:
+            why_not = launchability(r.candidate.plan).reason
+            if why_not:
+                print(f"no* #{r.rank}: not launchable by the job runner: {why_not}")
         if any(r.candidate.estimate.memory.verdict == BAND_CROSSES for r in rec.plans):
             print("!: the memory band crosses the GPU's memory (may run out of memory); ranked after the safe plans")
         print(f"why #1: {rec.plans[0].why}")
@@ -482,6 +492,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": serve_cli.cmd_serve,
     "openapi": serve_cli.cmd_openapi,
     "calibrate": calibrate_cli.cmd_calibrate,
+    "db": db_cli.cmd_db,
+    "jobs": jobs_cli.cmd_jobs,
 }
 
 

@@ -31,17 +31,27 @@ import httpx
 from pydantic import BaseModel
 
 from advisor.api.schemas import (
+    CheckpointList,
     ConstraintsIn,
     ErrorResponse,
     EstimateRequest,
     EstimateResponse,
+    EventList,
     FieldError,
+    FileDeleted,
+    FileList,
+    FileObject,
+    FineTuningJob,
     GpuList,
     GpuOut,
     Health,
     InlineModelConfig,
+    JobList,
     ModelList,
     ModelOut,
+    OpenAIErrorResponse,
+    OpenAIModel,
+    OpenAIModelList,
     PlanIn,
     PlanOut,
     Readiness,
@@ -99,6 +109,9 @@ class _Call(Generic[T]):
     result: type[T]
     body: dict[str, Any] | None = None
     ok: tuple[int, ...] = (200,)
+    params: dict[str, Any] | None = None
+    files: dict[str, tuple[str, bytes]] | None = None  # a multipart upload (with `body` as its form fields)
+    headers: dict[str, str] | None = None
 
 
 def _dump(model: BaseModel) -> dict[str, Any]:
@@ -136,15 +149,25 @@ def _get(name: str, path: str, result: type[T], doc: str, *, ok: tuple[int, ...]
 
 
 def _raise_for(response: httpx.Response) -> None:
+    """The one translation of an error answer: an ErrorResponse (advice routes) or OpenAI's envelope
+    (/v1/fine_tuning, /v1/files, /v1/models) both raise AdvisorAPIError with the same fields."""
+    request_id = response.headers.get("x-request-id")
     try:
-        err = ErrorResponse.model_validate(response.json())
+        doc = response.json()
+        if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+            e = OpenAIErrorResponse.model_validate(doc).error
+            err = ErrorResponse(
+                code=e.code or e.type,
+                detail=e.message,
+                field=e.param,
+                suggestions=e.suggestions,
+                errors=e.errors,
+                request_id=e.request_id,
+            )
+        else:
+            err = ErrorResponse.model_validate(doc)
     except ValueError:
-        raise AdvisorAPIError(
-            response.status_code,
-            "http_error",
-            response.text[:500],
-            request_id=response.headers.get("x-request-id"),
-        ) from None
+        raise AdvisorAPIError(response.status_code, "http_error", response.text[:500], request_id=request_id) from None
     raise AdvisorAPIError(
         response.status_code,
         err.code,
@@ -152,8 +175,16 @@ def _raise_for(response: httpx.Response) -> None:
         field=err.field,
         suggestions=err.suggestions,
         errors=err.errors,
-        request_id=err.request_id or response.headers.get("x-request-id"),
+        request_id=err.request_id or request_id,
     )
+
+
+def _job_path(job_id: str, tail: str = "") -> str:
+    return "/v1/fine_tuning/jobs/" + quote(job_id, safe="") + tail
+
+
+def _page(after: str | None, limit: int | None, **more: Any) -> dict[str, Any]:
+    return _given(after=after, limit=limit, **more)
 
 
 def _headers(api_key: str | None, headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -222,7 +253,13 @@ class _BaseClient(Generic[HttpClient]):
         self._http.headers.update(_headers(api_key, headers))
 
     def _request(self, call: _Call[Any]) -> httpx.Request:
-        return self._http.build_request(call.method, call.path, json=call.body)
+        if call.files is not None:
+            return self._http.build_request(
+                call.method, call.path, data=call.body, files=call.files, params=call.params, headers=call.headers
+            )
+        return self._http.build_request(
+            call.method, call.path, json=call.body, params=call.params, headers=call.headers
+        )
 
     @staticmethod
     def _result(call: _Call[T], response: httpx.Response) -> T:
@@ -303,10 +340,110 @@ class _BaseClient(Generic[HttpClient]):
     @_Endpoint
     def model(model_id: str) -> _Call[ModelOut]:
         """One catalog model by name, Hugging Face id or alias (a Hugging Face id keeps its slash)."""
-        return _Call("GET", "/v1/models/" + quote(model_id, safe="/"), ModelOut)
+        return _Call("GET", "/v1/catalog/models/" + quote(model_id, safe="/"), ModelOut)
+
+    # ---- files and fine-tuning jobs (OpenAI's API; an API key is needed) ------------------------------
+    @_Endpoint
+    def upload_file(filename: str, content: bytes, purpose: str = "fine-tune") -> _Call[FileObject]:
+        """Upload a training file (JSONL: chat `messages` or `prompt`/`completion` lines) (POST /v1/files)."""
+        return _Call("POST", "/v1/files", FileObject, {"purpose": purpose}, files={"file": (filename, content)})
+
+    @_Endpoint
+    def files(after: str | None = None, limit: int | None = None) -> _Call[FileList]:
+        """Your uploaded files, newest first."""
+        return _Call("GET", "/v1/files", FileList, params=_page(after, limit))
+
+    @_Endpoint
+    def delete_file(file_id: str) -> _Call[FileDeleted]:
+        """Delete an uploaded file."""
+        return _Call("DELETE", "/v1/files/" + quote(file_id, safe=""), FileDeleted)
+
+    @_Endpoint
+    def create_job(
+        model: str,
+        training_file: str,
+        *,
+        plan_id: str | None = None,
+        method: Mapping[str, Any] | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        validation_file: str | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        metadata: Mapping[str, str] | None = None,
+        force: bool | None = None,
+        idempotency_key: str | None = None,
+    ) -> _Call[FineTuningJob]:
+        """Start a fine-tuning job (POST /v1/fine_tuning/jobs): a `plan_id` from recommend runs that plan;
+        `method` is OpenAI's ({type: supervised, supervised: {hyperparameters}, advisor: {type: lora, ...}})."""
+        body = _given(
+            model=model,
+            training_file=training_file,
+            plan_id=plan_id,
+            method=None if method is None else dict(method),
+            hyperparameters=None if hyperparameters is None else dict(hyperparameters),
+            validation_file=validation_file,
+            suffix=suffix,
+            seed=seed,
+            metadata=None if metadata is None else dict(metadata),
+            force=force,
+        )
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        return _Call("POST", "/v1/fine_tuning/jobs", FineTuningJob, body, headers=headers)
+
+    @_Endpoint
+    def jobs(after: str | None = None, limit: int | None = None) -> _Call[JobList]:
+        """Your fine-tuning jobs, newest first."""
+        return _Call("GET", "/v1/fine_tuning/jobs", JobList, params=_page(after, limit))
+
+    @_Endpoint
+    def job(job_id: str) -> _Call[FineTuningJob]:
+        """One fine-tuning job: status, progress, error, estimate and measurement."""
+        return _Call("GET", _job_path(job_id), FineTuningJob)
+
+    @_Endpoint
+    def cancel_job(job_id: str) -> _Call[FineTuningJob]:
+        """Cancel a job (a running one goes through `cancelling`)."""
+        return _Call("POST", _job_path(job_id, "/cancel"), FineTuningJob)
+
+    @_Endpoint
+    def pause_job(job_id: str) -> _Call[FineTuningJob]:
+        """Pause a job (a running one checkpoints first)."""
+        return _Call("POST", _job_path(job_id, "/pause"), FineTuningJob)
+
+    @_Endpoint
+    def resume_job(job_id: str) -> _Call[FineTuningJob]:
+        """Resume a paused job from its last checkpoint."""
+        return _Call("POST", _job_path(job_id, "/resume"), FineTuningJob)
+
+    @_Endpoint
+    def job_events(
+        job_id: str, after: str | None = None, limit: int | None = None, order: str | None = None
+    ) -> _Call[EventList]:
+        """A job's events, newest first (`order="asc"` to follow them as a log)."""
+        return _Call("GET", _job_path(job_id, "/events"), EventList, params=_page(after, limit, order=order))
+
+    @_Endpoint
+    def job_checkpoints(job_id: str, after: str | None = None, limit: int | None = None) -> _Call[CheckpointList]:
+        """A job's checkpoints, newest first, with OpenAI's metrics."""
+        return _Call("GET", _job_path(job_id, "/checkpoints"), CheckpointList, params=_page(after, limit))
+
+    @_Endpoint
+    def job_logs(job_id: str, max_chars: int | None = None) -> _Call[str]:
+        """The tail of the training process' log."""
+        return _Call("GET", _job_path(job_id, "/logs"), str, params=_given(max_chars=max_chars))
+
+    @_Endpoint
+    def openai_models() -> _Call[OpenAIModelList]:
+        """OpenAI's models list: the base models jobs start from and your fine-tuned models."""
+        return _Call("GET", "/v1/models", OpenAIModelList)
+
+    @_Endpoint
+    def openai_model(model: str) -> _Call[OpenAIModel]:
+        """One model of OpenAI's list (a fine-tuned model's id, a Hugging Face id, a local directory)."""
+        return _Call("GET", "/v1/models/" + quote(model, safe="/:"), OpenAIModel)
 
     gpus = _Endpoint(_get("gpus", "/v1/gpus", GpuList, "The GPU catalog."))
-    models = _Endpoint(_get("models", "/v1/models", ModelList, "The model catalog."))
+    models = _Endpoint(_get("models", "/v1/catalog/models", ModelList, "The model catalog."))
     health = _Endpoint(_get("health", "/healthz", Health, "Liveness: the service answers."))
     ready = _Endpoint(_get("ready", "/readyz", Readiness, _READY_DOC, ok=(200, 503)))
     metrics = _Endpoint(_get("metrics", "/metrics", str, "The Prometheus metrics text."))

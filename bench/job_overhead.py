@@ -10,7 +10,12 @@ ways, one after the other on this machine:
 2. by hand with our entry point: ``python -m advisor.jobs.train --job-dir`` on a copy of that job's
    job.json (no server; same events, checkpoints and bookkeeping);
 3. a bare loop: a fresh interpreter that builds the same model with ``advisor.stack.build`` and runs the
-   same batches with nothing else (no events, no checkpoints, no metrics).
+   same batches with nothing else (no events, no checkpoints, no metrics);
+4. transformers' ``Trainer`` by hand: a fresh interpreter, the same built model and optimiser, the same
+   packed sequences, ``Trainer.train()`` with the plan's micro-batch and accumulation (the ecosystem's
+   loop; its tokens/s counts input tokens, padding included, as ours does).
+
+No GPU in the session that produced bench/results/job_overhead.*: CPU numbers only.
 
 Latency is split into phases from the job's own timestamps (the reconciler's launch time, then the
 training process' events): POST -> launched (validation, queue, spawn), launched -> process up (the
@@ -91,7 +96,7 @@ def via_service(model_dir: Path, data: Path, seq: int, batch: int, epochs: int, 
             time.sleep(0.2)
         t_done = time.time()
         assert job["status"] == "succeeded", job["error"]
-        row = app.state.jobs.store.get_job(job["id"])
+        row = app.state.jobs.get().store.get_job(job["id"])
     job_dir = work / "service" / "jobs" / job["id"]
     evs = _events(job_dir)
     up = evs[0]["ts"]
@@ -184,14 +189,104 @@ def _hand_main(job_json: str) -> None:
     print(json.dumps(result))
 
 
+def by_trainer(service_job_dir: Path) -> dict[str, Any]:
+    """transformers' Trainer, in a fresh interpreter with one thread (see `_trainer_main`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.job_overhead", "--trainer", str(service_job_dir / "job.json")],
+        env=env, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _trainer_main(job_json: str) -> None:
+    """Same model, optimiser and sequences as the job, trained by transformers' Trainer."""
+    t0 = time.time()
+    import torch
+    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    from advisor.jobs import data as D
+    from advisor.jobs.files import read_examples
+    from advisor.jobs.spec import JobSpec
+    from advisor.stack.build import build
+
+    torch.set_num_threads(1)
+    spec = JobSpec.from_dict(json.loads(Path(job_json).read_text()))
+    tok = AutoTokenizer.from_pretrained(spec.source.ref)
+    rows = list(read_examples(spec.training_file))
+    train = D.pack(D.encode_all(tok, rows, "chat"), spec.plan.seq_len)
+    built = build(spec.source.ref, spec.plan, "cpu", seed=spec.seed, learning_rate=spec.learning_rate)
+    pad = tok.pad_token_id
+
+    def collate(items: list[D.Tokens]) -> dict[str, Any]:
+        ids, labels = D.pad_batch(items, pad)
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+    class Clock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.tokens: list[int] = []
+            self.first_at: float | None = None
+            self._t = 0.0
+            self._seen = 0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.times.append(time.perf_counter() - self._t)
+            self.tokens.append(state.num_input_tokens_seen - self._seen)
+            self._seen = state.num_input_tokens_seen
+            self.first_at = self.first_at or time.time()
+
+    clock = Clock()
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="trainer-"),
+        per_device_train_batch_size=spec.plan.micro_batch,
+        gradient_accumulation_steps=spec.plan.grad_accum,
+        num_train_epochs=spec.n_epochs,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+        seed=spec.seed,
+    )
+    trainer = Trainer(
+        model=built.model,
+        args=args,
+        train_dataset=train,  # a list of Tokens: indexable, with a len
+        data_collator=collate,
+        optimizers=(built.optimizer, None),
+        callbacks=[clock],
+    )
+    trainer.train()
+    steady = list(zip(clock.times, clock.tokens, strict=True))[1:]
+    print(
+        json.dumps(
+            {
+                "start_to_first_step_s": (clock.first_at or t0) - t0,
+                "steady_tokens_per_s": statistics.median(n / t for t, n in steady),
+                "steady_step_time_s": statistics.median(t for t, _ in steady),
+            }
+        )
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(OUT), help="output path without extension (default bench/results/job_overhead)")
     p.add_argument("--rounds", type=int, default=3, help="repetitions of the three runs per size (default 3)")
     p.add_argument("--hand-loop", help=argparse.SUPPRESS)
+    p.add_argument("--trainer", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hand_loop:
         _hand_main(args.hand_loop)
+        return 0
+    if args.trainer:
+        _trainer_main(args.trainer)
         return 0
     from advisor.jobs.tiny import counting_examples, save_tiny_model, write_jsonl
 
@@ -206,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):  # interleaved, so a burst of load hits all three alike
                 round_dir = work / f"round{i}"
                 svc = via_service(model, data, seq, batch, epochs, round_dir)
-                runs.append((svc, by_entry_point(Path(svc["job_dir"]), round_dir), by_hand(Path(svc["job_dir"]))))
+                job_dir = Path(svc["job_dir"])
+                runs.append((svc, by_entry_point(job_dir, round_dir), by_hand(job_dir), by_trainer(job_dir)))
             rows.append(_summarise(name, seq, batch, runs))
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -236,7 +332,7 @@ def _med(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def _summarise(name: str, seq: int, batch: int, runs: list[tuple[dict, dict, dict]]) -> dict[str, Any]:
+def _summarise(name: str, seq: int, batch: int, runs: list[tuple[dict, dict, dict, dict]]) -> dict[str, Any]:
     """Medians (with min and max) over the rounds; ratios are taken per round, then their median."""
     svc_keys = [k for k, v in runs[0][0].items() if isinstance(v, float)]
     return {
@@ -247,6 +343,13 @@ def _summarise(name: str, seq: int, batch: int, runs: list[tuple[dict, dict, dic
         "service": {k: _med([r[0][k] for r in runs]) for k in svc_keys},
         "entry_point_by_hand": {k: _med([r[1][k] for r in runs]) for k in runs[0][1]},
         "bare_loop": {k: _med([r[2][k] for r in runs]) for k in runs[0][2]},
+        "hf_trainer_by_hand": {k: _med([r[3][k] for r in runs]) for k in runs[0][3]},
+        "throughput_service_vs_hf_trainer": _med(
+            [r[0]["steady_tokens_per_s"] / r[3]["steady_tokens_per_s"] for r in runs]
+        ),
+        "first_step_service_minus_hf_trainer_s": _med(
+            [r[0]["post_to_first_step_s"] - r[3]["start_to_first_step_s"] for r in runs]
+        ),
         "throughput_service_vs_entry_point": _med(
             [r[0]["steady_tokens_per_s"] / r[1]["steady_tokens_per_s"] for r in runs]
         ),
@@ -265,12 +368,13 @@ def render(doc: dict[str, Any]) -> str:
         "",
         f"`{doc['command']}` on {doc['machine']['cores']} CPU cores (shared; load average "
         f"{doc['load_average_start'][0]} at start, {doc['load_average_end'][0]} at end), one torch thread per run, "
-        f"reconciler poll interval {doc['reconciler_poll_interval_s']} s. LoRA r=8, fp32, same data/plan/seed in every run.",
+        f"reconciler poll interval {doc['reconciler_poll_interval_s']} s. LoRA r=8, fp32, same data/plan/seed in every run. "
+        "No GPU in this session: CPU only.",
         "",
         "## POST -> first training step (service), by phase (seconds)",
         "",
-        "| model | POST answered | POST->launched | launched->process up | up->model ready | ready->first step done | **POST->first step** | bare loop start->first step |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | POST answered | POST->launched | launched->process up | up->model ready | ready->first step done | **POST->first step** | bare loop start->first step | HF Trainer start->first step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         s = {k: v["median"] for k, v in r["service"].items()}
@@ -279,22 +383,25 @@ def render(doc: dict[str, Any]) -> str:
             f"| {r['size']} | {s['post_answer_s']:.3f} | {s['post_to_launched_s']:.2f} | {s['launched_to_process_up_s']:.2f} | "
             f"{s['process_up_to_model_ready_s']:.2f} | {s['model_ready_to_first_step_s']:.2f} | "
             f"**{s['post_to_first_step_s']:.2f}** ({span['min']:.1f}-{span['max']:.1f}) | "
-            f"{r['bare_loop']['start_to_first_step_s']['median']:.2f} |"
+            f"{r['bare_loop']['start_to_first_step_s']['median']:.2f} | "
+            f"{r['hf_trainer_by_hand']['start_to_first_step_s']['median']:.2f} |"
         )
     lines += [
         "",
         "## Training throughput (steady state: median over steps after the first)",
         "",
-        "| model | service job tok/s | entry point by hand tok/s | bare loop tok/s | service / by hand | service / bare loop |",
-        "|---|---|---|---|---|---|",
+        "| model | service job tok/s | entry point by hand tok/s | bare loop tok/s | HF Trainer tok/s | service / by hand | service / bare loop | service / HF Trainer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         a, b = r["throughput_service_vs_entry_point"], r["throughput_service_vs_bare_loop"]
+        c = r["throughput_service_vs_hf_trainer"]
         lines.append(
             f"| {r['size']} (seq {r['seq_len']}, batch {r['batch']}, {r['steps']} steps) | "
             f"{r['service']['steady_tokens_per_s']['median']:.0f} | {r['entry_point_by_hand']['steady_tokens_per_s']['median']:.0f} | "
-            f"{r['bare_loop']['steady_tokens_per_s']['median']:.0f} | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) | "
-            f"{b['median']:.2f} ({b['min']:.2f}-{b['max']:.2f}) |"
+            f"{r['bare_loop']['steady_tokens_per_s']['median']:.0f} | "
+            f"{r['hf_trainer_by_hand']['steady_tokens_per_s']['median']:.0f} | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) | "
+            f"{b['median']:.2f} ({b['min']:.2f}-{b['max']:.2f}) | {c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}) |"
         )
     lines += [
         "",

@@ -149,3 +149,34 @@ def test_both_clients_share_one_request_builder_and_translator() -> None:
         assert inspect.iscoroutinefunction(async_method) and not inspect.iscoroutinefunction(sync_method)
         assert sync_method.__doc__ and sync_method.__doc__ == async_method.__doc__
     assert list(inspect.signature(AdvisorClient.recommend).parameters)[:3] == ["self", "model", "gpu"]
+
+
+def test_files_jobs_and_models_errors_come_through_the_one_translation(server: str) -> None:
+    """OpenAI's routes answer `{"error": {...}}` with 400 where advice answers 422: the client raises the
+    same AdvisorAPIError (code, field, request id) for both."""
+    with AdvisorClient(server, api_key=KEY) as client:
+        line = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        f = client.upload_file("t.jsonl", line * 3)
+        assert f.id.startswith("file-") and f.examples == 3
+        assert [x.id for x in client.files().data] == [f.id]
+        with pytest.raises(AdvisorAPIError) as missing:
+            client.create_job("meta-llama/Llama-2-7b-hf", "file-doesnotexist")
+        assert (missing.value.status, missing.value.code, missing.value.field) == (404, "not_found", "training_file")
+        assert missing.value.request_id
+        with pytest.raises(AdvisorAPIError) as bad:
+            client.create_job("m", f.id, seed=-1)
+        assert (bad.value.status, bad.value.code, bad.value.field) == (400, "invalid_input", "seed")
+        with pytest.raises(AdvisorAPIError) as mixed:
+            client.create_job("m", f.id, method={"type": "supervised", "seq_len": 64, "advisor": {"type": "full"}})
+        assert (mixed.value.status, mixed.value.field) == (400, "method.seq_len")
+        with pytest.raises(AdvisorAPIError) as gone:
+            client.job("ftjob-doesnotexist")
+        assert gone.value.status == 404 and gone.value.field == "fine_tuning_job_id"
+        assert client.jobs().data == []
+        listed = client.openai_models()
+        assert listed.object == "list" and "meta-llama/Llama-2-7b-hf" in [m.id for m in listed.data]
+        assert client.openai_model("meta-llama/Llama-2-7b-hf").owned_by == "meta-llama"
+        assert client.delete_file(f.id).deleted and client.files().data == []
+    with AdvisorClient(server) as anonymous, pytest.raises(AdvisorAPIError) as unauthorized:
+        anonymous.jobs()
+    assert unauthorized.value.status == 401

@@ -1,4 +1,11 @@
-"""Errors -> HTTP, at one boundary: every error body is an ``ErrorResponse`` carrying the request id.
+"""Errors -> HTTP, at one boundary: every error body is an ``ErrorResponse`` carrying the request id,
+or on OpenAI's routes (``/v1/fine_tuning``, ``/v1/files``, ``/v1/models``) OpenAI's envelope.
+
+Why two shapes: the advice routes have documented ``ErrorResponse`` bodies and 422s that clients
+already read, while OpenAI's clients (the ``openai`` package, LangChain, ...) read
+``{"error": {message, type, param, code}}`` and pick their exception class from the status, so an
+invalid request there must be a 400 (their ``BadRequestError``), not a 422. The envelope keeps our
+fields (``errors``, ``suggestions``, ``request_id`` and a job error's extras) inside ``error``.
 
 One exception handler (``handle_error``) answers every error type: the core's AdvisorErrors, the job
 layer's JobsErrors (their own status, code and extra body fields, e.g. `estimate`, `line`), request
@@ -24,7 +31,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from advisor.api.schemas import ErrorResponse, FieldError
+from advisor.api.schemas import ErrorResponse, FieldError, OpenAIError, OpenAIErrorResponse
 from advisor.errors import (
     AdvisorError,
     ClosedModelError,
@@ -81,9 +88,11 @@ HTTP_CODES = {
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
+    408: "request_timeout",
     429: "too_many_requests",
     500: "internal_error",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -102,7 +111,12 @@ class Problem:
     headers: Mapping[str, str] = dataclass_field(default_factory=dict)
     extra: Mapping[str, Any] = dataclass_field(default_factory=dict)
 
-    def response(self, request_id: str | None) -> JSONResponse:
+    def response(self, request_id: str | None, openai: bool = False) -> JSONResponse:
+        """The answer; `openai`: OpenAI's envelope and status (422 -> 400) instead of an ErrorResponse."""
+        if openai:
+            return JSONResponse(
+                self.openai_body(request_id), status_code=openai_status(self.status), headers=dict(self.headers)
+            )
         body = ErrorResponse(
             code=self.code,
             detail=self.detail,
@@ -113,6 +127,46 @@ class Problem:
         ).model_dump(mode="json")
         body.update(self.extra)
         return JSONResponse(body, status_code=self.status, headers=dict(self.headers))
+
+    def openai_body(self, request_id: str | None) -> dict[str, Any]:
+        error = OpenAIError(
+            message=self.detail,
+            type=openai_type(self.status),
+            param=self.field,
+            code=self.code,
+            errors=list(self.errors),
+            suggestions=list(self.suggestions),
+            request_id=request_id,
+        ).model_dump(mode="json")
+        error.update(self.extra)
+        return {"error": error}
+
+
+#: path prefixes of the routes that speak OpenAI's API, and so answer errors in OpenAI's envelope
+OPENAI_PREFIXES = ("/v1/fine_tuning/", "/v1/files", "/v1/models")
+
+
+def is_openai_path(path: str) -> bool:
+    """`path` belongs to OpenAI's API (``/v1/files`` and ``/v1/files/...``, not ``/v1/filesystem``)."""
+    return any(path == p.rstrip("/") or path.startswith(p if p.endswith("/") else p + "/") for p in OPENAI_PREFIXES)
+
+
+def openai_status(status: int) -> int:
+    """OpenAI answers an invalid request with 400; its clients raise BadRequestError for it."""
+    return 400 if status == 422 else status
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's `error.type`: what kind of failure, by status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
 
 
 def request_id_of(request: Request) -> str | None:
@@ -219,6 +273,14 @@ def _http_problem(exc: StarletteHTTPException, request: Request) -> Problem:
         message = f"not UTF-8 at byte {cause.start}: {cause.reason}"
         error = FieldError(field="body", message=message, type="json_invalid")
         return Problem(422, "invalid_input", "invalid request: body", field="body", errors=[error])
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+        # FastAPI's "error parsing the body" for JSON nested past the parser's recursion limit: name the field
+        from advisor.api.nesting import deep_field
+
+        field = deep_field(getattr(request, "_body", b""))  # the body FastAPI read, cached on this request
+        message = "JSON nested too deeply to parse"
+        error = FieldError(field=field, message=message, type="json_too_deep")
+        return Problem(422, "invalid_input", f"invalid request: {field}", field=field, errors=[error])
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(_allowed_methods(request)) or headers.get("Allow", "")
@@ -243,8 +305,9 @@ HANDLED: tuple[type[Exception], ...] = (AdvisorError, RequestValidationError, Ap
 
 
 async def handle_error(request: Request, exc: Exception) -> JSONResponse:
-    """The exception handler of every handled error type: its Problem as an ErrorResponse."""
-    return problem_of(exc, request).response(request_id_of(request))
+    """The exception handler of every handled error type: its Problem as an ErrorResponse (OpenAI's
+    envelope on OpenAI's routes)."""
+    return problem_of(exc, request).response(request_id_of(request), openai=is_openai_path(request.url.path))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -274,11 +337,38 @@ def errors_as_json(doc: dict[str, Any]) -> dict[str, Any]:
                     if body.get("schema", {}).get("$ref") == ref:
                         content["application/json"] = content.pop(media_type)
     schemas = doc.get("components", {}).get("schemas", {})
+    _openai_errors(doc, ref)
     if "HTTPValidationError" in schemas and "#/components/schemas/HTTPValidationError" not in json.dumps(doc["paths"]):
         schemas.pop("HTTPValidationError")
         if "#/components/schemas/ValidationError" not in json.dumps(schemas):
             schemas.pop("ValidationError", None)
     return doc
+
+
+def _openai_errors(doc: dict[str, Any], ref: str) -> None:
+    """On OpenAI's routes, document what `handle_error` sends there: OpenAIErrorResponse, 400 for 422."""
+    openai_ref = "#/components/schemas/OpenAIErrorResponse"
+    used = False
+    for path, ops in doc.get("paths", {}).items():
+        if not is_openai_path(path):
+            continue
+        for op in ops.values():
+            responses = op.get("responses", {})
+            for status in [s for s in responses if s.isdigit() and int(s) >= 400]:
+                for body in responses[status].get("content", {}).values():
+                    if body.get("schema", {}).get("$ref") == ref:
+                        body["schema"]["$ref"] = openai_ref
+                        used = True
+                moved = openai_status(int(status))
+                if moved != int(status):
+                    responses[str(moved)] = responses.pop(status)
+            op["responses"] = dict(sorted(responses.items()))
+    if used:
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        defs = OpenAIErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, schema in defs.pop("$defs", {}).items():
+            schemas.setdefault(name, schema)
+        schemas["OpenAIErrorResponse"] = defs
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -289,6 +379,8 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "no plan is feasible",
         413: "request body over the size limit",
         422: "invalid input; `errors` names every bad field",
-        503: "not ready",
+        429: "too many requests waiting: retry after `Retry-After` seconds",
+        503: "not ready, or busy: retry after `Retry-After` seconds when given",
+        507: "the server's disk is full: delete files to free space",
     }
     return {s: {"model": ErrorResponse, "description": text.get(s, "error")} for s in statuses}

@@ -71,6 +71,26 @@ class ErrorResponse(BaseModel):
     request_id: str | None = Field(None, description="also in the X-Request-ID response header")
 
 
+class OpenAIError(BaseModel):
+    """OpenAI's error object (`message`, `type`, `param`, `code`), plus our ErrorResponse's lists."""
+
+    message: str = Field(examples=["no fine-tuning job 'ftjob-abc'"])
+    type: str = Field(
+        examples=["invalid_request_error"], description="invalid_request_error, authentication_error, ..."
+    )
+    param: str | None = Field(None, examples=["fine_tuning_job_id"], description="the input at fault")
+    code: str | None = Field(None, examples=["not_found"])
+    errors: list[FieldError] = Field(default_factory=list, description="every bad field at once")
+    suggestions: list[str] = Field(default_factory=list)
+    request_id: str | None = Field(None, description="also in the X-Request-ID response header")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """Every 4xx/5xx body on OpenAI's routes (/v1/fine_tuning, /v1/files, /v1/models)."""
+
+    error: OpenAIError
+
+
 # ---- requests --------------------------------------------------------------------------------------
 _INT32 = 2**31 - 1
 
@@ -184,6 +204,9 @@ class ConstraintsIn(_Strict):
     max_budget_usd: float | None = Field(None, gt=0, le=1e9, allow_inf_nan=False)
     deadline_hours: float | None = Field(None, gt=0, le=1e6, allow_inf_nan=False)
     max_gpus: int = Field(8, ge=1, le=1024, description="GPUs per plan at most (searched: 1, 2, 4, 8, 16, 32)")
+    gpus_per_node: int = Field(
+        8, ge=1, le=1024, description="GPUs per node: plans with more span nodes (collectives over the network)"
+    )
     methods: list[Method] = Field(
         default_factory=lambda: list(DEFAULT_SEARCH),
         min_length=1,
@@ -469,6 +492,10 @@ class RankedPlan(EstimateFields, CostFields):
     rank: int
     gpu: PlanGpu
     why: str
+    launchable: bool = Field(True, description="this service's job runner can run the plan (POST /v1/fine_tuning/jobs)")
+    not_launchable_reason: str | None = Field(
+        None, description="why it cannot, and what to change (advisor.launchable)"
+    )
 
 
 class Rejection(BaseModel):
@@ -556,6 +583,10 @@ class GpuOut(BaseModel):
     price_provider: str = Field("", description="provider of price_usd_per_hour (cheapest listed on-demand)")
     price_region: str = ""
     price_basis: str = Field("", description="on-demand | spot | user")
+    node_network_gbit_s: float = Field(
+        0.0, description="network between nodes, Gbit/s per node (0: the default for the board, advisor.specs)"
+    )
+    node_network_source: str = Field("", description="where node_network_gbit_s comes from")
 
 
 class GpuList(BaseModel):
@@ -634,6 +665,141 @@ class ModelOut(BaseModel):
 class ModelList(BaseModel):
     count: int
     models: list[ModelOut]
+
+
+class OpenAIModel(BaseModel):
+    """OpenAI's model object: a base model a job can start from, or a job's fine-tuned model."""
+
+    id: str = Field(examples=["ft:tiny-llama:demo:ftjob-0123456789abcdef01234567"])
+    object: Literal["model"] = "model"
+    created: int = Field(description="unix seconds (0: a catalog entry, whose release date is not recorded)")
+    owned_by: str = Field(examples=["org-local", "meta-llama"])
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+# ---- OpenAI's objects: files and fine-tuning jobs (the routes answer them; the client parses them) ----------
+def openai_list(name: str, item: type[BaseModel]) -> type[BaseModel]:
+    """OpenAI's list envelope of `item`s ({object: list, data, has_more, first_id, last_id}), named `name`."""
+    return create_model(
+        name,
+        object=(Literal["list"], ...),
+        data=(list[item], ...),  # type: ignore[valid-type]
+        has_more=(bool, ...),
+        first_id=(str | None, None),
+        last_id=(str | None, None),
+    )
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str
+    status_details: str | None
+    expires_at: int | None
+    examples: int | None = None
+    format: str | None = None
+
+
+FileList = openai_list("FileList", FileObject)
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class SupervisedOut(BaseModel):
+    hyperparameters: dict[str, Any]
+
+
+class MethodOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedOut | None = None
+    advisor: dict[str, Any] | None = Field(
+        None,
+        description="what ran: type (full | lora | qlora ...), lora, quantization, optimizer, micro_batch_size, "
+        "num_gpus, sharding, seq_len, dtype, packing, learning_rate",
+    )
+
+
+class FineTuningJob(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["fine_tuning.job"]
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: dict[str, Any]
+    model: str
+    organization_id: str
+    result_files: list[str]
+    seed: int
+    status: Literal["validating_files", "queued", "running", "cancelling", "paused", "succeeded", "failed", "cancelled"]
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    estimated_finish: int | None
+    metadata: dict[str, str] | None
+    method: MethodOut | None = Field(description="OpenAI's method; `advisor` has what ran (full | lora | qlora ...)")
+    plan_id: str | None
+    plan: dict[str, Any] | None
+    estimate: dict[str, Any] | None = Field(description="what the estimator predicted at launch")
+    measured: dict[str, Any] | None = Field(description="what the run measured, with `vs_estimate` ratios")
+    progress: dict[str, Any] | None
+
+
+JobList = openai_list("JobList", FineTuningJob)
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"]
+    created_at: int
+    level: str
+    message: str
+    data: dict[str, Any] | None
+    type: Literal["message", "metrics"]
+
+
+EventList = openai_list("EventList", JobEvent)
+
+
+class Checkpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"]
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, Any]
+    step_number: int
+
+
+CheckpointList = openai_list("CheckpointList", Checkpoint)
 
 
 class Health(BaseModel):

@@ -32,6 +32,10 @@ def _split_paths(value: Any) -> list[Path]:
     return [Path(str(p).strip()).expanduser() for p in value if str(p).strip()]
 
 
+def _secret(value: Any) -> str | None:
+    return value.get_secret_value() if hasattr(value, "get_secret_value") else value
+
+
 @dataclass
 class JobsConfig:
     data_dir: Path
@@ -43,6 +47,8 @@ class JobsConfig:
     launcher: str = "local"  # local | ray
     ray_address: str | None = None
     ray_python: str = "python"
+    ray_storage_path: str | None = None  # Ray Train storage_path (advisor.jobs.ray_train)
+    ray_auth_token: str | None = None
     train_python: str | None = None  # local launcher's interpreter (default: the server's)
     train_threads: int | None = None
     webhook_url: str | None = None
@@ -54,6 +60,8 @@ class JobsConfig:
     max_file_examples: int = 1_000_000
     cancel_grace_s: float = 10.0
     poll_interval_s: float = 1.0
+    replica_id: str | None = None  # leases (advisor.jobs.leases); None: host-pid-random
+    lease_s: float = 30.0
 
     @property
     def files_dir(self) -> Path:
@@ -102,6 +110,8 @@ class JobsConfig:
             launcher=get("job_launcher", "local"),
             ray_address=get("ray_address"),
             ray_python=get("ray_python", "python") or "python",
+            ray_storage_path=get("ray_storage_path"),
+            ray_auth_token=_secret(get("ray_auth_token")),
             train_threads=get("job_cpu_threads"),
             webhook_url=get("webhook_url"),
             webhook_secret=secret.get_secret_value() if hasattr(secret, "get_secret_value") else secret,
@@ -112,4 +122,6 @@ class JobsConfig:
             max_file_examples=int(get("max_file_examples", 1_000_000)),
             cancel_grace_s=float(get("cancel_grace_s", 10.0)),
             poll_interval_s=float(get("job_poll_interval_s", 1.0)),
+            replica_id=get("replica_id"),
+            lease_s=float(get("replica_lease_s", 30.0)),
         )

@@ -11,9 +11,12 @@ Two renderings:
 - ``plain`` (for models without a template, and for prompt/completion): ``User: ...`` /
   ``Assistant: ...`` lines, the BOS token first and the EOS token after every trained answer.
 
-Packing concatenates examples and cuts sequences of ``seq_len``; a batch is right-padded to its
-longest sequence with labels -100. No attention mask is needed for right padding in a causal model (a real token never
-attends to a later pad), so packed and padded batches both train through the same forward.
+Packing concatenates examples and cuts sequences of ``seq_len``; every packed block keeps each token's
+example index (``segments``), from which the trainer builds a block-diagonal causal mask and position ids
+restarting at every example: a token never attends to another example (a plain causal mask over a packed
+block would, under SDPA). An example cut at a block's end goes on, as its own segment, in the next block.
+A batch is right-padded to its longest sequence with labels -100; unpacked batches need no attention mask
+(in a causal model a real token never attends to a later pad).
 
 Only a tokenizer object is needed (any ``transformers`` tokenizer); no torch here.
 """
@@ -39,10 +42,16 @@ class DataError(ValueError):
 class Tokens:
     ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None  # packed blocks: each token's example index within the block
 
     @property
     def trained_tokens(self) -> int:
         return sum(1 for x in self.labels if x != IGNORE)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Tokens the next-token loss is taken on: trained labels after the first position (the shift)."""
+        return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -132,15 +141,34 @@ def pack(seqs: Sequence[Tokens], seq_len: int) -> list[Tokens]:
     blocks that train on nothing (all prompt) are dropped."""
     ids: list[int] = []
     labels: list[int] = []
-    for s in seqs:
+    segs: list[int] = []
+    for n, s in enumerate(seqs):
         ids.extend(s.ids)
         labels.extend(s.labels)
+        segs.extend([n] * len(s.ids))
     out = []
     for i in range(0, len(ids), seq_len):
-        block = Tokens(ids[i : i + seq_len], labels[i : i + seq_len])
+        block = Tokens(ids[i : i + seq_len], labels[i : i + seq_len], segs[i : i + seq_len])
         if block.trained_tokens:
             out.append(block)
     return out
+
+
+def pad_segments(seqs: Sequence[Tokens]) -> tuple[list[list[int]], list[list[int]]]:
+    """Segment ids (padding -1; an unpacked sequence is one segment) and position ids restarting at 0 at
+    every segment, right-padded like `pad_batch`."""
+    width = max(len(s.ids) for s in seqs)
+    segs_out, pos_out = [], []
+    for s in seqs:
+        segs = list(s.segments) if s.segments is not None else [0] * len(s.ids)
+        pos, prev, at = [], None, 0
+        for g in segs:
+            at = 0 if g != prev else at + 1
+            pos.append(at)
+            prev = g
+        segs_out.append(segs + [-1] * (width - len(segs)))
+        pos_out.append(pos + [0] * (width - len(pos)))
+    return segs_out, pos_out
 
 
 def truncate(seqs: Sequence[Tokens], seq_len: int) -> tuple[list[Tokens], int]:

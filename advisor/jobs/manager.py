@@ -8,7 +8,14 @@ it), and after a restart the loop simply finds the jobs where they were:
 - ``running``/``cancelling`` jobs are re-adopted: a process that still runs is followed again (its
   events file is read on from the stored offset), one that ended is finished from its result.json,
   one that vanished without a result fails with code ``lost``;
-- ``queued`` and ``validating_files`` jobs go on as if nothing happened.
+- ``queued`` and ``validating_files`` jobs go on as if nothing happened;
+- a ``paused`` job waits, without a process, until resumed (back to ``queued``; its run resumes from its
+  last checkpoint).
+
+How a process ended is reported as what it was: our cancel -> ``cancelled``; a SIGTERM from outside ->
+failed ``terminated``; a SIGKILL -> ``killed``, or ``oom`` only where the cgroup's oom_kill counter
+rose while it ran; a full disk -> ``output``. A job that trained a step has its measurement even when
+its process could not write one (rebuilt from the step metrics it logged).
 
 Each terminal job adds its measurement (calibration's record shape) to
 ``<data_dir>/measurements/jobs.jsonl`` and, when configured, a signed webhook delivery.
@@ -18,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -36,20 +42,50 @@ from advisor.jobs.config import JobsConfig
 from advisor.jobs.errors import JobsError
 from advisor.jobs.files import check_file
 from advisor.jobs.launchers import EXITED, LOST, Launcher, LaunchError, LocalLauncher, RayLauncher
+from advisor.jobs.leases import RECONCILER, Leases, default_replica_id, replica_lease
+from advisor.jobs.measure import measurement_from_events
 from advisor.jobs.spec import JobSpec, new_id
-from advisor.jobs.train import CHECKPOINTS, EVENTS, MEASUREMENT, OUTPUT, RESULT
+from advisor.jobs.train import CHECKPOINTS, EVENTS, MEASUREMENT, OUTPUT, PAUSE, RESULT
 from advisor.jobs.webhooks import WebhookSender
 
 log = logging.getLogger("advisor.jobs")
-LOCK = ".reconciler.lock"
 MAX_EVENT_BYTES = 4 << 20  # read at most this much of an events file per tick
+PAUSED = S.PAUSED
+ERROR_LOG_EVERY_S = 300.0  # the same reconciler error is logged again at most this often
+
+
+def oom_kill_count() -> int | None:
+    """The kernel's OOM kills in this process' memory cgroup (v2 memory.events, v1 memory.oom_control),
+    which a locally launched training process shares; None where no counter is readable."""
+    candidates: list[Path] = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                candidates.append(Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events")
+            elif "memory" in controllers.split(","):
+                candidates.append(Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.oom_control")
+    candidates.append(Path("/sys/fs/cgroup/memory/memory.oom_control"))  # a container's own v1 view
+    for path in candidates:
+        with contextlib.suppress(OSError, ValueError):
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return None
 
 
 def make_launcher(cfg: JobsConfig) -> Launcher:
     if cfg.launcher == "ray":
         if not cfg.ray_address:
             raise ValueError("ADVISOR_JOB_LAUNCHER=ray needs ADVISOR_RAY_ADDRESS (the dashboard URL)")
-        return RayLauncher(cfg.ray_address, python=cfg.ray_python, threads=cfg.train_threads)
+        return RayLauncher(
+            cfg.ray_address,
+            python=cfg.ray_python,
+            threads=cfg.train_threads,
+            storage_path=cfg.ray_storage_path,
+            auth_token=cfg.ray_auth_token,
+        )
     return LocalLauncher(cfg.slots, python=cfg.train_python or sys.executable, threads=cfg.train_threads)
 
 
@@ -84,10 +120,14 @@ class JobManager:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._lock_file: Any = None
+        # leases in the job database (advisor.jobs.leases): this replica's liveness and the reconciler role
+        self.leases = Leases(store, cfg.replica_id or default_replica_id(), cfg.lease_s)
+        self._renewed_at = 0.0
+        self._lead_lock = threading.Lock()  # the lease thread and the reconciler loop both call _try_lead
         self.leader = False
         self.started = False
         self.last_error: str | None = None
+        self._logged_error: tuple[str, float] | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -99,7 +139,10 @@ class JobManager:
             d.mkdir(parents=True, exist_ok=True)
         self._stop.clear()
         self._try_lead()
-        self._threads = [threading.Thread(target=self._loop, name="advisor-jobs-reconciler", daemon=True)]
+        self._threads = [
+            threading.Thread(target=self._loop, name="advisor-jobs-reconciler", daemon=True),
+            threading.Thread(target=self._lease_loop, name="advisor-jobs-leases", daemon=True),
+        ]
         if self.webhooks is not None:
             self._threads.append(threading.Thread(target=self._webhook_loop, name="advisor-webhooks", daemon=True))
         for t in self._threads:
@@ -116,11 +159,10 @@ class JobManager:
         shutdown = getattr(self.launcher, "shutdown", None)
         if shutdown is not None:
             shutdown()
-        if self._lock_file is not None:
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
-            self._lock_file = None
+        with contextlib.suppress(Exception):  # a graceful stop hands the role over at once
+            if self.leader:
+                self.leases.release(RECONCILER)
+            self.leases.release(replica_lease(self.leases.replica_id))
         self.leader = False
         self.started = False
 
@@ -128,28 +170,55 @@ class JobManager:
         self._wake.set()
 
     def _try_lead(self) -> bool:
-        if self.leader:
-            return True
-        f = (self.cfg.jobs_dir / LOCK).open("a")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.close()
-            return False
-        self._lock_file = f
-        self.leader = True
-        self.recover()
-        return True
+        """Hold the `reconciler` lease in the job database (renewed every lease_s / 3); on winning it,
+        take over what other replicas owned (``recover``). A leader that fails to renew steps down."""
+        with self._lead_lock:
+            now = time.time()
+            if self.leader and now - self._renewed_at < self.leases.lease_s / 3:
+                return True
+            try:
+                self.leases.acquire(replica_lease(self.leases.replica_id))
+                held = self.leases.acquire(RECONCILER)
+            except Exception as exc:  # database unreachable: hold on until the lease would have expired
+                log.warning("lease renewal failed: %s", exc)
+                held = self.leader and now - self._renewed_at < self.leases.lease_s
+                if not held:
+                    self.leader = False
+                return held
+            if held:
+                self._renewed_at = now
+            if held and not self.leader:
+                log.info("replica %s reconciles the jobs", self.leases.replica_id)
+                self.recover()  # before `leader` is set: no tick runs alongside the takeover
+                self.leader = True
+            elif not held and self.leader:
+                self.leader = False
+                log.warning("replica %s lost the reconciler lease: another replica reconciles", self.leases.replica_id)
+            return held
+
+    def _lease_loop(self) -> None:
+        """Renew the leases every lease_s / 3 on a thread of their own: a long tick (many launches, a slow
+        disk) must not let the lease lapse."""
+        while not self._stop.wait(self.leases.lease_s / 3):
+            self._try_lead()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if self.leader or self._try_lead():
+            if self._try_lead():  # renews the lease (throttled to lease_s / 3), or steps down
                 try:
                     self.tick()
-                    self.last_error = None
+                    if self.last_error is not None:
+                        log.warning("reconciler recovered after: %s", self.last_error)
+                    self.last_error = self._logged_error = None
                 except Exception as exc:  # a bad row or a full disk must not end the loop
                     self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("reconciler tick failed")
+                    # once per distinct error (and every few minutes while it lasts), not every tick
+                    now = time.monotonic()
+                    if self._logged_error is None or (
+                        self._logged_error[0] != self.last_error or now - self._logged_error[1] > ERROR_LOG_EVERY_S
+                    ):
+                        log.exception("reconciler tick failed (retried every tick, logged once)")
+                        self._logged_error = (self.last_error, now)
             self._wake.wait(self.cfg.poll_interval_s)
             self._wake.clear()
 
@@ -165,29 +234,56 @@ class JobManager:
 
     # ---- recovery -------------------------------------------------------------------------------------
     def recover(self) -> None:
-        """After a (re)start: re-adopt the processes of running jobs; the next tick finishes the others."""
-        for job in self.store.jobs_with_status([S.RUNNING, S.CANCELLING]):
-            handle = job.get("handle")
-            if not handle:  # claimed but never launched (the server died in between): launch again
-                self.store.update_job(job["id"], expect=[S.RUNNING], status=S.QUEUED)
-                self.event(job["id"], "Server restarted before the job was launched: queued again")
-                continue
-            self.launcher.adopt(handle)
-            state = self.launcher.poll(handle)
-            self.event(
-                job["id"],
-                "Server restarted: "
-                + (
-                    f"re-attached to the running training process ({_where(handle)})"
-                    if state.state not in (EXITED, LOST)
-                    else "the training process ended while the server was away"
-                ),
+        """On becoming the reconciler (a start, or a dead replica's lease expired): take over the running
+        jobs of other replicas (``_take_over``); the next tick finishes the ones that ended."""
+        for job in self.leases.orphans():
+            self._take_over(job)
+
+    def _take_over(self, job: dict[str, Any]) -> None:
+        """Own `job` (a conditional update: one taker) and re-attach to its process.
+
+        A job claimed but never launched is queued again. A Ray job is re-attached wherever it runs. A
+        local process is re-adopted when it runs on this host (same pid and start time: replicas sharing
+        a data directory on one host, or this server restarted); a local process on another host cannot
+        be followed from here, so the job fails with code ``replica_lost`` instead of staying running."""
+        if not self.leases.take_over(job):
+            return
+        me, prev = self.leases.replica_id, job.get("owner_replica")
+        who = f"replica {prev} on {job.get('owner_host')}" if prev else "the server"
+        handle = job.get("handle")
+        if not handle:  # claimed but never launched (the server died in between): launch again
+            self.store.update_job(job["id"], expect=[S.RUNNING], status=S.QUEUED)
+            self.event(job["id"], f"{who} stopped before the job was launched: queued again")
+            return
+        local = handle.get("launcher") == "local"
+        if local and job.get("owner_host") not in (None, self.leases.host):
+            self.finish(
+                job,
+                S.FAILED,
+                {
+                    "code": "replica_lost",
+                    "message": f"{who} stopped renewing its lease; its local training process cannot be followed "
+                    f"from replica {me} on {self.leases.host} (use the Ray launcher for replicas on several hosts)",
+                },
             )
+            return
+        self.launcher.adopt(handle)
+        state = self.launcher.poll(handle)
+        self.event(
+            job["id"],
+            f"Taken over by replica {me} ({who} stopped): "
+            + (
+                f"re-attached to the running training process ({_where(handle)})"
+                if state.state not in (EXITED, LOST)
+                else "the training process ended while nobody followed it"
+            ),
+        )
 
     # ---- the tick ---------------------------------------------------------------------------------------
     def tick(self) -> None:
         self._validate()
         self._cancel()
+        self._pause()
         self._follow()
         self._schedule()
 
@@ -230,6 +326,23 @@ class JobManager:
                     job["id"], f"Still running {self.cfg.cancel_grace_s:g} s after SIGTERM: SIGKILL sent", level="warn"
                 )
 
+    def _pause(self) -> None:
+        """A pause request (JobService.pause: the job's `pause` file and handle["pause_requested"]): SIGTERM,
+        on which the run checkpoints and ends `paused` (SIGKILL after the grace period, like a cancel)."""
+        for job in self.store.jobs_with_status([S.RUNNING]):
+            handle = job.get("handle") or {}
+            if not handle.get("pause_requested"):
+                continue
+            sent, now = handle.get("pause_sent_at"), self.clock()
+            if sent is None:
+                self.launcher.cancel(handle)
+                self.store.update_job(job["id"], expect=[S.RUNNING], handle={**handle, "pause_sent_at": now})
+                self.event(job["id"], "Pausing: the run checkpoints, then stops")
+            elif now - sent > self.cfg.cancel_grace_s + 60 and not handle.get("killed"):
+                self.launcher.cancel(handle, force=True)
+                self.store.update_job(job["id"], handle={**handle, "killed": True})
+                self.event(job["id"], "Still running long after the pause request: SIGKILL sent", level="warn")
+
     def _follow(self) -> None:
         for job in self.store.jobs_with_status([S.RUNNING, S.CANCELLING]):
             handle = job.get("handle")
@@ -258,15 +371,17 @@ class JobManager:
                 continue
             if not self.launcher.can_start(spec):
                 continue  # waits in `queued` until its devices are free
-            if not self.store.update_job(job["id"], expect=[S.QUEUED], status=S.RUNNING, started_at=self.clock()):
+            if not self.store.claim_job(job["id"], self.leases.replica_id, self.leases.host, self.clock()):
                 continue
             job_dir = self.cfg.jobs_dir / job["id"]
             try:
                 job_dir.mkdir(parents=True, exist_ok=True)
-                for stale in (RESULT, MEASUREMENT):
+                for stale in (RESULT, MEASUREMENT, PAUSE):
                     (job_dir / stale).unlink(missing_ok=True)
                 (job_dir / "job.json").write_text(json.dumps(spec.to_dict(), indent=1))
+                oom_kills = oom_kill_count()
                 handle = self.launcher.start(spec, job_dir)
+                handle = {**handle, "oom_kills_at_start": oom_kills}
             except (LaunchError, OSError) as exc:
                 self.finish(self.store.get_job(job["id"]) or job, S.FAILED, {"code": "launcher", "message": str(exc)})
                 continue
@@ -293,6 +408,7 @@ class JobManager:
         if end < 0:
             return 0
         items: list[dict[str, Any]] = []
+        saved: list[dict[str, Any]] = []  # checkpoint lines: recorded once the events are (below)
         progress = dict(job.get("progress") or {})
         for raw in chunk[: end + 1].splitlines():
             try:
@@ -314,8 +430,13 @@ class JobManager:
             if kind == "metrics" and data:
                 progress.update({k: data.get(k) for k in _PROGRESS_KEYS if k in data})
             elif kind == "checkpoint" and data:
-                self._checkpoint(job, data)
-        self.store.add_events(job["id"], items, offset=offset + end + 1, job_values={"progress": progress or None})
+                saved.append(data)
+        if not self.store.add_events(
+            job["id"], items, offset=offset + end + 1, job_values={"progress": progress or None}, expect_offset=offset
+        ):
+            return 0  # another replica ingested these lines first (a takeover in flight)
+        for data in saved:
+            self._checkpoint(job, data)
         return len(items)
 
     def _checkpoint(self, job: dict[str, Any], data: dict[str, Any]) -> None:
@@ -340,19 +461,24 @@ class JobManager:
         with contextlib.suppress(OSError, json.JSONDecodeError):
             result = json.loads((job_dir / RESULT).read_text())
         handle = job.get("handle") or {}
+        pausing = bool(handle.get("pause_requested")) and not job["cancel_requested"]
+        if pausing and (result or {}).get("status") in ("paused", "cancelled"):
+            self._paused(job, result)
+            return
         if result is not None:
             status = result.get("status", S.FAILED)
             error = result.get("error")
+            if status == S.CANCELLED and not job["cancel_requested"]:  # a SIGTERM that was not our cancel
+                status, error = S.FAILED, {"code": "terminated", "message": _TERMINATED}
         elif job["cancel_requested"]:
             status, error = S.CANCELLED, None
         elif state.state == LOST:
             status, error = S.FAILED, {"code": "lost", "message": state.detail}
-        elif state.exit_code is not None and state.exit_code == -9:
+        elif state.exit_code == -9:
+            status, error = S.FAILED, _sigkill_error(handle, self.launcher.log_tail(handle, 800))
+        elif state.exit_code == -15:
             tail = self.launcher.log_tail(handle, 800)
-            status, error = (
-                S.FAILED,
-                {"code": "oom", "message": f"killed by SIGKILL (the kernel's OOM killer, most likely)\n{tail}"},
-            )
+            status, error = S.FAILED, {"code": "terminated", "message": f"{_TERMINATED}\n{tail}"}
         else:
             tail = self.launcher.log_tail(handle, 800)
             status, error = (
@@ -362,6 +488,16 @@ class JobManager:
         if job["cancel_requested"] and status != S.SUCCEEDED:
             status, error = S.CANCELLED, {"code": "cancelled", "message": "cancelled by request"}
         self.finish(job, status, error, result)
+
+    def _paused(self, job: dict[str, Any], result: dict[str, Any] | None) -> None:
+        """The run checkpointed and stopped on a pause request: `paused`, without a process."""
+        handle = job.get("handle") or {}
+        if not self.store.update_job(job["id"], expect=[S.RUNNING], status=PAUSED):
+            return
+        self.launcher.release(handle)
+        (self.cfg.jobs_dir / job["id"] / PAUSE).unlink(missing_ok=True)
+        step = ((job.get("progress") or {}).get("step")) or 0
+        self.event(job["id"], f"The job was paused at step {step}; resume continues from its last checkpoint")
 
     def finish(
         self,
@@ -401,9 +537,18 @@ class JobManager:
         for m in messages:
             self.event(job["id"], m, level="error" if status == S.FAILED else "info")
         record_path = self.cfg.jobs_dir / job["id"] / MEASUREMENT
-        if record_path.is_file():
-            with contextlib.suppress(OSError, json.JSONDecodeError):
-                append_measurement(self.cfg.measurements_path, json.loads(record_path.read_text()))
+        record: dict[str, Any] | None = None
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            record = json.loads(record_path.read_text())
+        if record is None:  # killed, crashed or out of disk before it could write one: from its step metrics
+            rows, _ = self.store.list_events(job["id"], limit=100_000, order="asc")
+            record = measurement_from_events(spec, rows, status, error, started_at=job.get("started_at"))
+            if record is not None:
+                with contextlib.suppress(OSError):
+                    record_path.write_text(json.dumps(record))
+        if record is not None:
+            with contextlib.suppress(OSError):
+                append_measurement(self.cfg.measurements_path, record)
         if self.webhooks is not None:
             self.webhooks.enqueue(self.store.get_job(job["id"]) or {**job, **values})
         return True
@@ -465,6 +610,25 @@ _PROGRESS_KEYS = (
     "elapsed_s",
     "step_time_s",
 )
+
+
+_TERMINATED = "the training process was stopped by a SIGTERM from outside the service (not a cancel request)"
+
+
+def _sigkill_error(handle: dict[str, Any], tail: str) -> dict[str, str]:
+    """SIGKILL: `oom` only where the cgroup's oom_kill counter rose while the job ran, else `killed`."""
+    before, now = handle.get("oom_kills_at_start"), oom_kill_count()
+    if before is not None and now is not None and now > before:
+        return {
+            "code": "oom",
+            "message": f"killed by the kernel's OOM killer (cgroup oom_kill {before} -> {now})\n{tail}",
+        }
+    why = (
+        "the cgroup's oom_kill counter did not change: not the OOM killer"
+        if before is not None and now is not None
+        else "no OOM-kill counter is readable here: whether the OOM killer did it is unknown"
+    )
+    return {"code": "killed", "message": f"killed by SIGKILL ({why})\n{tail}"}
 
 
 def _where(handle: dict[str, Any]) -> str:

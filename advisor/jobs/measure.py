@@ -218,3 +218,66 @@ def measurement_record(
         started_at=t0,
     )
     return record.to_dict()
+
+
+def measurement_from_events(
+    spec: JobSpec,
+    events: list[dict[str, Any]],
+    status: str,
+    error: dict[str, Any] | None,
+    started_at: float | None = None,
+) -> dict[str, Any] | None:
+    """The measurement of a run whose process could not write one (SIGKILL, a crash, a full disk), rebuilt
+    by the manager from the per-step metrics events it logged; None when it trained no step. Memory is the
+    process' peak (the run's last logged `peak_memory_gib`: RSS on the CPU, allocated on CUDA), step times
+    are wall-clock, so the record says which meters those were."""
+    import json
+    from pathlib import Path
+
+    from advisor.stack.outcomes import ERROR, OK, OOM, MemoryReading, TrialResult
+
+    steps = [e["data"] for e in events if e.get("type") == "metrics" and (e.get("data") or {}).get("step")]
+    if not steps:
+        return None
+    times = [float(d["step_time_s"]) for d in steps if isinstance(d.get("step_time_s"), (int, float))]
+    steady = times[1:] or times
+    peak = max((float(d.get("peak_memory_gib") or 0.0) for d in steps), default=0.0)
+    arch: dict[str, Any] = {}
+    if spec.source.kind == "local":
+        try:
+            arch = json.loads((Path(spec.source.ref) / "config.json").read_text())
+        except (OSError, ValueError):
+            arch = {}
+    cuda = spec.device == "cuda"
+    reading = MemoryReading(
+        meter=CUDA_ALLOCATED_METER if cuda else CPU_RSS_METER,
+        peak_bytes=int(peak * 2**30),
+        reserved_bytes=None,
+        device_total_bytes=None,
+        device_total_meter=None,
+        rss_peak_bytes=0 if cuda else int(peak * 2**30),
+        rss_baseline_bytes=0,
+    )
+    code = (error or {}).get("code")
+    last = steps[-1]
+    record = TrialResult(
+        trial_id=spec.job_id,
+        group=spec.model,
+        status=OK if status != "failed" else (OOM if code == "oom" else ERROR),
+        arch=arch,
+        plan=spec.plan.to_dict(),
+        device=spec.device,
+        error=None if error is None else f"{error.get('code')}: {error.get('message')}",
+        memory=reading.to_dict(),
+        step_time_s=statistics.median(steady) if steady else None,
+        step_times_s=[round(t, 6) for t in times[:1000]],
+        step_wall_times_s=[round(t, 6) for t in times[:1000]],
+        step_time_meter="wall",
+        warmup_steps=1 if len(times) > 1 else 0,
+        timed_steps=max(0, len(times) - 1),
+        threads=None,
+        wall_s=float(last["elapsed_s"]) if isinstance(last.get("elapsed_s"), (int, float)) else None,
+        loss=float(last["train_loss"]) if isinstance(last.get("train_loss"), (int, float)) else None,
+        started_at=started_at,
+    )
+    return record.to_dict()

@@ -1,7 +1,9 @@
 """Store rows -> the objects OpenAI's fine-tuning API returns (so its clients parse them), plus ours.
 
-Our extensions sit beside OpenAI's fields and never change their meaning: ``method`` carries the
-training method we ran (full | lora | qlora and its settings), ``plan``/``plan_id`` the TrainingPlan,
+Our extensions sit beside OpenAI's fields and never change their meaning: ``method`` is OpenAI's
+(``type: supervised`` with ``supervised.hyperparameters``: clients branch on the type) and carries the
+training method we ran (full | lora | qlora and its settings) in its ``advisor`` extension object,
+``plan``/``plan_id`` the TrainingPlan,
 ``estimate`` what the estimator predicted at launch and ``measured`` what the run measured (with
 ``vs_estimate`` ratios), ``progress`` the latest step's metrics.
 """
@@ -36,13 +38,48 @@ def job_object(row: dict[str, Any]) -> dict[str, Any]:
         "integrations": [],
         "metadata": row.get("metadata"),
         "suffix": row.get("suffix"),
-        "method": row.get("method"),
+        "method": method_object(row),
         "plan_id": row.get("plan_id"),
         "plan": spec.get("plan"),
         "estimate": row.get("estimate"),
         "measured": row.get("measured"),
         "progress": progress,
     }
+
+
+#: OpenAI's method types; a stored method named anything else (full, lora, qlora, ...) is supervised
+OPENAI_METHODS = ("supervised", "dpo", "reinforcement")
+
+
+def method_object(row: dict[str, Any]) -> dict[str, Any] | None:
+    """OpenAI's `method`: {type: supervised, supervised: {hyperparameters}}, and what ran (full, LoRA,
+    QLoRA and their knobs, as the store keeps them) in the `advisor` extension object."""
+    ran = row.get("method")
+    if not ran:
+        return None
+    kind = ran.get("type")
+    if kind in OPENAI_METHODS:  # already OpenAI's shape
+        return dict(ran)
+    hp = row.get("hyperparameters") or {}
+    return {
+        "type": "supervised",
+        "supervised": {
+            "hyperparameters": {k: hp.get(k) for k in ("batch_size", "learning_rate_multiplier", "n_epochs")}
+        },
+        "advisor": dict(ran),
+    }
+
+
+#: OpenAI's checkpoint metrics (None where the run did not measure it); other keys follow them
+CHECKPOINT_METRICS = (
+    "step",
+    "train_loss",
+    "train_mean_token_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+)
 
 
 def _estimated_finish(row: dict[str, Any], progress: dict[str, Any] | None) -> int | None:
@@ -71,7 +108,9 @@ def checkpoint_object(row: dict[str, Any], job: dict[str, Any]) -> dict[str, Any
         job.get("fine_tuned_model")
         or f"ft:{job['model'].rstrip('/').split('/')[-1]}:{job.get('suffix') or ''}:{job['id']}"
     )
-    metrics = dict(row.get("metrics") or {})
+    measured = dict(row.get("metrics") or {})
+    measured.setdefault("step", int(row["step"]))
+    metrics = {k: measured.pop(k, None) for k in CHECKPOINT_METRICS} | measured
     return {
         "id": row["id"],
         "object": "fine_tuning.job.checkpoint",

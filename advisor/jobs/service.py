@@ -28,8 +28,9 @@ from advisor.jobs import store as S
 from advisor.jobs.config import JobsConfig
 from advisor.jobs.errors import ConflictError, JobsError, ModelSourceError, NotFoundError, PlanDoesNotFitError
 from advisor.jobs.files import save_upload
-from advisor.jobs.manager import JobManager
+from advisor.jobs.manager import PAUSED, JobManager
 from advisor.jobs.spec import HF_ID, JobSpec, ModelSource, local_model_source, new_id, resolve_hyperparameters
+from advisor.jobs.train import PAUSE
 from advisor.methods import METHOD_NAMES, get_method
 from advisor.plans import PlanIdError, TrainingPlan, decode_plan_id, make_plan, resolve_targets
 from advisor.service import AdvisorService
@@ -152,10 +153,12 @@ class JobService:
         user = self.store.file_in_use(file_id)
         if user:
             raise ConflictError(f"file {file_id} is used by the active job {user}", field="file_id")
+        # the data first: on a full disk that frees the space the database needs to record the delete (a
+        # retried DELETE finds the row, the file already gone, and finishes)
+        Path(self.file(owner, file_id)["path"]).unlink(missing_ok=True)
         row = self.store.delete_file(file_id, owner)
         if row is None:
             raise NotFoundError(f"no file {file_id!r}", field="file_id")
-        Path(row["path"]).unlink(missing_ok=True)
         return row
 
     # ---- jobs -------------------------------------------------------------------------------------------
@@ -274,10 +277,50 @@ class JobService:
             raise ConflictError(f"the job has already {job['status']}: nothing to cancel", field="fine_tuning_job_id")
         self.store.update_job(job_id, cancel_requested=True)
         error = {"code": "cancelled", "message": "cancelled by request"}
-        if not self.manager.finish(job, S.CANCELLED, error, expect=(S.VALIDATING, S.QUEUED)) and (
+        if not self.manager.finish(job, S.CANCELLED, error, expect=(S.VALIDATING, S.QUEUED, PAUSED)) and (
             self.store.update_job(job_id, expect=[S.RUNNING], status=S.CANCELLING)
         ):
             self.manager.event(job_id, "Cancellation requested", level="warn")
+        self.manager.wake()
+        return self.job(owner, job_id)
+
+    def pause(self, owner: str, job_id: str) -> dict[str, Any]:
+        """OpenAI's pause: a waiting job is paused at once; a running one checkpoints, then its process
+        stops (`running` until then, `paused` after). Returns the job row, like `cancel`."""
+        job = self.job(owner, job_id)
+        status = job["status"]
+        if status == PAUSED:
+            return job
+        if status in (S.VALIDATING, S.QUEUED) and self.store.update_job(job_id, expect=[status], status=PAUSED):
+            self.manager.event(job_id, "The job was paused before it started")
+            return self.job(owner, job_id)
+        handle = job.get("handle")
+        if status != S.RUNNING or job["cancel_requested"] or not handle:
+            raise ConflictError(
+                f"a {status} job cannot be paused" + (" yet: it is being launched, retry" if not handle else ""),
+                field="fine_tuning_job_id",
+            )
+        if not handle.get("pause_requested"):
+            marker = self.cfg.jobs_dir / job_id / PAUSE
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()  # read by the training process when the SIGTERM comes: checkpoint, then stop
+            self.store.update_job(job_id, expect=[S.RUNNING], handle={**handle, "pause_requested": True})
+            self.manager.event(job_id, "Pause requested", level="warn")
+            self.manager.wake()
+        return self.job(owner, job_id)
+
+    def resume(self, owner: str, job_id: str) -> dict[str, Any]:
+        """OpenAI's resume: a paused job is queued again; its run resumes from its last checkpoint."""
+        job = self.job(owner, job_id)
+        if job["status"] != PAUSED:
+            raise ConflictError(
+                f"the job is {job['status']}, not paused: nothing to resume", field="fine_tuning_job_id"
+            )
+        (self.cfg.jobs_dir / job_id / PAUSE).unlink(missing_ok=True)
+        # paused before it ever ran: its files are validated again (it may have been paused while validating)
+        back = S.QUEUED if job.get("started_at") else S.VALIDATING
+        if self.store.update_job(job_id, expect=[PAUSED], status=back, handle=None):
+            self.manager.event(job_id, f"The job was resumed: {back}, to continue from its last checkpoint")
         self.manager.wake()
         return self.job(owner, job_id)
 

@@ -1,4 +1,4 @@
-"""GET /v1/gpus and /v1/models: the catalogs with their sources and dates."""
+"""GET /v1/gpus and /v1/catalog/models: the catalogs with their sources and dates."""
 
 from __future__ import annotations
 
@@ -24,21 +24,21 @@ def test_gpu_by_id_or_alias_and_404_with_suggestions(client: TestClient) -> None
 
 
 def test_model_catalog_and_lookup_by_hf_id_with_a_slash(client: TestClient) -> None:
-    d = client.get("/v1/models").json()
+    d = client.get("/v1/catalog/models").json()
     assert d["count"] == len(d["models"]) > 10
     assert all(m["source"] for m in d["models"])
-    m = client.get("/v1/models/meta-llama/Llama-2-7b-hf").json()
+    m = client.get("/v1/catalog/models/meta-llama/Llama-2-7b-hf").json()
     assert m["name"] == "llama-2-7b" and m["params"] == m["published_params"] == 6738415616
     assert "q_proj" in m["lora_module_names"]
-    assert client.get("/v1/models/llama-2-7b").json()["hf_id"] == "meta-llama/Llama-2-7b-hf"
+    assert client.get("/v1/catalog/models/llama-2-7b").json()["hf_id"] == "meta-llama/Llama-2-7b-hf"
 
 
 def test_model_lookup_is_catalog_only(client: TestClient) -> None:
-    r = client.get("/v1/models/lama-2-7b")
+    r = client.get("/v1/catalog/models/lama-2-7b")
     assert r.status_code == 404 and "llama-2-7b" in r.json()["suggestions"]
     # a size is something /v1/recommend accepts, but it is not a catalog entry
-    assert client.get("/v1/models/13B").status_code == 404
-    assert client.get("/v1/models/gpt-4").json()["code"] == "closed_model"
+    assert client.get("/v1/catalog/models/13B").status_code == 404
+    assert client.get("/v1/catalog/models/gpt-4").json()["code"] == "closed_model"
 
 
 def test_catalog_override_files_from_settings(make_app, tmp_path: Path) -> None:

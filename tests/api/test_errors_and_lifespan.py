@@ -56,7 +56,8 @@ def test_the_lifespan_creates_and_stops_the_background_state(make_app) -> None:
     app = make_app(api_keys=[KEY])
     plain = TestClient(app)  # no lifespan: no background state, and the job routes say so
     r = plain.get("/v1/files", headers=AUTH)
-    assert r.status_code == 503 and r.json()["code"] == "unavailable"
+    assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"  # OpenAI's envelope there
+    assert r.json()["error"]["type"] == "server_error"
     assert getattr(app.state, "jobs", None) is None
     with TestClient(app) as c:
         jobs, runs = app.state.jobs, app.state.calibrations
@@ -69,3 +70,33 @@ def test_the_lifespan_creates_and_stops_the_background_state(make_app) -> None:
     assert not manager.started
     with TestClient(app) as c:  # a second server life gets fresh state
         assert app.state.jobs is not jobs and c.get("/v1/files", headers=AUTH).status_code == 200
+
+
+def test_openai_routes_answer_openai_s_envelope_and_400_where_advice_keeps_422(make_app) -> None:
+    """OpenAI's clients pick their exception class by status and read `error.message/type/param/code`."""
+    with TestClient(make_app(api_keys=[KEY])) as c:
+        r = c.post("/v1/fine_tuning/jobs", headers=AUTH, json={"model": "m", "training_file": "f", "seed": -1})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "seed", "invalid_input")
+        assert err["message"] == "invalid request: seed" and err["request_id"] == r.headers["x-request-id"]
+        assert [e["field"] for e in err["errors"]] == ["seed"]
+        r = c.get("/v1/fine_tuning/jobs/ftjob-nope", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "fine_tuning_job_id"
+        r = c.get("/v1/files", headers={"Authorization": "Bearer wrong-key-0123456789"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = c.get("/v1/models/no-such/model", headers=AUTH)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+        r = c.post("/v1/estimate", json={"model": "llama-2-7b", "gpu": "a100-80gb", "plan": {"micro_batch": 0}})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_input" and "error" not in r.json()
+        assert c.get("/v1/filesystem").json()["code"] == "not_found"  # a prefix match is not a route match
+
+
+def test_the_openapi_document_says_what_openai_s_routes_answer(make_app) -> None:
+    doc = make_app().openapi()
+    create = doc["paths"]["/v1/fine_tuning/jobs"]["post"]["responses"]
+    assert "422" not in create and create["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/OpenAIErrorResponse"
+    )
+    estimate = doc["paths"]["/v1/estimate"]["post"]["responses"]
+    assert estimate["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

@@ -37,23 +37,23 @@ def test_bad_requests_are_4xx_naming_the_field(client, tiny_root: Path, tmp_path
     model = tiny_root / "model"
     cases = [
         ({"model": "lama-2-7bb"}, 404, "model"),  # unknown catalog name: close matches suggested
-        ({"model": str(tmp_path)}, 422, "model"),  # outside the allowed roots
-        ({"model": str(tiny_root / ".." / "x")}, 422, "model"),
-        ({"model": str(tiny_root)}, 422, "model"),  # inside, but no config.json
-        ({"model": "13B"}, 422, "model"),  # a size is an estimate, not a model to load
-        ({"model": "llama-2-7b"}, 422, "model"),  # not in the HF cache, downloads off
+        ({"model": str(tmp_path)}, 400, "model"),  # outside the allowed roots
+        ({"model": str(tiny_root / ".." / "x")}, 400, "model"),
+        ({"model": str(tiny_root)}, 400, "model"),  # inside, but no config.json
+        ({"model": "13B"}, 400, "model"),  # a size is an estimate, not a model to load
+        ({"model": "llama-2-7b"}, 400, "model"),  # not in the HF cache, downloads off
         ({"training_file": "file-doesnotexist0"}, 404, "training_file"),
         ({"validation_file": "file-doesnotexist0"}, 404, "validation_file"),
-        ({"hyperparameters": {"batch_size": 3}, "method": {"micro_batch_size": 2}}, 422, "hyperparameters.batch_size"),
-        ({"hyperparameters": {"n_epochs": 0}}, 422, "hyperparameters.n_epochs"),
-        ({"method": {"lora": {"target_modules": ["c_attn"]}}}, 422, "method.lora.target_modules"),
-        ({"method": {"type": "dpo"}}, 422, "method.type"),
-        ({"method": {"type": "lora", "quantization": {"bits": 4}}}, 422, "method.quantization"),
-        ({"method": {"type": "qlora", "optimizer": "sgd"}}, 422, "method.optimizer"),
-        ({"suffix": "a b"}, 422, "suffix"),
-        ({"integrations": [{"type": "wandb"}]}, 422, "integrations"),
+        ({"hyperparameters": {"batch_size": 3}, "method": {"micro_batch_size": 2}}, 400, "hyperparameters.batch_size"),
+        ({"hyperparameters": {"n_epochs": 0}}, 400, "hyperparameters.n_epochs"),
+        ({"method": {"lora": {"target_modules": ["c_attn"]}}}, 400, "method.lora.target_modules"),
+        ({"method": {"type": "dpo"}}, 400, "method.type"),
+        ({"method": {"type": "lora", "quantization": {"bits": 4}}}, 400, "method.quantization"),
+        ({"method": {"type": "qlora", "optimizer": "sgd"}}, 400, "method.optimizer"),
+        ({"suffix": "a b"}, 400, "suffix"),
+        ({"integrations": [{"type": "wandb"}]}, 400, "integrations"),
         ({"plan_id": "plan_0123456789abcdef"}, 404, "plan_id"),
-        ({"typo_field": 1}, 422, "typo_field"),
+        ({"typo_field": 1}, 400, "typo_field"),
     ]
     for patch, status, fld in cases:
         body = tiny_job(model, f["id"], "lora")
@@ -61,14 +61,15 @@ def test_bad_requests_are_4xx_naming_the_field(client, tiny_root: Path, tmp_path
             body[k] = {**body[k], **v} if isinstance(v, dict) and isinstance(body.get(k), dict) else v
         r = _post(client, body)
         assert r.status_code == status, (patch, r.text)
-        assert r.json()["field"] == fld or any(e["field"] == fld for e in r.json()["errors"]), (patch, r.json())
+        err = r.json()["error"]  # OpenAI's envelope: `param` names the field
+        assert err["param"] == fld or any(e["field"] == fld for e in err["errors"]), (patch, r.json())
     assert client.get(JOBS, headers=AUTH).json()["data"] == []  # nothing was created
 
 
 def test_unknown_catalog_model_suggests_close_matches(client, tiny_root: Path) -> None:
     f = upload(client, tiny_root / "train.jsonl")
     r = _post(client, tiny_job(Path("lama-2-7bb"), f["id"]))
-    assert r.status_code == 404 and "llama-2-7b" in r.json()["suggestions"]
+    assert r.status_code == 404 and "llama-2-7b" in r.json()["error"]["suggestions"]
 
 
 def test_custom_code_models_are_refused_unless_allowed(make_client, tmp_path: Path, tiny_root: Path) -> None:
@@ -79,7 +80,7 @@ def test_custom_code_models_are_refused_unless_allowed(make_client, tmp_path: Pa
     c = make_client(roots=[root, tiny_root])
     f = upload(c, tiny_root / "train.jsonl")
     r = _post(c, tiny_job(root / "m", f["id"]))
-    assert r.status_code == 422 and "custom code" in r.json()["detail"]
+    assert r.status_code == 400 and "custom code" in r.json()["error"]["message"]
 
 
 def test_a_plan_that_does_not_fit_is_refused_with_the_breakdown_or_forced(t4, big_root: Path, tiny_root: Path) -> None:
@@ -87,8 +88,8 @@ def test_a_plan_that_does_not_fit_is_refused_with_the_breakdown_or_forced(t4, bi
     body = {"model": str(big_root / "llama-7b"), "training_file": f["id"], "method": {"type": "full"}}
     r = _post(t4, body)
     assert r.status_code == 409, r.text
-    err = r.json()
-    assert err["code"] == "plan_does_not_fit" and "T4" in err["detail"] and "force" in err["detail"]
+    err = r.json()["error"]
+    assert err["code"] == "plan_does_not_fit" and "T4" in err["message"] and "force" in err["message"]
     est = err["estimate"]
     assert not est["fits"] and est["peak_memory_gib"] > est["device_memory_gib"] and est["gpu"] == "t4"
     assert sum(est["breakdown_gib"].values()) == pytest.approx(est["peak_memory_gib"], rel=0.02)
@@ -122,14 +123,18 @@ def test_plan_ids_and_plans_from_recommend_launch_that_plan(t4, big_root: Path, 
     # a plan made for another GPU, or a plan whose fields do not match its id
     other = t4.post("/v1/recommend", json={**ask, "gpu": "rtx-4090"}).json()["plans"][0]["plan"]
     r = _post(t4, {"model": model, "training_file": f["id"], "plan": other})
-    assert r.status_code == 422 and r.json()["field"] == "plan.gpu_id"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "plan.gpu_id"
     # a plan for more GPUs than this deployment has
     wide = {**plan, "num_gpus": 2, "sharding": "ddp"}
     wide["id"] = TrainingPlan.from_dict({k: v for k, v in wide.items() if k != "id"}).id
     r = _post(t4, {"model": model, "training_file": f["id"], "plan": wide})
-    assert r.status_code == 422 and r.json()["field"] == "method.num_gpus" and "1 device" in r.json()["detail"]
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["param"] == "method.num_gpus"
+        and "1 device" in r.json()["error"]["message"]
+    )
     r = _post(t4, {"model": model, "training_file": f["id"], "plan": {**plan, "micro_batch": plan["micro_batch"] + 1}})
-    assert r.status_code == 422 and r.json()["field"] == "plan.id"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "plan.id"
 
 
 def test_a_plan_id_carries_its_plan_dora_included(t4, big_root: Path, tiny_root: Path) -> None:
@@ -148,18 +153,19 @@ def test_a_plan_id_carries_its_plan_dora_included(t4, big_root: Path, tiny_root:
     r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": plan["id"]})
     assert r.status_code == 200, r.text
     job = r.json()
-    assert job["plan_id"] == plan["id"] and job["method"]["type"] == "dora"
+    assert job["plan_id"] == plan["id"] and job["method"]["type"] == "supervised"
+    assert job["method"]["advisor"]["type"] == "dora"
     assert {k: v for k, v in job["plan"].items() if k in plan and k != "notes"} == {
         k: v for k, v in plan.items() if k != "notes"
     }
     _cancel_and_wait(t4, job["id"])
     r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": plan["id"], "method": {"seq_len": 512}})
-    assert r.status_code == 422 and r.json()["field"] == "method.seq_len", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "method.seq_len", r.text
     other = t4.post("/v1/recommend", json={**ask, "gpu": "l4"}).json()["plans"][0]["plan"]
     r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": other["id"]})
-    assert r.status_code == 422 and r.json()["field"] == "plan_id" and "l4" in r.json()["detail"]
+    assert r.status_code == 400 and r.json()["error"]["param"] == "plan_id" and "l4" in r.json()["error"]["message"]
     r = _post(t4, {"model": model, "training_file": f["id"], "plan_id": "plan_v2.bm90IGEgcGxhbg"})
-    assert r.status_code == 422 and r.json()["field"] == "plan_id"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "plan_id"
 
 
 def test_idempotency_key(client, tiny_root: Path) -> None:
@@ -170,7 +176,7 @@ def test_idempotency_key(client, tiny_root: Path) -> None:
     assert first.status_code == again.status_code == 200
     assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
     other = _post(client, {**body, "seed": 7}, **{"Idempotency-Key": "abc-1"})
-    assert other.status_code == 409 and other.json()["field"] == "Idempotency-Key"
+    assert other.status_code == 409 and other.json()["error"]["param"] == "Idempotency-Key"
     # the same key of another API key is another request
     theirs = client.post(JOBS, headers={**OTHER_AUTH, "Idempotency-Key": "abc-1"}, json=body)
     assert theirs.status_code == 404  # their key cannot see our file
@@ -221,7 +227,7 @@ def test_a_file_in_use_cannot_be_deleted(make_client, tiny_root: Path) -> None:
     job = _post(client, tiny_job(tiny_root / "model", f["id"], hyperparameters={"n_epochs": 100})).json()
     r = client.delete(f"/v1/files/{f['id']}", headers=AUTH)
     if client.get(f"{JOBS}/{job['id']}", headers=AUTH).json()["status"] not in TERMINAL:
-        assert r.status_code == 409 and job["id"] in r.json()["detail"]
+        assert r.status_code == 409 and job["id"] in r.json()["error"]["message"]
     _cancel_and_wait(client, job["id"])
     assert client.delete(f"/v1/files/{f['id']}", headers=AUTH).status_code == 200
 

@@ -77,7 +77,8 @@ def test_qlora_lora_and_full_jobs_train_for_real_one_slot_at_a_time(client, tiny
         evs = events(client, job_id)
         assert job["status"] == "succeeded", (job["error"], [e["message"] for e in evs][-5:])
         method = body["method"]["type"]
-        assert job["method"]["type"] == method and job["fine_tuned_model"].startswith("ft:")
+        assert job["method"]["type"] == "supervised" and job["method"]["advisor"]["type"] == method
+        assert job["fine_tuned_model"].startswith("ft:")
         assert job["finished_at"] >= job["created_at"] and job["trained_tokens"] > 0
 
         # the loss falls; metrics events carry what the issue asks for
@@ -145,7 +146,7 @@ def test_two_process_ddp_job_on_the_cpu(make_client, tiny_root: Path) -> None:
     body = tiny_job(tiny_root / "model", train["id"], "lora", method={"num_gpus": 2}, hyperparameters={"n_epochs": 1})
     r = client.post("/v1/fine_tuning/jobs", headers=AUTH, json=body)
     assert r.status_code == 200, r.text
-    assert r.json()["method"]["sharding"] == "ddp" and r.json()["plan"]["num_gpus"] == 2
+    assert r.json()["method"]["advisor"]["sharding"] == "ddp" and r.json()["plan"]["num_gpus"] == 2
     job = wait_job(client, r.json()["id"])
     evs = events(client, job["id"])
     assert job["status"] == "succeeded", (job["error"], [e["message"] for e in evs][-5:])
@@ -204,7 +205,7 @@ def test_a_dora_job_trains_its_magnitudes_for_real(client, tiny_root: Path) -> N
     job = wait_job(client, r.json()["id"], timeout=300)
     evs = events(client, job["id"])
     assert job["status"] == "succeeded", (job["error"], [e["message"] for e in evs][-5:])
-    assert job["method"]["type"] == "dora" and job["method"]["lora"]["r"] == 8
+    assert job["method"]["advisor"]["type"] == "dora" and job["method"]["advisor"]["lora"]["r"] == 8
     losses = _losses(evs)
     assert sum(losses[:3]) / 3 - sum(losses[-3:]) / 3 > 0.5, losses
     out = Path(client.app.state.settings.data_dir) / "jobs" / job["id"] / "output"

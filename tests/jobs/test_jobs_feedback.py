@@ -68,4 +68,7 @@ def test_a_cpu_job_records_the_live_tensor_meter_and_joins_a_cpu_fit(client, tin
         torch.set_num_threads(threads)
     assert res.status == "ok", res.error
     assert res.memory["meter"] == CPU_LIVE_METER
-    assert abs(live / res.memory["peak_bytes"] - 1) < 0.02, (live, res.memory["peak_bytes"])
+    # the job's packed blocks carry per-example block masks (no attention across examples), which SDPA
+    # keeps for backward along with the attention weights; the trial's random blocks have none: the job
+    # reads a little more (~5% on this tiny model), never less
+    assert 0 <= live / res.memory["peak_bytes"] - 1 < 0.08, (live, res.memory["peak_bytes"])

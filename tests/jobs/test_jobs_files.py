@@ -95,9 +95,9 @@ def test_bad_upload_is_a_400_naming_the_line_and_leaves_no_file(client, tmp_path
     with bad.open("rb") as fh:
         r = client.post("/v1/files", headers=AUTH, files={"file": ("bad.jsonl", fh)}, data={"purpose": "fine-tune"})
     assert r.status_code == 400
-    body = r.json()
-    assert body["code"] == "invalid_file" and body["line"] == 3 and body["field"] == "file"
-    assert "line 3" in body["detail"]
+    body = r.json()["error"]
+    assert body["code"] == "invalid_file" and body["line"] == 3 and body["param"] == "file"
+    assert "line 3" in body["message"] and body["type"] == "invalid_request_error"
     files_dir = Path(client.app.state.settings.data_dir) / "files"
     assert list(files_dir.iterdir()) == []
     assert client.get("/v1/files", headers=AUTH).json()["data"] == []
@@ -107,15 +107,15 @@ def test_upload_limits_and_purpose(make_client, tmp_path: Path, tiny_root: Path)
     c = make_client(max_file_bytes=2048, max_file_examples=10)
     with (tiny_root / "train.jsonl").open("rb") as fh:
         r = c.post("/v1/files", headers=AUTH, files={"file": ("t.jsonl", fh)}, data={"purpose": "fine-tune"})
-    assert r.status_code == 413 and r.json()["code"] == "file_too_large"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
     small = tmp_path / "eleven.jsonl"
     small.write_bytes(_lines(*[COMPLETION] * 11))
     with small.open("rb") as fh:
         r = c.post("/v1/files", headers=AUTH, files={"file": ("e.jsonl", fh)}, data={"purpose": "fine-tune"})
-    assert r.status_code == 400 and r.json()["line"] == 11
+    assert r.status_code == 400 and r.json()["error"]["line"] == 11
     with small.open("rb") as fh:
         r = c.post("/v1/files", headers=AUTH, files={"file": ("e.jsonl", fh)}, data={"purpose": "assistants"})
-    assert r.status_code == 422 and r.json()["field"] == "purpose"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
 
 
 def test_files_need_an_api_key_and_are_per_key(client, tiny_root: Path) -> None:

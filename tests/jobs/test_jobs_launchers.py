@@ -7,6 +7,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,15 @@ def test_ray_launcher_needs_a_dashboard_url() -> None:
 def test_ray_launcher_maps_an_unreachable_cluster_to_a_launch_error(tmp_path: Path) -> None:
     from advisor.jobs.launchers import LaunchError
 
-    rl = RayLauncher("http://127.0.0.1:9", timeout_s=2)  # discard port: nothing listens
+    rl = RayLauncher("http://127.0.0.1:9", timeout_s=2, storage_path=str(tmp_path / "storage"))  # nothing listens
+    train = tmp_path / "f.jsonl"
+    train.write_text('{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(LaunchError, match="unreachable"):
-        rl.start(_spec(), tmp_path)
+        rl.start(replace(_spec(), training_file=str(train)), tmp_path / "jobs" / "ftjob-0123456789ab")
+    # the inputs went to the storage path first (where the cluster's workers read them)
+    assert (tmp_path / "storage" / "ftjob-0123456789ab" / "inputs" / "training.jsonl").read_text() == train.read_text()
+    with pytest.raises(LaunchError, match="Ray storage"):  # a training file that is not there: said so
+        RayLauncher("http://127.0.0.1:9", storage_path=str(tmp_path / "s2")).start(_spec(), tmp_path / "j")
     assert rl.poll({"submission_id": "ftjob-0123456789ab"}).state == "running"  # unknown, not ended
     rl.shutdown()
 
@@ -207,8 +214,9 @@ def test_the_training_process_does_not_inherit_the_servers_secrets(tmp_path: Pat
     assert launcher.free_slots() == ["cpu0"]
 
 
-def test_a_process_killed_by_sigkill_without_a_cancel_is_an_oom(tmp_path: Path) -> None:
-    """What the kernel's OOM killer does to a job: SIGKILL, no result. Reported as `oom`."""
+def test_a_process_killed_by_sigkill_without_a_cancel_is_killed_not_a_guessed_oom(tmp_path: Path) -> None:
+    """SIGKILL from outside, no result: `killed` (with why it is not called an OOM), since this cgroup's
+    oom_kill counter did not rise; `oom` is kept for a kill the kernel's counter evidences."""
     killed = tmp_path / "killed-python"
     killed.write_text("#!/bin/sh\necho 'allocating...'\nkill -9 $$\n")
     killed.chmod(0o755)
@@ -220,6 +228,7 @@ def test_a_process_killed_by_sigkill_without_a_cancel_is_an_oom(tmp_path: Path) 
             m.tick()
             time.sleep(0.05)
         job = m.store.get_job("ftjob-000000000001")
-        assert job["status"] == S.FAILED and job["error"]["code"] == "oom" and "SIGKILL" in job["error"]["message"]
+        assert job["status"] == S.FAILED and job["error"]["code"] == "killed", job["error"]
+        assert "SIGKILL" in job["error"]["message"] and "OOM" in job["error"]["message"]
     finally:
         m.stop()

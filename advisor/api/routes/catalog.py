@@ -1,4 +1,7 @@
-"""GET /v1/gpus and /v1/models: the catalogs the advice is computed from, with sources and dates."""
+"""GET /v1/gpus and /v1/catalog/models: the catalogs the advice is computed from, with sources and dates.
+
+The model catalog lives under /v1/catalog because /v1/models is OpenAI's models list (routes/models.py):
+what a job can start from and what jobs produced, in the shape OpenAI's clients parse."""
 
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def get_gpu(gpu_id: Annotated[str, Path(min_length=1, max_length=100)], svc: Ser
     return _gpu(svc.gpu(gpu_id))
 
 
-@route(router.get, "/models", "listModels", "Model catalog with architecture numbers", ModelList)
+@route(router.get, "/catalog/models", "listCatalogModels", "Model catalog with architecture numbers", ModelList)
 def list_models(svc: Service) -> dict[str, Any]:
     models = [_model(m) for m in svc.catalog.models]
     return {"count": len(models), "models": models}
@@ -47,8 +50,8 @@ def list_models(svc: Service) -> dict[str, Any]:
 
 @route(
     router.get,
-    "/models/{model_id:path}",
-    "getModel",
+    "/catalog/models/{model_id:path}",
+    "getCatalogModel",
     "One catalog model by name, Hugging Face id or alias",
     ModelOut,
     errors=(404, 422),

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import Depends, Query
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel
 
 from advisor.api.errors import error_responses
+from advisor.api.schemas import openai_list
 from advisor.jobs import objects
 
 Row = dict[str, Any]
@@ -79,14 +80,7 @@ def paging(default: int, most: int, *, ordered: bool = False) -> Any:
 
 def list_model(name: str, item: type[BaseModel]) -> type[BaseModel]:
     """The list envelope of `item`s, named `name` in the OpenAPI document."""
-    return create_model(
-        name,
-        object=(Literal["list"], ...),
-        data=(list[item], ...),  # type: ignore[valid-type]
-        has_more=(bool, ...),
-        first_id=(str | None, None),
-        last_id=(str | None, None),
-    )
+    return openai_list(name, item)
 
 
 def page_of(listing: tuple[list[Row], bool], to_object: Callable[[Row], Row]) -> Row:

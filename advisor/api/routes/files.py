@@ -8,16 +8,16 @@ multipart envelope) instead of the service-wide ADVISOR_MAX_BODY_BYTES.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import FileResponse
-from pydantic import BaseModel
 
 from advisor.api.auth import ApiKey, require_api_key
 from advisor.api.deps import Jobs
 from advisor.api.errors import error_responses
-from advisor.api.routes.common import list_model, page_of, paging, route
+from advisor.api.routes.common import page_of, paging, route
+from advisor.api.schemas import FileDeleted, FileList, FileObject
 from advisor.jobs import objects
 
 router = APIRouter(
@@ -33,29 +33,6 @@ def owned_file(file_id: FileId, caller: ApiKey, jobs: Jobs) -> dict[str, Any]:
 
 
 OwnedFile = Annotated[dict[str, Any], Depends(owned_file)]
-
-
-class FileObject(BaseModel):
-    id: str
-    object: Literal["file"]
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: str
-    status_details: str | None
-    expires_at: int | None
-    examples: int | None = None
-    format: str | None = None
-
-
-FileList = list_model("FileList", FileObject)
-
-
-class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"]
-    deleted: bool
 
 
 @route(

@@ -1,9 +1,13 @@
 """/v1/fine_tuning/jobs: OpenAI's fine-tuning jobs API (its clients work as they are), plus our extensions.
 
-Extensions: ``method`` {type: full | lora | qlora, lora, quantization, gradient_checkpointing, optimizer,
-micro_batch_size, num_gpus, sharding, seq_len, packing, chat_format, checkpoint_every_steps}, a
-``plan_id`` or ``plan`` from /v1/recommend, ``force`` (start a plan the estimator says will not fit),
-and on the job object ``estimate`` (predicted at launch) beside ``measured``.
+``method`` is OpenAI's: ``{type: supervised, supervised: {hyperparameters}}``; what to run (full | lora |
+qlora and their knobs: lora, quantization, gradient_checkpointing, optimizer, micro_batch_size,
+num_gpus, sharding, seq_len, packing, chat_format, checkpoint_every_steps, warmup_ratio) goes in its
+``advisor`` extension object, and the job object answers the same way. The older form (``type: lora``
+with the knobs beside it) is still accepted. Also ours: a ``plan_id`` or ``plan`` from /v1/recommend,
+``force`` (start a plan the estimator says will not fit), and on the job object ``estimate``
+(predicted at launch) beside ``measured``. Errors answer OpenAI's ``{"error": {...}}`` envelope, 400 for
+an invalid request (advisor.api.errors).
 
 The job layer itself (store, reconciler) is background state of the app's lifespan
 (advisor.api.background); routes get it as ``jobs: Jobs`` and let its errors raise to the app's handler.
@@ -20,9 +24,19 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 from advisor.api.auth import ApiKey, require_api_key
 from advisor.api.deps import Jobs
 from advisor.api.errors import error_responses
-from advisor.api.routes.common import list_model, page_of, paging, route
-from advisor.api.schemas import ErrorResponse, LoraTarget, Optimizer, PlanOut
+from advisor.api.routes.common import page_of, paging, route
+from advisor.api.schemas import (
+    CheckpointList,
+    ErrorResponse,
+    EventList,
+    FineTuningJob,
+    JobList,
+    LoraTarget,
+    Optimizer,
+    PlanOut,
+)
 from advisor.jobs import objects
+from advisor.jobs.errors import JobsError
 from advisor.jobs.service import JobRequest, LoraParams, MethodParams
 from advisor.methods import METHOD_NAMES
 
@@ -83,11 +97,9 @@ class QuantizationIn(_Strict):
     double_quant: bool = True
 
 
-class MethodIn(_Strict):
-    """OpenAI's `method` ({type: supervised, supervised: {hyperparameters}}) or ours (type full | lora | qlora)."""
+class AdvisorMethodKnobs(_Strict):
+    """What a supervised job runs: the method (full | lora | qlora ...) and its knobs."""
 
-    type: Literal[("supervised", *METHOD_NAMES)] = Field("lora", description="supervised = lora")  # type: ignore[valid-type]
-    supervised: SupervisedIn | None = None
     lora: LoraIn | None = None
     quantization: QuantizationIn | None = Field(None, description="qlora only: bitsandbytes NF4")
     gradient_checkpointing: bool | None = None
@@ -100,6 +112,43 @@ class MethodIn(_Strict):
     chat_format: Literal["auto", "template", "plain"] = "auto"
     checkpoint_every_steps: int | None = Field(None, ge=1, le=10_000_000, description="default: every epoch")
     warmup_ratio: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
+
+
+class AdvisorMethodIn(AdvisorMethodKnobs):
+    """`method.advisor`: our extension of OpenAI's supervised method."""
+
+    type: Literal[METHOD_NAMES] = Field("lora", description="the training method")  # type: ignore[valid-type]
+
+
+class MethodIn(AdvisorMethodKnobs):
+    """OpenAI's `method` ({type: supervised, supervised: {hyperparameters}, advisor: {type, knobs}}), or the
+    older form: type full | lora | qlora with the knobs beside it."""
+
+    type: Literal[("supervised", "dpo", "reinforcement", *METHOD_NAMES)] = Field(  # type: ignore[valid-type]
+        "supervised", description="supervised (OpenAI's; what runs is `advisor.type`, default lora)"
+    )
+    supervised: SupervisedIn | None = None
+    advisor: AdvisorMethodIn | None = Field(None, description="what a supervised job runs (our extension)")
+    dpo: dict[str, Any] | None = Field(None, description="not supported here (refused)")
+    reinforcement: dict[str, Any] | None = Field(None, description="not supported here (refused)")
+
+    def knobs(self) -> tuple[str, AdvisorMethodKnobs]:
+        """(method name, its knobs) from either form; mixing them is refused, naming the field."""
+        if self.type in ("dpo", "reinforcement"):
+            raise JobsError(
+                f"method.type {self.type!r} is not supported here: only supervised fine-tuning", field="method.type"
+            )
+        if self.advisor is None:
+            return ("lora" if self.type == "supervised" else self.type), self
+        if self.type != "supervised":
+            raise JobsError("method.advisor goes with method.type supervised", field="method.advisor")
+        beside = sorted(self.model_fields_set & set(AdvisorMethodKnobs.model_fields))
+        if beside:
+            raise JobsError(
+                f"give the method's knobs in method.advisor, not beside it: {', '.join(beside)}",
+                field=f"method.{beside[0]}",
+            )
+        return self.advisor.type, self.advisor
 
 
 MetaKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -142,74 +191,12 @@ class JobCreate(_Strict):
     integrations: list[Any] | None = Field(None, max_length=0, description="not supported (must be empty)")
 
 
-class JobError(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
-
-
-class FineTuningJob(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    id: str
-    object: Literal["fine_tuning.job"]
-    created_at: int
-    error: JobError | None
-    fine_tuned_model: str | None
-    finished_at: int | None
-    hyperparameters: dict[str, Any]
-    model: str
-    organization_id: str
-    result_files: list[str]
-    seed: int
-    status: Literal["validating_files", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
-    trained_tokens: int | None
-    training_file: str
-    validation_file: str | None
-    estimated_finish: int | None
-    metadata: dict[str, str] | None
-    method: dict[str, Any] | None = Field(description="the method run (full | lora | qlora and its settings)")
-    plan_id: str | None
-    plan: dict[str, Any] | None
-    estimate: dict[str, Any] | None = Field(description="what the estimator predicted at launch")
-    measured: dict[str, Any] | None = Field(description="what the run measured, with `vs_estimate` ratios")
-    progress: dict[str, Any] | None
-
-
-JobList = list_model("JobList", FineTuningJob)
-
-
-class JobEvent(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job.event"]
-    created_at: int
-    level: str
-    message: str
-    data: dict[str, Any] | None
-    type: Literal["message", "metrics"]
-
-
-EventList = list_model("EventList", JobEvent)
-
-
-class Checkpoint(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job.checkpoint"]
-    created_at: int
-    fine_tuned_model_checkpoint: str
-    fine_tuning_job_id: str
-    metrics: dict[str, Any]
-    step_number: int
-
-
-CheckpointList = list_model("CheckpointList", Checkpoint)
-
-
 def to_request(body: JobCreate) -> JobRequest:
     """The validated body as the job layer's dataclass; method.supervised.hyperparameters wins over the
     deprecated top-level hyperparameters, as in OpenAI's API."""
-    m = body.method or MethodIn()
-    hp = (m.supervised.hyperparameters if m.supervised and m.supervised.hyperparameters else None) or (
+    method = body.method or MethodIn()
+    kind, m = method.knobs()
+    hp = (method.supervised.hyperparameters if method.supervised and method.supervised.hyperparameters else None) or (
         body.hyperparameters or HyperparametersIn()
     )
     lora = m.lora or LoraIn()
@@ -224,7 +211,7 @@ def to_request(body: JobCreate) -> JobRequest:
         batch_size=hp.batch_size,
         learning_rate_multiplier=hp.learning_rate_multiplier,
         method=MethodParams(
-            type=None if body.method is None else m.type,
+            type=None if body.method is None else kind,
             lora=LoraParams(
                 lora.r, lora.alpha, lora.dropout, tuple(lora.target_modules) if lora.target_modules else None
             ),
@@ -379,3 +366,30 @@ def job_logs(
 ) -> Any:
     handle = jobs.job(caller.key_id, fine_tuning_job_id).get("handle") or {}
     return PlainTextResponse(jobs.manager.launcher.log_tail(handle, max_chars) if handle else "")
+
+
+@route(
+    router.post,
+    "/jobs/{fine_tuning_job_id}/pause",
+    "pauseFineTuningJob",
+    "Pause a job (a running one checkpoints, then stops; `paused` until resumed)",
+    FineTuningJob,
+    errors=(404, 409),
+)
+def pause_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
+    """A queued job is paused at once; a running one checkpoints at its next step, then its process stops
+    and the job is `paused` (it is `running` until then)."""
+    return objects.job_object(jobs.pause(caller.key_id, fine_tuning_job_id))
+
+
+@route(
+    router.post,
+    "/jobs/{fine_tuning_job_id}/resume",
+    "resumeFineTuningJob",
+    "Resume a paused job (queued again; training continues from its last checkpoint and step)",
+    FineTuningJob,
+    errors=(404, 409),
+)
+def resume_job(fine_tuning_job_id: JobId, caller: ApiKey, jobs: Jobs) -> Any:
+    """The job goes back to `queued`; its run loads the last checkpoint (weights, optimiser state, step)."""
+    return objects.job_object(jobs.resume(caller.key_id, fine_tuning_job_id))
