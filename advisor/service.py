@@ -323,7 +323,11 @@ class AdvisorService:
             searched = set(counts.values())  # every GPU named with its count: those counts only
         else:
             searched |= set(counts.values())
-        space = SearchSpace(methods=req.constraints.methods, gpu_counts=tuple(sorted(searched)))
+        space = SearchSpace(
+            methods=req.constraints.methods,
+            gpu_counts=tuple(sorted(searched)),
+            gpus_per_node=req.constraints.gpus_per_node,
+        )
         constraints = req.constraints
         if counts:
             constraints = replace(constraints, gpu_counts=tuple(sorted(counts.items())))
@@ -337,6 +341,12 @@ class AdvisorService:
             req.limit,
         )
         rec.notes.extend(study_notes(model, rec))
+        for gpu in dict.fromkeys(r.candidate.gpu for r in rec.plans if r.candidate.plan.nodes > 1):
+            gbit, source = gpu.node_network
+            rec.notes.append(
+                f"plans past {req.constraints.gpus_per_node} GPUs span nodes: {gpu.id} nodes talk over "
+                f"{gbit:g} Gb/s ({source}); set constraints.gpus_per_node for other nodes"
+            )
         if context_note:
             rec.notes.append(context_note)
         if not rec.plans:

@@ -20,7 +20,7 @@ from advisor.api.background import Calibrations, JobsRuntime
 from advisor.api.deps import add_readiness_check, catalogs_check, data_dir_check, profiles_check, set_body_limit
 from advisor.api.errors import error_responses, errors_as_json, install_error_handlers
 from advisor.api.observability import Metrics, RequestContextMiddleware, configure_logging
-from advisor.api.routes import advice, calibrations, catalog, files, fine_tuning, health
+from advisor.api.routes import advice, calibrations, catalog, files, fine_tuning, health, models, web
 from advisor.api.settings import Settings
 from advisor.catalog import build_catalog
 from advisor.profiles import PROFILE_SUBDIR, ProfileStore
@@ -55,6 +55,9 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(files.router)  # /v1/files: API key required (the router's own dependency)
     app.include_router(fine_tuning.router)  # /v1/fine_tuning: API key required
     app.include_router(calibrations.router)  # /v1/calibrations: API key required
+    app.include_router(models.router)  # /v1/models: OpenAI's models list, API key required
+    app.include_router(web.router)  # the page at /, /docs with bundled Swagger UI (no CDN)
+    app.mount(web.STATIC_URL, web.static_files(), name="web-static")
     # uploads: the training file limit plus the multipart envelope, in place of the service-wide limit
     set_body_limit(app, "/v1/files", int(settings.max_file_bytes) + MULTIPART_SLACK)
 
@@ -108,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by advisor.api.routes.web with the package's own Swagger UI assets
+        redoc_url=None,  # ReDoc would load its script from a CDN
         openapi_tags=[
             {"name": "advice", "description": "recommend and estimate training plans"},
             {"name": "catalog", "description": "the GPUs and models the advice is computed from"},

@@ -15,12 +15,15 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from advisor.api.errors import ApiError
 from advisor.api.settings import Settings
 from advisor.errors import AdvisorError
 from advisor.jobs.config import JobsConfig
 from advisor.jobs.errors import JobsError, UnavailableError
 from advisor.jobs.manager import JobManager
+from advisor.jobs.schema import damage_report, recovery_hint
 from advisor.jobs.service import JobService
 from advisor.jobs.store import Store
 from advisor.profiles import Profile
@@ -53,10 +56,20 @@ class JobsRuntime:
                 cfg = JobsConfig.from_settings(self.settings, self.service.catalog)
                 if not cfg.data_dir.is_dir():
                     raise UnavailableError(f"the data directory {cfg.data_dir} does not exist", field="data_dir")
+                damage = damage_report(cfg.database_url, cfg.data_dir)
+                if damage:  # never start on it: that would list 0 jobs and write over the old job directories
+                    raise UnavailableError(f"{damage}. To recover: {recovery_hint(cfg.database_url)}", field="database")
                 store = Store(cfg.database_url)
                 self._jobs = JobService(cfg, store, self.service, JobManager(cfg, store))
             if not self._jobs.manager.started:
-                self._jobs.manager.start()
+                try:
+                    self._jobs.manager.start()
+                except SQLAlchemyError as exc:  # unreachable or unreadable database: job routes 503, advice serves
+                    raise UnavailableError(
+                        f"the job database cannot be opened ({type(exc).__name__}); "
+                        "`advisor db status` says more, `advisor db upgrade` migrates an older schema",
+                        field="database",
+                    ) from exc
             return self._jobs
 
     def start(self) -> None:
@@ -107,6 +120,10 @@ class CalibrationRun:
     started: float = field(default_factory=time.monotonic)
     error: str | None = None
     profile: Profile | None = None
+    force: bool = False  # install even if it does not beat the device's profile (an install key asked)
+    installed: bool = False
+    install_note: str | None = None  # why the fitted profile was (not) installed
+    cancel: threading.Event = field(default_factory=threading.Event)
 
     def view(self) -> dict[str, Any]:
         left = None
@@ -127,6 +144,8 @@ class CalibrationRun:
             "seconds_left": left,
             "error": self.error,
             "profile": None if self.profile is None else self.profile.summary(),
+            "installed": self.installed,
+            "install_note": self.install_note,
         }
 
 
@@ -149,7 +168,9 @@ class Calibrations:
     def active(self) -> CalibrationRun | None:
         return next((r for r in self.runs.values() if r.status in ("queued", "running")), None)
 
-    def start(self, device: str, budget: str, max_trials: int | None, threads: int | None) -> CalibrationRun:
+    def start(
+        self, device: str, budget: str, max_trials: int | None, threads: int | None, force: bool = False
+    ) -> CalibrationRun:
         try:  # fail fast: no training stack on this server, or no GPU for device=cuda
             from advisor.stack.device import resolve_device
         except ImportError as exc:
@@ -170,6 +191,7 @@ class Calibrations:
                 max_trials=max_trials,
                 threads=threads,
                 created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                force=force,
             )
             self.runs[run.id] = run
             thread = threading.Thread(target=self._work, args=(run,), name=f"calibration-{run.id}", daemon=True)
@@ -177,25 +199,48 @@ class Calibrations:
         thread.start()
         return run
 
+    def cancel(self, ident: str) -> CalibrationRun:
+        """Cancel a queued or running run: its trial process is killed within TrialServer.POLL_S, the run ends
+        `cancelled` (its measurements stay in its run directory; nothing is installed). Cancelling a finished
+        run is a 409; an unknown id a 404."""
+        run = self.runs.get(ident)
+        if run is None:
+            raise ApiError(404, "unknown_calibration", f"no calibration run {ident!r}", field="id")
+        if run.status not in ("queued", "running"):
+            raise ApiError(409, "calibration_finished", f"calibration {ident} already {run.status}")
+        run.cancel.set()
+        return run
+
     def stop(self) -> None:
-        """No new runs; a running one ends at its next trial boundary (waited for up to STOP_WAIT_S)."""
+        """No new runs; a running one is cancelled (its trial killed; waited for up to STOP_WAIT_S)."""
         self._stopping.set()
         deadline = time.monotonic() + self.STOP_WAIT_S
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _work(self, run: CalibrationRun) -> None:
-        run.status = "running"
         run.started = time.monotonic()
+        if run.cancel.is_set():  # cancelled while queued
+            run.status, run.error = "cancelled", "cancelled: before it started"
+            run.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            return
+        run.status = "running"
+
+        def should_stop() -> bool:
+            return self._stopping.is_set() or run.cancel.is_set()
+
+        def check() -> None:
+            if run.cancel.is_set():
+                raise CalibrationStopped("cancelled")
+            if self._stopping.is_set():
+                raise CalibrationStopped("the server shut down during the run")
 
         def progress(result: Any, done: int, total: int) -> None:
             run.trials_done, run.trials_total = done, total
-            if self._stopping.is_set():
-                raise CalibrationStopped("the server shut down during the run")
+            check()
 
         def stage(name: str, trial: str | None, index: int, count: int) -> None:
-            if self._stopping.is_set():
-                raise CalibrationStopped("the server shut down during the run")
+            check()
             run.stage, run.current_trial = name, trial
             if name == "trials":
                 run.trials_total = count
@@ -214,18 +259,26 @@ class Calibrations:
                 on_result=progress,
                 on_stage=stage,
                 command=f"POST /v1/calibrations {run.budget} {run.device}",
+                force=run.force,
+                should_stop=should_stop,
             )
             run.profile = result.profile
-            if result.profile is not None:
+            decision = result.install_decision
+            run.installed = bool(result.profile_path)
+            run.install_note = None if decision is None else decision.reason
+            if result.profile is not None and run.installed:
                 self._adopt(result.profile)
             run.status = "succeeded"
         except AdvisorError as exc:
             run.status, run.error = "failed", f"{exc.field or 'input'}: {exc}"
-        except CalibrationStopped as exc:
-            run.status, run.error = "failed", str(exc)
         except Exception as exc:  # a failed run is reported in its status, never lost in a log
-            run.status = "failed"
-            run.error = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc().splitlines(True)[-4:])
+            if run.cancel.is_set() or self._stopping.is_set():  # CalibrationStopped, the runner's RunCancelled
+                cancelled = run.cancel.is_set()
+                run.status = "cancelled" if cancelled else "failed"
+                run.error = f"cancelled: {exc}" if cancelled else "the server shut down during the run"
+            else:
+                run.status = "failed"
+                run.error = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc().splitlines(True)[-4:])
         run.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         run.current_trial = run.stage = None
 
@@ -243,7 +296,7 @@ class Calibrations:
             return {"run": run.view(), "profile": None if run.profile is None else run.profile.summary()}
         for p in self.store.profiles():
             if p.id == ident:
-                return {"profile": p.summary(), "profile_document": p.to_dict()}
+                return {"profile": p.summary(), "profile_document": p.public_dict()}
         raise ApiError(404, "unknown_calibration", f"no calibration run or profile {ident!r}", field="id")
 
     def listing(self) -> dict[str, Any]:

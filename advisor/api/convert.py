@@ -32,6 +32,7 @@ def to_constraints(c: ConstraintsIn) -> Constraints:
         deadline_hours=c.deadline_hours,
         max_gpus=c.max_gpus,
         methods=tuple(dict.fromkeys(c.methods)),
+        gpus_per_node=c.gpus_per_node,
     )
 
 

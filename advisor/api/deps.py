@@ -104,12 +104,24 @@ def catalogs_check(svc: AdvisorService) -> Check:
 
 def profiles_check(svc: AdvisorService) -> Check:
     """Calibration profiles fitted on other analytical terms are never used; their devices' requests fail
-    until they are refitted, so the service is not ready while one is installed."""
+    until they are refitted, so the service is not ready while one is installed. A profile file that does
+    not validate (advisor.profiles.validate_profile) is quarantined: never used (its device gets the
+    catalog's numbers), and the service is not ready until the operator fixes or removes it. The detail
+    names profile ids and counts only: /readyz is open to callers without a key, so no paths or reasons."""
 
     def check() -> tuple[bool, str]:
+        quarantined = svc.profiles.quarantined()
         stale = svc.profiles.stale_profiles()
-        if stale:
-            return False, "; ".join(p.stale_reason() for p in stale)
+        problems = []
+        if quarantined:
+            ids = ", ".join(q.id for q in quarantined[:10]) + (", ..." if len(quarantined) > 10 else "")
+            problems.append(
+                f"{len(quarantined)} calibration profile(s) quarantined as invalid, not used: {ids} "
+                "(advisor calibrate --list says why)"
+            )
+        problems += [p.stale_reason() for p in stale]
+        if problems:
+            return False, "; ".join(problems)
         return True, f"{len(svc.profiles.profiles())} calibration profiles"
 
     return check

@@ -7,6 +7,7 @@ default and it is read from ``ADVISOR_<NAME>`` automatically.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0, le=3600, description="SIGTERM -> SIGKILL delay on cancel")
     ray_address: str | None = Field(None, pattern=r"^https?://", description="Ray dashboard URL (Jobs API)")
     ray_python: str = Field("python", min_length=1, description="the Python interpreter on the Ray nodes")
+    ray_storage_path: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray Train storage_path: a directory the service and every node share, or an object store URI "
+        "(s3://bucket/prefix); job inputs, events, checkpoints and outputs go there (default: <data dir>/ray-storage)",
+    )
+    ray_auth_token: SecretStr | None = Field(None, description="Ray's token (RAY_AUTH_MODE=token clusters)")
     webhook_url: str | None = Field(None, pattern=r"^https?://", description="terminal job states are POSTed here")
     webhook_secret: SecretStr | None = Field(None, description="Standard Webhooks signing secret (whsec_...)")
     webhook_retry_scale: float = Field(1.0, gt=0, le=100, description="scales the retry delays (5 s, 5 min, ...)")
@@ -74,6 +82,19 @@ class Settings(BaseSettings):
     allow_trust_remote_code: bool = Field(False, description="accept models whose config needs custom code")
     max_file_bytes: int = Field(512 * 2**20, ge=1024, le=2**40, description="largest training file upload")
     max_file_examples: int = Field(1_000_000, ge=1, le=10**9, description="most examples per training file")
+    replica_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9._:-]+$",
+        description="this replica's name in the job database's leases (default: host-pid-random)",
+    )
+    replica_lease_s: float = Field(
+        30.0,
+        ge=0.5,
+        le=3600,
+        description="a replica that stops renewing its lease for this long is taken over by another (docs/deploy.md)",
+    )
 
     # ---- Hugging Face Hub look-ups (advisor.hub): model ids outside the catalog ------------------------
     # the token, cache (HF_HOME), offline mode (HF_HUB_OFFLINE) and endpoint (HF_ENDPOINT) are huggingface_hub's own
@@ -87,6 +108,48 @@ class Settings(BaseSettings):
     hub_deadline_s: float = Field(
         30.0, gt=0, le=600, description="the whole resolution of one Hub id, retries included"
     )
+    calibration_install_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="fingerprints (key_<12 hex>) of the API keys that may install a calibration explicitly "
+        "(POST /v1/calibrations install=force), comma-separated; empty: none may (the operator uses the CLI)",
+    )
+
+    # ---- simulation under abuse (advisor.tracepool): who may trace, how many at once, how long --------
+    simulation_without_key: bool = Field(
+        False, description="callers without an API key may ask for simulation (simulate_top, source=simulated)"
+    )
+    simulation_workers: int = Field(2, ge=1, le=64, description="trace processes running at once (per server process)")
+    simulation_queue: int = Field(
+        4, ge=0, le=1000, description="requests that may wait for a trace process; more get 429 with Retry-After"
+    )
+    simulation_queue_wait_s: float = Field(
+        30.0, ge=0, le=600, description="longest wait for a trace process; then 503 with Retry-After"
+    )
+    simulation_deadline_s: float = Field(
+        120.0,
+        gt=0,
+        le=3600,
+        description="wall-clock limit of one request's simulation (its traces are killed there); also the "
+        "largest simulate_budget_s accepted",
+    )
+    request_head_timeout_s: float = Field(
+        10.0, gt=0, le=600, description="a connection whose request line and headers are not complete by then is closed"
+    )
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="longest wait for the next piece of a request body; then 408"
+    )
+
+    @field_validator("calibration_install_keys", mode="before")
+    @classmethod
+    def _install_keys(cls, value: object) -> object:
+        return _split_commas(value)
+
+    @field_validator("calibration_install_keys")
+    @classmethod
+    def _install_keys_are_fingerprints(cls, keys: list[str]) -> list[str]:
+        if any(not re.fullmatch(r"key_[0-9a-f]{12}", k) for k in keys):  # the value is not echoed: it may be a key
+            raise ValueError("every entry must be a key fingerprint (key_ and 12 hex digits), not the key itself")
+        return keys
 
     @field_validator("model_roots", mode="before")
     @classmethod

@@ -16,6 +16,7 @@ from advisor.api import schemas as S
 from advisor.cost import CostEstimate
 from advisor.estimators.base import Estimate
 from advisor.estimators.uncertainty import ErrorBand
+from advisor.launchable import LaunchTarget, launchability
 from advisor.plans import TrainingPlan
 from advisor.platforms import platform_of
 from advisor.recommend import RankedPlan, Rejection
@@ -137,14 +138,17 @@ def claim_check(c: ClaimCheck) -> dict[str, Any]:
     }
 
 
-def ranked_plan(r: RankedPlan) -> dict[str, Any]:
+def ranked_plan(r: RankedPlan, target: LaunchTarget | None = None) -> dict[str, Any]:
     c = r.candidate
+    launch = launchability(c.plan, target or LaunchTarget())
     return {
         **estimate_fields(c.estimate),
         **cost_fields(c.cost),
         "rank": r.rank,
         "gpu": plan_gpu(c.gpu),
         "why": r.why,
+        "launchable": launch.launchable,
+        "not_launchable_reason": launch.reason,
     }
 
 
@@ -176,8 +180,11 @@ def rejection(r: Rejection) -> dict[str, Any]:
     }
 
 
-def recommend_response(res: RecommendResult, extra_assumptions: list[str] | None = None) -> S.RecommendResponse:
-    """The /v1/recommend body (validated once, as a whole, against its response model)."""
+def recommend_response(
+    res: RecommendResult, extra_assumptions: list[str] | None = None, target: LaunchTarget | None = None
+) -> S.RecommendResponse:
+    """The /v1/recommend body (validated once, as a whole, against its response model); each plan says whether
+    `target` (the configured job runner) can launch it."""
     rec = res.recommendation
     return S.RecommendResponse.model_validate(
         {
@@ -185,7 +192,7 @@ def recommend_response(res: RecommendResult, extra_assumptions: list[str] | None
             "gpus": [g.id for g in res.gpus],
             "objective": rec.objective,
             "workload": workload_out(res.workload),
-            "plans": [ranked_plan(r) for r in rec.plans],
+            "plans": [ranked_plan(r, target) for r in rec.plans],
             "rejected": [rejection(r) for r in rec.rejected],
             "candidates_evaluated": rec.n_candidates,
             "candidates_feasible": rec.n_feasible,
