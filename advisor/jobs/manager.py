@@ -90,12 +90,30 @@ def make_launcher(cfg: JobsConfig) -> Launcher:
 
 
 def append_measurement(path: Path, record: dict[str, Any]) -> None:
-    """One line per job, flushed and fsync'ed (calibration's measurements.jsonl convention)."""
+    """One line per job, flushed and fsync'ed (calibration's measurements.jsonl convention).
+
+    Idempotent per job (a record whose `trial_id` is already there is not written again), so a finish
+    retried after a failed write never duplicates one; a failed write (a full disk) is cut back to the
+    file's previous end, so no half line is left, and the OSError is raised for the caller to retry."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    line = json.dumps(record)
+    trial = record.get("trial_id")
+    with path.open("a+") as f:
+        if trial is not None:
+            f.seek(0)
+            key = json.dumps({"trial_id": trial})[1:-1]  # '"trial_id": "<id>"' as json.dumps writes it
+            if any(key in existing for existing in f):
+                return
+        f.seek(0, os.SEEK_END)
+        start = f.tell()
+        try:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                f.truncate(start)
+            raise
 
 
 class JobManager:
@@ -237,7 +255,10 @@ class JobManager:
         """On becoming the reconciler (a start, or a dead replica's lease expired): take over the running
         jobs of other replicas (``_take_over``); the next tick finishes the ones that ended."""
         for job in self.leases.orphans():
-            self._take_over(job)
+            try:
+                self._take_over(job)
+            except Exception:  # a full disk or a bad row must not stop the takeover of the others
+                log.exception("taking over job %s failed: the next tick follows it on", job.get("id"))
 
     def _take_over(self, job: dict[str, Any]) -> None:
         """Own `job` (a conditional update: one taker) and re-attach to its process.
@@ -507,8 +528,24 @@ class JobManager:
         result: dict[str, Any] | None = None,
         expect: tuple[str, ...] = S.ACTIVE,
     ) -> bool:
-        """Move a job to a terminal state (once: a conditional update); events, measurement, webhook."""
+        """Move a job to a terminal state (once: a conditional update); events, measurement, webhook.
+
+        The measurement is appended first: on a full disk the OSError leaves the job where it was, and the
+        next tick finishes it once space returns (append_measurement is idempotent per job), so no
+        measurement is lost to a terminal state recorded without it."""
         spec = JobSpec.from_dict(job["spec"])
+        record_path = self.cfg.jobs_dir / job["id"] / MEASUREMENT
+        record: dict[str, Any] | None = None
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            record = json.loads(record_path.read_text())
+        if record is None:  # killed, crashed or out of disk before it could write one: from its step metrics
+            rows, _ = self.store.list_events(job["id"], limit=100_000, order="asc")
+            record = measurement_from_events(spec, rows, status, error, started_at=job.get("started_at"))
+            if record is not None:
+                with contextlib.suppress(OSError):
+                    record_path.write_text(json.dumps(record))
+        if record is not None:
+            append_measurement(self.cfg.measurements_path, record)
         measured = dict((result or {}).get("measured") or {}) or None
         if measured and job.get("estimate"):
             measured["vs_estimate"] = _compare(job["estimate"], measured)
@@ -536,19 +573,6 @@ class JobManager:
         }[status]
         for m in messages:
             self.event(job["id"], m, level="error" if status == S.FAILED else "info")
-        record_path = self.cfg.jobs_dir / job["id"] / MEASUREMENT
-        record: dict[str, Any] | None = None
-        with contextlib.suppress(OSError, json.JSONDecodeError):
-            record = json.loads(record_path.read_text())
-        if record is None:  # killed, crashed or out of disk before it could write one: from its step metrics
-            rows, _ = self.store.list_events(job["id"], limit=100_000, order="asc")
-            record = measurement_from_events(spec, rows, status, error, started_at=job.get("started_at"))
-            if record is not None:
-                with contextlib.suppress(OSError):
-                    record_path.write_text(json.dumps(record))
-        if record is not None:
-            with contextlib.suppress(OSError):
-                append_measurement(self.cfg.measurements_path, record)
         if self.webhooks is not None:
             self.webhooks.enqueue(self.store.get_job(job["id"]) or {**job, **values})
         return True

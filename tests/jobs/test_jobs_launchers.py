@@ -232,3 +232,41 @@ def test_a_process_killed_by_sigkill_without_a_cancel_is_killed_not_a_guessed_oo
         assert "SIGKILL" in job["error"]["message"] and "OOM" in job["error"]["message"]
     finally:
         m.stop()
+
+
+def test_a_full_disk_at_the_end_of_a_job_is_logged_once_and_the_end_recorded_when_space_returns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished job whose measurement cannot be written (ENOSPC: the measurements file is /dev/full, a real
+    full device) stays `running` while the disk is full, the reconciler logs that once (not every tick), and
+    the job ends `succeeded`, its measurement written once, as soon as space returns."""
+    script = tmp_path / "done-python"
+    script.write_text(
+        "#!/bin/sh\n"
+        'while [ "$1" != "--job-dir" ]; do shift; done\n'
+        'echo \'{"status": "succeeded"}\' > "$2/result.json"\n'
+        'echo \'{"meter": "test", "peak_gib": 1.0}\' > "$2/measurement.json"\n'
+    )
+    script.chmod(0o755)
+    m = _manager(tmp_path, script)
+    m.cfg = replace(m.cfg, poll_interval_s=0.05)
+    full = m.cfg.measurements_path
+    full.parent.mkdir(parents=True, exist_ok=True)
+    full.symlink_to("/dev/full")
+    caplog.set_level("INFO", logger="advisor.jobs")
+    try:
+        _add(m, "ftjob-000000000003")
+        m.start()
+        time.sleep(2.0)  # ~40 ticks on a full disk
+        assert m.store.get_job("ftjob-000000000003")["status"] == S.RUNNING
+        failed = [r for r in caplog.records if "reconciler tick failed" in r.getMessage()]
+        assert len(failed) == 1 and "No space left" in (m.last_error or ""), (len(failed), m.last_error)
+        full.unlink()  # space returns
+        deadline = time.monotonic() + 10
+        while m.store.get_job("ftjob-000000000003")["status"] not in S.TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert m.store.get_job("ftjob-000000000003")["status"] == S.SUCCEEDED
+        assert len(full.read_text().splitlines()) == 1
+        assert any("reconciler recovered" in r.getMessage() for r in caplog.records)
+    finally:
+        m.stop()
