@@ -139,19 +139,24 @@ def by_entry_point(service_job_dir: Path, work: Path) -> dict[str, Any]:
     return {"start_to_first_step_s": first["ts"] - t0, "steady_tokens_per_s": tps, "steady_step_time_s": step}
 
 
-def by_hand(service_job_dir: Path) -> dict[str, Any]:
-    """The bare loop, in a fresh interpreter with one thread (see `_hand_main`)."""
+def _fresh_interpreter(flag: str, service_job_dir: Path) -> dict[str, Any]:
+    """`python -m bench.job_overhead <flag> job.json` with one thread; its last stdout line is the result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "bench.job_overhead", "--hand-loop", str(service_job_dir / "job.json")],
+        [sys.executable, "-m", "bench.job_overhead", flag, str(service_job_dir / "job.json")],
         env=env, check=True, capture_output=True, text=True,
     )  # fmt: skip
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _hand_main(job_json: str) -> None:
-    """Same model, plan, tokens, batches and optimiser as the job; nothing but forward, backward, step."""
-    t0 = time.time()
+def by_hand(service_job_dir: Path) -> dict[str, Any]:
+    """The bare loop, in a fresh interpreter with one thread (see `_hand_main`)."""
+    return _fresh_interpreter("--hand-loop", service_job_dir)
+
+
+def _job_setup(job_json: str) -> tuple[Any, Any, Any, list[Any], Any]:
+    """What both runs by hand start from, as the job does: the spec, its tokenizer, the packed sequences
+    and the model built by advisor.stack (torch on one thread)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -166,6 +171,15 @@ def _hand_main(job_json: str) -> None:
     rows = list(read_examples(spec.training_file))
     train = D.pack(D.encode_all(tok, rows, "chat"), spec.plan.seq_len)
     built = build(spec.source.ref, spec.plan, "cpu", seed=spec.seed, learning_rate=spec.learning_rate)
+    return torch, spec, tok, train, built
+
+
+def _hand_main(job_json: str) -> None:
+    """Same model, plan, tokens, batches and optimiser as the job; nothing but forward, backward, step."""
+    t0 = time.time()
+    torch, spec, tok, train, built = _job_setup(job_json)
+    from advisor.jobs import data as D
+
     times, tokens, first_at = [], [], None
     for epoch in range(spec.n_epochs):
         for batch in D.epoch_batches(len(train), spec.batch_size, spec.seed, epoch):
@@ -191,31 +205,17 @@ def _hand_main(job_json: str) -> None:
 
 def by_trainer(service_job_dir: Path) -> dict[str, Any]:
     """transformers' Trainer, in a fresh interpreter with one thread (see `_trainer_main`)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.job_overhead", "--trainer", str(service_job_dir / "job.json")],
-        env=env, check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return _fresh_interpreter("--trainer", service_job_dir)
 
 
 def _trainer_main(job_json: str) -> None:
     """Same model, optimiser and sequences as the job, trained by transformers' Trainer."""
     t0 = time.time()
-    import torch
-    from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+    torch, spec, tok, train, built = _job_setup(job_json)
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from advisor.jobs import data as D
-    from advisor.jobs.files import read_examples
-    from advisor.jobs.spec import JobSpec
-    from advisor.stack.build import build
 
-    torch.set_num_threads(1)
-    spec = JobSpec.from_dict(json.loads(Path(job_json).read_text()))
-    tok = AutoTokenizer.from_pretrained(spec.source.ref)
-    rows = list(read_examples(spec.training_file))
-    train = D.pack(D.encode_all(tok, rows, "chat"), spec.plan.seq_len)
-    built = build(spec.source.ref, spec.plan, "cpu", seed=spec.seed, learning_rate=spec.learning_rate)
     pad = tok.pad_token_id
 
     def collate(items: list[D.Tokens]) -> dict[str, Any]:
