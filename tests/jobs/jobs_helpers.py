@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,42 @@ def tiny_job(model: Path, file_id: str, kind: str = "lora", **extra: Any) -> dic
         else:
             body[k] = v
     return body
+
+
+@contextlib.contextmanager
+def serve_subprocess(
+    data_dir: Path, env: dict[str, str], ready_path: str = "/healthz", name: str = "the server"
+) -> Iterator[tuple[Any, subprocess.Popen]]:
+    """`advisor serve` in a process of its own (its own session: kill -9 reaches it alone) on a free port,
+    with `env` over this environment; yields an httpx client holding the test key, once `ready_path`
+    answers 200, and the process. Stopped with SIGTERM (SIGKILL after 20 s) at exit."""
+    import httpx
+
+    from advisor.jobs.launchers import free_port
+
+    port = free_port()
+    code = "import sys; from advisor.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "serve", "--port", str(port), "--data-dir", str(data_dir)]
+    argv += ["--log-level", "warning"]
+    proc = subprocess.Popen(
+        argv, env={**os.environ, **env}, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get(ready_path).status_code == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, f"{name} did not start"
+            time.sleep(0.2)
+        yield client, proc
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

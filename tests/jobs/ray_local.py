@@ -26,6 +26,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,6 @@ import httpx
 
 CLONE_NEWNET = 0x40000000
 RAY = shutil.which("ray")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def netns_unavailable() -> str | None:
@@ -318,3 +313,22 @@ def exposure(cluster: RayCluster) -> list[str]:
 
 def dump(cluster: RayCluster) -> str:
     return json.dumps([[p, h, port] for p, h, port in cluster.listeners()])
+
+
+@contextlib.contextmanager
+def fenced_cluster(root: Path, nodes: int, cpus: int) -> Iterator[RayCluster]:
+    """A started RayCluster fenced to loopback (skips the test where the ray CLI or network namespaces are
+    missing), stopped at exit whatever happened."""
+    import pytest
+
+    if RAY is None:
+        pytest.skip("the ray CLI is not on PATH")
+    why = netns_unavailable()
+    if why:
+        pytest.skip(f"Ray is only started fenced to loopback: {why}")
+    cluster = RayCluster(root, nodes=nodes, cpus=cpus)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

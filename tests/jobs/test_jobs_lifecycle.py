@@ -5,17 +5,25 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from jobs_helpers import AUTH, KEY, TERMINAL, events, kill_job_processes, tiny_job, upload, wait_for, wait_job
+from jobs_helpers import (
+    AUTH,
+    KEY,
+    TERMINAL,
+    events,
+    kill_job_processes,
+    serve_subprocess,
+    tiny_job,
+    upload,
+    wait_for,
+    wait_job,
+)
 
 from advisor.jobs.launchers import proc_start_ticks
 from advisor.jobs.store import Store
@@ -67,17 +75,9 @@ def test_cancel_mid_training_stops_the_process(client, tiny_root: Path) -> None:
 
 
 # ---- a real server process, killed and restarted ------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _server(data_dir: Path, roots: list[Path], slots: int) -> Iterator[tuple[httpx.Client, subprocess.Popen]]:
-    port = _free_port()
     env = {
-        **os.environ,
         "ADVISOR_API_KEYS": KEY,
         "ADVISOR_MODEL_ROOTS": ":".join(str(r) for r in roots),
         "ADVISOR_JOB_GPU": "cpu",
@@ -86,39 +86,8 @@ def _server(data_dir: Path, roots: list[Path], slots: int) -> Iterator[tuple[htt
         "ADVISOR_JOB_POLL_INTERVAL_S": "0.2",
         "ADVISOR_ACCESS_LOG": "false",
     }
-    code = "import sys; from advisor.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [
-        sys.executable,
-        "-c",
-        code,
-        "serve",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get("/healthz").status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
-        yield client, proc
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    with serve_subprocess(data_dir, env) as served:
+        yield served
 
 
 def test_server_killed_mid_job_and_restarted_loses_nothing(tmp_path: Path, tiny_root: Path) -> None:

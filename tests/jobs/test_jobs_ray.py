@@ -18,23 +18,14 @@ from jobs_helpers import AUTH, events, tiny_job, upload, wait_for, wait_job
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.needs_torch]
 
-from ray_local import RAY, RayCluster, dump, exposure, netns_unavailable  # noqa: E402
+from ray_local import dump, exposure, fenced_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if RAY is None:
-        pytest.skip("the ray CLI is not on PATH")
-    why = netns_unavailable()
-    if why:
-        pytest.skip(f"Ray is only started fenced to loopback: {why}")
-    cluster = RayCluster(tmp_path_factory.mktemp("ray"), nodes=1, cpus=2)
-    try:
-        cluster.start()
+    with fenced_cluster(tmp_path_factory.mktemp("ray"), nodes=1, cpus=2) as cluster:
         assert exposure(cluster) == [], dump(cluster)
         yield cluster.url
-    finally:
-        cluster.stop()
 
 
 def test_jobs_run_on_a_ray_cluster(ray_head: str, make_client, tiny_root: Path, tmp_path: Path) -> None:

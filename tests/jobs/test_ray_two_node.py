@@ -22,22 +22,13 @@ pytest.importorskip("ray")
 pytest.importorskip("ray.train")
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.needs_torch]
 
-from ray_local import RAY, RayCluster, dump, exposure, netns_unavailable  # noqa: E402
+from ray_local import RayCluster, dump, exposure, fenced_cluster  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
-    if RAY is None:
-        pytest.skip("the ray CLI is not on PATH")
-    why = netns_unavailable()
-    if why:
-        pytest.skip(f"Ray is only started fenced to loopback: {why}")
-    c = RayCluster(tmp_path_factory.mktemp("ray2"), nodes=2, cpus=1)
-    try:
-        c.start()
+    with fenced_cluster(tmp_path_factory.mktemp("ray2"), nodes=2, cpus=1) as c:
         yield c
-    finally:
-        c.stop()
     assert c.pids() == []
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from jobs_helpers import AUTH, KEY, TERMINAL, tiny_job, wait_for
+from jobs_helpers import KEY, TERMINAL, events, serve_subprocess, tiny_job, wait_for
 
 from advisor.jobs.launchers import proc_start_ticks
 from advisor.jobs.store import Store
@@ -32,17 +29,9 @@ JOBS = "/v1/fine_tuning/jobs"
 LEASE_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _replica(name: str, data_dir: Path, db_url: str, roots: list[Path]) -> Iterator[tuple[httpx.Client, Any]]:
-    port = _free_port()
     env = {
-        **os.environ,
         "ADVISOR_API_KEYS": KEY,
         "ADVISOR_DATABASE_URL": db_url,
         "ADVISOR_REPLICA_ID": name,
@@ -55,33 +44,8 @@ def _replica(name: str, data_dir: Path, db_url: str, roots: list[Path]) -> Itera
         "ADVISOR_CANCEL_GRACE_S": "3",
         "ADVISOR_ACCESS_LOG": "false",
     }
-    code = "import sys; from advisor.cli import main; sys.exit(main(sys.argv[1:]))"
-    argv = [sys.executable, "-c", code, "serve", "--port", str(port), "--data-dir", str(data_dir)]
-    argv += ["--log-level", "warning"]
-    proc = subprocess.Popen(argv, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if client.get("/readyz").status_code == 200:
-                    break
-            assert proc.poll() is None and time.monotonic() < deadline, f"replica {name} did not start"
-            time.sleep(0.2)
-        yield client, proc
-    finally:
-        client.close()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def _events(c: httpx.Client, job_id: str) -> list[dict[str, Any]]:
-    return c.get(f"{JOBS}/{job_id}/events", params={"limit": 1000, "order": "asc"}).json()["data"]
+    with serve_subprocess(data_dir, env, ready_path="/readyz", name=f"replica {name}") as served:
+        yield served
 
 
 def _steps(evs: list[dict[str, Any]]) -> list[int]:
@@ -124,7 +88,7 @@ def test_two_replicas_share_jobs_and_survive_a_kill(tmp_path: Path, tiny_root: P
             ids.append(keyed[0])
 
             def started(j: str) -> int:
-                return sum(e["message"].startswith("Fine-tuning job started") for e in _events(b, j))
+                return sum(e["message"].startswith("Fine-tuning job started") for e in events(b, j))
 
             # cancel each job through either replica as soon as it has started (the machine has 2 cores)
             store = Store(pg_url)
@@ -151,14 +115,14 @@ def test_two_replicas_share_jobs_and_survive_a_kill(tmp_path: Path, tiny_root: P
                 wait_for(lambda j=j: b.get(f"{JOBS}/{j}").json(), lambda d: d["status"] in TERMINAL, timeout=60)
                 assert b.get(f"{JOBS}/{j}").json()["status"] in ("cancelled", "succeeded")
                 assert started(j) == 1
-            wait_for(lambda: {"s": _steps(_events(b, kept))}, lambda d: len(d["s"]) >= 2, timeout=120)
+            wait_for(lambda: {"s": _steps(events(b, kept))}, lambda d: len(d["s"]) >= 2, timeout=120)
 
             a_proc.send_signal(signal.SIGKILL)  # the reconciler dies mid-training, no shutdown at all
             killed_at = time.monotonic()
             a_proc.wait(10)
             taken = wait_for(
                 lambda: {
-                    "e": [e for e in _events(b, kept) if e["message"].startswith("Taken over by replica replica-b")]
+                    "e": [e for e in events(b, kept) if e["message"].startswith("Taken over by replica replica-b")]
                 },
                 lambda d: bool(d["e"]),
                 timeout=LEASE_S * 5,
@@ -168,7 +132,7 @@ def test_two_replicas_share_jobs_and_survive_a_kill(tmp_path: Path, tiny_root: P
             done = wait_for(lambda: b.get(f"{JOBS}/{kept}").json(), lambda d: d["status"] in TERMINAL, timeout=180)
             assert done["status"] == "succeeded", done["error"]
             # every step exactly once across the takeover
-            assert _steps(_events(b, kept)) == list(range(1, done["progress"]["total_steps"] + 1))
+            assert _steps(events(b, kept)) == list(range(1, done["progress"]["total_steps"] + 1))
             assert b.get("/readyz").status_code == 200
     finally:
         _kill_all(pg_url)
