@@ -154,6 +154,16 @@ class JobMeter:
         }
 
 
+def _trial_status(status: str, error: dict[str, Any] | None) -> str:
+    """A job's end as a calibration trial's status: anything but `failed` measured fine; a failure is an
+    out-of-memory trial only when coded `oom`."""
+    from advisor.stack.outcomes import ERROR, OK, OOM
+
+    if status != "failed":
+        return OK
+    return OOM if (error or {}).get("code") == "oom" else ERROR
+
+
 def measurement_record(
     meter: JobMeter,
     spec: JobSpec,
@@ -170,7 +180,7 @@ def measurement_record(
     """The run as a calibration record (measurement.json): TrialResult.to_dict(). Needs `meter.device`."""
     import torch
 
-    from advisor.stack.outcomes import ERROR, OK, OOM, MemoryReading, TrialResult, rss_peak_bytes
+    from advisor.stack.outcomes import MemoryReading, TrialResult, rss_peak_bytes
 
     device = meter.device
     cuda = device.type == "cuda"
@@ -193,11 +203,10 @@ def measurement_record(
         rss_peak_bytes=rss_peak_bytes(),
         rss_baseline_bytes=0,
     )
-    code = (error or {}).get("code")
     record = TrialResult(
         trial_id=spec.job_id,
         group=spec.model,
-        status=OK if status != "failed" else (OOM if code == "oom" else ERROR),
+        status=_trial_status(status, error),
         arch=arch,
         plan=spec.plan.to_dict(),
         device=f"{device.type}" + (f":{torch.cuda.get_device_name(device)}" if cuda else ""),
@@ -234,7 +243,7 @@ def measurement_from_events(
     import json
     from pathlib import Path
 
-    from advisor.stack.outcomes import ERROR, OK, OOM, MemoryReading, TrialResult
+    from advisor.stack.outcomes import MemoryReading, TrialResult
 
     steps = [e["data"] for e in events if e.get("type") == "metrics" and (e.get("data") or {}).get("step")]
     if not steps:
@@ -258,12 +267,11 @@ def measurement_from_events(
         rss_peak_bytes=0 if cuda else int(peak * 2**30),
         rss_baseline_bytes=0,
     )
-    code = (error or {}).get("code")
     last = steps[-1]
     record = TrialResult(
         trial_id=spec.job_id,
         group=spec.model,
-        status=OK if status != "failed" else (OOM if code == "oom" else ERROR),
+        status=_trial_status(status, error),
         arch=arch,
         plan=spec.plan.to_dict(),
         device=spec.device,
