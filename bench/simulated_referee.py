@@ -22,14 +22,17 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from advisor.catalog import default_catalog
 from advisor.estimators.analytical import AnalyticalEstimator
 from advisor.families import hf_config
 from advisor.plans import TrainingPlan
 from advisor.simulated import SimulatedEstimator, library_versions
+from advisor.specs import ModelSpec
 from advisor.units import GIB
 from bench.referee_design import draw, model_of
 
@@ -392,6 +395,21 @@ def diagnose(r: dict) -> str:
 EXPLANATIONS = OUT / "simulated_referee_random_explanations.json"
 
 
+def stored_rows(
+    prev: dict[str, Any], gpu_id: str, model_of: Callable[[dict[str, Any]], ModelSpec]
+) -> Iterator[tuple[dict[str, Any], ModelSpec | None, TrainingPlan | None]]:
+    """Each stored row of a referee result with the model and plan of its design entry, for a re-score; a
+    row whose trace failed comes with (None, None) and is kept as it is."""
+    design = {d["id"]: d for d in prev["design"]}
+    for r in prev["rows"]:
+        if "error" in r:
+            yield r, None, None
+            continue
+        d = design[r["id"]]
+        plan = TrainingPlan(gpu_id=gpu_id, **{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()})
+        yield r, model_of(d), plan
+
+
 def rescore_random(cmd: str) -> int:
     """Re-score the committed random design's analytical side against its stored traces, without tracing again.
 
@@ -403,13 +421,10 @@ def rescore_random(cmd: str) -> int:
     gpu = default_catalog().gpu("h100-80gb")
     explanations = json.loads(EXPLANATIONS.read_text()) if EXPLANATIONS.exists() else {}
     rows = []
-    for r in prev["rows"]:
-        if "error" in r:
+    for r, model, plan in stored_rows(prev, gpu.id, model_of):
+        if model is None:
             rows.append(r)
             continue
-        d = next(x for x in prev["design"] if x["id"] == r["id"])
-        model = model_of(d)
-        plan = TrainingPlan(gpu_id=gpu.id, **{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()})
         a = ana.estimate(model, gpu, plan)
         aa, sa = a.memory.allocated_peak_bytes, r["simulated_gib"] * GIB
         terms = ana.plan_terms(model, plan, cpu=False).terms

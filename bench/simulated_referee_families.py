@@ -39,7 +39,7 @@ from advisor.simulated import SimulatedEstimator, library_versions
 from advisor.specs import ModelSpec
 from advisor.units import GIB
 from bench.referee_design import DTYPES, GRAD_ACCUM, MICRO_BATCHES, OPTIMIZERS, _pick, draw_method_knobs
-from bench.simulated_referee import _BYTE_TERMS, _commit, _gib, _stats, diagnose, slice_rows
+from bench.simulated_referee import _BYTE_TERMS, _commit, _gib, _stats, diagnose, slice_rows, stored_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "results"
@@ -376,13 +376,10 @@ def rescore(cmd: str) -> int:
     ana, sim = AnalyticalEstimator(), SimulatedEstimator()
     gpu = default_catalog().gpu("h100-80gb")
     rows = []
-    for r in prev["rows"]:
-        if "error" in r:
+    for r, model, plan in stored_rows(prev, gpu.id, model_of):
+        if model is None:
             rows.append(r)
             continue
-        d = next(x for x in prev["design"] if x["id"] == r["id"])
-        model = model_of(d)
-        plan = TrainingPlan(gpu_id=gpu.id, **{k: tuple(v) if isinstance(v, list) else v for k, v in d["plan"].items()})
         a = ana.estimate(model, gpu, plan)
         aa = a.memory.allocated_peak_bytes
         sa = r.get("simulated_bytes") or r["simulated_gib"] * GIB
