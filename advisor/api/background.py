@@ -26,6 +26,7 @@ from advisor.jobs.manager import JobManager
 from advisor.jobs.schema import damage_report, recovery_hint
 from advisor.jobs.service import JobService
 from advisor.jobs.store import Store
+from advisor.launchable import LaunchTarget
 from advisor.profiles import Profile
 from advisor.service import AdvisorService
 
@@ -85,6 +86,15 @@ class JobsRuntime:
         if svc is not None:
             svc.manager.stop()
             svc.store.close()
+
+    def launch_target(self) -> LaunchTarget:
+        """The job runner /v1/recommend marks plans launchable for: the built JobService's launcher (a local one
+        with its device slots), else the launcher the settings name. Never starts anything: recommend must not
+        wait on a database that is down."""
+        svc = self._jobs
+        if svc is not None:
+            return svc.launch_target()
+        return LaunchTarget(str(self.settings.job_launcher), None)
 
     def check(self) -> tuple[bool, str]:
         """The `job_store` readiness check."""

@@ -31,6 +31,7 @@ from advisor.jobs.files import save_upload
 from advisor.jobs.manager import PAUSED, JobManager
 from advisor.jobs.spec import HF_ID, JobSpec, ModelSource, local_model_source, new_id, resolve_hyperparameters
 from advisor.jobs.train import PAUSE
+from advisor.launchable import LaunchTarget
 from advisor.methods import METHOD_NAMES, get_method
 from advisor.plans import PlanIdError, TrainingPlan, decode_plan_id, make_plan, resolve_targets
 from advisor.service import AdvisorService
@@ -116,6 +117,13 @@ class JobService:
         self.advisor = advisor
         self.manager = manager
 
+    def launch_target(self) -> LaunchTarget:
+        """What this service's launcher can run: a local launcher's device slots bound the plan's GPUs; a Ray
+        cluster queues a job until its GPUs are free (no bound here)."""
+        launcher = self.manager.launcher
+        slots = getattr(launcher, "slots", None)  # only the local launcher has fixed slots
+        return LaunchTarget(launcher.name, len(slots) if slots is not None else None)
+
     # ---- files ----------------------------------------------------------------------------------------
     def upload(self, owner: str, filename: str, purpose: str, src: BinaryIO) -> dict[str, Any]:
         if purpose != FINE_TUNE:
@@ -184,11 +192,11 @@ class JobService:
         source, model = self._model(req.model)
         gpu = self.cfg.gpu
         base, plan_id, notes = self._plan(req, model, gpu)
-        slots = getattr(self.manager.launcher, "slots", None)
-        if slots is not None and base.num_gpus > len(slots):
+        devices = self.launch_target().devices
+        if devices is not None and base.num_gpus > devices:
             raise JobsError(
-                f"the plan needs {base.num_gpus} devices; this deployment has {len(slots)} device"
-                + ("s" if len(slots) != 1 else ""),
+                f"the plan needs {base.num_gpus} devices; this deployment has {devices} device"
+                + ("s" if devices != 1 else ""),
                 field="method.num_gpus",
             )
         try:

@@ -62,13 +62,11 @@ def _recommend(body: RecommendRequest, svc: Service, settings: Settings, request
 
 
 def launch_target(request: Request, settings: object) -> LaunchTarget:
-    """The job runner plans are launched on: the running jobs service's launcher (with its device count),
+    """The job runner plans are launched on: the jobs runtime's launcher (a local one with its device count),
     else what the settings name."""
-    jobs = getattr(request.app.state, "jobs", None)
-    launcher = getattr(getattr(jobs, "manager", None), "launcher", None)
-    if launcher is not None:
-        slots = getattr(launcher, "slots", None)
-        return LaunchTarget(launcher.name, len(slots) if slots is not None else None)
+    runtime = getattr(request.app.state, "jobs", None)
+    if runtime is not None:
+        return runtime.launch_target()
     return LaunchTarget(str(getattr(settings, "job_launcher", "local")), None)
 
 
