@@ -111,7 +111,7 @@ def test_every_catalog_gpu_but_the_unsourced_has_an_offer():
     here, so a new unpriced card fails this test instead of silently showing no cost."""
     priced = {o.gpu for o in CAT.offers}
     unpriced = {g.id for g in CAT.gpus} - priced
-    assert unpriced == {"mi300x", "mi325x", "rtx-4080"}, unpriced
+    assert unpriced == {"mi325x"}, unpriced  # no MI325X row in catalogs/v7-v9 of skypilot-catalog
 
 
 def test_gcp_and_azure_offers_name_instance_region_and_file():
@@ -136,3 +136,28 @@ def test_post_cut_aws_rows_replace_the_pre_cut_ones():
     assert h100.price_usd_per_hour == pytest.approx(16.9508 / 8) and h100.price_basis == "spot"
     b200 = CAT.priced(["aws", "lambda"], "on-demand").gpu("b200")
     assert (b200.price_provider, b200.price_usd_per_hour) == ("lambda", pytest.approx(53.52 / 8))
+
+
+def test_rtx4080_and_mi300x_offers_name_the_catalog_file_they_were_read_from():
+    """The two cards priced on 2026-12-01: one offer each, the per-GPU price of a 1-GPU instance, the file and its
+    commit in the source, and no spot (vast lists SpotPrice 0.00; runpod's v8 SpotPrice repeats Price)."""
+    by = {o.gpu: o for o in CAT.offers if o.gpu in ("rtx-4080", "mi300x")}
+    r, m = by["rtx-4080"], by["mi300x"]
+    assert (r.provider, r.instance, r.gpus_per_instance, r.on_demand, r.spot) == (
+        "vast",
+        "1x-RTX_4080S-32-65536",
+        1,
+        0.24,
+        None,
+    )
+    assert "catalogs/v7/vast/vms.csv @ 00690e7666c7 (Price column)" in r.source and r.date == "2026-12-01"
+    assert (m.provider, m.instance, m.gpus_per_instance, m.on_demand, m.spot) == (
+        "runpod",
+        "1x_MI300X_SECURE",
+        1,
+        2.39,
+        None,
+    )
+    assert "catalogs/v8/runpod/vms.csv @ 01acdfd419ce (Price column)" in m.source and m.date == "2026-12-01"
+    mi = CAT.gpu("mi300x")
+    assert (mi.price_usd_per_hour, mi.price_provider, mi.platform) == (2.39, "runpod", "rocm") and mi.caveat
