@@ -12,6 +12,9 @@ paths have had their turn. What it does, and why:
   (``model_info(expand=["safetensors"])``, else the file headers through ``get_safetensors_metadata``)
   and are recorded beside the analytical count (``ModelSpec.checkpoint_params``); the estimators keep
   using the architecture's count, and a difference over 0.5% is said in the spec's note.
+- A pre-quantized checkpoint (``quantization_config``: GPTQ, AWQ, FP8, bitsandbytes) gets its method, bits,
+  group size and stored bytes from the same metadata (``ModelSpec.prequantized``, advisor.prequant): the
+  frozen weights of an adapter plan take the checkpoint's bytes, not bf16 ones.
 - Network time is bounded twice: each request by ``HubOptions.request_timeout_s`` (the library's
   ``HF_HUB_ETAG_TIMEOUT``/``HF_HUB_DOWNLOAD_TIMEOUT`` still win where set, as the library decides), and
   the whole resolution by ``HubOptions.deadline_s`` (the library retries a failed HEAD with a 60 s
@@ -37,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from advisor import prequant
 from advisor.errors import AdvisorError, InvalidInputError, UnknownModelError
 from advisor.specs import ModelSpec
 
@@ -311,7 +315,11 @@ def _fetch(repo: str, revision: str | None, opts: HubOptions, revision_field: st
         ckpt = _Checkpoint(None, (), f"{reason}: the safetensors metadata was not read")
     else:
         ckpt = _checkpoint_metadata(repo, commit or revision, info, opts)
-    return _with_checkpoint(spec, repo, revision, commit, ckpt, opts), info is not None
+    spec = _with_checkpoint(spec, repo, revision, commit, ckpt, opts)
+    # a pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes): its stored bytes from the same metadata, or the
+    # config's bits and group size where none was read (advisor.prequant says which in the note)
+    spec = prequant.attach(spec, cfg, repo, ckpt.dtypes if ckpt.params is not None else None, ckpt.basis)
+    return spec, info is not None
 
 
 def _is_offline() -> bool:

@@ -17,6 +17,7 @@ from advisor.estimators.calibrated import CalibratedEstimator, StaleProfileError
 from advisor.estimators.uncertainty import FITS
 from advisor.hardware import LOCAL_NAMES, local_gpus
 from advisor.hub import HubOptions
+from advisor.methods import get_method
 from advisor.plans import SearchSpace, TrainingPlan, enumerate_shapes
 from advisor.platforms import platform_notes
 from advisor.profiles import ProfileStore
@@ -209,6 +210,9 @@ class AdvisorService:
         if plan.dtype == "bf16" and not gpu.bf16_supported:
             raise InvalidInputError(f"{gpu.name} has no bf16 support: use dtype fp16 or fp32", field="dtype")
         context_note = model.check_seq_len(plan.seq_len, field="plan.seq_len")
+        refusals = get_method(plan.method).model_errors(model, plan)
+        if refusals:  # every source refuses a plan the checkpoint cannot train (the trace would not know)
+            raise InvalidInputError(refusals[0][1], field=refusals[0][0])
         if source == "simulated":
             try:
                 est = with_bands(self.simulated().estimate(model, gpu, plan), gpu)  # the trace's own error band
@@ -249,7 +253,12 @@ class AdvisorService:
         hit = self._tables.get(key)
         if hit is not None and hit[0] is model:
             return hit[1]
-        shapes = list(enumerate_shapes(seq_len, space, dtype))
+        every = list(enumerate_shapes(seq_len, space, dtype))
+        # a pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes) trains adapters only: search what it can run
+        shapes = [p for p in every if not get_method(p.method).model_errors(model, p)]
+        if every and not shapes:  # e.g. methods ["full"] on a GPTQ repo: the first refusal, naming its field
+            field, message = get_method(every[0].method).model_errors(model, every[0])[0]
+            raise InvalidInputError(message, field=field)
         table = build_table(estimator, model, shapes, cpu)
         if len(self._tables) > 256:
             self._tables.clear()

@@ -14,6 +14,7 @@ from advisor.errors import InvalidInputError
 from advisor.families import FAMILIES as _FAMILY_REGISTRY
 from advisor.families import Family, get_family
 from advisor.families.layout import ROLES, Block, Linear
+from advisor.prequant import Prequantized
 
 __all__ = ["FAMILIES", "ROLES", "Block", "GpuSpec", "Linear", "ModelSpec", "Workload"]
 
@@ -94,6 +95,10 @@ class ModelSpec:
     checkpoint_params: int | None = None
     checkpoint_dtypes: tuple[tuple[str, int], ...] = ()
     revision: str | None = None
+    # a checkpoint published already quantised (config.json quantization_config: GPTQ, AWQ, FP8, bitsandbytes):
+    # its method, bits, group size and stored bytes (advisor.prequant), None for a float checkpoint. The
+    # parameter count stays the architecture's (unpacked); the frozen weights of an adapter plan take these bytes
+    prequantized: Prequantized | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -119,6 +124,8 @@ class ModelSpec:
             and self.hidden_size % self.num_attention_heads
         ):
             errors.append("hidden_size must be a multiple of num_attention_heads (or give head_dim)")
+        if self.prequantized is not None and not isinstance(self.prequantized, Prequantized):
+            errors.append("prequantized must be a Prequantized (advisor.prequant) or null")
         if errors:
             raise InvalidInputError(f"invalid model spec {self.name!r}: " + "; ".join(errors), field="model")
 
@@ -262,6 +269,7 @@ class ModelSpec:
         d["aliases"] = list(self.aliases)
         d["keep_fp32_modules"] = list(self.keep_fp32_modules)
         d["checkpoint_dtypes"] = dict(self.checkpoint_dtypes)
+        d["prequantized"] = self.prequantized.to_dict() if self.prequantized is not None else None
         return d
 
 

@@ -13,7 +13,12 @@ the families referee row it was found on (bench/results/simulated_referee_famili
 * DoRA on the dropout path with fp32 adapters over half weights: the cast base weight of a layer's weight norm is the
   weight that layer's F.linear saves, counted once (rows 18, 104, 152: +2..+5% while counted twice);
 * eager attention with checkpointing: the b x s x s mask is a saved input of every checkpointed layer, alive at the
-  loss's moment (row 99: -4.1% without it).
+  loss's moment (row 99: -4.1% without it);
+* LoRA with dropout and checkpointing: the recomputed down projection's moment holds its unsaved input, that input's
+  fp32 cast, the base output, lora_B's output and its scaled copy, and the later blocks' (and the head's) adapter
+  gradients, the later blocks' checkpointed inputs freed (row 148, OLMo-3 r=128: -6.1% with the first two only);
+* bitsandbytes' paged optimisers page only tensors of at least 1e5 elements and its 8-bit ones keep fp32 states for
+  tensors under 4096: small adapters' states are on the device (rows 121, 124: -2.7%, -4.4% while all were paged).
 
 The pure checks (no torch) pin the terms to their physical counts; the traced ones hold the estimate within 2% of
 the trace, where each was 4-13% off.
@@ -66,6 +71,19 @@ CASES = {
              num_key_value_heads=1, head_dim=64, vocab_size=8000),
         dict(method="lora", dtype="bf16", micro_batch=1, seq_len=2048, grad_checkpointing=True, attention="eager",
              lora_targets=("o", "down"), lora_r=8, lora_dropout=0.05),
+    ),
+    # a wide rank on every linear and the head, dropout, checkpointing: block 0's recomputed down projection is the peak
+    "lora_down_moment": (
+        dict(LLAMA, num_hidden_layers=3),
+        dict(method="lora", dtype="bf16", micro_batch=8, seq_len=232, grad_checkpointing=True, attention="sdpa",
+             lora_targets=("all-linear", "lm_head"), lora_r=128, lora_alpha=256, lora_dropout=0.05),
+    ),
+    # r=8 on 256-wide layers: every adapter tensor is under bitsandbytes' paging limit
+    "paged_small_adapters": (
+        dict(LLAMA, num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=2000),
+        dict(method="qlora", dtype="fp16", micro_batch=1, seq_len=256, grad_checkpointing=True, attention="sdpa",
+             optimizer="paged-adamw-32bit", lora_targets=("all-linear",), lora_r=8, lora_dropout=0.05),
     ),
 }  # fmt: skip
 
@@ -175,3 +193,65 @@ def test_checkpointing_holds_the_eager_mask_at_the_loss():
     # without checkpointing no layer keeps it (the mask add saves nothing): freed with the forward
     no_ckpt = ana.plan_terms(model, replace(plan, grad_checkpointing=False))
     assert no_ckpt.components["activations"] == pytest.approx(no_ckpt.terms["activations"], abs=1)
+
+
+def test_lora_down_projection_moment_holds_its_output_temporaries():
+    """peft's ``result + lora_B(lora_A(dropout(x))) * scaling`` on the down projection (bf16 base, fp32 adapters): the
+    MLP product (unsaved), its fp32 cast, the base output and the decoder layer's residual and MLP input; where the
+    forward runs on past it, lora_B's output and its scaled copy too. Checkpointing's recomputation of a pre-norm
+    layer stops at lora_B's packing of its input (the block's last saved tensor): neither of those two exists."""
+    from advisor.methods import get_method
+
+    model, plan = _case("lora_down_moment")
+    m = get_method("lora")
+    lins = list(model.blocks[0].linears)
+    down = next(lin for lin in lins if "down" in lin.roles)
+    tokens, h, i = 8 * 232, 512, 2048
+    locals_ = 2 * 2 * h  # the residual and the post-attention norm's output (bf16)
+    assert m.input_cast_temporaries(model, plan, [down], 2) == tokens * ((2 + 4) * i + 2 * h + locals_)
+    no_ckpt = replace(plan, grad_checkpointing=False)
+    assert m.input_cast_temporaries(model, no_ckpt, [down], 2) == tokens * ((2 + 4) * i + (2 + 2 * 4) * h + locals_)
+    # post-norm (OLMo-2/3): the norm after the MLP saves on, and the MLP reads the residual itself
+    olmo = model_from_config(dict(CASES["lora_down_moment"][0], model_type="olmo3", sliding_window=None))
+    down_o = next(lin for lin in olmo.blocks[0].linears if "down" in lin.roles)
+    assert m.input_cast_temporaries(olmo, plan, [down_o], 2) == tokens * ((2 + 4) * i + (2 + 2 * 4) * h + 2 * h)
+    up = next(lin for lin in lins if "up" in lin.roles)
+    assert m.input_cast_temporaries(model, plan, [up], 2) == tokens * (2 + 4) * h
+    assert m.input_cast_temporaries(model, replace(plan, lora_dropout=0.0), [down], 2) == 0  # no cast: lora_A saves x
+    # DoRA stops at mag_norm_scale * lora_result: the first product and the weight norm's identity, image, lora_weight
+    dora = get_method("dora")
+    expected = tokens * ((2 + 4) * i + (2 + 4) * h + locals_) + 4 * i * (i + 128 + h)
+    assert dora.input_cast_temporaries(model, replace(plan, method="dora"), [down], 2) == expected
+
+
+def test_adapter_gradients_of_the_later_blocks_at_the_first_block():
+    model, plan = _case("lora_down_moment")
+    ana = AnalyticalEstimator()
+    _, groups = ana.adapters(model, plan)
+    r, h, v = 128, 512, 4000
+    block = r * (2 * (512 + 512) + 2 * (512 + 128) + 3 * (512 + 2048))  # q, o; k, v; gate, up, down
+    head = r * (h + v)
+    tokens = 8 * 232
+    later = 4 * 2 * block - 2 * tokens * h * 2  # two later blocks' fp32 gradients less their bf16 inputs
+    assert ana.adapter_first_block_moment_gain(model, plan, groups, 4) == pytest.approx(4 * head + later)
+    pt = ana.plan_terms(model, plan)
+    assert pt.components["gradients"] == pytest.approx(4 * head + later, abs=1)
+    # with accumulation every gradient is counted already
+    assert ana.plan_terms(model, replace(plan, grad_accum=2)).components["gradients"] == pt.terms["gradients"]
+
+
+def test_bitsandbytes_states_by_tensor_size():
+    model, plan = _case("paged_small_adapters")
+    ana = AnalyticalEstimator()
+    pt = ana.plan_terms(model, plan)
+    adapters = pt.terms["adapters"] / 4  # fp32 adapter parameters: every tensor under 1e5 elements, none paged
+    assert pt.terms["optimizer_states"] == pytest.approx(8 * adapters)
+    assert pt.paged == 0
+    # 8-bit: tensors of at least 4096 elements (lora_B of the MLP: 768 x 8) get uint8 states and fp32 absmax
+    eight = ana.plan_terms(model, replace(plan, optimizer="adamw-8bit")).terms["optimizer_states"]
+    assert eight < 8 * adapters
+    # a large rank on a wide layer: its tensors are paged, the absmax of the 8-bit ones stays on the device
+    wide = model_from_config(dict(CASES["paged_small_adapters"][0], hidden_size=4096, intermediate_size=8192,
+                                  num_attention_heads=32, num_key_value_heads=8, head_dim=128))  # fmt: skip
+    big = ana.plan_terms(wide, replace(plan, lora_r=64, optimizer="paged-adamw-8bit"))
+    assert big.paged > 0 and 0 < big.terms["optimizer_states"] < big.paged

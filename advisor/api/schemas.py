@@ -396,6 +396,28 @@ class TimeSplit(BaseModel):
     communication: float
 
 
+class PrequantizedOut(BaseModel):
+    """A checkpoint published already quantised (config.json quantization_config), as advisor.prequant reads it."""
+
+    method: str = Field(description="quant_method: gptq | awq | fp8 | bitsandbytes | fbgemm_fp8 | compressed-tensors")
+    bits: int = Field(description="bits per stored weight")
+    group_size: int | None = Field(description="weights per scale along the inputs (null: per row or per block)")
+    storage_bytes: int = Field(description="every tensor of the checkpoint, bytes as stored")
+    storage_gib: float
+    quantized_bytes: int = Field(description="of which the quantised linears' packed weights, scales and zeros")
+    quantized_params: int = Field(description="weights those tensors encode (the architecture's count, unpacked)")
+    source: str = Field(description="checkpoint: the safetensors metadata; config: bits and group size applied")
+    basis: str = Field(description="where the stored bytes come from, in words")
+    float_dtype: str = Field(description="stored dtype of the unquantised tensors (embeddings, norms, head)")
+    quant_type: str = ""
+    double_quant: bool = False
+    block_size: list[int] = Field(default_factory=list, description="fine-grained FP8: weights per scale (rows, cols)")
+    quant_storage: str = ""
+    refusal: str = Field("", description="set: no method trains on this checkpoint (why, and what to do)")
+    base_hint: str = Field("", description="the unquantised model to name for full fine-tuning or qlora")
+    base_hint_source: str = Field("", description="where base_hint comes from (_name_or_path, or a guess by name)")
+
+
 class ModelSummary(BaseModel):
     name: str
     hf_id: str | None
@@ -420,6 +442,9 @@ class ModelSummary(BaseModel):
     active_params_b: float | None = None
     num_experts: int = Field(0, description="routed experts per sparse layer (0: a dense model)")
     experts_per_token: int = Field(0, description="experts each token is routed to (top-k)")
+    prequantized: PrequantizedOut | None = Field(
+        None, description="a pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes): method, bits, stored bytes"
+    )
 
 
 class ErrorBandOut(BaseModel):
@@ -648,6 +673,9 @@ class ModelOut(BaseModel):
     experts_per_token: int = Field(0, description="experts each token is routed to (top-k)")
     moe_intermediate_size: int = Field(0, description="width of one routed expert's MLP")
     shared_expert_intermediate_size: int = Field(0, description="width of the always-on shared expert MLP")
+    prequantized: PrequantizedOut | None = Field(
+        None, description="a pre-quantized checkpoint (GPTQ, AWQ, FP8, bitsandbytes): method, bits, stored bytes"
+    )
     shared_expert_gate: bool = False
     first_dense_layers: int = 0
     moe_layer_step: int = 1

@@ -51,6 +51,7 @@ def model_summary(m: ModelSpec) -> dict[str, Any]:
         "active_params_b": round(m.active_param_count / 1e9, 3),
         "num_experts": m.num_experts,
         "experts_per_token": m.experts_per_token,
+        "prequantized": m.prequantized.to_dict() if m.prequantized is not None else None,
     }
 
 

@@ -17,6 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from advisor import prequant
 from advisor.catalog import gpu_names, prices
 from advisor.errors import ClosedModelError, InvalidInputError, UnknownGpuError, UnknownModelError
 from advisor.families import family_for_model_type, get_family
@@ -293,7 +294,9 @@ def model_from_config(cfg: dict[str, Any], name: str = "custom") -> ModelSpec:
     if family is None:
         family = get_family("llama")
         note = f"model_type {mtype!r} read as a Llama-format config"
-    return ModelSpec(name=name, source="config.json", note=note, **family.spec_fields(cfg, mtype))
+    spec = ModelSpec(name=name, source="config.json", note=note, **family.spec_fields(cfg, mtype))
+    # a quantization_config (GPTQ, AWQ, FP8, bitsandbytes) makes it a pre-quantized base; no checkpoint read here
+    return prequant.attach(spec, cfg, name, None, "an inline config.json: no checkpoint read")
 
 
 def read_json_object(path: Path, what: str, field: str) -> dict[str, Any]:
@@ -313,6 +316,7 @@ def model_from_config_path(path: str | Path) -> ModelSpec:
     cfg = read_json_object(cfg_path, "config", "model")
     name = p.name if p.is_dir() else (p.parent.name or p.stem)
     spec = model_from_config(cfg, name=name)
+    spec = prequant.with_local_checkpoint(spec, cfg, cfg_path.parent)  # stored bytes from the folder's safetensors
     return replace(spec, source=str(cfg_path))
 
 

@@ -46,6 +46,8 @@ from advisor.specs import Block, GpuSpec, ModelSpec
 from advisor.units import DTYPE_BYTES, MIB
 
 BNB8_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimiser states (optim/optimizer.py)
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimisers keep fp32 states for smaller tensors (min_8bit_size)
+BNB_PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages the state buffers of tensors at least this large (get_state_buffer)
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,13 @@ class AnalyticalEstimator:
         if plan.optimizer.startswith("paged"):
             paged, opt_bytes = opt_bytes, 0.0
             notes.append("paged optimiser states live in CUDA unified memory and can spill to host RAM under pressure")
+        if m.adapter and plan.optimizer != "adamw" and plan.framework == "hf" and shard == 1:
+            # bitsandbytes keeps state per adapter tensor, by its size (see the method); modules_to_save as above
+            on_device, off_device = self.bnb_adapter_state_bytes(plan, groups)
+            saved_states = saved_params * saved_opt_per_param
+            paged_states = plan.optimizer.startswith("paged")
+            opt_bytes = on_device + (0.0 if paged_states else saved_states)
+            paged = off_device + (saved_states if paged_states else 0.0)
         saved_copies = saved_params * saved_e / shard
         grads = ((trainable - saved_params) * grad_bytes + saved_copies * shard) / shard
         adapters = (adapter_params * param_bytes / shard if m.adapter else 0) + saved_copies
@@ -284,6 +293,10 @@ class AnalyticalEstimator:
             # it outgrows the last block's moment when a block's parameters outweigh its input (families referee row 3,
             # Qwen3 eager: 145 MiB of gradients alive at block 0's backward, 0 counted while taken at the last block)
             moe_grads = self.first_block_moment_gain(model, plan, grads, attention_moment)
+        elif m.adapter and plan.grad_checkpointing and not accumulated and plan.framework == "hf" and shard == 1:
+            # the same order under adapters: the later blocks' (and the head's) adapter gradients are alive at the first
+            # recomputed block's moment, the later blocks' checkpointed inputs freed (see the method)
+            moe_grads = self.adapter_first_block_moment_gain(model, plan, groups, param_bytes)
         # LoRA on the experts (advisor/estimators/moe.py): a sparse layer's backward writes a folded weight's whole
         # gradient; the adapters' gradients are large (r per expert), and the later layers' are alive while the first
         # recomputed block back-propagates
@@ -401,11 +414,12 @@ class AnalyticalEstimator:
         if at_start and in_fb:
             components.update(weights=int(weights), activations=0, logits=0, quant_temporaries=0)
             components["adapter_temporaries"] = int(emb_tmp)
-        if autocast_copies:
+        if autocast_copies and model.prequantized is None:  # a GPTQ/AWQ base's copies: its model_notes say so
             notes.append(
                 "weights include the half-precision copies autocast keeps for backward (AMP, fp32 master weights)"
             )
         notes.extend(n for n in m.notes(plan) if n not in notes)
+        notes.extend(n for n in m.model_notes(model, plan) if n not in notes)
         if model.is_moe and m.quantized:
             notes.append(
                 "mixture of experts under QLoRA: bitsandbytes quantises nn.Linear layers only, so the fused expert "
@@ -576,6 +590,65 @@ class AnalyticalEstimator:
         n_later = sum(b.count for b in blocks) - 1
         freed = tokens * model.hidden_size * (n_later * (4 if amp else e) + 4 + e)
         return max(0.0, grads * max(later, 0) / model.param_count - freed)
+
+    @staticmethod
+    def bnb_adapter_state_bytes(plan: TrainingPlan, groups) -> tuple[float, float]:
+        """(on the device, paged) bytes of bitsandbytes' AdamW states for the adapter tensors, tensor by tensor as
+        its ``Optimizer2State.init_state`` places them (bitsandbytes/optim/optimizer.py, 0.50):
+
+        * a tensor of fewer than ``min_8bit_size`` (4096) elements keeps two fp32 states even in the 8-bit
+          optimisers; a larger one two uint8 states and two fp32 absmax per 256-element block;
+        * the paged optimisers page a state buffer only when its tensor has at least 1e5 elements
+          (``get_state_buffer``): smaller tensors' states, and every absmax, stay in the device allocator.
+
+        LoRA's tensors are lora_A (r x in) and lora_B (out x r), DoRA adds the magnitude (out): at r = 16 on a
+        4096-wide layer each is 65k elements, under the paging limit (families referee rows 121 and 124, QLoRA r=8 on
+        a 256-wide Ministral, paged: 9 MiB of states on the device, 0 counted while all were taken as paged)."""
+        m = get_method(plan.method)
+        r = plan.lora_r
+        eight = plan.optimizer in ("adamw-8bit", "paged-adamw-8bit")
+        paged = plan.optimizer.startswith("paged")
+        on_device = off_device = 0.0
+        for b, lins in groups:
+            for lin in lins:
+                sizes = [r * lin.in_features * lin.experts, r * lin.out_features * lin.experts]
+                sizes += [lin.out_features] if m.dora else []
+                for n in sizes:
+                    small = n < BNB_MIN_8BIT_SIZE
+                    states = 8 * n if (small or not eight) else 2 * n
+                    absmax = 0 if (small or not eight) else 2 * 4 * -(-n // BNB8_BLOCK)
+                    if paged and n >= BNB_PAGED_MIN_NUMEL:
+                        on_device += b.count * absmax
+                        off_device += b.count * states
+                    else:
+                        on_device += b.count * (states + absmax)
+        return on_device, off_device
+
+    @staticmethod
+    def adapter_first_block_moment_gain(model: ModelSpec, plan: TrainingPlan, groups, grad_bytes: float) -> float:
+        """Adapters with checkpointing, no accumulation (transformers' stack, a dense decoder-only model): what the
+        gradients alive at a recomputed block's moment add to it. Backward runs the blocks last to first and each
+        block's adapters get their gradients in its backward, so at block j's moment the adapter gradients of every
+        later block and of the adapters outside the blocks (an adapted head's, written before the blocks' backward)
+        are alive, while the later blocks' checkpointed inputs (one residual-stream tensor each) are freed. Linear in
+        j: the last block's moment holds the outer adapters' gradients only, the first block's those plus the later
+        blocks' less their inputs. Families referee row 148 (OLMo-3, 3 layers, LoRA r=128 on every linear and the
+        head): the two later blocks' and the head's gradients, 20.4 MiB, alive at block 0's recomputed down
+        projection, two 3.6 MiB checkpointed inputs freed. `grad_bytes`: bytes per adapter gradient element."""
+        if model.is_moe or model.is_encoder_decoder:
+            return 0.0  # (experts: advisor/estimators/moe.py; encoder-decoder stacks: not checked on a trace)
+        m = get_method(plan.method)
+        decoders = [(b, lins) for b, lins in groups if b.kind == "decoder"]
+        n_blocks = sum(b.count for b, _ in decoders)
+        if n_blocks == 0 or len(decoders) != len([b for b in model.blocks if b.kind == "decoder"]):
+            return 0.0
+        outer = sum(m.adapter_params(lin, plan.lora_r) for b, lins in groups if b.kind == "outer" for lin in lins)
+        in_blocks = sum(b.count * sum(m.adapter_params(lin, plan.lora_r) for lin in lins) for b, lins in decoders)
+        e = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        tokens = plan.micro_batch * plan.seq_len
+        later = grad_bytes * in_blocks * (n_blocks - 1) / n_blocks
+        freed = (n_blocks - 1) * tokens * model.hidden_size * e
+        return grad_bytes * outer + max(0.0, later - freed)
 
     @staticmethod
     def head_gradient_bytes(model: ModelSpec, plan: TrainingPlan) -> float:

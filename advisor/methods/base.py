@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from advisor import prequant
+
 if TYPE_CHECKING:  # typing only: plans imports this package
     from advisor.plans import TrainingPlan
     from advisor.specs import Linear, ModelSpec
@@ -60,9 +62,21 @@ class Method:
         ranges are checked before)."""
         return []
 
+    def model_errors(self, model: ModelSpec, plan: TrainingPlan) -> list[tuple[str, str]]:
+        """(field, message) where the plan cannot train on this model's checkpoint: a pre-quantized base (GPTQ,
+        AWQ, FP8, bitsandbytes) takes adapters only, on the quantisers peft supports (advisor.prequant)."""
+        refusal = prequant.plan_refusal(model, plan)
+        return [refusal] if refusal is not None else []
+
     # ---- memory terms (bytes per GPU before sharding; the estimator shards and combines) ----------
     def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
-        """(stored weights, half-precision copies autocast keeps for backward)."""
+        """(stored weights, half-precision copies kept for backward: autocast's under AMP; on a pre-quantized
+        GPTQ/AWQ base the dequantised weights its torch kernel leaves to autograd).
+
+        A pre-quantized base: the checkpoint's stored bytes for the quantised linears (advisor.prequant), the
+        rest in the compute dtype; a plan that cannot train on it is refused here too (the 4xx names the field)."""
+        if model.prequantized is not None:
+            return prequant.frozen_weight_bytes(model, plan, e), prequant.saved_dequantized_bytes(model, plan, e)
         return e * model.param_count, 0.0
 
     def gathered_bytes_per_param(self, e: int) -> float:
@@ -122,7 +136,7 @@ class Method:
 
     def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
         """Short-lived bytes one layer at a time allocates in forward/backward (dequantised weights...)."""
-        return 0.0
+        return prequant.dequant_temporaries(model, plan, e)
 
     def forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
         """Short-lived bytes the method allocates in forward only (one layer at a time): alive at the
@@ -137,17 +151,54 @@ class Method:
         dtype before the dropout (``_cast_input_dtype``); that copy lives while the dropout and lora_A run, next to
         the layer's input itself where no one saves it (the MLP product before the down projection): (e + a) bytes
         per input feature of the widest adapted layer (trace, random referee row 177: the recomputed down
-        projection's product and its fp32 copy at the backward peak, next to the saved dropout output and mask)."""
+        projection's product and its fp32 copy at the backward peak, next to the saved dropout output and mask).
+
+        The cast stays alive through the whole layer (peft's local ``x``), as do the layer's base output (``result``,
+        the activation dtype) and, when the moment comes at ``result + lora_B(lora_A(dropout(x))) * scaling``, lora_B's
+        output and its scaled copy (adapter dtype): ``(e + 2 a)`` bytes per output feature. For the MLP's output
+        projection (the block's last linear: every other saved tensor of the block is alive) that is the block's
+        moment (families referee row 148, OLMo-3 LoRA r=128 with dropout, checkpointed: the recomputed down
+        projection's product, fp32 cast, base output, lora_B output and scaled copy at the peak; -6% while only the
+        first two were counted). Under checkpointing, torch's non-reentrant recomputation stops at the packing of the
+        block's last saved tensor (early stop; an op packs its inputs before it runs): where nothing after the down
+        projection saves a tensor (pre-norm layouts) that is lora_B's input, so lora_B's output and its copy never
+        exist in the recomputation; post-norm and sandwich layouts (a norm after the MLP) and residual dropout
+        recompute on past it. DoRA (dropout path) stops at ``mag_norm_scale * lora_result``: the base output, the
+        first product ``(mag_norm_scale - 1) * base_result`` and the weight norm's locals that feed it (identity, its
+        image, lora_weight: the graph of lora_weight holds the first two) are alive (families referee row 15, Qwen3
+        DoRA checkpointed: those at the peak; without an early stop the two further products add 2 a). The decoder
+        layer's own locals are alive with them: the residual and the MLP's input."""
         if not self.adapter or plan.lora_dropout <= 0 or plan.framework != "hf":
             return 0.0
         ea = self.activation_bytes_per_element(plan, e)
         a = self.state_bytes_per_param(plan, e)
         if a <= ea:
             return 0.0
-        widest = max(
-            (lin.in_features for lin in adapted if not set(lin.roles) & {"embed_tokens", "lm_head"}), default=0
+        from advisor.families.llama import POST_NORM  # (families import plans, which imports this package)
+
+        runs_on = (
+            not plan.grad_checkpointing
+            or model.model_type in POST_NORM
+            or model.norms_per_layer == 4
+            or model.dropout > 0
         )
-        return plan.micro_batch * plan.seq_len * (ea + a) * widest
+        out = (ea + (3 * a if runs_on else a)) if self.dora else (ea + (2 * a if runs_on else 0))
+        tokens = plan.micro_batch * plan.seq_len
+        best = 0.0
+        for lin in adapted:
+            if set(lin.roles) & {"embed_tokens", "lm_head"} or lin.kind == "experts":
+                continue
+            tmp = tokens * (ea + a) * lin.in_features
+            if "down" in lin.roles:
+                tmp += tokens * out * lin.out_features
+                # the decoder layer's locals, saved by no one: the residual and the MLP's input (its norm's output;
+                # post-norm layers feed the residual itself to the MLP): random referee rows 177 and 190 (Phi-3,
+                # Llama-2: two b x s x h half tensors beside the down projection's at the peak), families row 148
+                tmp += tokens * ea * model.hidden_size * (1 if model.model_type in POST_NORM else 2)
+                if self.dora:  # the weight norm's locals: identity, its image, lora_weight
+                    tmp += a * lin.in_features * (lin.in_features + plan.lora_r + lin.out_features)
+            best = max(best, tmp)
+        return best
 
     def embedding_forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear]) -> float:
         """Short-lived bytes an adapted token embedding allocates at the very start of forward (when only the
@@ -194,8 +245,8 @@ class Method:
         return 0.0
 
     def dequant_traffic_bytes(self, model: ModelSpec, plan: TrainingPlan, passes: int, e: int) -> float:
-        """Bytes moved per micro-step to dequantise weights."""
-        return 0.0
+        """Bytes moved per micro-step to dequantise weights (a pre-quantized base's, advisor.prequant)."""
+        return prequant.dequant_traffic_bytes(model, plan, passes, e)
 
     def communicated_weight_bytes(self, model: ModelSpec, e: int) -> float:
         """Bytes FSDP all-gathers per pass."""
@@ -221,3 +272,8 @@ class Method:
 
     def notes(self, plan: TrainingPlan) -> list[str]:
         return []
+
+    def model_notes(self, model: ModelSpec, plan: TrainingPlan) -> list[str]:
+        """Notes that depend on the model too: on a pre-quantized base, where its stored bytes come from and what
+        its kernels keep (advisor.prequant)."""
+        return prequant.notes(model, plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from advisor import prequant
 from advisor.families.llama import HALF_INPUT_POST_NORMS
 from advisor.methods.base import Method
 
@@ -24,6 +25,7 @@ class FullFineTuning(Method):
         return errs
 
     def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
+        prequant.check_plan(model, plan)  # a pre-quantized checkpoint has no trainable weights: refused
         if plan.master_weights and e < 4:
             # fp32 master weights; autocast caches half copies of the linears in forward for backward, the output
             # head's too (vocab x hidden, tied or not: the head's matmul casts it; the embedding lookup does not)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from advisor import prequant
 from advisor.families import get_family
 from advisor.methods.base import DQ_BLOCK, NF4_BLOCK, Method
 
@@ -35,6 +36,10 @@ def nf4_bytes(model: ModelSpec, double_quant: bool) -> float:
 class QLoRA(Method):
     def weight_bytes(self, model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[float, float]:
         other = 4 if upcast(plan) else e
+        if model.prequantized is not None:
+            # a bitsandbytes 4-bit checkpoint: its own NF4/FP4 bytes (quant type and double quantisation as stored,
+            # not the plan's); any other quantiser is refused (bitsandbytes cannot quantise packed weights again)
+            return prequant.frozen_weight_bytes(model, plan, other), 0.0
         return nf4_bytes(model, plan.double_quant) + (model.param_count - model.quantized_weight_params) * other, 0.0
 
     def gathered_bytes_per_param(self, e: int) -> float:
@@ -60,6 +65,8 @@ class QLoRA(Method):
         return largest * e  # one dequantised weight at a time (forward or backward)
 
     def dequant_traffic_bytes(self, model: ModelSpec, plan: TrainingPlan, passes: int, e: int) -> float:
+        if model.prequantized is not None:  # the checkpoint's stored bytes, every pass
+            return prequant.dequant_traffic_bytes(model, plan, passes, e)
         # read NF4, write and re-read the dequantised weight
         return passes * model.quantized_weight_params * (0.5 + 2 * e)
 
