@@ -2,7 +2,7 @@
 
     python -m bench.job_overhead            # writes bench/results/job_overhead.{json,md}
 
-For each model size, the same LoRA training (same data, plan, batch, seed, one torch thread) runs three
+For each model size, the same LoRA training (same data, plan, batch, seed, one torch thread) runs four
 ways, one after the other on this machine:
 
 1. through the service: a real uvicorn server in this process, POST /v1/files + /v1/fine_tuning/jobs,
@@ -11,9 +11,13 @@ ways, one after the other on this machine:
    job.json (no server; same events, checkpoints and bookkeeping);
 3. a bare loop: a fresh interpreter that builds the same model with ``advisor.stack.build`` and runs the
    same batches with nothing else (no events, no checkpoints, no metrics);
-4. transformers' ``Trainer`` by hand: a fresh interpreter, the same built model and optimiser, the same
-   packed sequences, ``Trainer.train()`` with the plan's micro-batch and accumulation (the ecosystem's
-   loop; its tokens/s counts input tokens, padding included, as ours does).
+4. TRL's ``SFTTrainer`` by hand: a fresh interpreter, the same built model and optimiser, the same
+   packed sequences as a pre-tokenised dataset (``input_ids`` and our labels, ``skip_prepare_dataset``),
+   ``SFTTrainer.train()`` with the plan's micro-batch and accumulation, fp32 and no activation
+   checkpointing like the job (SFTConfig defaults to bf16 and checkpointing: both set off). It attends
+   across the examples of a packed block (TRL's padding-free packing is boundary-safe only under
+   flash-attention); the job, transformers' Trainer underneath, adds the block-diagonal masks. Both count
+   tokens without padding.
 
 No GPU in the session that produced bench/results/job_overhead.*: CPU numbers only.
 
@@ -203,24 +207,20 @@ def _hand_main(job_json: str) -> None:
     print(json.dumps(result))
 
 
-def by_trainer(service_job_dir: Path) -> dict[str, Any]:
-    """transformers' Trainer, in a fresh interpreter with one thread (see `_trainer_main`)."""
-    return _fresh_interpreter("--trainer", service_job_dir)
+def by_sft(service_job_dir: Path) -> dict[str, Any]:
+    """TRL's SFTTrainer, in a fresh interpreter with one thread (see `_sft_main`)."""
+    return _fresh_interpreter("--sft", service_job_dir)
 
 
-def _trainer_main(job_json: str) -> None:
-    """Same model, optimiser and sequences as the job, trained by transformers' Trainer."""
+def _sft_main(job_json: str) -> None:
+    """Same model, optimiser and sequences as the job, trained by TRL's SFTTrainer as one would by hand."""
     t0 = time.time()
-    torch, spec, tok, train, built = _job_setup(job_json)
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    _, spec, tok, train, built = _job_setup(job_json)
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
 
     from advisor.jobs import data as D
-
-    pad = tok.pad_token_id
-
-    def collate(items: list[D.Tokens]) -> dict[str, Any]:
-        ids, labels = D.pad_batch(items, pad)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
     class Clock(TrainerCallback):
         def __init__(self) -> None:
@@ -240,25 +240,31 @@ def _trainer_main(job_json: str) -> None:
             self.first_at = self.first_at or time.time()
 
     clock = Clock()
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="trainer-"),
+    dataset = Dataset.from_list([{"input_ids": s.ids, "labels": D.loss_labels(s)} for s in train])
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="sft-"),
         per_device_train_batch_size=spec.plan.micro_batch,
         gradient_accumulation_steps=spec.plan.grad_accum,
         num_train_epochs=spec.n_epochs,
+        learning_rate=spec.learning_rate,
+        max_length=spec.plan.seq_len,
+        bf16=False,
+        activation_checkpointing=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
         use_cpu=True,
-        report_to=[],
+        report_to="none",
         save_strategy="no",
         logging_steps=1,
         disable_tqdm=True,
-        include_num_input_tokens_seen=True,
+        include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         seed=spec.seed,
     )
-    trainer = Trainer(
+    trainer = SFTTrainer(
         model=built.model,
         args=args,
-        train_dataset=train,  # a list of Tokens: indexable, with a len
-        data_collator=collate,
+        train_dataset=dataset,
+        processing_class=tok,
         optimizers=(built.optimizer, None),
         callbacks=[clock],
     )
@@ -278,15 +284,15 @@ def _trainer_main(job_json: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(OUT), help="output path without extension (default bench/results/job_overhead)")
-    p.add_argument("--rounds", type=int, default=3, help="repetitions of the three runs per size (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="repetitions of the four runs per size (default 3)")
     p.add_argument("--hand-loop", help=argparse.SUPPRESS)
-    p.add_argument("--trainer", help=argparse.SUPPRESS)
+    p.add_argument("--sft", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hand_loop:
         _hand_main(args.hand_loop)
         return 0
-    if args.trainer:
-        _trainer_main(args.trainer)
+    if args.sft:
+        _sft_main(args.sft)
         return 0
     from advisor.jobs.tiny import counting_examples, save_tiny_model, write_jsonl
 
@@ -298,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
             model = save_tiny_model(work / "models" / "model", initializer_range=0.2, **overrides)
             data = write_jsonl(work / "train.jsonl", counting_examples(128, seed=0))
             runs = []
-            for i in range(args.rounds):  # interleaved, so a burst of load hits all three alike
+            for i in range(args.rounds):  # interleaved, so a burst of load hits all four alike
                 round_dir = work / f"round{i}"
                 svc = via_service(model, data, seq, batch, epochs, round_dir)
                 job_dir = Path(svc["job_dir"])
-                runs.append((svc, by_entry_point(job_dir, round_dir), by_hand(job_dir), by_trainer(job_dir)))
+                runs.append((svc, by_entry_point(job_dir, round_dir), by_hand(job_dir), by_sft(job_dir)))
             rows.append(_summarise(name, seq, batch, runs))
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -343,11 +349,11 @@ def _summarise(name: str, seq: int, batch: int, runs: list[tuple[dict, dict, dic
         "service": {k: _med([r[0][k] for r in runs]) for k in svc_keys},
         "entry_point_by_hand": {k: _med([r[1][k] for r in runs]) for k in runs[0][1]},
         "bare_loop": {k: _med([r[2][k] for r in runs]) for k in runs[0][2]},
-        "hf_trainer_by_hand": {k: _med([r[3][k] for r in runs]) for k in runs[0][3]},
-        "throughput_service_vs_hf_trainer": _med(
+        "sft_trainer_by_hand": {k: _med([r[3][k] for r in runs]) for k in runs[0][3]},
+        "throughput_service_vs_sft_trainer": _med(
             [r[0]["steady_tokens_per_s"] / r[3]["steady_tokens_per_s"] for r in runs]
         ),
-        "first_step_service_minus_hf_trainer_s": _med(
+        "first_step_service_minus_sft_trainer_s": _med(
             [r[0]["post_to_first_step_s"] - r[3]["start_to_first_step_s"] for r in runs]
         ),
         "throughput_service_vs_entry_point": _med(
@@ -373,7 +379,7 @@ def render(doc: dict[str, Any]) -> str:
         "",
         "## POST -> first training step (service), by phase (seconds)",
         "",
-        "| model | POST answered | POST->launched | launched->process up | up->model ready | ready->first step done | **POST->first step** | bare loop start->first step | HF Trainer start->first step |",
+        "| model | POST answered | POST->launched | launched->process up | up->model ready | ready->first step done | **POST->first step** | bare loop start->first step | SFTTrainer start->first step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
@@ -384,31 +390,42 @@ def render(doc: dict[str, Any]) -> str:
             f"{s['process_up_to_model_ready_s']:.2f} | {s['model_ready_to_first_step_s']:.2f} | "
             f"**{s['post_to_first_step_s']:.2f}** ({span['min']:.1f}-{span['max']:.1f}) | "
             f"{r['bare_loop']['start_to_first_step_s']['median']:.2f} | "
-            f"{r['hf_trainer_by_hand']['start_to_first_step_s']['median']:.2f} |"
+            f"{r['sft_trainer_by_hand']['start_to_first_step_s']['median']:.2f} |"
         )
     lines += [
         "",
         "## Training throughput (steady state: median over steps after the first)",
         "",
-        "| model | service job tok/s | entry point by hand tok/s | bare loop tok/s | HF Trainer tok/s | service / by hand | service / bare loop | service / HF Trainer |",
+        "| model | service job tok/s | entry point by hand tok/s | bare loop tok/s | SFTTrainer tok/s | service / by hand | service / bare loop | service / SFTTrainer |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         a, b = r["throughput_service_vs_entry_point"], r["throughput_service_vs_bare_loop"]
-        c = r["throughput_service_vs_hf_trainer"]
+        c = r["throughput_service_vs_sft_trainer"]
         lines.append(
             f"| {r['size']} (seq {r['seq_len']}, batch {r['batch']}, {r['steps']} steps) | "
             f"{r['service']['steady_tokens_per_s']['median']:.0f} | {r['entry_point_by_hand']['steady_tokens_per_s']['median']:.0f} | "
             f"{r['bare_loop']['steady_tokens_per_s']['median']:.0f} | "
-            f"{r['hf_trainer_by_hand']['steady_tokens_per_s']['median']:.0f} | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) | "
+            f"{r['sft_trainer_by_hand']['steady_tokens_per_s']['median']:.0f} | {a['median']:.2f} ({a['min']:.2f}-{a['max']:.2f}) | "
             f"{b['median']:.2f} ({b['min']:.2f}-{b['max']:.2f}) | {c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}) |"
         )
     lines += [
         "",
         f"Medians over {doc['rounds']} interleaved rounds (min-max in brackets; ratios per round, then the median).",
         "POST->first step is almost all the training process' own start: the interpreter, `import torch`, "
-        "transformers/peft and the model build, which a bare loop pays as well (last column).",
+        "transformers/peft and the model build, which a bare loop and SFTTrainer by hand pay as well (last columns); "
+        "ready->first step includes building the job's `Trainer` (its accelerator and data loader) and the first "
+        "step under the live-tensor memory meter.",
+        "The job trains through transformers' `Trainer` with block-diagonal masks on packed blocks; SFTTrainer by hand "
+        "gets the same pre-tokenised blocks and labels without them (plain causal attention across a block's "
+        "examples), the bare loop likewise.",
     ]
+    if doc["load_average_start"][0] > 0.75 * doc["machine"]["cores"]:
+        lines.append(
+            f"The machine was shared and loaded while this ran (load average {doc['load_average_start'][0]} on "
+            f"{doc['machine']['cores']} cores): one-round ratios between runs that ran minutes apart move by tens "
+            "of percent with the load; compare them as rough figures only."
+        )
     return "\n".join(lines) + "\n"
 
 

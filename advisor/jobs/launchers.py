@@ -284,6 +284,13 @@ class LocalLauncher:
             proc.poll()
 
 
+def _run_status(handle: dict[str, Any]) -> str | None:
+    """How the run of a Ray job ended, from the result.json mirrored into the service's job directory."""
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        return str(json.loads((Path(handle["job_dir"]) / "result.json").read_text()).get("status"))
+    return None
+
+
 def _exit_detail(code: int) -> str:
     if code < 0:
         try:
@@ -381,9 +388,8 @@ class RayLauncher:
 
         storage = self.storage_for(job_dir)
         job_uri = rt.join(storage, spec.job_id)
-        try:  # what the workers need, where they can reach it; no stale end of an earlier run of this job
-            for stale in (rt.CANCEL, *rt.MIRRORED[1:]):
-                rt.remove(rt.join(job_uri, stale))
+        try:  # what the workers need, where they can reach it; no stop request or end of an earlier run
+            rt.clear_markers(job_uri)  # (a resumed job: its checkpoints and event log stay, the run continues them)
             rt.put_text(json.dumps(spec.to_dict(), indent=1), rt.join(job_uri, "job.json"))
             rt.put_file(Path(spec.training_file), rt.join(job_uri, rt.INPUTS, "training.jsonl"))
             if spec.validation_file is not None:
@@ -473,6 +479,13 @@ class RayLauncher:
         self.mirror(handle, final=state == EXITED)
         code = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": -int(signal.SIGTERM)}.get(status)
         detail = f"Ray {status}" + (f": {info.get('message')}" if info.get("message") else "")
+        if status == "SUCCEEDED":  # the driver exits 0 on a cancel or pause honoured: the run's own code
+            ended = _run_status(handle)
+            if ended in ("cancelled", "paused"):
+                from advisor.jobs.train import EXIT_CANCELLED, EXIT_PAUSED
+
+                code = EXIT_PAUSED if ended == "paused" else EXIT_CANCELLED
+                detail += f" (the run ended {ended})"
         return ProcessState(state, code if state == EXITED else None, detail)
 
     def cancel(self, handle: dict[str, Any], force: bool = False) -> None:
@@ -484,6 +497,22 @@ class RayLauncher:
 
             with contextlib.suppress(OSError, ValueError):
                 rt.put_text("cancel requested\n", rt.join(job_uri, rt.CANCEL))
+                return
+        with contextlib.suppress(httpx.HTTPError):
+            self.http.post(f"/api/jobs/{handle['submission_id']}/stop")
+
+    def pause(self, handle: dict[str, Any]) -> None:
+        """A `pause` file in storage: every rank creates its run's PAUSE file, they stop together after a step,
+        checkpoint, and rank 0 uploads the checkpoints and a `paused` result; the driver then exits 0 and `poll`
+        reports the run's EXIT_PAUSED (no Ray stop). A handle without storage (the former launcher, whose training
+        process shared the service's job directory and sees its PAUSE file), or storage that cannot be written:
+        Ray's job stop, a SIGTERM (in the second case the run ends without a `paused` result: the job fails)."""
+        job_uri = handle.get("storage")
+        if job_uri:
+            from advisor.jobs import ray_train as rt
+
+            with contextlib.suppress(OSError, ValueError):
+                rt.put_text("pause requested\n", rt.join(job_uri, rt.PAUSE_MARKER))
                 return
         with contextlib.suppress(httpx.HTTPError):
             self.http.post(f"/api/jobs/{handle['submission_id']}/stop")

@@ -356,7 +356,10 @@ class JobManager:
                 continue
             sent, now = handle.get("pause_sent_at"), self.clock()
             if sent is None:
-                self.launcher.cancel(handle)
+                # a launcher with its own pause (Ray: a `pause` file in storage, as the job dir's is not the
+                # workers'); the local one: SIGTERM, read with the job dir's PAUSE file as "checkpoint and pause"
+                pause = getattr(self.launcher, "pause", None)
+                (pause or self.launcher.cancel)(handle)
                 self.store.update_job(job["id"], expect=[S.RUNNING], handle={**handle, "pause_sent_at": now})
                 self.event(job["id"], "Pausing: the run checkpoints, then stops")
             elif now - sent > self.cfg.cancel_grace_s + 60 and not handle.get("killed"):

@@ -1,4 +1,4 @@
-"""What a job's training process measures (``advisor.jobs.train``): step times and memory peaks, written
+"""What a job's training process measures (``advisor.jobs.train``, from its Trainer callback): step times and memory peaks, written
 as result.json's ``measured`` and as measurement.json (a calibration record, advisor.stack.outcomes.TrialResult).
 
 Memory is measured the way calibration trials measure it, so a finished job can join a calibration fit
@@ -45,24 +45,24 @@ class JobMeter:
         self.step_times.append(step_time)
         self.step_walls.append(wall)
 
-    def live_meter(self, built: Any) -> Any:
-        """CPU, one process: a live-tensor meter holding the built model (calibration.trial's meter).
+    def live_meter(self, model: Any) -> Any:
+        """CPU, one process: a live-tensor meter holding `model` (calibration.trial's meter).
         None elsewhere (CUDA has the allocator's statistics; DDP replicas are not what trials measure)."""
         if self.device.type != "cpu" or self.world > 1:
             return None
         from advisor.stack.meters import LiveTensorMeter
 
         meter = LiveTensorMeter()
-        meter.track_module(built.model)
+        meter.track_module(model)
         return meter
 
-    def after_step(self, step: int, built: Any, live: Any) -> Any:
+    def after_step(self, step: int, optimizer: Any, live: Any) -> Any:
         """After the first step (`step` counts the steps done): optimiser states tracked and the peak reset
         (CPU), the allocator's peak statistics reset (CUDA). After the second: its peaks kept, the CPU meter
         dropped (returns the meter still in use, or None)."""
         if step == 1:
             if live is not None:
-                live.track_optimizer(built.optimizer)
+                live.track_optimizer(getattr(optimizer, "optimizer", optimizer))  # accelerate wraps it
                 live.reset_peak()
             elif self.device.type == "cuda":
                 from advisor.stack.meters import cuda_reset

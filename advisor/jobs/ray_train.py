@@ -21,12 +21,23 @@ Storage layout under ``<storage>/<job id>/`` (a shared directory or any URI pyar
     result.json, measurement.json, output/, checkpoints/          rank 0, at the end (whatever the end)
     workers/rank-N.json                                           where each rank ran (node id and IP, pid)
     cancel                                                        the launcher's stop request (graceful)
+    pause, pause-acks/rank-N                                      the launcher's pause request; each rank's
+                                                                  acknowledgement (its local PAUSE file made)
 
 Workers train in a node-local scratch directory and upload; the launcher mirrors events / result /
 measurement / output back into the service's job directory, where the manager reads them as for a local job.
 Cancel: the launcher writes ``cancel``; rank 0's watcher sets the run's stop flag, every rank leaves at the
-same step (``Run._check_stop`` all-reduces it), rank 0 writes and uploads a ``cancelled`` result. Ray's job
+same step (the run's step callback all-reduces it), rank 0 writes and uploads a ``cancelled`` result. Ray's job
 stop is only the forced path.
+
+Pause: the launcher writes ``pause``; every rank's watcher creates the run's PAUSE file in its scratch directory
+and acknowledges under ``pause-acks/``; once every rank has, rank 0's watcher sets the stop flag. The ranks leave
+at the same step, all of them with PAUSE present, so all take the checkpoint together (a collective under
+DDP/FSDP: a rank without PAUSE would leave while the others save, and hang them). Rank 0 uploads the
+checkpoints and a ``paused`` result; the driver exits 0 (a pause honoured is no failure of the Ray job) and the
+manager ends the job ``paused`` from the result. A resume is a new Ray job (``<job id>-<n>``): the launcher
+clears the markers and the stale result first (``clear_markers``), every worker downloads ``checkpoints/`` and
+``Run`` resumes from the last complete checkpoint in it; rank 0 continues the event log it downloads.
 
 Ray and pyarrow are imported inside functions: the launcher imports this module's storage helpers in the
 service, which needs neither torch nor a Ray driver.
@@ -52,6 +63,9 @@ SYNC_S = 1.0
 INPUTS = "inputs"
 WORKERS = "workers"
 CANCEL = "cancel"
+#: the launcher's pause request (next to `cancel`), and the directory where each rank acknowledges it
+PAUSE_MARKER = "pause"
+PAUSE_ACKS = "pause-acks"
 #: files the launcher mirrors back from storage (the output directory separately, once the job ended)
 MIRRORED = ("events.jsonl", "result.json", "measurement.json")
 
@@ -116,6 +130,35 @@ def get_dir(uri: str, local: Path) -> bool:
     return True
 
 
+def sync_dir(local: Path, uri: str) -> None:
+    """Make the directory at `uri` a copy of `local`: copy everything, then delete the top-level entries
+    `local` no longer has (checkpoints the run rotated out). The directory is otherwise opaque: whatever names
+    the run gives its checkpoints, storage ends up holding exactly them."""
+    from pyarrow import fs as pafs
+
+    if not local.is_dir():
+        return
+    put_dir(local, uri)
+    fs, path = _fs(uri)
+    keep = {p.name for p in local.iterdir()}
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        if info.base_name in keep or info.base_name.endswith(".part"):
+            continue
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(info.path)
+
+
+def remove_dir(uri: str) -> None:
+    """Delete the directory at `uri` and everything in it, if it is there."""
+    from pyarrow import fs as pafs
+
+    fs, path = _fs(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+
+
 def exists(uri: str) -> bool:
     from pyarrow import fs as pafs
 
@@ -139,6 +182,15 @@ def put_text(text: str, uri: str) -> None:
         put_file(p, uri)
 
 
+def clear_markers(job_uri: str) -> None:
+    """Before a run of the job is submitted: no stop or pause request, acknowledgement or result of an earlier
+    run (a resumed job would otherwise stop at once, or be read as ended before it started). The event log and
+    checkpoints stay: the new run continues them."""
+    for name in (CANCEL, PAUSE_MARKER, *MIRRORED[1:]):
+        remove(join(job_uri, name))
+    remove_dir(join(job_uri, PAUSE_ACKS))
+
+
 def check_storage(uri: str) -> None:
     """Raise ValueError when `uri` names no filesystem pyarrow can open (checked when the service starts)."""
     try:
@@ -148,18 +200,36 @@ def check_storage(uri: str) -> None:
 
 
 # ---- the worker loop ---------------------------------------------------------------------------------
-def _watch(run: Any, job_uri: str, local_events: Path, done: threading.Event) -> None:
-    """Rank 0's companion thread: upload the event log as it grows, and turn a `cancel` file into a stop."""
-    sent = -1
+def _watch(
+    run: Any, job_dir: Path, job_uri: str, local_events: Path | None, done: threading.Event, rank: int, world: int
+) -> None:
+    """Each rank's companion thread. Rank 0 uploads the event log as it grows and turns a `cancel` file into a
+    stop. A `pause` file: every rank creates the run's PAUSE file (``Run._pause_requested``) and acknowledges;
+    rank 0 sets the stop flag once all `world` ranks have, so every rank leaves at the same step knowing it is a
+    pause (a cancel that comes during a pause waits for the same acknowledgements)."""
+    from advisor.jobs.train import PAUSE
+
+    sent, acked = -1, False
     while not done.wait(SYNC_S):
-        with contextlib.suppress(OSError):
-            size = local_events.stat().st_size
-            if size != sent:
-                put_file(local_events, join(job_uri, "events.jsonl"))
-                sent = size
-        with contextlib.suppress(OSError):
-            if exists(join(job_uri, CANCEL)):
-                run.stop_requested = True  # Run._check_stop: every rank leaves at the same micro-step
+        if local_events is not None:
+            with contextlib.suppress(OSError):
+                size = local_events.stat().st_size
+                if size != sent:
+                    put_file(local_events, join(job_uri, "events.jsonl"))
+                    sent = size
+        with contextlib.suppress(OSError, ValueError):
+            pausing = acked or exists(join(job_uri, PAUSE_MARKER))
+            if pausing and not acked:
+                (job_dir / PAUSE).touch()  # before the ack: a stop never reaches a rank that lacks it
+                put_text(f"rank {rank} pausing\n", join(job_uri, PAUSE_ACKS, f"rank-{rank}"))
+                acked = True
+            if rank != 0:
+                continue
+            if pausing:
+                if all(exists(join(job_uri, PAUSE_ACKS, f"rank-{r}")) for r in range(world)):
+                    run.stop_requested = True  # Run: finish the step, checkpoint, end `paused`
+            elif exists(join(job_uri, CANCEL)):
+                run.stop_requested = True  # all-reduced at each step end by the run: every rank leaves at the same step
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -197,20 +267,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             get_file(join(job_uri, EVENTS), scratch / EVENTS)  # before Run opens it for appending
         run = Run(spec, scratch)
         done = threading.Event()
-        watcher = None
+        events = None
         if rank == 0:
-            (scratch / EVENTS).touch()
-            watcher = threading.Thread(target=_watch, args=(run, job_uri, scratch / EVENTS, done), daemon=True)
-            watcher.start()
+            events = scratch / EVENTS
+            events.touch()
+        args = (run, scratch, job_uri, events, done, rank, ctx.get_world_size())
+        watcher = threading.Thread(target=_watch, args=args, daemon=True)
+        watcher.start()
         try:
             code = run.run()
         finally:
             done.set()
-            if watcher is not None:
-                watcher.join(SYNC_S * 5)
+            watcher.join(SYNC_S * 5)
             if rank == 0:  # the end state, whatever it was: the service learns it from these files
                 put_dir(scratch / OUTPUT, join(job_uri, OUTPUT))
-                put_dir(scratch / CHECKPOINTS, join(job_uri, CHECKPOINTS))
+                # whole (whatever the run names its checkpoints), and before the result: a `paused` result in
+                # storage means its checkpoint is there for the resume
+                sync_dir(scratch / CHECKPOINTS, join(job_uri, CHECKPOINTS))
                 for name in reversed(MIRRORED):  # result.json last but one, events last: complete when seen
                     if (scratch / name).is_file():
                         put_file(scratch / name, join(job_uri, name))
@@ -230,7 +303,7 @@ def scaling(spec: Any, cpus_per_worker: float) -> dict[str, Any]:
 
 
 def drive(job_id: str, storage: str, cpus_per_worker: float = 1.0) -> int:
-    """Run the job's TorchTrainer to its end; exit status 0 when it succeeded or was cancelled, else 1."""
+    """Run the job's TorchTrainer to its end; exit status 0 when it succeeded, was cancelled or paused, else 1."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -270,8 +343,9 @@ def exit_code(job_uri: str) -> int:
         if not get_file(join(job_uri, "result.json"), Path(d) / "result.json"):
             return EXIT_FAILED
         status = json.loads((Path(d) / "result.json").read_text()).get("status")
-    # a cancel honoured is not a failure of the Ray job (Ray would list it as FAILED); result.json tells the service
-    return {"succeeded": EXIT_OK, "cancelled": EXIT_OK}.get(status, EXIT_FAILED)
+    # a cancel or a pause honoured is not a failure of the Ray job (Ray would list it as FAILED); result.json
+    # tells the service which it was (RayLauncher.poll reports the run's own exit code from it)
+    return {"succeeded": EXIT_OK, "cancelled": EXIT_OK, "paused": EXIT_OK}.get(status, EXIT_FAILED)
 
 
 def main(argv: list[str] | None = None) -> int:

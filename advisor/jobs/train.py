@@ -4,32 +4,56 @@ Reads ``DIR/job.json`` (a JobSpec), trains, and writes everything the server nee
 server can die and come back without losing the job:
 
     events.jsonl       one JSON line per event (messages, per-step metrics, checkpoints), flushed as written
-    checkpoints/       step-NNNNNN/ (adapter or model + tokenizer), the last `keep_checkpoints` kept
+    checkpoints/       transformers' checkpoint-N/ (adapter or model, tokenizer, optimizer.pt, scheduler.pt,
+                       rng_state.pth, scaler.pt under fp16, trainer_state.json written last), the last
+                       `keep_checkpoints` kept
     output/            the final adapter (adapter_model.safetensors + adapter_config.json) or model, and tokenizer
-    result.json        status (succeeded | failed | cancelled), error {code, message}, what was measured
+    result.json        status (succeeded | failed | cancelled | paused), error {code, message}, what was measured
     measurement.json   the run as a calibration record (advisor.stack.outcomes.TrialResult)
+
+How it trains: transformers' ``Trainer`` runs the steps (data order from its seeded sampler, gradient
+accumulation with ``no_sync`` under DDP, FSDP and DDP from ``accelerate launch`` or from a process group
+Ray Train set up, mixed precision, clipping, the linear warm-up/decay schedule, checkpoints and their
+resumption); callbacks (``_JobCallback``) write our events, metrics, checkpoint events and measurements,
+and stop the run on SIGTERM. What the Trainer is given, and why:
+
+- the model from ``advisor.stack.build`` (peft LoRA/DoRA, bitsandbytes QLoRA, activation checkpointing),
+  so a job trains exactly what was estimated and calibrated, and the plan's optimiser
+  (``make_optimizer``, through ``create_optimizer``: ``optimizers=`` is refused under FSDP);
+- the loss of an optimiser step is the sum over its micro-batches' trained tokens divided by the step's
+  trained tokens across processes (the Trainer's ``num_items_in_batch`` over shifted labels with
+  ``average_tokens_across_devices``; the peft-wrapped causal LM accepts it), not a mean of per-micro-batch
+  means (transformers #34191). The logged ``train_loss`` of a step is that token-weighted mean;
+- mixed precision where the plan computes in half and the trained parameters are fp32 (adapters on a
+  half base, full fine-tuning with fp32 master weights): ``fp16`` (autocast and dynamic loss scaling) or
+  ``bf16``. accelerate turns fp16 off on a CPU without a word; there the same autocast and a CPU
+  GradScaler are switched on, so an fp16 plan trains under loss scaling wherever it runs. Pure-half full
+  fine-tuning trains in its own dtype, without a scaler (none can unscale fp16 gradients);
+- batches from ``data.Collator`` over our own tokenisation (``data.py``: exact per-message label masks):
+  packed blocks carry block-diagonal 4D masks and position ids restarting at every example, and no label
+  is predicted across an example boundary, so packing is boundary-safe under SDPA and eager attention on
+  any device.
+
+Why ``Trainer`` and not TRL's ``SFTTrainer`` here: SFTTrainer's value is dataset preparation (chat
+templates, completion-only masks, packing), which we do ourselves with exact per-message label masks;
+its padding-free packing is boundary-safe only under flash-attention, whereas our masks work under
+SDPA/eager on any device. Underneath, SFTTrainer is this same Trainer. ``bench/job_overhead.py``
+compares a job's throughput with SFTTrainer run by hand on the same model and sequences.
+
+Under ``accelerate launch`` (WORLD_SIZE > 1) each process builds a one-device replica and the Trainer's
+accelerator wraps it (DDP, or FSDP when launched with the FSDP flags); rank 0 writes events and files.
+
+SIGTERM stops the run at the next micro-step with status ``cancelled`` (the manager tells a cancel request
+from an outside SIGTERM); with a ``pause`` file in the job directory the run finishes the step, checkpoints
+and ends ``paused``, and a relaunch resumes from the last complete checkpoint (``trainer.train(
+resume_from_checkpoint=...)``: weights, optimiser, scheduler, scaler, RNG, step and data position). Under
+several processes every rank stops at the same step (the flag is all-reduced).
 
 Memory and step times are measured the way calibration trials measure them (``advisor.jobs.measure``),
 so a finished job can join a calibration fit (``calibration.feedback``).
 
-The model is built by ``advisor.stack.build`` (the code calibration trials measure), so a job trains
-exactly what was estimated and calibrated: peft LoRA, bitsandbytes NF4 with double quantisation and
-``prepare_model_for_kbit_training`` for QLoRA, activation checkpointing, the plan's optimiser.
-Under ``accelerate launch`` (WORLD_SIZE > 1) each process builds a one-device replica and accelerate
-wraps it (DDP, or FSDP when launched with the FSDP flags); rank 0 writes events and files.
-
-SIGTERM stops the run at the next micro-step with status ``cancelled`` (the manager tells a cancel request
-from an outside SIGTERM); with a ``pause`` file in the job directory the run first checkpoints and ends
-``paused``, and a relaunch resumes from the last checkpoint (weights, optimiser state, step, schedule).
-
-The loop fixes what a naive loop gets wrong (what transformers' Trainer does): the loss of an optimiser
-step is the sum over its micro-batches' trained tokens divided by the step's trained tokens (across
-processes), not a mean of per-micro-batch means (transformers #34191); fp16 compute trains under a
-GradScaler (dynamic loss scaling); packed sequences carry per-example block-diagonal causal masks and
-position ids restarting at every example, so no token attends across an example boundary (SDPA included).
-
-torch is imported here only
-(and in ``advisor.jobs.measure``), inside functions: the job manager imports this module's constants.
+torch and transformers are imported here only (and in ``advisor.jobs.measure``), inside functions: the
+job manager imports this module's constants.
 """
 
 from __future__ import annotations
@@ -37,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import math
 import os
@@ -63,7 +88,11 @@ EVENTS, RESULT, MEASUREMENT, OUTPUT, CHECKPOINTS = (
     "checkpoints",
 )
 PAUSE = "pause"  # present in the job directory when a SIGTERM means "checkpoint and pause"
-TRAINER_STATE, OPTIMIZER_STATE = "trainer_state.json", "optimizer.pt"
+TRAINER_STATE = "trainer_state.json"  # transformers' TRAINER_STATE_NAME: a checkpoint is complete once it exists
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' PREFIX_CHECKPOINT_DIR: checkpoints/checkpoint-<step>
+#: keys of the per-step entries the callback adds to the Trainer's log_history (saved in trainer_state.json,
+#: so a resumed run gets back its losses and token count from the checkpoint itself)
+JOB_LOSS, JOB_TOKENS = "job_train_loss", "job_trained_tokens"
 #: a test hook: cap the size of any file this process writes (RLIMIT_FSIZE): a full disk, for real
 FSIZE_LIMIT_ENV = "ADVISOR_TRAIN_FSIZE_LIMIT_BYTES"
 MAX_VALID_BLOCKS = 32
@@ -150,8 +179,11 @@ class Run:
         self.events = EventLog(job_dir / EVENTS if self.main else None)
         self.stop_requested = False
         self.phase = "model_load"
-        self.accelerator: Any = None
         self.device: Any = None
+        self.trainer: Any = None  # the Trainer (_trainer_classes), once built
+        self.callback: Any = None
+        self.pausing = False  # the stop was a pause: the callback asked the Trainer for a checkpoint first
+        self.resumed_from: Path | None = None  # the last complete checkpoint, when this run continues one
         self.meter = JobMeter(self.world)  # step times and memory peaks (advisor.jobs.measure)
         self.losses: list[float] = []
         self.trained_tokens = 0
@@ -195,21 +227,12 @@ class Run:
                 print(f"cannot write the result: {exc}", file=sys.stderr)
         with contextlib.suppress(OSError):
             self.events.close()
+        if self.callback is not None:
+            self.callback.close()
         return {"succeeded": EXIT_OK, "cancelled": EXIT_CANCELLED, "paused": EXIT_PAUSED}.get(status, EXIT_FAILED)
 
     def _on_sigterm(self, _signum: int, _frame: Any) -> None:
         self.stop_requested = True
-
-    def _check_stop(self) -> None:
-        stop = self.stop_requested
-        if self.world > 1:  # every rank must leave at the same step, or the others hang in a collective
-            import torch
-
-            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
-            torch.distributed.all_reduce(flag)
-            stop = bool(flag.item())
-        if stop:
-            raise Cancelled()
 
     def _pause_requested(self) -> bool:
         return (self.job_dir / PAUSE).exists()
@@ -250,6 +273,7 @@ class Run:
         self.phase = "model_load"
         if limit := os.environ.get("ADVISOR_TRAIN_MEMORY_LIMIT_BYTES"):
             import peft  # noqa: F401
+            import transformers.trainer  # noqa: F401
 
             import advisor.stack.build  # noqa: F401  (the libraries load before the cap: it is for the model)
 
@@ -260,8 +284,7 @@ class Run:
         self._train(built, train, valid, pad_id, tokenizer)
 
         self.phase = "output"
-        if self.main:
-            self._save(built, tokenizer, self.job_dir / OUTPUT)
+        self._save(self.job_dir / OUTPUT)
         self.events.emit(
             f"Training finished: {self.step} steps, loss {self.losses[0]:.4f} -> {self.losses[-1]:.4f}",
             output_dir=str(self.job_dir / OUTPUT),
@@ -343,11 +366,7 @@ class Run:
         self.build_s = time.perf_counter() - t
         self.trainable_params = built.trainable_params
         self.lora_modules = list(built.lora_modules)
-        if self.world > 1:
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator()
-            built.model, built.optimizer = self.accelerator.prepare(built.model, built.optimizer)
+        built.optimizer = None  # the Trainer makes the plan's optimiser over the (possibly wrapped) model's parameters
         self.events.emit(
             f"Model ready in {self.build_s:.1f} s: {built.trainable_params:,} trainable parameters"
             + (f", LoRA on {', '.join(built.lora_modules)}" if built.lora_modules else ""),
@@ -355,240 +374,95 @@ class Run:
         )
         return built
 
-    def _unwrapped(self, built: Any) -> Any:
-        return self.accelerator.unwrap_model(built.model) if self.accelerator is not None else built.model
-
-    # ---- training loop ------------------------------------------------------------------------------
-    def _micro_loss_sum(self, built: Any, micro: list[D.Tokens], pad_id: int, model: Any = None) -> tuple[Any, int]:
-        """Forward one micro-batch; returns (summed token cross-entropy, trained tokens). Packed blocks get
-        their block-diagonal masks and per-example position ids; right-padded ones need no mask."""
-        import torch
-
-        ids, labels = D.pad_batch(micro, pad_id)
-        kwargs: dict[str, Any] = {"input_ids": torch.tensor(ids, device=self.device)}
-        if any(s.segments is not None and len(set(s.segments)) > 1 for s in micro):  # blocks of one example: causal
-            segs, pos = D.pad_segments(micro)
-            kwargs["attention_mask"] = block_causal_mask(
-                torch.tensor(segs, device=self.device), self._mask_dtype(built)
-            )
-            kwargs["position_ids"] = torch.tensor(pos, device=self.device)
-        with built._autocast():
-            logits = (model or built.model)(**kwargs).logits
-        return token_loss_sum(logits, torch.tensor(labels, device=self.device)), sum(s.loss_tokens for s in micro)
-
-    def _mask_dtype(self, built: Any) -> Any:
-        import torch
-
-        if built.autocast_dtype is not None:
-            return built.autocast_dtype
-        return next((p.dtype for p in built.model.parameters() if p.is_floating_point()), torch.float32)
-
+    # ---- training: transformers' Trainer and the callback that reports it -------------------------------
     def _train(self, built: Any, train: list[D.Tokens], valid: list[D.Tokens], pad_id: int, tokenizer: Any) -> None:
         import torch
+        from transformers import TrainingArguments
 
         spec, plan = self.spec, built.plan
+        amp = mixed_precision(built)
         steps_per_epoch = -(-len(train) // spec.batch_size)
-        self.total_steps = steps_per_epoch * spec.n_epochs
-        warmup = int(spec.warmup_ratio * self.total_steps)
-        scaler = make_scaler(built)
-        start = self._resume(built, scaler)
-
-        def lr_lambda(i: int) -> float:  # linear warm-up, then linear decay to zero (continues after a resume)
-            step = i + start
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(built.optimizer, lr_lambda)
-        params = [p for p in built.model.parameters() if p.requires_grad]
-        per_rank = spec.batch_size // self.world
-        self.events.emit(
-            f"Training: {spec.n_epochs} epochs x {steps_per_epoch} steps, batch {spec.batch_size} "
-            f"({plan.micro_batch} per micro-step x {plan.grad_accum} accumulated x {self.world} processes)"
-            + (" under fp16 loss scaling" if scaler is not None else ""),
-            total_steps=self.total_steps,
+        warmup = int(spec.warmup_ratio * steps_per_epoch * spec.n_epochs)
+        args = TrainingArguments(
+            output_dir=str(self.job_dir / CHECKPOINTS),
+            per_device_train_batch_size=plan.micro_batch,
+            gradient_accumulation_steps=plan.grad_accum,
+            num_train_epochs=spec.n_epochs,
+            learning_rate=spec.learning_rate,
+            weight_decay=spec.weight_decay,
+            lr_scheduler_type="linear",  # linear warm-up, then linear decay to zero
+            warmup_steps=warmup,
+            max_grad_norm=spec.max_grad_norm or 0.0,
+            fp16=amp == "fp16",
+            bf16=amp == "bf16",
+            use_cpu=self.device.type == "cpu",
+            seed=spec.seed,
+            data_seed=spec.seed,
+            average_tokens_across_devices=True,
+            dataloader_drop_last=False,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,  # the collator's keys are the model's inputs
+            ddp_find_unused_parameters=False,
+            save_strategy="no",  # the callback decides when (per epoch, every N steps, on a pause)
+            save_total_limit=spec.keep_checkpoints,
+            logging_strategy="no",  # the callback logs every step as our events
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+        )
+        job_trainer, job_callback = _trainer_classes()
+        collator = D.Collator(pad_id, amp_dtype(amp) or _param_dtype(built.model), count_tokens=True)
+        self.callback = job_callback(self, valid, collator, steps_per_epoch, amp)
+        self.trainer = job_trainer(
+            model=built.model,
+            args=args,
+            train_dataset=train,
+            data_collator=collator,
+            processing_class=tokenizer,
+            callbacks=[self.callback],
+            plan_optimizer=plan.optimizer,
+            cpu_fp16=amp == "fp16" and self.device.type == "cpu",
         )
         cuda = self.device.type == "cuda"
         # single-threaded CPU: process CPU time per step (neighbours cannot stretch it), as in the trials
         cpu_clock = not cuda and self.world == 1 and torch.get_num_threads() == 1
         self.meter.step_time_meter = "process_cpu_time" if cpu_clock else ("cuda_synchronized_wall" if cuda else "wall")
-        live = self.meter.live_meter(built)
-        index = 0
-        for epoch in range(spec.n_epochs):
-            for batch in D.epoch_batches(len(train), spec.batch_size, spec.seed, epoch):
-                index += 1
-                if index <= start:  # trained before the checkpoint this run resumed from
-                    continue
-                mine = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
-                micros = [
-                    [train[j] for j in mine[i : i + plan.micro_batch]] for i in range(0, len(mine), plan.micro_batch)
-                ]
-                metered = live is not None and self.step - start < 2  # the first step, then the measured one
-                with live if metered else contextlib.nullcontext():
-                    t, c = time.perf_counter(), time.process_time()
-                    # the step's loss is over all its trained tokens (every micro-batch, every process)
-                    n_items = torch.tensor(float(sum(s.loss_tokens for m in micros for s in m)), device=self.device)
-                    if self.world > 1:
-                        torch.distributed.all_reduce(n_items)
-                    loss = torch.zeros((), device=self.device)
-                    tokens = 0
-                    for k, micro in enumerate(micros):
-                        sync = k == len(micros) - 1 or self.accelerator is None
-                        ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(built.model)
-                        with ctx:  # DDP all-reduces the gradients once per optimiser step, not per micro-batch
-                            total, _ = self._micro_loss_sum(built, micro, pad_id)
-                            # DDP averages gradients over processes: scale by world so the sum is over tokens
-                            scaled = total * self.world / n_items
-                            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                        loss += total.detach() / n_items
-                        tokens += sum(len(s.ids) for s in micro)
-                        if self.stop_requested and self.world == 1 and not self._pause_requested():
-                            raise Cancelled()  # a pause finishes the step, then checkpoints
-                    if scaler is not None:
-                        scaler.unscale_(built.optimizer)
-                    if spec.max_grad_norm:
-                        torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(built.optimizer)
-                        scaler.update()
-                        built.optimizer.zero_grad(set_to_none=True)
-                    else:
-                        built.optimizer_step()
-                    lr = sched.get_last_lr()[0]
-                    sched.step()
-                    if self.world > 1:
-                        torch.distributed.all_reduce(loss)  # each rank's share of the token-weighted mean
-                        tokens *= self.world
-                    if cuda:
-                        torch.cuda.synchronize(self.device)
-                    dt = time.perf_counter() - t
-                    cpu_dt = time.process_time() - c
-                value = float(loss)
-                if not math.isfinite(value):
-                    raise Failure("training", f"the loss is {value} at step {self.step + 1}: training diverged")
-                self.meter.record_step(self.step - start, cpu_dt if cpu_clock else dt, dt, metered)
-                self.step += 1
-                self.losses.append(value)
-                self.trained_tokens += tokens
-                live = self.meter.after_step(self.step - start, built, live)
-                self.events.emit(
-                    f"Step {self.step}/{self.total_steps}: training loss={value:.4f}",
-                    "metrics",
-                    step=self.step,
-                    total_steps=self.total_steps,
-                    epoch=epoch + 1,
-                    train_loss=value,
-                    learning_rate=lr,
-                    tokens_per_s=tokens / dt if dt > 0 else None,
-                    step_time_s=dt,
-                    peak_memory_gib=self.meter.peak_bytes() / 2**30,
-                    trained_tokens=self.trained_tokens,
-                    elapsed_s=time.time() - self.t0,
-                    loss_scale=scaler.get_scale() if scaler is not None else None,
-                )
-                try:
-                    self._check_stop()
-                except Cancelled:
-                    if self._pause_requested() and self.step != self.total_steps:
-                        self._checkpoint(built, tokenizer, valid, pad_id, epoch + 1, scaler)
-                        raise Paused() from None
-                    raise
-                every = spec.checkpoint_every_steps
-                if every and self.step % every == 0 and self.step != self.total_steps:
-                    self._checkpoint(built, tokenizer, valid, pad_id, epoch + 1, scaler)
-            if (not spec.checkpoint_every_steps or epoch + 1 == spec.n_epochs) and index > start:
-                self._checkpoint(built, tokenizer, valid, pad_id, epoch + 1, scaler)
+        self.resumed_from = latest_checkpoint(self.job_dir / CHECKPOINTS)
+        self.trainer.train(resume_from_checkpoint=str(self.resumed_from) if self.resumed_from is not None else None)
+        if self.pausing:
+            raise Paused()
 
-    def _resume(self, built: Any, scaler: Any) -> int:
-        """Load the last complete checkpoint (weights, optimiser, scaler, counters) if there is one; returns
-        the step it was taken at (0 for a fresh run)."""
-        last = latest_checkpoint(self.job_dir / CHECKPOINTS)
-        if last is None:
-            return 0
-        import torch
-
-        state = json.loads((last / TRAINER_STATE).read_text())
-        model = self._unwrapped(built)
-        load_weights(model, last)
-        opt = last / OPTIMIZER_STATE
-        if opt.is_file():
-            saved = torch.load(opt, map_location=self.device, weights_only=True)
-            built.optimizer.load_state_dict(saved["optimizer"])
-            if scaler is not None and saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-        self.step = int(state["step"])
-        self.losses = [float(x) for x in state.get("losses", [])]
-        self.trained_tokens = int(state.get("trained_tokens", 0))
-        self.events.emit(f"Resumed from the checkpoint at step {self.step}", step=self.step, path=str(last))
-        return self.step
-
-    def _valid_loss(self, built: Any, valid: list[D.Tokens], pad_id: int) -> float | None:
+    def _valid_loss(self, valid: list[D.Tokens], collator: Any) -> float | None:
+        """Token-weighted validation loss over the first MAX_VALID_BLOCKS sequences, with the training masks.
+        Every rank runs the same forwards on the wrapped model (a DDP/FSDP forward is a collective)."""
         if not valid:
             return None
         import torch
 
-        model = self._unwrapped(built)
+        model = self.trainer.model_wrapped
         model.eval()
         total, n = 0.0, 0
-        with torch.no_grad():  # token-weighted, with the same per-example masks as training
+        with torch.no_grad():
             for s in valid[:MAX_VALID_BLOCKS]:
-                loss_sum, tokens = self._micro_loss_sum(built, [s], pad_id, model=model)
-                total += float(loss_sum)
-                n += tokens
+                batch = {k: v.to(self.trainer.args.device) for k, v in collator([s]).items()}
+                labels = batch.pop("labels")
+                batch.pop(D.NUM_TOKENS, None)
+                with self.trainer.autocast_smart_context_manager():
+                    logits = model(**batch).logits
+                total += float(token_loss_sum(logits, labels))
+                n += s.loss_tokens
         model.train()
         return total / max(1, n)
 
-    def _checkpoint(
-        self, built: Any, tokenizer: Any, valid: list[D.Tokens], pad_id: int, epoch: int, scaler: Any = None
-    ) -> None:
-        path = self.job_dir / CHECKPOINTS / f"step-{self.step:06d}"
-        self._save(built, tokenizer, path)
-        if not self.main:
-            return
-        import torch
-
-        sharded = self.accelerator is not None and getattr(self.accelerator.state, "fsdp_plugin", None) is not None
-        if not sharded:  # FSDP shards the optimiser state: its resume reloads the weights only
-            torch.save(
-                {"optimizer": built.optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None},
-                path / OPTIMIZER_STATE,
-            )
-        # written last: a checkpoint without it is incomplete (the disk filled mid-save) and never resumed from
-        _atomic_json(
-            path / TRAINER_STATE,
-            {"step": self.step, "epoch": epoch, "losses": self.losses, "trained_tokens": self.trained_tokens},
-        )
-        valid_loss = self._valid_loss(built, valid, pad_id)
-        kept = sorted((self.job_dir / CHECKPOINTS).glob("step-*"))
-        removed = kept[: max(0, len(kept) - self.spec.keep_checkpoints)]
-        for old in removed:
-            import shutil
-
-            shutil.rmtree(old, ignore_errors=True)
-        metrics = {"step": self.step, "epoch": epoch, "train_loss": self.losses[-1]}
-        if valid_loss is not None:
-            metrics["full_valid_loss"] = valid_loss
-        self.events.emit(
-            f"Checkpoint at step {self.step}"
-            + (f": validation loss={valid_loss:.4f}" if valid_loss is not None else ""),
-            "checkpoint",
-            step=self.step,
-            path=str(path),
-            metrics=metrics,
-            removed=[str(p) for p in removed],
-        )
-
-    def _save(self, built: Any, tokenizer: Any, path: Path) -> None:
-        """Adapter (LoRA/QLoRA) or model (full) as safetensors, plus the tokenizer."""
-        model = self._unwrapped(built)
-        if self.accelerator is not None:
-            state = self.accelerator.get_state_dict(built.model)  # a collective under FSDP: every rank
-            if self.main:
-                model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
-        elif self.main:
-            model.save_pretrained(str(path), safe_serialization=True)
+    def _save(self, path: Path) -> None:
+        """Adapter (LoRA/QLoRA) or model (full) as safetensors, plus the tokenizer: what the service serves,
+        without the Trainer's training_args.bin. Every rank calls it (a collective under FSDP)."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        state = trainer.accelerator.get_state_dict(trainer.model) if self.world > 1 else None
         if self.main:
-            tokenizer.save_pretrained(str(path))
+            model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+            trainer.processing_class.save_pretrained(str(path))
 
     # ---- result files ---------------------------------------------------------------------------------
     def _write_result(self, status: str, error: dict[str, Any] | None) -> None:
@@ -629,9 +503,222 @@ class Run:
             _atomic_json(self.job_dir / MEASUREMENT, record)
 
 
+@functools.cache
+def _trainer_classes() -> tuple[type, type]:
+    """(the job's Trainer, its callback): defined on first use, so importing this module loads no torch."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from advisor.stack.build import make_optimizer
+
+    class JobTrainer(Trainer):
+        """transformers' Trainer with the plan's optimiser, an fp16 loss scaler on the CPU too, and the
+        step's summed loss and token count kept for the callback."""
+
+        def __init__(self, *args: Any, plan_optimizer: str, cpu_fp16: bool, **kwargs: Any):
+            self.plan_optimizer = plan_optimizer
+            self.cpu_fp16 = cpu_fp16
+            self.step_loss: Any = None  # this rank's share of the step's token-weighted mean loss
+            self.step_tokens = 0  # tokens (padding excluded) this rank ran through the model in the step
+            super().__init__(*args, **kwargs)
+
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            if self.cpu_fp16:  # accelerate leaves fp16 off on a CPU: the same autocast and loss scaling as on CUDA
+                self.accelerator.native_amp = True
+                self.accelerator.scaler = torch.amp.GradScaler("cpu")
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.optimizer is None:
+                params = [p for p in (model or self.model).parameters() if p.requires_grad]
+                self.optimizer = make_optimizer(
+                    self.plan_optimizer, params, self.args.learning_rate, self.args.weight_decay
+                )
+            return self.optimizer
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            self.step_tokens += int(inputs.pop(D.NUM_TOKENS))  # before the model sees the batch
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.step_loss = loss if self.step_loss is None else self.step_loss + loss
+            return loss
+
+    class JobCallback(TrainerCallback):
+        """Writes the run's events, metrics and checkpoint events, meters its steps, and stops it."""
+
+        def __init__(self, run: Run, valid: list[D.Tokens], collator: Any, steps_per_epoch: int, amp: str | None):
+            self.run = run
+            self.valid = valid
+            self.collator = collator
+            self.steps_per_epoch = steps_per_epoch
+            self.amp = amp
+            self.start = 0
+            self.live: Any = None  # the live-tensor meter (CPU, one process) while it is needed
+            self.live_on = False  # entered for the step in progress
+            self.t = self.c = 0.0
+            self.lr: float | None = None
+            self.known: list[str] = []  # checkpoint directories seen, oldest first
+
+        # -- the run's start
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run, spec, trainer = self.run, self.run.spec, self.run.trainer
+            run.total_steps = state.max_steps
+            self.start = run.step = state.global_step
+            self.known = [str(p) for p in _checkpoints(Path(args.output_dir))]
+            if self.start:  # resumed: losses and token count back from the checkpoint's log history
+                done = [h for h in state.log_history if JOB_LOSS in h and h["step"] <= self.start]
+                run.losses = [float(h[JOB_LOSS]) for h in done]
+                run.trained_tokens = int(done[-1][JOB_TOKENS]) if done else 0
+                run.events.emit(
+                    f"Resumed from the checkpoint at step {self.start}",
+                    step=self.start,
+                    path=str(run.resumed_from),
+                )
+            scaled = trainer.accelerator.scaler is not None
+            run.events.emit(
+                f"Training: {spec.n_epochs} epochs x {self.steps_per_epoch} steps, batch {spec.batch_size} "
+                f"({args.per_device_train_batch_size} per micro-step x {args.gradient_accumulation_steps} "
+                f"accumulated x {run.world} processes)"
+                + (" under fp16 loss scaling" if scaled else (f" under {self.amp} autocast" if self.amp else "")),
+                total_steps=run.total_steps,
+            )
+            self.live = run.meter.live_meter(trainer.model)
+
+        # -- one optimiser step
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trainer = self.run.trainer
+            trainer.step_loss, trainer.step_tokens = None, 0
+            if self.live is not None and state.global_step - self.start < 2:  # the first step, then the measured one
+                self.live.__enter__()
+                self.live_on = True
+            self.t, self.c = time.perf_counter(), time.process_time()
+
+        def on_substep_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run = self.run
+            if run.stop_requested and run.world == 1 and not run._pause_requested():
+                raise Cancelled()  # a pause finishes the step, then checkpoints
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.lr = float(self.run.trainer.lr_scheduler.get_last_lr()[0])  # the rate this step used
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run, trainer = self.run, self.run.trainer
+            device = args.device
+            loss = trainer.step_loss if trainer.step_loss is not None else torch.zeros((), device=device)
+            flags = torch.stack(
+                [
+                    loss.detach().float().reshape(()),
+                    torch.tensor(float(trainer.step_tokens), device=device),
+                    torch.tensor(1.0 if run.stop_requested else 0.0, device=device),
+                    torch.tensor(1.0 if run.stop_requested and run._pause_requested() else 0.0, device=device),
+                ]
+            )
+            if run.world > 1:  # every rank's share of the loss and tokens; every rank stops (or pauses) alike
+                torch.distributed.all_reduce(flags)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt, cpu_dt = time.perf_counter() - self.t, time.process_time() - self.c
+            metered = self.live_on
+            self.close()
+            # average_tokens_across_devices: each rank's loss is its token sum / all tokens x world
+            value, tokens, stop, pause = float(flags[0]) / run.world, int(flags[1]), bool(flags[2]), bool(flags[3])
+            if not math.isfinite(value):
+                raise Failure("training", f"the loss is {value} at step {state.global_step}: training diverged")
+            cpu_clock = run.meter.step_time_meter == "process_cpu_time"
+            run.meter.record_step(state.global_step - 1 - self.start, cpu_dt if cpu_clock else dt, dt, metered)
+            run.step = state.global_step
+            run.losses.append(value)
+            run.trained_tokens += tokens
+            self.live = run.meter.after_step(run.step - self.start, trainer.optimizer, self.live)
+            state.log_history.append({"step": run.step, JOB_LOSS: value, JOB_TOKENS: run.trained_tokens})
+            scaler = trainer.accelerator.scaler
+            run.events.emit(
+                f"Step {run.step}/{run.total_steps}: training loss={value:.4f}",
+                "metrics",
+                step=run.step,
+                total_steps=run.total_steps,
+                epoch=-(-run.step // self.steps_per_epoch),
+                train_loss=value,
+                learning_rate=self.lr,
+                tokens_per_s=tokens / dt if dt > 0 else None,
+                step_time_s=dt,
+                peak_memory_gib=run.meter.peak_bytes() / 2**30,
+                trained_tokens=run.trained_tokens,
+                elapsed_s=time.time() - run.t0,
+                loss_scale=scaler.get_scale() if scaler is not None else None,
+            )
+            last = run.step >= run.total_steps
+            if stop and not pause:
+                raise Cancelled()
+            if stop and not last:  # a pause at the last step just finishes the run
+                run.pausing = control.should_training_stop = control.should_save = True  # checkpoint, then stop
+            every = run.spec.checkpoint_every_steps
+            if last or (every and run.step % every == 0) or (not every and run.step % self.steps_per_epoch == 0):
+                control.should_save = True
+
+        # -- a checkpoint the Trainer wrote (and rotated)
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            run = self.run
+            path = str(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{state.global_step}")
+            valid_loss = run._valid_loss(self.valid, self.collator)  # every rank: the forwards are collectives
+            now = {str(p) for p in _checkpoints(Path(args.output_dir))}
+            removed = [p for p in self.known if p not in now]
+            self.known = [p for p in self.known if p in now and p != path] + [path]
+            metrics: dict[str, Any] = {
+                "step": run.step,
+                "epoch": -(-run.step // self.steps_per_epoch),
+                "train_loss": run.losses[-1] if run.losses else None,
+            }
+            if valid_loss is not None:
+                metrics["full_valid_loss"] = valid_loss
+            run.events.emit(
+                f"Checkpoint at step {run.step}"
+                + (f": validation loss={valid_loss:.4f}" if valid_loss is not None else ""),
+                "checkpoint",
+                step=run.step,
+                path=path,
+                metrics=metrics,
+                removed=removed,
+            )
+
+        def close(self) -> None:
+            """Leave the live-tensor meter if a step left it entered (a stop or a failure mid-step)."""
+            if self.live_on:
+                self.live_on = False
+                self.live.__exit__(None, None, None)
+
+    return JobTrainer, JobCallback
+
+
+def mixed_precision(built: Any) -> str | None:
+    """The Trainer's mixed precision for a plan: ``fp16`` (autocast and dynamic loss scaling: fp16 gradients
+    underflow) or ``bf16`` (autocast) where the plan computes in half and every trained parameter is fp32
+    (adapters on a half base, LoRA and QLoRA; full fine-tuning with fp32 master weights). None for fp32, and
+    for pure-half full fine-tuning (its parameters are the half ones: no scaler can unscale fp16 gradients)."""
+    import torch
+
+    if built.plan.dtype not in ("fp16", "bf16"):
+        return None
+    trainable = [p for p in built.model.parameters() if p.requires_grad]
+    if not trainable or any(p.dtype != torch.float32 for p in trainable):
+        return None
+    return built.plan.dtype
+
+
+def amp_dtype(amp: str | None) -> Any:
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp or "")
+
+
+def _param_dtype(model: Any) -> Any:
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def token_loss_sum(logits: Any, labels: Any) -> Any:
-    """Summed next-token cross-entropy over the trained labels (fp32): the caller divides by the optimiser
-    step's trained tokens, so micro-batches weigh by their tokens (transformers' num_items_in_batch)."""
+    """Summed next-token cross-entropy over the trained labels (fp32), as transformers' ForCausalLMLoss
+    takes it before dividing by ``num_items_in_batch`` (the validation loss, and the tests' hand check)."""
     import torch.nn.functional as F
 
     # shift the labels, not the logits (as transformers' ForCausalLMLoss does): no copy of the logits
@@ -640,61 +727,30 @@ def token_loss_sum(logits: Any, labels: Any) -> Any:
     return F.cross_entropy(flat, target.reshape(-1), ignore_index=D.IGNORE, reduction="sum")
 
 
-def block_causal_mask(segments: Any, dtype: Any) -> Any:
-    """[batch, 1, L, L] additive mask: token i sees token j only when j <= i and both are in the same
-    example (segment id >= 0; padding is -1 and sees only itself, so no row is empty)."""
-    import torch
-
-    same = segments[:, :, None] == segments[:, None, :]
-    n = segments.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=segments.device)
-    allowed = (same & causal & (segments[:, None, :] >= 0)) | eye
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None, :, :]
+block_causal_mask = D.block_causal_mask  # the packed blocks' mask (built by data.Collator)
 
 
-def make_scaler(built: Any) -> Any:
-    """fp16 compute needs dynamic loss scaling (fp16 gradients underflow); bf16/fp32 do not. Only where
-    the trainable parameters are fp32 (the scaler cannot unscale fp16 gradients): adapters on an fp16
-    base (LoRA, QLoRA) and full fine-tuning with fp32 master weights."""
-    import torch
-
-    if built.plan.dtype != "fp16":
-        return None
-    trainable = [p for p in built.model.parameters() if p.requires_grad]
-    if not trainable or any(p.dtype != torch.float32 for p in trainable):
-        return None
-    return torch.amp.GradScaler(built.device.type)
+def _checkpoints(root: Path) -> list[Path]:
+    """transformers' checkpoint-<step> directories under `root`, by step."""
+    found = []
+    for p in root.glob(f"{CHECKPOINT_PREFIX}-*"):
+        step = p.name.rsplit("-", 1)[-1]
+        if p.is_dir() and step.isdigit():
+            found.append((int(step), p))
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint that was written to the end (its trainer_state.json exists)."""
-    done = sorted(p for p in root.glob("step-*") if (p / TRAINER_STATE).is_file())
-    return done[-1] if done else None
-
-
-def load_weights(model: Any, path: Path) -> None:
-    """A checkpoint's adapter (peft) or full weights into `model`."""
-    from safetensors.torch import load_file
-
-    adapter = path / "adapter_model.safetensors"
-    if adapter.is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(adapter)))
-        return
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise Failure("training", f"checkpoint {path} holds no weights")
-    state: dict[str, Any] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if "lm_head" in k or "embed" in k}
-    if unexpected or set(missing) - tied:
-        raise Failure("training", f"checkpoint {path} does not match the model: missing {missing[:5]}")
+    """The newest checkpoint that was written to the end: the Trainer writes trainer_state.json after the
+    weights, optimiser and scheduler, so one without it (or with it cut short: the disk filled mid-save) is
+    never resumed from."""
+    for path in reversed(_checkpoints(root)):
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            continue
+        return path
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

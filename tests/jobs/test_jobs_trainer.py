@@ -4,10 +4,11 @@ starved training process is reported.
 - accumulation: a step's loss is the sum over its micro-batches' trained tokens divided by all of them
   (transformers' ``num_items_in_batch`` fix, #34191), so gradients equal one pass over the whole batch;
   a mean of per-micro-batch means (the old loop) would not, and the test shows it differs;
-- fp16: where the trainable parameters are fp32 (adapters, master weights) an fp16 plan trains under a
-  GradScaler; the scaled, unscaled gradients are the unscaled ones, an overflow skips the step and halves
-  the scale. (This CPU has no fast fp16: the scaler runs on the CPU in fp32 here; the fp16 compute path
-  is the same code on CUDA.)
+- fp16: where the trainable parameters are fp32 (adapters, master weights) a half plan trains under the
+  Trainer's mixed precision, fp16 with a GradScaler (on a CPU too, where accelerate would leave it off);
+  the scaled, unscaled gradients are the unscaled ones, an overflow skips the step and halves the scale.
+  Pure-half full fine-tuning gets no mixed precision (no scaler can unscale fp16 gradients).
+  (test_jobs_vs_trainer.py runs whole fp16 jobs against the Trainer run by hand.)
 - packing: a packed block's second example gets exactly the logits it gets alone (a plain causal mask
   would let it attend to the first: the test checks that differs);
 - outside SIGTERM -> failed `terminated` (no cancelled event), SIGKILL -> `killed` (the cgroup OOM counter
@@ -62,7 +63,7 @@ def test_accumulated_loss_weighs_micro_batches_by_their_tokens(model: Any) -> No
     assert n_items == 18  # 16 + 2: labels after the first position (the loss is on shifted labels)
     model.zero_grad(set_to_none=True)
     ours = 0.0
-    for m in micros:  # what Run._train does per optimiser step
+    for m in micros:  # token_loss_sum (the validation loss) over the step's tokens
         ids, labels = D.pad_batch(m, 0)
         total = token_loss_sum(model(input_ids=torch.tensor(ids)).logits, torch.tensor(labels))
         (total / n_items).backward()
@@ -87,20 +88,30 @@ def test_accumulated_loss_weighs_micro_batches_by_their_tokens(model: Any) -> No
     assert abs(naive - ours) > 1e-3  # the weighting matters on this data: the test can fail
 
 
-def test_fp16_plans_train_under_a_loss_scaler(model: Any) -> None:
+def test_fp16_plans_train_under_a_loss_scaler(model: Any, tmp_path: Path) -> None:
+    import copy
+
     import torch
+    from transformers import TrainingArguments
 
     from advisor.jobs import data as D
-    from advisor.jobs.train import make_scaler, token_loss_sum
+    from advisor.jobs.train import _trainer_classes, mixed_precision, token_loss_sum
 
-    class Built:  # what make_scaler reads of a BuiltModel
-        def __init__(self, dtype: str):
+    class Built:  # what mixed_precision reads of a BuiltModel
+        def __init__(self, dtype: str, m: Any = model):
             self.plan = type("P", (), {"dtype": dtype})()
-            self.model, self.device = model, torch.device("cpu")
+            self.model = m
 
-    assert make_scaler(Built("bf16")) is None and make_scaler(Built("fp32")) is None
-    scaler = make_scaler(Built("fp16"))
-    assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 2.0**16
+    assert mixed_precision(Built("fp32")) is None and mixed_precision(Built("bf16")) == "bf16"
+    assert mixed_precision(Built("fp16")) == "fp16"  # fp32 trainable parameters (adapters, master weights)
+    assert mixed_precision(Built("fp16", copy.deepcopy(model).half())) is None  # pure-half full fine-tuning
+    # the job's Trainer on a CPU: fp16 autocast and a GradScaler, as on CUDA
+    job_trainer, _ = _trainer_classes()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp16=True, report_to="none")
+    trainer = job_trainer(model=model, args=args, plan_optimizer="adamw", cpu_fp16=True)
+    scaler = trainer.accelerator.scaler
+    assert trainer.accelerator.native_amp and isinstance(scaler, torch.amp.GradScaler)
+    assert scaler.get_scale() == 2.0**16
     ids, labels = D.pad_batch(_micros()[0], 0)
 
     def loss() -> Any:
@@ -133,18 +144,18 @@ def test_packed_examples_never_attend_across_their_boundary(model: Any) -> None:
     import torch
 
     from advisor.jobs import data as D
-    from advisor.jobs.train import block_causal_mask
 
     a, b = D.Tokens([5, 6, 7, 8, 9], [5, 6, 7, 8, 9]), D.Tokens([10, 11, 12, 13], [10, 11, 12, 13])
     block = D.pack([a, b], 32)[0]
     segs, pos = D.pad_segments([block])
     assert segs == [[0] * 5 + [1] * 4] and pos == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
-    ids = torch.tensor([block.ids])
+    batch = D.Collator(0, torch.float32)([block])  # what the job's Trainer feeds the model
+    assert batch["position_ids"].tolist() == pos
+    assert batch["labels"][0, 5] == D.IGNORE  # b's first token is not a target of a's last one
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([b.ids])).logits[0]
-        mask = block_causal_mask(torch.tensor(segs), torch.float32)
-        packed = model(input_ids=ids, attention_mask=mask, position_ids=torch.tensor(pos)).logits[0, 5:]
-        crossing = model(input_ids=ids).logits[0, 5:]  # one causal mask over the block
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, 5:]
+        crossing = model(input_ids=batch["input_ids"]).logits[0, 5:]  # one causal mask over the block
     assert torch.allclose(alone, packed, atol=1e-4)
     assert not torch.allclose(alone, crossing, atol=1e-2)
 
