@@ -55,11 +55,13 @@ def launchability(plan: TrainingPlan, target: LaunchTarget = LaunchTarget()) -> 
         if storage != plan.dtype:
             # FSDP flattens parameters of one dtype: 4-bit weights stored as uint8 next to bf16/fp16 modules
             # cannot be sharded together unless bitsandbytes stores the packed weights in the compute dtype
+            # (QLoRA sets it for fsdp plans: tests/stack/test_fsdp_qlora.py runs them; a method that does not
+            # is refused here)
             return Launchability(
                 False,
-                "FSDP with QLoRA needs bitsandbytes' bnb_4bit_quant_storage = the compute dtype "
-                f"({plan.dtype}), which the job runner's QLoRA does not set. To launch: ddp (each GPU holds the "
-                "4-bit model), or LoRA with fsdp",
+                f"FSDP with {plan.method} needs bitsandbytes' bnb_4bit_quant_storage = the compute dtype "
+                f"({plan.dtype}), which this method's quantization settings do not set. To launch: ddp (each GPU "
+                "holds the 4-bit model), or LoRA with fsdp",
             )
     if target.launcher == "local" and target.devices is not None and plan.num_gpus > target.devices:
         return Launchability(

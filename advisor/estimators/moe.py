@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from advisor.families import moe as moe_family
 from advisor.methods import get_method
+from advisor.methods.qlora import upcast as kbit_upcast
 
 if TYPE_CHECKING:
     from advisor.families.layout import Block
@@ -49,7 +50,7 @@ def routed_bytes_per_element(model: ModelSpec, plan: TrainingPlan, e: int) -> in
     """The dtype the experts compute in: their weights' (fp32 under AMP master weights and after QLoRA's upcast)."""
     m = get_method(plan.method)
     amp = not m.adapter and plan.master_weights and plan.dtype != "fp32"
-    upcast = m.quantized and plan.kbit_upcast and plan.framework == "hf"
+    upcast = m.quantized and kbit_upcast(plan)  # not under FSDP in half precision (advisor.methods.qlora.upcast)
     return 4 if (amp or upcast) else e
 
 

@@ -96,15 +96,9 @@ def train_argv(spec: JobSpec, job_dir: Path, python: str = sys.executable, port:
     argv = [python, "-m", "accelerate.commands.launch", "--num_processes", str(n), "--num_machines", "1"]
     argv += ["--main_process_port", str(port or free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
     if spec.plan.sharding == "fsdp":
-        argv += [
-            "--use_fsdp",
-            "--fsdp_sharding_strategy",
-            "FULL_SHARD",
-            "--fsdp_auto_wrap_policy",
-            "TRANSFORMER_BASED_WRAP",
-            "--fsdp_use_orig_params",
-            "true",  # LoRA: frozen and trainable parameters share flat parameters
-        ]
+        argv += ["--use_fsdp"]
+        for key, value in _fsdp_settings(spec).items():
+            argv += [f"--fsdp_{key}", value]
     else:
         argv.append("--multi_gpu")
     return [*argv, *tail]
@@ -116,14 +110,29 @@ def accelerate_env(spec: JobSpec) -> dict[str, str]:
     wrapping for fsdp plans; DDP is accelerate's default for a multi-process group)."""
     env = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_DYNAMO_BACKEND": "no"}
     if spec.plan.num_gpus > 1 and spec.plan.sharding == "fsdp":
-        env |= {
-            "ACCELERATE_USE_FSDP": "true",
-            "FSDP_VERSION": "1",
-            "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
-            "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
-            "FSDP_USE_ORIG_PARAMS": "true",  # LoRA: frozen and trainable parameters share flat parameters
-        }
+        env |= {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}
+        env |= {f"FSDP_{key.upper()}": value for key, value in _fsdp_settings(spec).items()}
     return env
+
+
+def _fsdp_settings(spec: JobSpec) -> dict[str, str]:
+    """accelerate's FSDP settings of a job (``--fsdp_<key>`` flags, ``FSDP_<KEY>`` variables): one table for both
+    launchers, so a Ray worker gets exactly what ``accelerate launch`` gives a local process.
+
+    FULL_SHARD with the decoder layers as FSDP units; use_orig_params: frozen and trainable parameters may share
+    a unit (the HF Trainer also wraps each trainable LoRA leaf on its own, peft's ``fsdp_auto_wrap_policy``, and
+    for QLoRA runs FSDP in the 4-bit storage dtype: both are in-process settings, not launch flags).
+    cpu_ram_efficient_loading / sync_module_states: ``accelerate launch``'s defaults (rank 0's weights broadcast
+    at wrapping; transformers loads the others empty where it can, not for a quantised model) on GPUs; off on a
+    CPU, where accelerate's FSDP plugin has no accelerator device to re-initialise modules on and refuses them."""
+    on_gpu = "true" if spec.device == "cuda" else "false"
+    return {
+        "sharding_strategy": "FULL_SHARD",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "use_orig_params": "true",
+        "cpu_ram_efficient_loading": on_gpu,
+        "sync_module_states": on_gpu,
+    }
 
 
 def train_env(spec: JobSpec, threads: int | None, extra: dict[str, str] | None = None) -> dict[str, str]:

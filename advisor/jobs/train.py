@@ -353,7 +353,10 @@ class Run:
     def _build(self, model_dir: Path) -> Any:
         from advisor.stack.build import build
 
-        plan = replace(self.spec.plan, num_gpus=1, sharding="none")  # one replica per process
+        # one process of the plan's group builds its replica with what the sharding needs (FSDP-QLoRA: 4-bit
+        # weights stored in the compute dtype, no fp32 upcast); a single process builds a one-device plan
+        group = self.world > 1
+        plan = self.spec.plan if group else replace(self.spec.plan, num_gpus=1, sharding="none")
         t = time.perf_counter()
         built = build(
             model_dir,
@@ -362,6 +365,7 @@ class Run:
             seed=self.spec.seed,
             learning_rate=self.spec.learning_rate,
             weight_decay=self.spec.weight_decay,
+            group_replica=group,
         )
         self.build_s = time.perf_counter() - t
         self.trainable_params = built.trainable_params
@@ -458,10 +462,9 @@ class Run:
         """Adapter (LoRA/QLoRA) or model (full) as safetensors, plus the tokenizer: what the service serves,
         without the Trainer's training_args.bin. Every rank calls it (a collective under FSDP)."""
         trainer = self.trainer
-        model = trainer.accelerator.unwrap_model(trainer.model)
         state = trainer.accelerator.get_state_dict(trainer.model) if self.world > 1 else None
         if self.main:
-            model.save_pretrained(str(path), state_dict=state, safe_serialization=True)
+            save_trained(trainer.accelerator, trainer.model, state, path, fsdp=trainer.is_fsdp_enabled)
             trainer.processing_class.save_pretrained(str(path))
 
     # ---- result files ---------------------------------------------------------------------------------
@@ -535,6 +538,18 @@ def _trainer_classes() -> tuple[type, type]:
                     self.plan_optimizer, params, self.args.learning_rate, self.args.weight_decay
                 )
             return self.optimizer
+
+        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            """A checkpoint's weights: under FSDP an adapter is written from the gathered state dict by
+            ``save_trained`` (peft's own save writes an empty adapter from it); the rest as the Trainer does."""
+            if self.is_fsdp_enabled and state_dict is not None and _is_peft(self.accelerator.unwrap_model(self.model)):
+                if self.args.should_save:
+                    out = Path(output_dir or self.args.output_dir)
+                    save_trained(self.accelerator, self.model, state_dict, out, fsdp=True)
+                    if self.processing_class is not None:
+                        self.processing_class.save_pretrained(str(out))
+                return
+            super()._save(output_dir, state_dict)
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             self.step_tokens += int(inputs.pop(D.NUM_TOKENS))  # before the model sees the batch
@@ -687,6 +702,27 @@ def _trainer_classes() -> tuple[type, type]:
                 self.live.__exit__(None, None, None)
 
     return JobTrainer, JobCallback
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_trained(accelerator: Any, model: Any, state: dict[str, Any] | None, path: Path, *, fsdp: bool) -> None:
+    """The trained weights at `path` (rank 0; `state` is the full state dict every rank gathered first, None for
+    one process): an adapter (LoRA/QLoRA/DoRA) or the whole model, as safetensors.
+
+    Under FSDP an adapter is cut from the gathered state by ``advisor.stack.build.save_sharded_adapter``: peft's
+    ``save_pretrained(state_dict=...)`` picks entries by module name and strips only a leading
+    ``_fsdp_wrapped_module.``, so inside nested units (every decoder layer) nothing matches and it writes an
+    empty adapter."""
+    unwrapped = accelerator.unwrap_model(model)
+    if fsdp and state is not None and _is_peft(unwrapped):
+        from advisor.stack.build import save_sharded_adapter
+
+        save_sharded_adapter(unwrapped, state, path)
+        return
+    unwrapped.save_pretrained(str(path), state_dict=state, safe_serialization=True)
 
 
 def mixed_precision(built: Any) -> str | None:

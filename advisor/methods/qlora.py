@@ -20,8 +20,20 @@ if TYPE_CHECKING:
     from advisor.specs import Linear, ModelSpec
 
 
+def sharded(plan: TrainingPlan) -> bool:
+    """FSDP shards the 4-bit base (FSDP-QLoRA): bitsandbytes stores the packed weights in the compute dtype."""
+    return plan.sharding == "fsdp"
+
+
 def upcast(plan: TrainingPlan) -> bool:
-    """prepare_model_for_kbit_training casts non-quantised params to fp32 (hf stack only)."""
+    """prepare_model_for_kbit_training casts non-quantised params to fp32 (hf stack only).
+
+    Not under FSDP in half precision: FSDP flattens each wrapped block into one tensor of one dtype, and an fp32
+    norm next to bf16-stored 4-bit weights cannot be flattened with them (``Must flatten tensors with uniform
+    dtype``). There the runner skips the upcast, as trl does for sharded QLoRA, and the estimate follows what runs:
+    norms, embeddings, head and activations stay in the compute dtype."""
+    if sharded(plan) and plan.dtype != "fp32":
+        return False
     return plan.kbit_upcast and plan.framework == "hf"
 
 
@@ -74,16 +86,29 @@ class QLoRA(Method):
         return model.quantized_weight_params * 0.5
 
     def quantization(self, plan: TrainingPlan) -> dict[str, Any] | None:
-        return {
+        """bitsandbytes' settings (dtype names: the builder turns them into torch dtypes).
+
+        Under FSDP the packed weights are stored in the compute dtype (``bnb_4bit_quant_storage``), so FSDP can
+        flatten and shard them with the block's other parameters (it shards floating-point tensors of one dtype).
+        The bytes are the same as uint8 storage: two 4-bit values a byte, in a container of a wider dtype."""
+        q: dict[str, Any] = {
             "load_in_4bit": True,
             "bnb_4bit_quant_type": "nf4",
             "bnb_4bit_use_double_quant": plan.double_quant,
             "bnb_4bit_compute_dtype": plan.dtype,
         }
+        if sharded(plan):
+            q["bnb_4bit_quant_storage"] = plan.dtype
+        return q
 
     def notes(self, plan: TrainingPlan) -> list[str]:
         if upcast(plan):
             return ["QLoRA: embeddings, lm_head and norms are fp32 after prepare_model_for_kbit_training"]
+        if sharded(plan) and plan.kbit_upcast and plan.framework == "hf":
+            return [
+                f"FSDP-QLoRA: 4-bit weights stored as {plan.dtype} (bnb_4bit_quant_storage); no fp32 upcast of "
+                "embeddings, lm_head and norms (FSDP flattens one dtype per wrapped block)"
+            ]
         return []
 
 

@@ -35,6 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from advisor.catalog import model_from_config
 from advisor.errors import InvalidInputError
 from advisor.methods import get_method
+from advisor.methods.qlora import upcast as qlora_upcast
 from advisor.plans import TrainingPlan
 from advisor.specs import ModelSpec
 from advisor.stack.targets import lora_target_modules, lora_target_parameters, modules_to_save_names
@@ -51,6 +52,7 @@ __all__ = [
     "make_optimizer",
     "materialize",
     "save_random_model",
+    "save_sharded_adapter",
     "spec_of",
 ]
 
@@ -187,10 +189,20 @@ def build(
     seed: int = 0,
     learning_rate: float = 2e-4,
     weight_decay: float = 0.0,
+    group_replica: bool = False,
 ) -> BuiltModel:
-    """Model + optimiser for `plan` on `device` (one GPU / the CPU; sharded plans are the launcher's job)."""
-    if plan.num_gpus != 1:
-        raise InvalidInputError("build() makes one device's replica: use num_gpus=1", field="num_gpus")
+    """Model + optimiser for `plan` on `device` (one GPU / the CPU; sharded plans are the launcher's job).
+
+    `group_replica`: this process is one of a multi-GPU plan's group (under ``accelerate launch`` or Ray Train):
+    build its replica with what the plan's sharding needs (under FSDP, QLoRA's 4-bit weights stored in the compute
+    dtype and no fp32 upcast), for accelerate to replicate or shard. Without it a multi-GPU plan is refused (one
+    device measured as if it were several would be wrong)."""
+    if plan.num_gpus != 1 and not group_replica:
+        raise InvalidInputError(
+            "build() makes one device's replica: use num_gpus=1, or group_replica=True in a process of the "
+            "plan's group",
+            field="num_gpus",
+        )
     method = get_method(plan.method)
     device = torch.device(device)
     config = load_config(source)
@@ -263,11 +275,73 @@ def _load(
 
 
 def _bnb_config(plan: TrainingPlan, compute_dtype: torch.dtype):
-    """bitsandbytes' 4-bit settings from the plan's method (its dtype name replaced by the torch dtype)."""
+    """bitsandbytes' 4-bit settings from the plan's method (its dtype names replaced by torch dtypes: the compute
+    dtype, and under FSDP the storage dtype of the packed weights, ``bnb_4bit_quant_storage``)."""
     from transformers import BitsAndBytesConfig
 
-    kwargs = get_method(plan.method).quantization(plan) or {}
-    return BitsAndBytesConfig(**{**kwargs, "bnb_4bit_compute_dtype": compute_dtype})
+    kwargs = dict(get_method(plan.method).quantization(plan) or {})
+    kwargs["bnb_4bit_compute_dtype"] = compute_dtype
+    storage = kwargs.get("bnb_4bit_quant_storage")
+    if isinstance(storage, str):
+        kwargs["bnb_4bit_quant_storage"] = TORCH_DTYPES[storage]
+    return BitsAndBytesConfig(**kwargs)
+
+
+#: the module name FSDP1 gives the module it wraps (every FSDP unit: the root, each decoder layer, each LoRA leaf)
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def sharded_adapter_state_dict(peft_model: torch.nn.Module, full_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, under the names peft's ``save_pretrained`` writes, from the full state dict FSDP
+    gathered (``accelerator.get_state_dict``: clean names) of a peft model wrapped in FSDP units.
+
+    Why not ``save_pretrained(state_dict=full_state)``: peft (0.21) picks the adapter's entries by the module names
+    of its layers and strips only a *leading* ``_fsdp_wrapped_module.``; inside nested units (each decoder layer)
+    the segment sits mid-name, nothing matches and an empty adapter is written. Here each entry of an adapter layer
+    is keyed under that layer's wrapped name (what peft matches), peft selects the entries and drops the adapter
+    name, and the FSDP segments are then dropped from the names it returns.
+    `peft_model`: the unwrapped model (``accelerator.unwrap_model``), its FSDP units inside."""
+    from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    wrapped = {  # an adapter layer's clean name -> its name inside the FSDP units
+        name.replace(FSDP_WRAPPED, ""): name
+        for name, module in peft_model.named_modules()
+        if isinstance(module, BaseTunerLayer) and FSDP_WRAPPED in name
+    }
+    keyed: dict[str, Any] = {}
+    for key, value in full_state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):  # the innermost adapter layer holding the entry
+            owner = ".".join(parts[:cut])
+            if owner in wrapped:
+                key = wrapped[owner] + key[len(owner) :]
+                break
+        keyed[key] = value
+    adapter = get_peft_model_state_dict(peft_model, state_dict=keyed)
+    return {k.replace(FSDP_WRAPPED, ""): v for k, v in adapter.items()}
+
+
+def save_sharded_adapter(peft_model: torch.nn.Module, full_state: dict[str, Any], path: str | Path) -> Path:
+    """Write the adapter of an FSDP-wrapped peft model as ``save_pretrained`` would (adapter_model.safetensors +
+    adapter_config.json), from FSDP's gathered full state dict (see ``sharded_adapter_state_dict``). Rank 0 only;
+    gathering the state dict is a collective every rank joins first."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sharded_adapter_state_dict(peft_model, full_state).items()}
+    if not tensors:
+        raise RuntimeError("no adapter tensors in the gathered state dict (FSDP without use_orig_params?)")
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = peft_model.peft_config["default"]
+    inference_mode = config.inference_mode
+    config.inference_mode = True  # as peft's save_pretrained writes it
+    try:
+        config.save_pretrained(str(path))
+    finally:
+        config.inference_mode = inference_mode
+    return path
 
 
 # ---- shared by both: quantised-base preparation, checkpointing, adapters --------------------------
@@ -302,7 +376,9 @@ def _prepare_for_training(
     if method.quantized:
         from peft import prepare_model_for_kbit_training
 
-        if plan.kbit_upcast and hf_stack:
+        # not under FSDP in half precision (qlora.upcast): fp32 norms cannot be flattened with bf16-stored 4-bit
+        # weights; trl skips prepare_model_for_kbit_training for sharded QLoRA the same way
+        if qlora_upcast(plan):
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=plan.grad_checkpointing, gradient_checkpointing_kwargs=CKPT_KWARGS
             )
