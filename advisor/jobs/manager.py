@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from advisor.jobs import store as S
@@ -464,19 +464,33 @@ class JobManager:
         return len(items)
 
     def _checkpoint(self, job: dict[str, Any], data: dict[str, Any]) -> None:
-        removed = set(data.get("removed") or [])
+        """A checkpoint event -> its row (and the rows of the checkpoints the run rotated out).
+
+        The run names its checkpoints by paths in its own job directory, which is not the service's where the run
+        trained elsewhere (a Ray worker's node-local scratch directory, another each run after a pause): a row is
+        stored where the service finds the checkpoint (the job's storage prefix for a Ray job, else its job
+        directory) and rotated rows are matched by the checkpoint's name, which every run of a job shares."""
+        removed = {PurePath(str(p)).name for p in data.get("removed") or []}
         if removed:
             rows, _ = self.store.list_checkpoints(job["id"], limit=1000)
-            self.store.delete_checkpoints([r["id"] for r in rows if r["path"] in removed])
+            self.store.delete_checkpoints([r["id"] for r in rows if PurePath(r["path"]).name in removed])
         self.store.add_checkpoint(
             {
                 "id": new_id("ftckpt"),
                 "job_id": job["id"],
                 "step": int(data.get("step") or 0),
                 "metrics": data.get("metrics"),
-                "path": str(data.get("path")),
+                "path": self.checkpoint_location(job, PurePath(str(data.get("path"))).name),
             }
         )
+
+    def checkpoint_location(self, job: dict[str, Any], name: str) -> str:
+        """Where the service reaches checkpoint `name` of `job`: under the Ray job's storage prefix (the workers
+        upload their checkpoints there), else in the job's directory."""
+        storage = (job.get("handle") or {}).get("storage")
+        if storage:
+            return f"{str(storage).rstrip('/')}/{CHECKPOINTS}/{name}"
+        return str(self.checkpoints_dir(job["id"]) / name)
 
     # ---- the end of a job --------------------------------------------------------------------------------
     def _finish_from_process(self, job: dict[str, Any], state: Any) -> None:

@@ -270,3 +270,41 @@ def test_a_full_disk_at_the_end_of_a_job_is_logged_once_and_the_end_recorded_whe
         assert any("reconciler recovered" in r.getMessage() for r in caplog.records)
     finally:
         m.stop()
+
+
+@pytest.mark.parametrize("storage", [None, "s3://bucket/jobs/ftjob-000000000003"])
+def test_checkpoint_rows_follow_the_checkpoint_across_runs_in_other_directories(
+    tmp_path: Path, storage: str | None
+) -> None:
+    """A Ray run reports checkpoints by paths in its node-local scratch directory, another one after a resume: the
+    rows name where the service finds them, and a checkpoint the second run rotated out loses its row."""
+    m = _manager(tmp_path, Path(sys.executable))
+    try:
+        job_id = "ftjob-000000000003"
+        _add(m, job_id)
+        if storage:
+            m.store.update_job(job_id, handle={"storage": storage})
+        events = m.cfg.jobs_dir / job_id / "events.jsonl"
+        events.parent.mkdir(parents=True)
+
+        def checkpoint(scratch: str, step: int, removed: list[int]) -> None:
+            data = {
+                "step": step,
+                "path": f"{scratch}/checkpoints/checkpoint-{step}",
+                "removed": [f"{scratch}/checkpoints/checkpoint-{r}" for r in removed],
+            }
+            with events.open("a") as f:
+                f.write(json.dumps({"ts": 1, "type": "checkpoint", "message": "c", "data": data}) + "\n")
+            m.ingest(m.store.get_job(job_id))
+
+        checkpoint("/tmp/ftjob-rank0-aaaa", 2, [])
+        checkpoint("/tmp/ftjob-rank0-aaaa", 4, [])
+        checkpoint("/tmp/ftjob-rank0-bbbb", 6, [2])  # the resumed run: another scratch directory
+        rows, _ = m.store.list_checkpoints(job_id)
+        base = f"{storage}/checkpoints" if storage else str(m.cfg.jobs_dir / job_id / "checkpoints")
+        assert sorted((r["step"], r["path"]) for r in rows) == [
+            (4, f"{base}/checkpoint-4"),
+            (6, f"{base}/checkpoint-6"),
+        ]
+    finally:
+        m.stop()
