@@ -192,6 +192,12 @@ class JobService:
         source, model = self._model(req.model)
         gpu = self.cfg.gpu
         base, plan_id, notes = self._plan(req, model, gpu)
+        if base.sharding == "fsdp" and base.num_gpus > 1 and gpu.gpu_class == "cpu":
+            raise JobsError(
+                "FSDP needs GPUs: accelerate gives a group of CPU processes DDP, so this job would not train what the "
+                "plan says. To fix: method.sharding ddp",
+                field="method.sharding",
+            )
         devices = self.launch_target().devices
         if devices is not None and base.num_gpus > devices:
             raise JobsError(

@@ -427,6 +427,13 @@ class Run:
             plan_optimizer=plan.optimizer,
             cpu_fp16=amp == "fp16" and self.device.type == "cpu",
         )
+        if plan.sharding == "fsdp" and self.world > 1 and not self.trainer.is_fsdp_enabled:
+            # accelerate turns FSDP on for GPU process groups only: never record a DDP run as the FSDP plan
+            raise Failure(
+                "launcher",
+                f"the plan shards with FSDP but accelerate set up {self.world} {self.device.type} "
+                "processes without it (FSDP needs GPUs). To fix: sharding ddp",
+            )
         cuda = self.device.type == "cuda"
         # single-threaded CPU: process CPU time per step (neighbours cannot stretch it), as in the trials
         cpu_clock = not cuda and self.world == 1 and torch.get_num_threads() == 1

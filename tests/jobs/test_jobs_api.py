@@ -50,6 +50,8 @@ def test_bad_requests_are_4xx_naming_the_field(client, tiny_root: Path, tmp_path
         ({"method": {"type": "dpo"}}, 400, "method.type"),
         ({"method": {"type": "lora", "quantization": {"bits": 4}}}, 400, "method.quantization"),
         ({"method": {"type": "qlora", "optimizer": "sgd"}}, 400, "method.optimizer"),
+        # accelerate gives CPU process groups DDP: an FSDP job here would not train what its plan says
+        ({"method": {"num_gpus": 2, "sharding": "fsdp"}}, 400, "method.sharding"),
         ({"suffix": "a b"}, 400, "suffix"),
         ({"integrations": [{"type": "wandb"}]}, 400, "integrations"),
         ({"plan_id": "plan_0123456789abcdef"}, 404, "plan_id"),
