@@ -77,7 +77,9 @@ def hub_row(entry: dict, index: dict[str, dict]) -> dict:
     row: dict = {}
     for f in fields(ModelSpec):
         value = getattr(spec, f.name)
-        if f.name in ("name", "note", "source", "published_params", "hf_id", "aliases"):
+        # a catalog row is the architecture (trained from its bf16 weights); the Hub id reads the published
+        # checkpoint, with its quantisation where it is pre-quantized (DeepSeek-V3's block FP8: advisor.prequant)
+        if f.name in ("name", "note", "source", "published_params", "hf_id", "aliases", "prequantized"):
             continue
         if value != f.default:
             row[f.name] = list(value) if isinstance(value, tuple) else value

@@ -600,6 +600,12 @@ HUB_MODELS = [
         hf_id="ibm-granite/granite-3.3-8b-instruct",
         aliases=["Granite-3.3-8B", "ibm-granite/granite-3.3-8b-base"],
     ),
+    dict(name="smollm3-3b", hf_id="HuggingFaceTB/SmolLM3-3B", aliases=["SmolLM3-3B", "HuggingFaceTB/SmolLM3-3B-Base"]),
+    dict(
+        name="ministral-8b",
+        hf_id="mistralai/Ministral-8B-Instruct-2410",
+        aliases=["Ministral-8B", "Ministral-8B-Instruct-2410"],
+    ),
     dict(
         name="smollm2-1.7b",
         hf_id="HuggingFaceTB/SmolLM2-1.7B-Instruct",
@@ -610,6 +616,11 @@ HUB_MODELS = [
         name="qwen3-30b-a3b",
         hf_id="Qwen/Qwen3-30B-A3B",
         aliases=["Qwen3-30B-A3B", "Qwen/Qwen3-30B-A3B-Base", "qwen3-30b"],
+    ),
+    dict(
+        name="mixtral-8x7b",
+        hf_id="mistralai/Mixtral-8x7B-v0.1",
+        aliases=["Mixtral-8x7B", "mixtral", "mistralai/Mixtral-8x7B-Instruct-v0.1"],
     ),
     dict(name="gpt-oss-20b", hf_id="openai/gpt-oss-20b", aliases=["gpt-oss:20b", "GPT-OSS-20B"]),
     dict(name="gpt-oss-120b", hf_id="openai/gpt-oss-120b", aliases=["gpt-oss:120b", "GPT-OSS-120B"]),
