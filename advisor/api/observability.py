@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from advisor.api.errors import Problem, error_response, is_openai_path
+from advisor.api.errors import Problem, is_openai_path
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -242,9 +242,8 @@ class RequestContextMiddleware:
         try:
             declared = _header(scope, b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                response = error_response(
-                    request_id, 413, "body_too_large", f"request body over the {limit} byte limit"
-                )
+                problem = Problem(413, "body_too_large", f"request body over the {limit} byte limit")
+                response = problem.response(request_id, openai=is_openai_path(scope.get("path", "")))
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive_limited, send_with_id)
@@ -258,7 +257,8 @@ class RequestContextMiddleware:
             # the last line of defence: a bug, never an input, should get here; say so without details
             self.log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             if not started:
-                response = error_response(request_id, 500, "internal_error", "internal error; see the server log")
+                problem = Problem(500, "internal_error", "internal error; see the server log")
+                response = problem.response(request_id, openai=is_openai_path(scope.get("path", "")))
                 await response(scope, receive, send_with_id)
             else:  # the response is half sent: nothing sane left to do but drop the connection
                 raise

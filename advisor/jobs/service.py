@@ -6,10 +6,10 @@ be refused with a 4xx naming the field, not accepted and failed a minute later. 
 is the same ``AdvisorService.estimate`` that ``/v1/estimate`` answers with, so the refusal carries
 the breakdown a user already knows how to read; ``force`` starts the job anyway.
 
-Plans: a ``plan_id`` from ``/v1/recommend`` is re-derived (the ids are stable hashes of the plan):
-the candidates of the deployment's device are enumerated at the request's sequence length (or the
-common ones) and the matching one is taken. A full ``plan`` object from a recommend response is
-accepted as well and checked against its id.
+Plans: a ``plan_id`` from ``/v1/recommend`` encodes its plan (``plan_v2.<base64url of its fields>``,
+``advisor.plans.decode_plan_id``): it decodes to the whole plan, and method fields given beside it must agree
+with it; an old hash id is answered 404 (ask /v1/recommend again). A full ``plan`` object from a recommend
+response is accepted as well and checked against its id.
 """
 
 from __future__ import annotations

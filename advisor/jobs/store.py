@@ -88,7 +88,7 @@ jobs = Table(
     Column("metadata", JSON),
     Column("hyperparameters", JSON, nullable=False),
     Column("method", JSON, nullable=False),
-    Column("plan_id", String(64)),
+    Column("plan_id", Text),  # a plan id encodes its plan (plan_v2.<base64url>): no fixed length
     Column("spec", JSON, nullable=False),
     Column("estimate", JSON),
     Column("measured", JSON),

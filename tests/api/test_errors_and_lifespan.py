@@ -92,6 +92,27 @@ def test_openai_routes_answer_openai_s_envelope_and_400_where_advice_keeps_422(m
         assert c.get("/v1/filesystem").json()["code"] == "not_found"  # a prefix match is not a route match
 
 
+def test_a_bug_and_an_oversized_body_on_openai_routes_answer_openai_s_envelope_too(make_app) -> None:
+    """The middleware's own answers (an unhandled exception: 500; a declared body over the limit: 413) follow the
+    route's convention like the handlers' (a 500 on /v1/fine_tuning used to be an ErrorResponse)."""
+    app = make_app(api_keys=[KEY], max_body_bytes=1024)
+
+    def bug() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/v1/fine_tuning/boom", bug)
+    app.add_api_route("/boom/bug", bug)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/fine_tuning/boom", headers=AUTH)
+        assert r.status_code == 500, r.text
+        err = r.json()["error"]
+        assert (err["type"], err["code"]) == ("server_error", "internal_error") and "a bug" not in r.text
+        r = c.get("/boom/bug")
+        assert r.status_code == 500 and r.json()["code"] == "internal_error" and "error" not in r.json()
+        r = c.post("/v1/fine_tuning/jobs", headers=AUTH, content=b"x" * 2048)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
 def test_the_openapi_document_says_what_openai_s_routes_answer(make_app) -> None:
     doc = make_app().openapi()
     create = doc["paths"]["/v1/fine_tuning/jobs"]["post"]["responses"]

@@ -288,3 +288,30 @@ def test_damage_report_tells_a_lost_database_from_a_new_one(tmp_path: Path) -> N
     good = _store(data / "ok")
     good.close()
     assert schema.damage_report(f"sqlite:///{data / 'ok' / 'sub' / 'advisor.db'}", data) is None
+
+
+def test_a_recommended_plan_id_fits_the_job_row_after_an_upgrade(store_url: str) -> None:
+    """A plan id encodes its plan (~150 characters): the baseline's VARCHAR(64) refused it on PostgreSQL, so
+    launching a recommended plan by id was a 500 there. A database made at 0002 takes it after `advisor db upgrade`."""
+    from alembic import command
+
+    from advisor.catalog import default_catalog
+    from advisor.plans import make_plan
+
+    knobs = dict(micro_batch=16, seq_len=1024, lora_r=64, lora_alpha=128, lora_dropout=0.1, optimizer="paged-adamw-8bit")
+    plan_id = make_plan("qlora", default_catalog().gpu("t4"), lora_targets=("q", "k", "v", "o"), **knobs).id
+    assert len(plan_id) > 64
+    engine = Store(store_url).engine
+    with engine.begin() as c:  # the schema as the previous release left it
+        command.upgrade(schema._config(c), "0002_replica_leases")
+    s = Store(store_url)
+    try:
+        with pytest.raises(SchemaError, match="advisor db upgrade"):
+            s.create()
+        schema.upgrade(s.engine)
+        s.create()
+        s.add_job({**_job(9), "plan_id": plan_id})
+        assert s.get_job("ftjob-000000000009")["plan_id"] == plan_id
+    finally:
+        s.close()
+        engine.dispose()
