@@ -18,10 +18,11 @@ block would, under SDPA). An example cut at a block's end goes on, as its own se
 The label of a segment's first token is dropped too (``loss_labels``): it would be predicted from the
 previous example's last token, a loss term across the boundary.
 A batch is right-padded to its longest sequence with labels -100; unpacked batches need no attention mask
-(in a causal model a real token never attends to a later pad). ``Collator`` does both for transformers'
-Trainer: it is the job's ``data_collator``.
+(in a causal model a real token never attends to a later pad). ``advisor.jobs.train.Collator`` turns
+these into tensors for transformers' Trainer (the job's ``data_collator``).
 
-Only a tokenizer object is needed (any ``transformers`` tokenizer); torch is imported inside the collator only.
+Only a tokenizer object is needed (any ``transformers`` tokenizer); no torch here (the training process,
+``advisor.jobs.train``, is the jobs' one torch edge).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 from advisor.jobs.files import CHAT, COMPLETION
 
 IGNORE = -100
-NUM_TOKENS = "num_tokens"  # Collator(count_tokens=True): a batch's tokens without its padding
+NUM_TOKENS = "num_tokens"  # train.Collator(count_tokens=True): a batch's tokens without its padding
 ROLE_LABEL = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -203,52 +204,6 @@ def pad_batch(seqs: Sequence[Tokens], pad_id: int) -> tuple[list[list[int]], lis
     ids = [s.ids + [pad_id] * (width - len(s.ids)) for s in seqs]
     labels = [s.labels + [IGNORE] * (width - len(s.labels)) for s in seqs]
     return ids, labels
-
-
-def block_causal_mask(segments: Any, dtype: Any) -> Any:
-    """[batch, 1, L, L] additive mask from [batch, L] segment ids (a torch tensor): token i sees token j
-    only when j <= i and both are in the same example (segment id >= 0; padding is -1 and sees only
-    itself, so no row is empty). `dtype` is the model's compute dtype (SDPA wants the query's)."""
-    import torch
-
-    same = segments[:, :, None] == segments[:, None, :]
-    n = segments.shape[1]
-    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
-    eye = torch.eye(n, dtype=torch.bool, device=segments.device)
-    allowed = (same & causal & (segments[:, None, :] >= 0)) | eye
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None, :, :]
-
-
-@dataclass(frozen=True)
-class Collator:
-    """transformers' ``data_collator`` for lists of `Tokens`: right-padded ``input_ids`` and ``labels``
-    (``loss_labels``: no target across a packed boundary), and for a batch holding a packed block of more
-    than one example the block-diagonal ``attention_mask`` (4D, additive, in `mask_dtype`) and
-    ``position_ids`` restarting at every example. Works with any attention implementation (SDPA, eager),
-    unlike padding-free packing, which is boundary-safe under flash-attention only.
-    `mask_dtype` is a torch dtype (None: float32). With `count_tokens` the batch also holds
-    ``NUM_TOKENS``, its tokens without the padding (the job's Trainer takes it out before the model)."""
-
-    pad_id: int
-    mask_dtype: Any = None
-    count_tokens: bool = False
-
-    def __call__(self, seqs: Sequence[Tokens]) -> dict[str, Any]:
-        import torch
-
-        ids, _ = pad_batch(seqs, self.pad_id)
-        width = len(ids[0])
-        labels = [loss_labels(s) + [IGNORE] * (width - len(s.labels)) for s in seqs]
-        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
-        if any(s.segments is not None and len(set(s.segments)) > 1 for s in seqs):  # blocks of one example: causal
-            segs, pos = pad_segments(seqs)
-            batch["attention_mask"] = block_causal_mask(torch.tensor(segs), self.mask_dtype or torch.float32)
-            batch["position_ids"] = torch.tensor(pos)
-        if self.count_tokens:
-            batch[NUM_TOKENS] = torch.tensor(sum(len(s.ids) for s in seqs))
-        return batch
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:

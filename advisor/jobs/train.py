@@ -29,7 +29,7 @@ and stop the run on SIGTERM. What the Trainer is given, and why:
   ``bf16``. accelerate turns fp16 off on a CPU without a word; there the same autocast and a CPU
   GradScaler are switched on, so an fp16 plan trains under loss scaling wherever it runs. Pure-half full
   fine-tuning trains in its own dtype, without a scaler (none can unscale fp16 gradients);
-- batches from ``data.Collator`` over our own tokenisation (``data.py``: exact per-message label masks):
+- batches from ``Collator`` over our own tokenisation (``data.py``: exact per-message label masks):
   packed blocks carry block-diagonal 4D masks and position ids restarting at every example, and no label
   is predicted across an example boundary, so packing is boundary-safe under SDPA and eager attention on
   any device.
@@ -71,7 +71,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +416,7 @@ class Run:
             disable_tqdm=True,
         )
         job_trainer, job_callback = _trainer_classes()
-        collator = D.Collator(pad_id, amp_dtype(amp) or _param_dtype(built.model), count_tokens=True)
+        collator = Collator(pad_id, amp_dtype(amp) or _param_dtype(built.model), count_tokens=True)
         self.callback = job_callback(self, valid, collator, steps_per_epoch, amp)
         self.trainer = job_trainer(
             model=built.model,
@@ -770,7 +771,50 @@ def token_loss_sum(logits: Any, labels: Any) -> Any:
     return F.cross_entropy(flat, target.reshape(-1), ignore_index=D.IGNORE, reduction="sum")
 
 
-block_causal_mask = D.block_causal_mask  # the packed blocks' mask (built by data.Collator)
+def block_causal_mask(segments: Any, dtype: Any) -> Any:
+    """[batch, 1, L, L] additive mask from [batch, L] segment ids (a torch tensor): token i sees token j
+    only when j <= i and both are in the same example (segment id >= 0; padding is -1 and sees only
+    itself, so no row is empty). `dtype` is the model's compute dtype (SDPA wants the query's)."""
+    import torch
+
+    same = segments[:, :, None] == segments[:, None, :]
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=segments.device).tril()
+    eye = torch.eye(n, dtype=torch.bool, device=segments.device)
+    allowed = (same & causal & (segments[:, None, :] >= 0)) | eye
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segments.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None, :, :]
+
+
+@dataclass(frozen=True)
+class Collator:
+    """transformers' ``data_collator`` for lists of `Tokens`: right-padded ``input_ids`` and ``labels``
+    (``data.loss_labels``: no target across a packed boundary), and for a batch holding a packed block of more
+    than one example the block-diagonal ``attention_mask`` (4D, additive, in `mask_dtype`) and
+    ``position_ids`` restarting at every example. Works with any attention implementation (SDPA, eager),
+    unlike padding-free packing, which is boundary-safe under flash-attention only.
+    `mask_dtype` is a torch dtype (None: float32). With `count_tokens` the batch also holds
+    ``NUM_TOKENS``, its tokens without the padding (the job's Trainer takes it out before the model)."""
+
+    pad_id: int
+    mask_dtype: Any = None
+    count_tokens: bool = False
+
+    def __call__(self, seqs: Sequence[D.Tokens]) -> dict[str, Any]:
+        import torch
+
+        ids, _ = D.pad_batch(seqs, self.pad_id)
+        width = len(ids[0])
+        labels = [D.loss_labels(s) + [D.IGNORE] * (width - len(s.labels)) for s in seqs]
+        batch = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+        if any(s.segments is not None and len(set(s.segments)) > 1 for s in seqs):  # blocks of one example: causal
+            segs, pos = D.pad_segments(seqs)
+            batch["attention_mask"] = block_causal_mask(torch.tensor(segs), self.mask_dtype or torch.float32)
+            batch["position_ids"] = torch.tensor(pos)
+        if self.count_tokens:
+            batch[D.NUM_TOKENS] = torch.tensor(sum(len(s.ids) for s in seqs))
+        return batch
 
 
 def _checkpoints(root: Path) -> list[Path]:

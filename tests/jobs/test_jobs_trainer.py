@@ -144,12 +144,13 @@ def test_packed_examples_never_attend_across_their_boundary(model: Any) -> None:
     import torch
 
     from advisor.jobs import data as D
+    from advisor.jobs.train import Collator
 
     a, b = D.Tokens([5, 6, 7, 8, 9], [5, 6, 7, 8, 9]), D.Tokens([10, 11, 12, 13], [10, 11, 12, 13])
     block = D.pack([a, b], 32)[0]
     segs, pos = D.pad_segments([block])
     assert segs == [[0] * 5 + [1] * 4] and pos == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
-    batch = D.Collator(0, torch.float32)([block])  # what the job's Trainer feeds the model
+    batch = Collator(0, torch.float32)([block])  # what the job's Trainer feeds the model
     assert batch["position_ids"].tolist() == pos
     assert batch["labels"][0, 5] == D.IGNORE  # b's first token is not a target of a's last one
     with torch.no_grad():

@@ -88,6 +88,7 @@ def _by_hand(spec: Any, out: Path) -> tuple[list[float], list[dict[str, Any]]]:
 
     from advisor.jobs import data as D
     from advisor.jobs.files import read_examples
+    from advisor.jobs.train import Collator
     from advisor.stack.build import build
 
     tok = AutoTokenizer.from_pretrained(spec.source.ref)
@@ -95,7 +96,7 @@ def _by_hand(spec: Any, out: Path) -> tuple[list[float], list[dict[str, Any]]]:
     seqs = D.pack(seqs, spec.plan.seq_len) if spec.packing else D.truncate(seqs, spec.plan.seq_len)[0]
     built = build(spec.source.ref, spec.plan, "cpu", seed=spec.seed, learning_rate=LR)
     half = spec.plan.dtype == "fp16"
-    collator = D.Collator(tok.pad_token_id, torch.float16 if half else torch.float32)
+    collator = Collator(tok.pad_token_id, torch.float16 if half else torch.float32)
     made: list[dict[str, Any]] = []
 
     def collate(items: list[Any]) -> dict[str, Any]:
