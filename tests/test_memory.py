@@ -277,9 +277,15 @@ def test_lora_dropout_counts_the_input_cast_to_the_adapter_dtype_as_a_forward_te
     tmp = get_method("lora").input_cast_temporaries(L7, p, adapted, 2)
     # at the down projection's LoRA moment its base output and the layer's residual and MLP input (bf16, out wide)
     # are alive too, with nothing saving them (families referee row 148)
-    assert tmp == 2 * 1024 * ((2 + 4) * L7.intermediate_size + 2 * L7.hidden_size + 2 * 2 * L7.hidden_size)
+    # and, the recomputation running inside lora_B's backward, the gradients made so far: the block output's (bf16),
+    # the LoRA branch's (bf16 and its fp32 cast, scaled) (random referee rows 177, 190)
+    h, i = L7.hidden_size, L7.intermediate_size
+    assert tmp == 2 * 1024 * ((2 + 4) * i + 2 * h + 2 * 2 * h + (2 * h + (2 + 4) * h))
     assert get_method("lora").input_cast_temporaries(L7, replace(p, lora_dropout=0.0), adapted, 2) == 0.0
-    assert get_method("lora").input_cast_temporaries(L7, replace(p, dtype="fp32"), adapted, 4) == 0.0
+    # fp32 adapters over fp32 activations: no cast, but the same moment of the down projection (families referee row
+    # 176): its unsaved input, base output and the layer's two locals
+    fp32 = get_method("lora").input_cast_temporaries(L7, replace(p, dtype="fp32"), adapted, 4)
+    assert fp32 == 2 * 1024 * 4 * (i + h + 2 * h)
 
 
 def test_dora_weight_norm_of_q_and_v_is_not_stacked_on_the_recomputed_block():

@@ -17,6 +17,15 @@ the families referee row it was found on (bench/results/simulated_referee_famili
 * LoRA with dropout and checkpointing: the recomputed down projection's moment holds its unsaved input, that input's
   fp32 cast, the base output, lora_B's output and its scaled copy, and the later blocks' (and the head's) adapter
   gradients, the later blocks' checkpointed inputs freed (row 148, OLMo-3 r=128: -6.1% with the first two only);
+* DoRA on the MLP with dropout, no checkpointing: the first layer's gate and up read an input that needs no gradient,
+  so they save neither their dropout masks nor their fp32 base weights; the last layer's down projection weight norm
+  comes before its own outputs, the norm after it and the final norm exist, beside the MLP product, its fp32 cast,
+  peft's base output and the layer's and model's locals (families referee rows 18, 73, 153: +3.75%, -2.37% before);
+* checkpointing: the final norm's saved tensors are freed by its backward, before any block is recomputed; a gated
+  MLP's product backward holds three i-wide gradients once the down projection's backward has freed what it saved, and
+  no dequantised weight (QLoRA) is alive then (rows 4, 47 and their Llama twins: +4.3%, -4.0%); the recomputation runs
+  inside the backward of the block's last saved tensor, with the gradients made so far (random referee rows 177, 190);
+  EXAONE-4's post-norm block starts its backward with the norm after the MLP (rows 180, 189);
 * bitsandbytes' paged optimisers page only tensors of at least 1e5 elements and its 8-bit ones keep fp32 states for
   tensors under 4096: small adapters' states are on the device (rows 121, 124: -2.7%, -4.4% while all were paged).
 
@@ -78,6 +87,27 @@ CASES = {
         dict(method="lora", dtype="bf16", micro_batch=8, seq_len=232, grad_checkpointing=True, attention="sdpa",
              lora_targets=("all-linear", "lm_head"), lora_r=128, lora_alpha=256, lora_dropout=0.05),
     ),
+    # DoRA on the MLP with dropout, no checkpointing: the last layer's down projection weight norm is the peak
+    "dora_mlp_no_checkpointing": (
+        dict(LLAMA, num_hidden_layers=3, hidden_size=1024, intermediate_size=2752, num_attention_heads=8,
+             num_key_value_heads=8, head_dim=128),
+        dict(method="dora", dtype="bf16", micro_batch=4, seq_len=208, grad_checkpointing=False, attention="eager",
+             lora_targets=("gate", "up", "down"), lora_r=8, lora_dropout=0.1),
+    ),
+    # DoRA on q and v only, checkpointed: the gated product's backward (three i-wide gradients) is the block's moment
+    "mlp_product_backward": (
+        dict(LLAMA, num_hidden_layers=6, hidden_size=256, intermediate_size=1664, num_attention_heads=8,
+             num_key_value_heads=1, head_dim=32, vocab_size=2000),
+        dict(method="dora", dtype="bf16", micro_batch=8, seq_len=176, grad_checkpointing=True, attention="eager",
+             lora_targets=("q", "v"), lora_r=32, lora_dropout=0.0),
+    ),
+    # QLoRA checkpointed: the product's backward comes between the MLP's linears, no dequantised weight alive
+    "qlora_product_backward": (
+        dict(LLAMA, num_hidden_layers=5, hidden_size=1024, intermediate_size=2688, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=128, vocab_size=2580),
+        dict(method="qlora", dtype="bf16", micro_batch=4, seq_len=264, grad_checkpointing=True, attention="eager",
+             lora_targets=("all-linear",), lora_r=4, lora_dropout=0.0, grad_accum=4),
+    ),
     # r=8 on 256-wide layers: every adapter tensor is under bitsandbytes' paging limit
     "paged_small_adapters": (
         dict(LLAMA, num_hidden_layers=4, hidden_size=256, intermediate_size=768, num_attention_heads=4,
@@ -96,14 +126,14 @@ def _case(name: str):
 def test_first_block_moment_holds_the_later_blocks_gradients():
     """bf16 full fine-tuning, no AMP: gradients are parameter-sized, in bf16. At block 0's backward: all but block 0's
     own (less its down projection, already back-propagated) and the untied embedding's; freed: 5 later checkpointed
-    inputs (bf16) and the final norm's fp32 upcast + output."""
+    inputs (bf16); the final norm's fp32 upcast + output are taken off every checkpointed block moment (not here)."""
     model, plan = _case("first_block_gradients")
     ana = AnalyticalEstimator()
     grads = ana.plan_terms(model, plan).terms["gradients"]
     assert grads == 2 * model.param_count
     block = 2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048 + 2 * 512  # q, o; k, v; gate, up, down; two norms
     later = model.param_count - (block - 512 * 2048) - 4000 * 512
-    freed = 1024 * 512 * (5 * 2 + 4 + 2)
+    freed = 1024 * 512 * 5 * 2  # (the final norm's: taken off every checkpointed block moment, not here)
     assert ana.first_block_moment_gain(model, plan, grads) == pytest.approx(2 * later - freed)
     # eager attention's backward (8 heads x 1024^2 scores) is the block's moment: o and the MLP are done by then
     at_attention = later + 512 * 512 + 2 * 512 * 2048
@@ -164,8 +194,12 @@ def test_dora_cast_weight_is_counted_once():
     assert m.adapted_layer_saved_constant(down, plan, 2, 4) == 1024 * 8192 * 4
     raw = m.forward_temporaries(model, plan, [down], 2)
     assert raw == 8192 * (8192 + 16) * 4 + 4 * 1024 * 8192 * 4
-    pt = AnalyticalEstimator().plan_terms(model, plan)
-    assert pt.components["adapter_temporaries"] <= raw - 1024 * 8192 * 4
+    ana = AnalyticalEstimator()
+    pt = ana.plan_terms(model, plan)
+    # (beside the moment's own tensors: the layer's unsaved locals, less what it has not made yet; see below)
+    assert pt.components["adapter_temporaries"] <= raw - 1024 * 8192 * 4 + ana.down_weight_norm_moment_bytes(
+        model, plan, down
+    )
 
 
 @pytest.mark.needs_torch
@@ -208,7 +242,8 @@ def test_lora_down_projection_moment_holds_its_output_temporaries():
     down = next(lin for lin in lins if "down" in lin.roles)
     tokens, h, i = 8 * 232, 512, 2048
     locals_ = 2 * 2 * h  # the residual and the post-attention norm's output (bf16)
-    assert m.input_cast_temporaries(model, plan, [down], 2) == tokens * ((2 + 4) * i + 2 * h + locals_)
+    pending = 2 * h + (2 + 4) * h  # the gradients made before the recomputation: block output's, the LoRA branch's
+    assert m.input_cast_temporaries(model, plan, [down], 2) == tokens * ((2 + 4) * i + 2 * h + locals_ + pending)
     no_ckpt = replace(plan, grad_checkpointing=False)
     assert m.input_cast_temporaries(model, no_ckpt, [down], 2) == tokens * ((2 + 4) * i + (2 + 2 * 4) * h + locals_)
     # post-norm (OLMo-2/3): the norm after the MLP saves on, and the MLP reads the residual itself
@@ -220,7 +255,8 @@ def test_lora_down_projection_moment_holds_its_output_temporaries():
     assert m.input_cast_temporaries(model, replace(plan, lora_dropout=0.0), [down], 2) == 0  # no cast: lora_A saves x
     # DoRA stops at mag_norm_scale * lora_result: the first product and the weight norm's identity, image, lora_weight
     dora = get_method("dora")
-    expected = tokens * ((2 + 4) * i + (2 + 4) * h + locals_) + 4 * i * (i + 128 + h)
+    # (and its pending gradients: the block output's, the branch's in bf16 and fp32, scaled by the magnitude scale)
+    expected = tokens * ((2 + 4) * i + (2 + 4) * h + locals_ + 2 * h + (2 + 2 * 4) * h) + 4 * i * (i + 128 + h)
     assert dora.input_cast_temporaries(model, replace(plan, method="dora"), [down], 2) == expected
 
 
@@ -255,3 +291,153 @@ def test_bitsandbytes_states_by_tensor_size():
                                   num_attention_heads=32, num_key_value_heads=8, head_dim=128))  # fmt: skip
     big = ana.plan_terms(wide, replace(plan, lora_r=64, optimizer="paged-adamw-8bit"))
     assert big.paged > 0 and 0 < big.terms["optimizer_states"] < big.paged
+
+
+def test_forward_temporaries_without_checkpointing_come_before_the_final_norm():
+    """Without checkpointing a block's weight norm (DoRA) runs in forward, before the final norm has run: the norm's
+    saved fp32 upcast and output (tokens x h x (4 + e)) are not alive at that moment (families referee row 153, OLMo-3
+    DoRA on the MLP: nothing of the final norm alive at the last block's down projection weight norm)."""
+    from advisor.methods import get_method
+
+    model, plan = _case("dora_cast_weight")
+    ana = AnalyticalEstimator()
+    m = get_method("dora")
+    down = next(lin for b in model.blocks for lin in b.linears if lin.name.endswith("down_proj"))
+    norm = 2 * 128 * 1024 * (4 + 2)
+    assert ana.final_norm_saved_bytes(model, plan) == norm
+    moment = m.forward_temporaries(model, plan, [down], 2) - m.adapted_layer_saved_constant(down, plan, 2, 4)
+    moment += ana.down_weight_norm_moment_bytes(model, plan, down)
+    pt = ana.plan_terms(model, plan)
+    assert pt.components["adapter_temporaries"] == pytest.approx(moment - norm, abs=1)
+    assert pt.allocated == pytest.approx(pt.static + pt.terms["activations"] + moment - norm, abs=2)
+
+
+def test_first_layer_adapters_before_any_gradient_save_no_mask_and_no_cast_weight():
+    """The first layer's input needs no gradient (adapters, no checkpointing): gate and up read the MLP input, which
+    needs one only when an attention linear is adapted. Their dropout masks (1 byte per input feature) and DoRA's fp32
+    base weights are not saved; down's input (gate and up are adapted) needs a gradient: both kept."""
+    model, plan = _case("dora_mlp_no_checkpointing")
+    ana = AnalyticalEstimator()
+    lins = list(model.blocks[0].linears)
+    mlp = [lin for lin in lins if set(lin.roles) & {"gate", "up", "down"}]
+    tokens, h, i = 4 * 208, 1024, 2752
+    cast_weight = 4 * h * i
+    assert ana.first_block_unsaved_adapter_bytes(model, plan, mlp, tokens, False) == 2 * (cast_weight + tokens * h)
+    # CPU: torch's dropout keeps a float noise tensor, not a bool mask
+    assert ana.first_block_unsaved_adapter_bytes(model, plan, mlp, tokens, True) == 2 * (cast_weight + 4 * tokens * h)
+    # q adapted too: o, gate, up and down read inputs that need a gradient; q itself saves no mask, and LoRA no weight
+    q = next(lin for lin in lins if "q" in lin.roles)
+    assert ana.first_block_unsaved_adapter_bytes(model, plan, [q, *mlp], tokens, False) == 4 * h * h + tokens * h
+    lora = replace(plan, method="lora")
+    assert ana.first_block_unsaved_adapter_bytes(model, lora, mlp, tokens, False) == 2 * tokens * h
+    # the whole estimate: the first layer's count less these (the other two layers keep theirs)
+    parts: dict[str, float] = {}
+    per_tok, const = ana._block_bytes(model, model.blocks[0], plan, mlp, 2, 208, False, parts)
+    first = tokens * ana.first_block_unsaved_bytes(model, plan, mlp, parts)
+    expected = 3 * (per_tok * tokens + const) - first - 2 * (cast_weight + tokens * h)
+    assert ana.activation_parts(model, plan)[0] == pytest.approx(expected + ana.final_norm_saved_bytes(model, plan))
+
+
+def test_down_projection_weight_norm_moment_without_checkpointing():
+    """The last layer's down projection (DoRA, dropout, fp32 adapters over bf16): alive beside every block's saved
+    tensors, the MLP product (bf16), its fp32 cast (the dropout's input), peft's base output, the residual and the MLP
+    input, inputs_embeds and the layer's input; not yet made: its base and LoRA outputs (fp32) and lora_A's."""
+    model, plan = _case("dora_mlp_no_checkpointing")
+    ana = AnalyticalEstimator()
+    down = next(lin for lin in model.blocks[0].linears if "down" in lin.roles)
+    tokens, h, i, r = 4 * 208, 1024, 2752, 8
+    alive = 2 * i + 4 * i + 2 * h + 2 * 2 * h + 2 * 2 * h
+    later = h * (4 + 4) + 4 * r
+    assert ana.down_weight_norm_moment_bytes(model, plan, down) == tokens * (alive - later)
+    # without dropout lora_A saves the cast input: counted with the block, not here
+    no_drop = replace(plan, lora_dropout=0.0)
+    later_no_drop = h * (2 + 4) + 4 * r  # the base output DoRA keeps is the base layer's (bf16) without dropout
+    assert ana.down_weight_norm_moment_bytes(model, no_drop, down) == tokens * (alive - 4 * i - later_no_drop)
+    # a single layer: its input is inputs_embeds itself
+    one = model_from_config(dict(CASES["dora_mlp_no_checkpointing"][0], num_hidden_layers=1))
+    down1 = next(lin for lin in one.blocks[0].linears if "down" in lin.roles)
+    assert ana.down_weight_norm_moment_bytes(one, plan, down1) == tokens * (alive - 2 * h - later)
+    # checkpointing recomputes the block in backward, LoRA has no weight norm: not this moment
+    assert ana.down_weight_norm_moment_bytes(model, replace(plan, grad_checkpointing=True), down) == 0
+    assert ana.down_weight_norm_moment_bytes(model, replace(plan, method="lora"), down) == 0
+
+
+def test_recomputed_attention_input_moment_holds_the_norm_and_the_layer_outputs():
+    """Checkpointing, DoRA with dropout on q (bf16 activations, fp32 adapters): the recomputed block's first adapted
+    linear's moment holds, beside its weight norm, the input norm's fp32 upcast and output, peft's base output, the
+    fp32 cast of the input and its dropout (output and 1-byte mask); at the output, the weight norm's scaled product
+    and sum freed, five out-wide fp32 tensors (the dropout path's base output, the LoRA output, three products)."""
+    model, plan = _case("dora_mlp_no_checkpointing")
+    plan = replace(plan, grad_checkpointing=True, lora_targets=("q",))
+    ana = AnalyticalEstimator()
+    q = next(lin for lin in model.blocks[0].linears if "q" in lin.roles)
+    tokens, h = 4 * 208, 1024
+    per_tok = 4 * h + 2 * h + 2 * h + 4 * h + 4 * h + h
+    weight_moment = tokens * per_tok
+    output_moment = tokens * (per_tok + 5 * 4 * h) - 2 * 4 * h * h
+    assert ana.attention_input_moment_bytes(model, plan, q) == max(weight_moment, output_moment)
+    # the moment stands on the checkpointed inputs alone (no recomputed block under it)
+    from advisor.methods import get_method
+
+    pt = ana.plan_terms(model, plan)
+    fwd = get_method("dora").forward_temporaries(model, plan, [q], 2) + max(weight_moment, output_moment)
+    assert pt.terms["forward_temporaries"] == pytest.approx(fwd)
+    # LoRA has no weight norm, no checkpointing has no recomputation: not this moment
+    assert ana.attention_input_moment_bytes(model, replace(plan, method="lora"), q) == 0
+    assert ana.attention_input_moment_bytes(model, replace(plan, grad_checkpointing=False), q) == 0
+
+
+def test_gated_product_backward_and_the_final_norm_under_checkpointing():
+    """The gated product ``act(gate) * up`` back-propagates between the MLP's linears: its gradient and the two it makes
+    (three i wide), less what the down projection saved (freed by its backward): nothing for a frozen down projection
+    under adapters, its input under full fine-tuning. No dequantised weight then; the final norm's saved tensors are
+    freed before any recomputed block's moment."""
+    model, plan = _case("mlp_product_backward")
+    ana = AnalyticalEstimator()
+    _, groups = ana.adapters(model, plan)
+    h, i, tokens = 256, 1664, 8 * 176
+    assert ana.mlp_backward_transient_bytes(model, plan, groups) == 3 * 2 * i
+    full = replace(plan, method="full", master_weights=False)
+    assert ana.mlp_backward_transient_bytes(model, full, ana.adapters(model, full)[1]) == 3 * 2 * i - 2 * i
+    # LoRA on down without dropout, fp32 adapters: lora_A's fp32 input cast and output freed
+    down = replace(plan, method="lora", lora_targets=("down",))
+    expected = max(2 * (2 * h + i), 3 * 2 * i - (4 * 32 + 4 * i))
+    assert ana.mlp_backward_transient_bytes(model, down, ana.adapters(model, down)[1]) == expected
+    # the block's moment: every block input but the recomputed one's, the block, the product backward, the mask
+    pt = ana.plan_terms(model, plan)
+    assert ana.frees_final_norm_first(model, plan)
+    kept, block = ana.activation_parts(model, plan, groups)
+    norm = ana.final_norm_saved_bytes(model, plan)
+    assert norm == tokens * h * (4 + 2)
+    mask = ana.eager_mask_bytes(model, plan)
+    assert pt.components["activations"] == pytest.approx(kept - norm + block + tokens * 3 * 2 * i + mask, abs=2)
+    # QLoRA: the dequantised down weight joins the in-linear moment only
+    q_model, q_plan = _case("qlora_product_backward")
+    tokens_q, h_q, i_q = 4 * 264, 1024, 2688
+    in_linear = tokens_q * 4 * (2 * h_q + i_q)  # fp32 activations (k-bit upcast)
+    q = ana.plan_terms(q_model, q_plan)
+    assert q.terms["quant_temporaries"] == h_q * i_q * 2
+    assert q.terms["backward_transient"] > in_linear  # the product's moment is larger, but less the dequantised weight
+    assert q.components["quant_temporaries"] == h_q * i_q * 2
+    frozen_down = ana.plan_terms(q_model, replace(q_plan, lora_targets=("q", "v")))
+    assert frozen_down.terms["backward_transient"] == tokens_q * 3 * 4 * i_q > in_linear + h_q * i_q * 2
+    assert frozen_down.components["quant_temporaries"] == 0
+
+
+def test_exaone_post_norm_backward_starts_at_the_norm_after_the_mlp():
+    """EXAONE-4 (post-norm, half input to the norm weight): the block's backward begins with the norm after the MLP,
+    every saved tensor alive: the block output's gradient (bf16) and five fp32 h-wide temporaries of RMSNorm's
+    backward (families referee rows 180, 189)."""
+    cfg = dict(model_type="exaone4", hidden_size=1024, intermediate_size=1024, num_hidden_layers=2,
+               num_attention_heads=8, num_key_value_heads=2, head_dim=128, vocab_size=1500, tie_word_embeddings=True,
+               sliding_window=None, layer_types=["full_attention"] * 2, pad_token_id=None, eos_token_id=None,
+               bos_token_id=None)  # fmt: skip
+    model = model_from_config(cfg)
+    plan = TrainingPlan(gpu_id="h100-80gb", method="lora", dtype="bf16", micro_batch=2, seq_len=512,
+                        grad_checkpointing=True, lora_targets=("all-linear",), lora_r=8)  # fmt: skip
+    ana = AnalyticalEstimator()
+    groups = ana.adapters(model, plan)[1]
+    assert ana.mlp_backward_transient_bytes(model, plan, groups) == (2 + 5 * 4) * 1024
+    # a Llama layout of the same widths: no norm after its MLP
+    llama = model_from_config(dict(cfg, model_type="llama"))
+    assert ana.mlp_backward_transient_bytes(llama, plan, ana.adapters(llama, plan)[1]) == 2 * (2 * 1024 + 1024)

@@ -199,7 +199,10 @@ class AnalyticalEstimator:
         if plan.framework == "litgpt" and m.quantized:
             quant_tmp = max(quant_tmp, model.vocab_size * model.hidden_size * e)
         e_act = m.activation_bytes_per_element(plan, e)
-        backward_transient = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
+        # the MLP's backward: inside a linear's backward ((2 h + i) wide, a dequantised weight alongside under QLoRA),
+        # or a gated MLP's product backward between its linears (no dequantised weight alive: see the method)
+        mlp_in_linear = tokens * e_act * (2 * model.hidden_size + model.intermediate_size) * k.activation_scale
+        backward_transient = tokens * self.mlp_backward_transient_bytes(model, plan, groups) * k.activation_scale
         # a sparse MLP's backward: k gradient rows per token (advisor/estimators/moe.py); a moment of its own (no
         # dequantised weight alongside: the experts are not quantised), compared with the dense one below
         moe_transient = (
@@ -229,7 +232,13 @@ class AnalyticalEstimator:
         # a moment of their own, not stacked on the recomputed block's tensors (random referee DoRA q+v rows
         # 185, 282, 76: +2..+6% while stacked; the trace shows no recomputed tensor of the block at that moment)
         attn_in = [lin for lin in in_blocks if plan.grad_checkpointing and set(lin.roles) <= {"q", "k", "v"}]
-        fwd_in = m.forward_temporaries(model, plan, attn_in, e)
+        fwd_in = max(
+            (
+                m.forward_temporaries(model, plan, [lin], e) + self.attention_input_moment_bytes(model, plan, lin)
+                for lin in attn_in
+            ),
+            default=0.0,
+        )
         stacked = [lin for lin in in_blocks if lin not in attn_in]
         fwd_tmp_raw = max(
             m.forward_temporaries(model, plan, stacked, e), m.input_cast_temporaries(model, plan, in_blocks, e)
@@ -241,7 +250,9 @@ class AnalyticalEstimator:
         fwd_tmp = max(
             max(
                 (
-                    m.forward_temporaries(model, plan, [lin], e) - m.adapted_layer_saved_constant(lin, plan, e, a_state)
+                    m.forward_temporaries(model, plan, [lin], e)
+                    - m.adapted_layer_saved_constant(lin, plan, e, a_state)
+                    + self.down_weight_norm_moment_bytes(model, plan, lin)
                     for lin in stacked
                 ),
                 default=0.0,
@@ -260,6 +271,10 @@ class AnalyticalEstimator:
             head_lins = [lin for b_, lins in groups if b_.kind == "outer" for lin in lins if "lm_head" in lin.roles]
             head_fwd_tmp = sum(tokens * lin.out_features * (ea + 2 * a_head) for lin in head_lins)
         rec_tmp = max(backward_transient, fwd_tmp) if plan.grad_checkpointing else backward_transient
+        # the moments a dequantised weight (QLoRA) is alive in: a linear's forward or backward, eager attention's
+        # backward (a neighbouring projection's); the gated product's backward comes between linears, without one
+        rec_lin = max(mlp_in_linear, attention_bwd, fwd_tmp if plan.grad_checkpointing else 0.0)
+        block_tmp = max(rec_lin + quant_tmp, rec_tmp)
         # LoRA on the head / the embedding saves per-token tensors outside the blocks: the head's until its
         # backward, right after the loss's peak; the embedding's until the end of backward
         head_saved, emb_saved, head_bwd = self.outer_adapter_bytes(model, plan, groups, cpu)
@@ -310,7 +325,7 @@ class AnalyticalEstimator:
             if plan.grad_checkpointing and not accumulated:
                 # (where the block's own moment is not its experts' but attention's or a dequantised weight's, the
                 # trace peaks in the first recomputed block, with its own adapters' gradients only: gpt-oss rows)
-                experts_peak = moe_transient >= rec_tmp + quant_tmp
+                experts_peak = moe_transient >= block_tmp
                 moe_grads = moe.adapter_gradients_before_first_block(model, grads, experts_peak)
         # the eager mask is alive at a recomputed block's backward moment as well (trace: families referee rows 19,
         # 109, 116, 134, the b x s x s `where` output next to the softmax backward's tensors), whatever the family.
@@ -319,13 +334,29 @@ class AnalyticalEstimator:
         block_mask = 0.0
         if plan.grad_checkpointing:
             block_mask = self.eager_mask_bytes(model, plan) if not model.softcapping else eager_mask
+        # without checkpointing a block's forward temporaries come before the final norm has run: its saved tensors
+        # (in `act`) are not alive yet (families referee row 153, OLMo-3 DoRA on the MLP: the trace's peak at the last
+        # block's down projection weight norm, nothing of the final norm alive); an adapted head's come after it
+        norm_later = 0.0 if plan.grad_checkpointing else self.final_norm_saved_bytes(model, plan) * k.activation_scale
+        # checkpointing: the final norm's saved tensors are freed by its backward, before the first block is recomputed
+        # (traces: families referee rows 4, 47, 176 and the Llama twins: none of them alive at the recomputed block's
+        # moments)
+        # (decoder-only RMSNorm stacks: LayerNorm models' and encoder-decoders' final norms are left as counted, not
+        # checked on a trace)
+        norm_freed = (
+            self.final_norm_saved_bytes(model, plan) * k.activation_scale
+            if self.frees_final_norm_first(model, plan)
+            else 0.0
+        )
         heads = {
             "logits": loss_head,
-            "block": block + max(rec_tmp + quant_tmp, moe_transient) + head_copy_grad + moe_grads + block_mask,
+            "block": block + max(block_tmp, moe_transient) + head_copy_grad + moe_grads + block_mask - norm_freed,
         }
-        quant_at_block = quant_tmp if rec_tmp + quant_tmp >= moe_transient else 0.0
+        quant_at_block = quant_tmp if rec_lin + quant_tmp >= max(rec_tmp, moe_transient) else 0.0
         if not plan.grad_checkpointing or head_fwd_tmp or fwd_in:
-            heads["forward_temporaries"] = max(head_fwd_tmp, fwd_in if plan.grad_checkpointing else fwd_tmp)
+            heads["forward_temporaries"] = max(
+                head_fwd_tmp, fwd_in if plan.grad_checkpointing else max(0.0, fwd_tmp - norm_later)
+            )
         # without checkpointing the last block's weight norms run before that block has saved its tensors (and
         # before the final norm's): only q/k/v-type layers are guaranteed first, so only for them is the last
         # block taken off (random referee row 174, mistral 2 layers q+v: +10% while stacked on every block)
@@ -335,7 +366,7 @@ class AnalyticalEstimator:
             and all(set(lin.roles) <= {"q", "k", "v"} for lin in in_blocks)
         ):
             last_block = self.activation_parts(model, replace(plan, grad_checkpointing=True), groups, cpu)[1]
-            heads["forward_temporaries"] = fwd_tmp_raw - min(last_block * k.activation_scale, act)
+            heads["forward_temporaries"] = fwd_tmp_raw - min(last_block * k.activation_scale + norm_later, act)
         # gradients of throw-away weight leaves (DoRA on Conv1D, methods/dora.py): each block's appear in its backward
         # and stay to the end of backward: the first block's backward (last) runs with the later blocks' held; at the
         # end all are held, the blocks' saved activations freed
@@ -542,6 +573,7 @@ class AnalyticalEstimator:
             per_tok, const = self._block_bytes(model, blk, plan, targeted.get(blk.kind, []), e, s, cpu, parts)
             if first_free and n_blk == 0 and blk.kind == "decoder":
                 kept -= tokens * self.first_block_unsaved_bytes(model, plan, targeted.get(blk.kind, []), parts)
+                kept -= self.first_block_unsaved_adapter_bytes(model, plan, targeted.get(blk.kind, []), tokens, cpu)
             if frozen_prefix:
                 kept -= moe.unsaved_before_first_experts(
                     model, plan, blk, targeted.get(blk.kind, []), e, per_tok * tokens + const, tokens, cpu
@@ -553,13 +585,34 @@ class AnalyticalEstimator:
                 kept += blk.count * e_residual * model.hidden_size * tokens
             else:
                 kept += blk.count * (per_tok * tokens + const) + masked * mask_bytes
-        # final norm (fp32 upcast + output) and the embedding output when it requires grad
+        kept += self.final_norm_saved_bytes(model, plan)
+        return kept, (largest_block if plan.grad_checkpointing else 0.0)
+
+    @staticmethod
+    def frees_final_norm_first(model: ModelSpec, plan: TrainingPlan) -> bool:
+        """Whether every block moment is counted without the final norm's saved tensors (checkpointing: the blocks are
+        recomputed after the norm's backward has freed them), for the layouts checked on traces (dense decoder-only,
+        RMSNorm, transformers' stack; a mixture of experts' sparse-block moments are counted as they were checked,
+        tests/test_moe.py's real CPU steps)."""
+        return (
+            plan.grad_checkpointing
+            and plan.framework == "hf"
+            and not model.is_encoder_decoder
+            and not model.is_moe
+            and model.norm == "rmsnorm"
+        )
+
+    @staticmethod
+    def final_norm_saved_bytes(model: ModelSpec, plan: TrainingPlan) -> float:
+        """What the final norm (and the embedding output, when it requires grad) saves for backward: part of the
+        activations kept through the loss's moment, freed by the norm's own backward, which runs before any block's
+        (so no block's backward moment holds them)."""
+        e = get_method(plan.method).activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        tokens = plan.micro_batch * plan.seq_len
         if plan.framework == "litgpt":
             # litgpt: frozen embedding and head save neither; the final norm keeps its input (RMSNorm: fp32 upcast)
-            kept += tokens * model.hidden_size * (4 if model.norm == "rmsnorm" else e)
-        else:
-            kept += tokens * model.hidden_size * (4 + e)
-        return kept, (largest_block if plan.grad_checkpointing else 0.0)
+            return tokens * model.hidden_size * (4 if model.norm == "rmsnorm" else e)
+        return tokens * model.hidden_size * (4 + e)
 
     @staticmethod
     def first_block_moment_gain(
@@ -588,7 +641,9 @@ class AnalyticalEstimator:
         amp = plan.master_weights and e < 4
         tokens = plan.micro_batch * plan.seq_len
         n_later = sum(b.count for b in blocks) - 1
-        freed = tokens * model.hidden_size * (n_later * (4 if amp else e) + 4 + e)
+        # (the final norm's saved tensors: freed too; where frees_final_norm_first, taken off every block moment already)
+        final_norm = 0 if AnalyticalEstimator.frees_final_norm_first(model, plan) else 4 + e
+        freed = tokens * model.hidden_size * (n_later * (4 if amp else e) + final_norm)
         return max(0.0, grads * max(later, 0) / model.param_count - freed)
 
     @staticmethod
@@ -729,6 +784,142 @@ class AnalyticalEstimator:
             kept = 3 if {"gate", "up"} <= roles else kept
             free += parts.get("mlp", 0.0) * (3 - kept) / 3
         return free
+
+    @staticmethod
+    def mlp_backward_transient_bytes(model: ModelSpec, plan: TrainingPlan, groups) -> float:
+        """Bytes per token a block's MLP backward allocates beyond the block's saved tensors, at its largest: (2 h + i)
+        elements, or for a gated MLP the product's backward ``act(gate) * up``: the product's gradient and the two it
+        makes (three i wide) once the down projection's backward has freed what that projection saved (its input under
+        full fine-tuning; lora_A's input, the dropout's output and mask, DoRA's outputs when it is adapted; nothing
+        when it is a frozen linear of an adapter plan). Families referee row 47 and its Llama twin (Phi-4 / Llama DoRA
+        on q and v, checkpointed, eager): three i-wide gradients alive at the trace's peak, the block's saved tensors
+        all there; -4% while (2 h + i) was counted."""
+        m = get_method(plan.method)
+        e = DTYPE_BYTES[plan.dtype]
+        ea = m.activation_bytes_per_element(plan, e)
+        h, i = model.hidden_size, model.intermediate_size
+        base = ea * (2 * h + i)
+        if not model.gated_mlp or model.is_moe or plan.framework != "hf":
+            return base
+        from advisor.families.llama import HALF_INPUT_POST_NORMS
+
+        if model.model_type in HALF_INPUT_POST_NORMS and model.norm == "rmsnorm" and ea < 4:
+            # post-norm layers (EXAONE-4): the block's backward starts with the norm after the MLP, every saved tensor
+            # of the block alive: the block output's gradient and the RMSNorm backward's five fp32 temporaries, h wide
+            # (families referee rows 180, 189, EXAONE-4 LoRA checkpointed: the trace's peak there; OLMo-2/3's norms
+            # multiply their weight in fp32: a backward of its own, not checked)
+            base = max(base, (ea + 5 * 4) * h)
+        blocks = [(b, lins) for b, lins in (groups or []) if b.kind == "decoder"]
+        decoder = next((b for b in model.blocks if b.kind == "decoder"), None)
+        if decoder is None:
+            return base
+        down = next((lin for lin in decoder.linears if "down" in lin.roles), None)
+        if down is None:
+            return base
+        if not m.adapter:
+            saved = ea * down.in_features
+        else:
+            adapted = next((lin for _, lins in blocks for lin in lins if "down" in lin.roles), None)
+            if adapted is None:
+                saved = 0.0
+            else:
+                a = m.state_bytes_per_param(plan, e)
+                saved = a * plan.lora_r + m.adapted_layer_saved_bytes(adapted, plan, ea, a)
+                if plan.lora_dropout > 0:
+                    saved += (1 + a) * down.in_features
+                else:
+                    saved += max(a, ea) * down.in_features
+        return max(base, 3 * ea * i - saved)
+
+    @staticmethod
+    def attention_input_moment_bytes(model: ModelSpec, plan: TrainingPlan, lin) -> float:
+        """Checkpointing, DoRA on an attention input (q / k / v, or Phi-3's fused qkv_proj): the recomputed block's
+        first adapted linear runs its weight norm and output with the block's input norm just done: beside the weight
+        norm's tensors (``forward_temporaries``) the norm's saved upcast and its output, peft's base output, the input's
+        cast to the adapter dtype and its dropout (output and mask) are alive. At the output ``(m - 1) * base + m *
+        lora * s`` the weight norm's scaled product and sum are freed and the dropout path's base output, the LoRA
+        output and the products (three at the last) are alive, ``out`` wide in the adapter dtype: the larger of the two
+        moments (families referee row 44, Phi-4 DoRA all-linear: the trace's peak at qkv_proj's last product, every one
+        of these alive; -3% while only the weight norm was counted)."""
+        m = get_method(plan.method)
+        if not plan.grad_checkpointing or plan.framework != "hf" or not m.adapter:
+            return 0.0
+        e = DTYPE_BYTES[plan.dtype]
+        w_tmp = m.forward_temporaries(model, plan, [lin], e)
+        if not w_tmp:
+            return 0.0
+        ea = m.activation_bytes_per_element(plan, e)
+        a = m.state_bytes_per_param(plan, e)
+        h, n_in, n_out = model.hidden_size, lin.in_features, lin.out_features
+        norm = (4 * h if model.norm == "rmsnorm" else ea * h) + ea * h  # the input norm's saved tensor and output
+        per_tok = norm + ea * n_out + (a * n_in if a > ea else 0)
+        if plan.lora_dropout > 0:
+            per_tok += a * n_in + n_in
+        out_moment = (5 if plan.lora_dropout > 0 else 4) * a * n_out
+        tokens = plan.micro_batch * plan.seq_len
+        return max(tokens * per_tok, tokens * (per_tok + out_moment) - 2 * lin.weight_params * a)
+
+    @staticmethod
+    def down_weight_norm_moment_bytes(model: ModelSpec, plan: TrainingPlan, lin) -> float:
+        """Without checkpointing, what the last block's down projection's weight norm (DoRA, a forward temporary) holds
+        beyond the saved tensors of every block, and what of those does not exist yet (the down projection is the
+        block's last linear: everything else the block saves is alive). Alive, saved by no one: the MLP product (the
+        layer's input), its cast to the adapter dtype where the dropout reads it (without dropout lora_A saves the
+        cast: counted), peft's base output ``result``, the decoder layer's locals (the residual and, pre-norm, the
+        MLP's input) and the model's: ``inputs_embeds`` and the running ``hidden_states`` (the layer's input) in the
+        model's forward. Not yet made: the layer's own saved outputs (lora_A's, lora_B's, the base output DoRA
+        keeps) and what a norm after the MLP saves. Traces (families referee rows 18, 73, 153: Llama-3.3, Granite
+        DoRA without dropout, OLMo-3 with dropout): each of those alive at the peak, none of these."""
+        m = get_method(plan.method)
+        if plan.grad_checkpointing or plan.framework != "hf" or not m.adapter or "down" not in lin.roles:
+            return 0.0
+        if not m.forward_temporaries(model, plan, [lin], DTYPE_BYTES[plan.dtype]) or model.is_encoder_decoder:
+            return 0.0
+        from advisor.families.llama import POST_NORM
+
+        e = DTYPE_BYTES[plan.dtype]
+        ea = m.activation_bytes_per_element(plan, e)
+        a = m.state_bytes_per_param(plan, e)
+        h = model.hidden_size
+        post_norm = model.model_type in POST_NORM
+        alive = ea * lin.in_features + ea * lin.out_features
+        if plan.lora_dropout > 0 and a != ea:
+            alive += a * lin.in_features
+        alive += ea * h * (1 if post_norm else 2) + ea * h * (2 if model.num_layers > 1 else 1)
+        later = m.adapted_layer_saved_bytes(lin, plan, ea, a) + a * plan.lora_r
+        if post_norm or model.norms_per_layer == 4:
+            later += 4 * h if model.norm == "rmsnorm" else ea * h
+        return plan.micro_batch * plan.seq_len * (alive - later)
+
+    @staticmethod
+    def first_block_unsaved_adapter_bytes(model: ModelSpec, plan: TrainingPlan, lins, tokens: int, cpu: bool) -> float:
+        """Bytes the first layer's adapted linears do not save when their input needs no gradient (``_input_needs_no_
+        grad``; a linear's input needs one only when an adapted linear before it in the layer feeds it: o after q/k/v,
+        the MLP's inputs after any attention linear, down after any of those). lora_A still saves that input (its
+        weight's gradient needs it), but the dropout saves no mask, and DoRA's dropout path ``F.linear(dropout(x),
+        W.to(x.dtype))`` saves neither operand: the cast base weight (``adapted_layer_saved_constant``) needs no
+        gradient. Trace (families referee row 153, OLMo-3 DoRA on gate/up/down with dropout, no checkpointing): the
+        first layer's gate and up keep neither their masks nor their fp32 base weights, its down projection both."""
+        m = get_method(plan.method)
+        if not m.adapter or plan.framework != "hf":
+            return 0.0
+        roles = {r for lin in lins for r in lin.roles}
+        # the roles whose adaptation makes each role's input need a gradient, in the layer's order
+        before = {"o": {"q", "k", "v"}, "gate": {"q", "k", "v", "o"}, "up": {"q", "k", "v", "o"}}
+        before["down"] = before["gate"] | {"gate", "up"}
+        e = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
+        total = 0.0
+        for lin in lins:
+            if lin.kind == "experts" or not set(lin.roles) <= {"q", "k", "v", "o", "gate", "up", "down"}:
+                continue
+            needs = set().union(*(before.get(r, set()) for r in lin.roles)) & roles
+            if needs:
+                continue
+            total += m.adapted_layer_saved_constant(lin, plan, e, a)
+            if plan.lora_dropout > 0:
+                total += tokens * (a if cpu else 1) * lin.in_features  # the dropout's mask (CPU: a float noise tensor)
+        return total
 
     @staticmethod
     def sliding_mask_layers(model: ModelSpec, plan: TrainingPlan, e: int) -> tuple[int, float]:
@@ -1053,7 +1244,9 @@ class AnalyticalEstimator:
         mlp_saved = (3 if model.gated_mlp else 1) + (3 if gelu_new else 0)
         # (after_attention: per token, what the method and the adapters of o_proj and the MLP saved: their backward
         # ran before the attention's, so it is freed too; see after_attention_saved_bytes)
-        freed = tokens * (mlp_saved * e * i + 4 * h + (4 + e) * h + after_attention)
+        # (the final norm's: under checkpointing taken off every block moment already, see _compute_terms; decoder-only)
+        final_norm = 0 if self.frees_final_norm_first(model, plan) else (4 + e) * h
+        freed = tokens * (mlp_saved * e * i + 4 * h + final_norm + after_attention)
         return max(0.0, s2 - freed)
 
     def after_attention_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, groups) -> float:

@@ -172,8 +172,12 @@ class Method:
             return 0.0
         ea = self.activation_bytes_per_element(plan, e)
         a = self.state_bytes_per_param(plan, e)
-        if a <= ea:
-            return 0.0
+        # adapters no wider than the activations (QLoRA's fp32 stream, LoRA in fp32): no cast copy, but the down
+        # projection's moment is the same: its input (the MLP product, saved by no one: lora_A saves the dropout's
+        # output) with the base output, lora_B's output and its scaled copy and the decoder layer's locals, every
+        # other saved tensor of the block alive (families referee row 176, EXAONE-4 QLoRA fp32 with dropout,
+        # checkpointed: the recomputed product, base output, lora_B output and scaled copy at the peak)
+        cast = a > ea
         from advisor.families.llama import POST_NORM  # (families import plans, which imports this package)
 
         runs_on = (
@@ -188,13 +192,22 @@ class Method:
         for lin in adapted:
             if set(lin.roles) & {"embed_tokens", "lm_head"} or lin.kind == "experts":
                 continue
-            tmp = tokens * (ea + a) * lin.in_features
+            if not cast and "down" not in lin.roles:
+                continue
+            tmp = tokens * (ea + (a if cast else 0)) * lin.in_features
             if "down" in lin.roles:
                 tmp += tokens * out * lin.out_features
                 # the decoder layer's locals, saved by no one: the residual and the MLP's input (its norm's output;
                 # post-norm layers feed the residual itself to the MLP): random referee rows 177 and 190 (Phi-3,
                 # Llama-2: two b x s x h half tensors beside the down projection's at the peak), families row 148
                 tmp += tokens * ea * model.hidden_size * (1 if model.model_type in POST_NORM else 2)
+                if plan.grad_checkpointing and not runs_on and cast:
+                    # the recomputation runs inside the backward of the layer's output (lora_B's, unpacking lora_A's
+                    # output; DoRA's products): the gradients made so far are alive: the block output's (activation
+                    # dtype), the adapter branch's in the activation dtype and cast to the adapter dtype, scaled (and
+                    # DoRA's by the magnitude scale): random referee rows 177, 190 (LoRA: three beside the recomputed
+                    # block), families referee row 15 (Qwen3 DoRA: four)
+                    tmp += tokens * (ea * model.hidden_size + (ea + (2 if self.dora else 1) * a) * lin.out_features)
                 if self.dora:  # the weight norm's locals: identity, its image, lora_weight
                     tmp += a * lin.in_features * (lin.in_features + plan.lora_r + lin.out_features)
             best = max(best, tmp)
