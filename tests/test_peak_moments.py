@@ -26,6 +26,13 @@ the families referee row it was found on (bench/results/simulated_referee_famili
   no dequantised weight (QLoRA) is alive then (rows 4, 47 and their Llama twins: +4.3%, -4.0%); the recomputation runs
   inside the backward of the block's last saved tensor, with the gradients made so far (random referee rows 177, 190);
   EXAONE-4's post-norm block starts its backward with the norm after the MLP (rows 180, 189);
+* EXAONE-4's post-norm layer has freed both norms' saved tensors when eager attention back-propagates its softmax, and
+  (checkpointing) q/k/v read the checkpointed input itself (row 198: +3.68%);
+* DoRA on the head: its forward's output moment (weight-norm locals, vocab-wide products) or, against few tokens, its
+  weight norm beside peft's base output and the input's cast (rows 145, 126: -2.97%, -2.44%);
+* the first layer of an adapted model without checkpointing: a frozen k_proj's q/k-norm saves nothing (row 131:
+  +2.35%); Phi-3's fused gate_up output without checkpointing (row 48: -2.77%); its fused qkv output is freed where
+  eager attention repeats k/v (row 32: +2.08%);
 * bitsandbytes' paged optimisers page only tensors of at least 1e5 elements and its 8-bit ones keep fp32 states for
   tensors under 4096: small adapters' states are on the device (rows 121, 124: -2.7%, -4.4% while all were paged).
 
@@ -46,6 +53,12 @@ LLAMA = dict(
     model_type="llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
     num_key_value_heads=2, head_dim=64, vocab_size=4000, tie_word_embeddings=False, pad_token_id=None,
     eos_token_id=None, bos_token_id=None,
+)  # fmt: skip
+
+EXAONE = dict(
+    model_type="exaone4", hidden_size=1024, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=8,
+    num_key_value_heads=2, head_dim=128, vocab_size=1500, tie_word_embeddings=True, sliding_window=None,
+    layer_types=["full_attention"] * 2, pad_token_id=None, eos_token_id=None, bos_token_id=None,
 )  # fmt: skip
 
 CASES = {
@@ -107,6 +120,41 @@ CASES = {
              num_key_value_heads=2, head_dim=128, vocab_size=2580),
         dict(method="qlora", dtype="bf16", micro_batch=4, seq_len=264, grad_checkpointing=True, attention="eager",
              lora_targets=("all-linear",), lora_r=4, lora_dropout=0.0, grad_accum=4),
+    ),
+    # EXAONE-4 fp32 full fine-tuning, eager, checkpointed: the softmax backward of a post-norm layer is the peak
+    "exaone_eager_post_norm": (
+        dict(EXAONE, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=1000, layer_types=["full_attention"] * 2),
+        dict(method="full", dtype="fp32", micro_batch=2, seq_len=1024, grad_checkpointing=True, attention="eager",
+             optimizer="adamw"),
+    ),
+    # DoRA on the head of an 8000-entry vocabulary over 256 tokens: the head's own forward, at its output, is the peak
+    "dora_head_forward": (
+        dict(LLAMA, num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, vocab_size=8000),
+        dict(method="dora", dtype="bf16", micro_batch=1, seq_len=256, grad_checkpointing=True, attention="sdpa",
+             lora_targets=("all-linear", "lm_head"), lora_r=16, lora_dropout=0.0),
+    ),
+    # OLMo-2, LoRA on q and v, no checkpointing, a 6000-entry vocabulary: the loss's moment, every layer's saved tensors
+    "olmo2_frozen_k_norm": (
+        dict(LLAMA, model_type="olmo2", num_hidden_layers=2, hidden_size=512, intermediate_size=1024,
+             num_attention_heads=16, num_key_value_heads=16, head_dim=128, vocab_size=6000),
+        dict(method="lora", dtype="bf16", micro_batch=1, seq_len=2048, grad_checkpointing=False, attention="sdpa",
+             lora_targets=("q", "v"), lora_r=16, lora_dropout=0.1),
+    ),
+    # Phi-3 (fused gate_up), LoRA fp16 without checkpointing: the last layer's gate_up output is the peak
+    "fused_gate_up_output": (
+        dict(LLAMA, model_type="phi3", num_hidden_layers=2, hidden_size=512, intermediate_size=2048,
+             num_attention_heads=8, num_key_value_heads=8, head_dim=64, vocab_size=1000),
+        dict(method="lora", dtype="fp16", micro_batch=1, seq_len=1024, grad_checkpointing=False, attention="sdpa",
+             lora_targets=("all-linear",), lora_r=8, lora_dropout=0.0),
+    ),
+    # Phi-3 eager with 2 kv heads of 8, six layers, no checkpointing: the loss's moment over every layer's saved tensors
+    "eager_gqa_fused_qkv": (
+        dict(LLAMA, model_type="phi3", num_hidden_layers=6, hidden_size=512, intermediate_size=1024,
+             num_attention_heads=8, num_key_value_heads=2, head_dim=64, vocab_size=2000),
+        dict(method="lora", dtype="fp32", micro_batch=2, seq_len=256, grad_checkpointing=False, attention="eager",
+             lora_targets=("all-linear",), lora_r=8, lora_dropout=0.0),
     ),
     # r=8 on 256-wide layers: every adapter tensor is under bitsandbytes' paging limit
     "paged_small_adapters": (
@@ -441,3 +489,102 @@ def test_exaone_post_norm_backward_starts_at_the_norm_after_the_mlp():
     # a Llama layout of the same widths: no norm after its MLP
     llama = model_from_config(dict(cfg, model_type="llama"))
     assert ana.mlp_backward_transient_bytes(llama, plan, ana.adapters(llama, plan)[1]) == 2 * (2 * 1024 + 1024)
+
+
+def test_post_norm_eager_attention_backward_has_freed_both_norms():
+    """A post-norm layer (EXAONE-4) runs both norms after its attention: at the softmax backward their saved tensors are
+    freed, and (full fine-tuning, checkpointed) the one normalised output the block counts for a norm weight and q/k/v's
+    input, the checkpointed layer input itself, are not beside it (families referee row 198: +3.68% with them)."""
+    model, plan = _case("exaone_eager_post_norm")
+    ana = AnalyticalEstimator()
+    h, tokens = 256, 2 * 1024
+    # the norm after the MLP's fp32 input, one normalised output, q/k/v's input: three fp32 h-wide tensors per token
+    assert ana._post_norm_freed(model, plan) == 3 * 4 * h
+    llama = model_from_config(dict(LLAMA, **{k: CASES["exaone_eager_post_norm"][0][k] for k in (
+        "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "vocab_size")}))  # fmt: skip
+    assert ana._post_norm_freed(llama, plan) == 0.0
+    after = ana.after_attention_saved_bytes(model, plan, [])
+    pre_norm = ana.eager_attention_backward_bytes(llama, plan, after)
+    assert pre_norm - ana.eager_attention_backward_bytes(model, plan, after) == tokens * 3 * 4 * h
+    # without checkpointing q/k/v's input is the previous layer's output, saved by this layer only: still counted
+    assert ana._post_norm_freed(model, replace(plan, grad_checkpointing=False)) == 2 * 4 * h
+
+
+def test_dora_head_forward_holds_its_weight_norm_locals_and_vocab_wide_products():
+    """DoRA on the head: at its output's last product the weight norm's locals (identity, image, lora_weight, the cast
+    base weight) are alive beside peft's base output and, per token and vocab entry, the LoRA output and three products
+    (the dropout path: a second base matmul too); the loss has not run (families referee row 145: -2.97% while only
+    the weight norm was counted; row 126: -2.44% without the tensors made before the norm)."""
+    from advisor.methods import get_method
+
+    model, plan = _case("dora_head_forward")
+    groups = AnalyticalEstimator().adapters(model, plan)[1]
+    head = next(lin for _, lins in groups for lin in lins if "lm_head" in lin.roles)
+    m = get_method("dora")
+    h, v, r, t = 256, 8000, 16, 256
+    const = h * (h + r) * 4 + 2 * v * h * 4 + 3 * v * 4
+    assert m.adapted_head_forward_bytes(head, plan, 2, 4, t) == const + t * (v * (2 + 4 * 4) + r * 4 + h * 4)
+    dropped = replace(plan, lora_dropout=0.05)
+    assert m.adapted_head_forward_bytes(head, dropped, 2, 4, t) == const + t * (v * (2 + 5 * 4) + r * 4 + h * 9)
+    # one token against a vocabulary: the weight norm's sum is the moment, after peft's base output and the input cast
+    # (row 126: 269 MiB of them beside the norm)
+    assert m.adapted_head_forward_bytes(head, plan, 2, 4, 1) == h * (h + r) * 4 + 4 * v * h * 4 + v * 2 + h * 4
+    assert get_method("lora").adapted_head_forward_bytes(head, plan, 2, 4, t) == 0.0
+    pt = AnalyticalEstimator().plan_terms(model, plan)
+    assert pt.components["adapter_temporaries"] >= m.adapted_head_forward_bytes(head, plan, 2, 4, t)
+
+
+def test_first_layer_frozen_k_projection_norm_saves_nothing():
+    """The first layer's input needs no gradient (adapters, no checkpointing): k_norm reads a frozen k_proj's output,
+    so it saves neither its fp32 upcast nor its reciprocal RMS; q_norm, reading an adapted q, saves both (families
+    referee row 131, OLMo-2 LoRA on q and v: +2.35% while counted)."""
+    model, plan = _case("olmo2_frozen_k_norm")
+    ana = AnalyticalEstimator()
+    lins = ana.adapters(model, plan)[1][0][1]
+    parts: dict[str, float] = {}
+    ana._block_bytes(model, model.blocks[0], plan, lins, 2, plan.seq_len, False, parts)
+    # post-norm: no norm before the attention; OLMo normalises the whole projection (one RMS per token)
+    assert ana.first_block_unsaved_bytes(model, plan, lins, parts) == 4 * (2048 + 1)
+    adapted_k = [lin for lin in ana.adapters(model, replace(plan, lora_targets=("k", "v")))[1][0][1]]
+    assert ana.first_block_unsaved_bytes(model, plan, adapted_k, parts) == 4 * (2048 + 1)  # q frozen now
+    qkv = ana.adapters(model, replace(plan, lora_targets=("q", "k", "v")))[1][0][1]
+    assert ana.first_block_unsaved_bytes(model, plan, qkv, parts) == 0.0
+
+
+def test_fused_gate_up_output_moment_without_checkpointing():
+    """Phi-3's fused gate_up under LoRA (fp32 adapters over fp16), no checkpointing: at the last layer's gate_up output
+    peft's base output, lora_B's output and its scaled copy (2 i wide) and three h-wide locals are alive, the MLP's
+    saved tensors and the down projection's adapter input not made yet (families referee row 48: -2.77% while no
+    forward moment was counted)."""
+    model, plan = _case("fused_gate_up_output")
+    ana = AnalyticalEstimator()
+    groups = ana.adapters(model, plan)[1]
+    h, i, r, t = 512, 2048, 8, 1024
+    alive = 2 * i * (2 + 2 * 4) + 3 * 2 * h
+    unmade = 3 * 2 * i + 4 * i + 4 * r  # gate_up's output and the activation's; down's fp32 input cast, lora_A output
+    assert ana.fused_mlp_output_moment_bytes(model, plan, groups) == t * (alive - unmade)
+    assert ana.fused_mlp_output_moment_bytes(model, replace(plan, grad_checkpointing=True), groups) == 0.0
+    pt = ana.plan_terms(model, plan)
+    assert pt.components["adapter_temporaries"] == int(t * (alive - unmade) - ana.final_norm_saved_bytes(model, plan))
+
+
+def test_fused_qkv_output_is_kept_only_where_v_is_a_view_of_it():
+    """Phi-3's fused qkv_proj: SDPA saves v, a view of the fused output, so all of it stays alive; eager attention
+    under GQA saves repeat_kv's copy of v instead, and the fused output is freed (families referee row 32, Phi-4 QLoRA
+    eager: +2.08% while counted in every layer)."""
+    model, plan = _case("eager_gqa_fused_qkv")
+    ana = AnalyticalEstimator()
+    lins = ana.adapters(model, plan)[1][0][1]
+    blk = model.blocks[0]
+
+    def attn(p: TrainingPlan) -> float:
+        parts: dict[str, float] = {}
+        ana._block_bytes(model, blk, p, lins, 4, p.seq_len, False, parts)
+        return parts["attn"]
+
+    h, kv, nh, s = 512, 128, 8, 256
+    # eager under GQA: q after RoPE, the output, k and v repeated to every head, fp32 softmax: no fused output
+    assert attn(plan) == 4 * (2 * h + 2 * h) + 4 * nh * s
+    # SDPA: q, k, v (not repeated) and the output, plus the rest of the fused output v is a view of
+    assert attn(replace(plan, attention="sdpa")) == 4 * (2 * h + 2 * kv) + 4 * (h + kv)

@@ -260,6 +260,16 @@ class AnalyticalEstimator:
             m.input_cast_temporaries(model, plan, in_blocks, e),
         )
         head_fwd_tmp = m.forward_temporaries(model, plan, [lin for lin in adapted if lin not in in_blocks], e)
+        if m.adapter and plan.framework == "hf":
+            # the adapted head's own forward, at its output: the weight norm's locals and its vocab-wide products
+            head_fwd_tmp = max(
+                head_fwd_tmp,
+                sum(
+                    m.adapted_head_forward_bytes(lin, plan, e_act, a_state, tokens, cpu)
+                    for lin in adapted
+                    if lin not in in_blocks and "lm_head" in lin.roles
+                ),
+            )
         if not head_fwd_tmp and m.adapter and plan.framework == "hf":
             # peft's LoRA on the head: result = base(x) + lora_B(lora_A(x)) * scaling, cast back to the base's
             # dtype: at the product the base output (activation dtype) and lora_B's output and its scaled copy
@@ -355,7 +365,12 @@ class AnalyticalEstimator:
         quant_at_block = quant_tmp if rec_lin + quant_tmp >= max(rec_tmp, moe_transient) else 0.0
         if not plan.grad_checkpointing or head_fwd_tmp or fwd_in:
             heads["forward_temporaries"] = max(
-                head_fwd_tmp, fwd_in if plan.grad_checkpointing else max(0.0, fwd_tmp - norm_later)
+                head_fwd_tmp,
+                fwd_in
+                if plan.grad_checkpointing
+                else max(
+                    0.0, fwd_tmp - norm_later, self.fused_mlp_output_moment_bytes(model, plan, groups) - norm_later
+                ),
             )
         # without checkpointing the last block's weight norms run before that block has saved its tensors (and
         # before the final norm's): only q/k/v-type layers are guaranteed first, so only for them is the last
@@ -774,6 +789,19 @@ class AnalyticalEstimator:
         before_mlp = model.norms_per_layer - before_attn - (1 if post_norm or model.norms_per_layer == 4 else 0)
         free = before_attn * parts.get("norm", 0.0)
         if roles & {"q", "k", "v"}:
+            if model.qk_norm and plan.framework == "hf":
+                # q_norm / k_norm of a projection left frozen read an output that needs no gradient: they save
+                # neither the fp32 upcast nor the reciprocal RMS (families referee row 131, OLMo-2 LoRA on q and v:
+                # the first layer keeps q_norm's fp32 input, not k_norm's; +2.35% while counted)
+                rows_q, rows_k = (
+                    (1, 1)
+                    if model.model_type in QK_NORM_OVER_PROJECTION
+                    else (model.num_attention_heads, model.kv_heads)
+                )
+                if "q" not in roles:
+                    free += 4 * (model.q_dim + rows_q)
+                if "k" not in roles:
+                    free += 4 * (model.kv_dim + rows_k)
             return free
         free += parts.get("attn", 0.0)
         if "o" in roles:
@@ -1030,8 +1058,11 @@ class AnalyticalEstimator:
             attn += 3 * e * nh * s
         if hf and model.kv_lora_rank and not eager:  # DeepSeek's latent attention (advisor/estimators/moe.py)
             attn = moe.mla_attention_saved_bytes(model, plan, e)
-        if hf and fam.sdpa_keeps_fused_qkv:
-            attn += e * (q + kv)  # SDPA keeps v, a view of the fused qkv output: all of it stays alive
+        if hf and fam.sdpa_keeps_fused_qkv and kv_saved == kv:
+            # SDPA keeps v, a view of the fused qkv output: all of it stays alive. Not where k/v are repeated to every
+            # head (eager under GQA): the saved v is repeat_kv's copy, and the fused output is freed (families referee
+            # row 32, Phi-4 QLoRA eager with 4 kv heads of 16: +1.05 MiB per layer while counted)
+            attn += e * (q + kv)
         # T5 on SDPA: the position bias goes in as an additive mask, cloned per self-attention layer
         self_attn_bias = e * nh * s if fam.position_bias_mask else 0
         if cpu and hf and model.dropout > 0 and not eager:
@@ -1246,8 +1277,61 @@ class AnalyticalEstimator:
         # ran before the attention's, so it is freed too; see after_attention_saved_bytes)
         # (the final norm's: under checkpointing taken off every block moment already, see _compute_terms; decoder-only)
         final_norm = 0 if self.frees_final_norm_first(model, plan) else (4 + e) * h
-        freed = tokens * (mlp_saved * e * i + 4 * h + final_norm + after_attention)
+        freed = tokens * (mlp_saved * e * i + 4 * h + final_norm + after_attention + self._post_norm_freed(model, plan))
         return max(0.0, s2 - freed)
+
+    @staticmethod
+    def _post_norm_freed(model: ModelSpec, plan: TrainingPlan) -> float:
+        """Bytes per token a post-norm layer (OLMo-2/3, EXAONE-4: no norm before the attention) has freed beyond a
+        pre-norm layer's when eager attention back-propagates its softmax. Both of its norms run after the attention
+        (on its output and on the MLP's), so their backward came first: the second norm's fp32 input is freed too
+        (a pre-norm layer's input norm is still ahead). In full fine-tuning without AMP the block's count also holds
+        one norm's normalised output for its weight gradient (freed too, the norms being behind) and q/k/v's input,
+        which is the layer input itself: under checkpointing the checkpointed input, already counted with the kept
+        activations. Trace: families referee row 198 (EXAONE-4 fp32 full, checkpointed): +3 h-wide fp32 tensors
+        counted while the softmax backward ran with only the attention's own saved tensors beside it."""
+        if model.model_type not in POST_NORM or plan.framework != "hf" or model.norm != "rmsnorm":
+            return 0.0
+        m = get_method(plan.method)
+        e = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        h = model.hidden_size
+        freed = (model.norms_per_layer - 1) * 4 * h
+        if not m.adapter and not (plan.master_weights and e < 4):
+            freed += e * h + (e * h if plan.grad_checkpointing else 0)
+        return freed
+
+    def fused_mlp_output_moment_bytes(self, model: ModelSpec, plan: TrainingPlan, groups) -> float:
+        """Without checkpointing, LoRA on a fused gate_up projection (Phi-3) with adapters wider than the activations:
+        the last layer's gate_up output, ``result + lora_B(lora_A(x)) * scaling``, holds peft's base output (activation
+        dtype), lora_B's output and its scaled copy (adapter dtype), 2 i wide, and the locals saved by no one (the layer's
+        input, the residual and the MLP's input; with dropout the input's cast too) while everything the layer saves
+        from there on is not made yet: the MLP's own saved tensors and the down projection's adapter tensors. Bytes
+        beyond every block's saved count (the final norm's is taken off by the caller). Trace: families referee row 48
+        (Phi-4-mini LoRA fp16 all-linear, eager): the peak at the last layer's gate_up scaled copy, 40 MiB of them
+        beside 20 MiB of the layer not yet saved; -2.77% while no forward moment was counted."""
+        m = get_method(plan.method)
+        if plan.grad_checkpointing or plan.framework != "hf" or not m.adapter or model.is_moe:
+            return 0.0
+        ea = m.activation_bytes_per_element(plan, DTYPE_BYTES[plan.dtype])
+        a = m.state_bytes_per_param(plan, DTYPE_BYTES[plan.dtype])
+        if m.dora or m.quantized or a <= ea or not model.gated_mlp:
+            return 0.0  # (layouts not checked against a trace)
+        blk = next((b for b in model.blocks if b.kind == "decoder"), None)
+        lins = next((ls for b, ls in groups if b is blk), [])
+        fused = [lin for lin in lins if {"gate", "up"} <= set(lin.roles)]
+        if blk is None or not fused:
+            return 0.0
+        h, i, s = model.hidden_size, model.intermediate_size, plan.seq_len
+        lin = fused[0]
+        cast = a * lin.in_features if plan.lora_dropout > 0 else 0.0
+        # (the layer's input too: the model's loop holds it through the layer's call)
+        alive = lin.out_features * (ea + 2 * a) + 3 * ea * h + cast
+        down = [x for x in lins if "down" in x.roles]
+        down_saved = (
+            self._block_bytes(model, blk, plan, down, ea, s)[0] - self._block_bytes(model, blk, plan, [], ea, s)[0]
+        )
+        unmade = 3 * ea * i + down_saved
+        return plan.micro_batch * s * max(0.0, alive - unmade)
 
     def after_attention_saved_bytes(self, model: ModelSpec, plan: TrainingPlan, groups) -> float:
         """Bytes per token a decoder layer saves after its attention core beyond the frozen MLP's count: the

@@ -134,6 +134,13 @@ class Method:
         """Bytes an adapted linear saves for backward that do not scale with the tokens."""
         return 0.0
 
+    def adapted_head_forward_bytes(
+        self, lin: Linear, plan: TrainingPlan, e: int, a: int, tokens: int, cpu: bool = False
+    ) -> float:
+        """Bytes alive at the end of an adapted output head's own forward, beyond the saved activations of the blocks
+        (the logits' loss has not run yet); 0 where that moment is below the loss's peak (LoRA: r-wide tensors)."""
+        return 0.0
+
     def temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
         """Short-lived bytes one layer at a time allocates in forward/backward (dequantised weights...)."""
         return prequant.dequant_temporaries(model, plan, e)

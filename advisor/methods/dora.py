@@ -58,17 +58,43 @@ class DoRA(Method):
             return lin.weight_params * a
         return 0.0
 
+    def adapted_head_forward_bytes(
+        self, lin: Linear, plan: TrainingPlan, e: int, a: int, tokens: int, cpu: bool = False
+    ) -> float:
+        """DoRA on the output head, at its output's last product (``DoraLinearLayer.forward``'s locals are alive until
+        it returns): the identity, its image, ``lora_weight`` and the base weight cast to the input's dtype (the
+        weight norm's, kept as locals; the cast also saved by ``F.linear`` on the dropout path), the norm and the
+        scales (out wide); per token, vocab wide: peft's base output (compute dtype), and in the adapter dtype the
+        dropout path's second base matmul (without dropout the base output itself is reused), the LoRA output and
+        the three products of ``(m/||.|| - 1) * base + m/||.|| * lora * scaling``; in wide: the input cast to the
+        adapter dtype, the dropout's output and mask. Trace: families referee row 145 (OLMo-3, DoRA on the head,
+        10355 x 832, 720 tokens): 230.2 MiB at the step's peak, where only the weight norm (134 MiB) was counted.
+        Or earlier, at the weight norm's sum (a vocabulary wide against few tokens), which comes after peft's base
+        output and the input's cast and dropout: those are alive beside it (row 126, Ministral's 131072 x 4096 head
+        over 944 tokens: 269 MiB of them beside the 8256 MiB norm)."""
+        dropout = plan.lora_dropout > 0
+        cast = a != e
+        inputs = lin.in_features * ((a if cast else 0) + ((a if cpu else 1) + a if dropout else 0))
+        norm_moment = self._weight_norm_bytes(lin, plan, a, cast) + tokens * (lin.out_features * e + inputs)
+        const = (
+            lin.in_features * (lin.in_features + plan.lora_r) * a
+            + (2 if cast else 1) * lin.weight_params * a
+            + 3 * lin.out_features * a
+        )
+        per_tok = lin.out_features * (e + (5 if dropout else 4) * a) + plan.lora_r * a + inputs
+        return max(norm_moment, tokens * per_tok + const)
+
+    @staticmethod
+    def _weight_norm_bytes(lin: Linear, plan: TrainingPlan, a: int, cast: bool) -> float:
+        """One layer's weight norm: identity, its image, lora_weight, the cast base weight, the scaled product, the sum."""
+        return lin.in_features * (lin.in_features + plan.lora_r) * a + (3 + cast) * lin.weight_params * a
+
     def forward_temporaries(self, model: ModelSpec, plan: TrainingPlan, adapted: list[Linear], e: int) -> float:
         """The weight norm of the largest adapted layer: identity, its image, lora_weight, the cast base
         weight (when the dtypes differ), the scaled product and the sum."""
         a = self.state_bytes_per_param(plan, e)
-        cast = 1 if a != e else 0
         return max(
-            (
-                lin.in_features * (lin.in_features + plan.lora_r) * a + (3 + cast) * lin.weight_params * a
-                for lin in adapted
-                if "embed_tokens" not in lin.roles
-            ),
+            (self._weight_norm_bytes(lin, plan, a, a != e) for lin in adapted if "embed_tokens" not in lin.roles),
             default=0.0,
         )
 
