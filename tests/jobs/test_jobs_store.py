@@ -298,7 +298,9 @@ def test_a_recommended_plan_id_fits_the_job_row_after_an_upgrade(store_url: str)
     from advisor.catalog import default_catalog
     from advisor.plans import make_plan
 
-    knobs = dict(micro_batch=16, seq_len=1024, lora_r=64, lora_alpha=128, lora_dropout=0.1, optimizer="paged-adamw-8bit")
+    knobs = dict(
+        micro_batch=16, seq_len=1024, lora_r=64, lora_alpha=128, lora_dropout=0.1, optimizer="paged-adamw-8bit"
+    )
     plan_id = make_plan("qlora", default_catalog().gpu("t4"), lora_targets=("q", "k", "v", "o"), **knobs).id
     assert len(plan_id) > 64
     engine = Store(store_url).engine
