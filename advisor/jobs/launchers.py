@@ -500,15 +500,10 @@ class RayLauncher:
     def cancel(self, handle: dict[str, Any], force: bool = False) -> None:
         """Graceful: a `cancel` file in storage (the workers stop together and write a cancelled result);
         forced (after the grace period), or for a handle without storage: Ray's job stop."""
-        job_uri = handle.get("storage")
-        if job_uri and not force:
-            from advisor.jobs import ray_train as rt
+        from advisor.jobs.ray_train import CANCEL
 
-            with contextlib.suppress(OSError, ValueError):
-                rt.put_text("cancel requested\n", rt.join(job_uri, rt.CANCEL))
-                return
-        with contextlib.suppress(httpx.HTTPError):
-            self.http.post(f"/api/jobs/{handle['submission_id']}/stop")
+        if force or not self._mark(handle, CANCEL, "cancel requested\n"):
+            self._ray_stop(handle)
 
     def pause(self, handle: dict[str, Any]) -> None:
         """A `pause` file in storage: every rank creates its run's PAUSE file, they stop together after a step,
@@ -516,13 +511,28 @@ class RayLauncher:
         reports the run's EXIT_PAUSED (no Ray stop). A handle without storage (the former launcher, whose training
         process shared the service's job directory and sees its PAUSE file), or storage that cannot be written:
         Ray's job stop, a SIGTERM (in the second case the run ends without a `paused` result: the job fails)."""
-        job_uri = handle.get("storage")
-        if job_uri:
-            from advisor.jobs import ray_train as rt
+        from advisor.jobs.ray_train import PAUSE_MARKER
 
-            with contextlib.suppress(OSError, ValueError):
-                rt.put_text("pause requested\n", rt.join(job_uri, rt.PAUSE_MARKER))
-                return
+        if not self._mark(handle, PAUSE_MARKER, "pause requested\n"):
+            self._ray_stop(handle)
+
+    @staticmethod
+    def _mark(handle: dict[str, Any], marker: str, text: str) -> bool:
+        """Write a stop request (`marker`) under the job's storage prefix, which its workers watch; False where
+        the handle has no storage or the file cannot be written."""
+        job_uri = handle.get("storage")
+        if not job_uri:
+            return False
+        from advisor.jobs import ray_train as rt
+
+        try:
+            rt.put_text(text, rt.join(job_uri, marker))
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _ray_stop(self, handle: dict[str, Any]) -> None:
+        """Ray's job stop (a SIGTERM to the driver, then a kill): the forced path."""
         with contextlib.suppress(httpx.HTTPError):
             self.http.post(f"/api/jobs/{handle['submission_id']}/stop")
 
