@@ -180,7 +180,7 @@ def measurement_record(
     """The run as a calibration record (measurement.json): TrialResult.to_dict(). Needs `meter.device`."""
     import torch
 
-    from advisor.stack.outcomes import MemoryReading, TrialResult, rss_peak_bytes
+    from advisor.stack.outcomes import MemoryReading, rss_peak_bytes
 
     device = meter.device
     cuda = device.type == "cuda"
@@ -203,21 +203,17 @@ def measurement_record(
         rss_peak_bytes=rss_peak_bytes(),
         rss_baseline_bytes=0,
     )
-    record = TrialResult(
-        trial_id=spec.job_id,
-        group=spec.model,
-        status=_trial_status(status, error),
+    return _record(
+        spec,
+        status,
+        error,
         arch=arch,
-        plan=spec.plan.to_dict(),
         device=f"{device.type}" + (f":{torch.cuda.get_device_name(device)}" if cuda else ""),
-        error=None if error is None else f"{error['code']}: {error['message']}",
-        memory=reading.to_dict(),
+        memory=reading,
+        step_times=meter.step_times,
+        step_walls=meter.step_walls,
         step_time_s=measured["step_time_s"],
-        step_times_s=[round(t, 6) for t in meter.step_times[:1000]],
-        step_wall_times_s=[round(t, 6) for t in meter.step_walls[:1000]],
         step_time_meter=meter.step_time_meter,
-        warmup_steps=1 if len(meter.step_times) > 1 else 0,
-        timed_steps=max(0, len(meter.step_times) - 1),
         threads=torch.get_num_threads(),
         build_s=build_s,
         wall_s=measured["wall_s"],
@@ -226,7 +222,6 @@ def measurement_record(
         loss=measured["final_loss"],
         started_at=t0,
     )
-    return record.to_dict()
 
 
 def measurement_from_events(
@@ -243,7 +238,7 @@ def measurement_from_events(
     import json
     from pathlib import Path
 
-    from advisor.stack.outcomes import MemoryReading, TrialResult
+    from advisor.stack.outcomes import MemoryReading
 
     steps = [e["data"] for e in events if e.get("type") == "metrics" and (e.get("data") or {}).get("step")]
     if not steps:
@@ -268,24 +263,48 @@ def measurement_from_events(
         rss_baseline_bytes=0,
     )
     last = steps[-1]
-    record = TrialResult(
-        trial_id=spec.job_id,
-        group=spec.model,
-        status=_trial_status(status, error),
+    return _record(
+        spec,
+        status,
+        error,
         arch=arch,
-        plan=spec.plan.to_dict(),
         device=spec.device,
-        error=None if error is None else f"{error.get('code')}: {error.get('message')}",
-        memory=reading.to_dict(),
+        memory=reading,
+        step_times=times,
+        step_walls=times,
         step_time_s=statistics.median(steady) if steady else None,
-        step_times_s=[round(t, 6) for t in times[:1000]],
-        step_wall_times_s=[round(t, 6) for t in times[:1000]],
         step_time_meter="wall",
-        warmup_steps=1 if len(times) > 1 else 0,
-        timed_steps=max(0, len(times) - 1),
         threads=None,
         wall_s=float(last["elapsed_s"]) if isinstance(last.get("elapsed_s"), (int, float)) else None,
         loss=float(last["train_loss"]) if isinstance(last.get("train_loss"), (int, float)) else None,
         started_at=started_at,
     )
-    return record.to_dict()
+
+
+def _record(
+    spec: JobSpec,
+    status: str,
+    error: dict[str, Any] | None,
+    *,
+    memory: Any,
+    step_times: list[float],
+    step_walls: list[float],
+    **measured: Any,
+) -> dict[str, Any]:
+    """A job's run as a calibration record (TrialResult.to_dict()): what the spec, the end state and the step
+    times say the same way whether the run wrote it or the manager rebuilt it, plus the `measured` fields."""
+    from advisor.stack.outcomes import TrialResult
+
+    return TrialResult(
+        trial_id=spec.job_id,
+        group=spec.model,
+        status=_trial_status(status, error),
+        plan=spec.plan.to_dict(),
+        error=None if error is None else f"{error.get('code')}: {error.get('message')}",
+        memory=memory.to_dict(),
+        step_times_s=[round(t, 6) for t in step_times[:1000]],
+        step_wall_times_s=[round(t, 6) for t in step_walls[:1000]],
+        warmup_steps=1 if len(step_times) > 1 else 0,  # the first step is the warm-up, as in the trials
+        timed_steps=max(0, len(step_times) - 1),
+        **measured,
+    ).to_dict()
